@@ -1,0 +1,122 @@
+"""Exact attention computed in chunks of query rows: the CPU path (and the GPU path for dtypes with
+no fused kernel yet). One code path for NumPy and CuPy: the array module follows the inputs.
+
+Memory is O(chunk * seqlen_k) per (batch, head), never O(seqlen_q * seqlen_k): each chunk of query
+rows sees every key at once, so the softmax is exact and needs no online rescaling. The equations
+are those of flashcupy.reference, evaluated in float32 (float64 for float64 inputs).
+
+Layout inside: heads are grouped as (batch, nheads_k, group, seqlen, head_dim), so MQA/GQA needs no
+repeat of k and v, and dk, dv come out summed over the group by the matmul itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._arrays import lse_dtype
+
+# Bytes of float temporaries a chunk may hold (about four (B, H, chunk, Sk) arrays live at once).
+CHUNK_BYTES = 64 << 20
+
+
+def compute_dtype(dt):
+    return np.dtype(np.float64) if np.dtype(dt) == np.float64 else np.dtype(np.float32)
+
+
+def chunk_rows(shape, itemsize, budget=CHUNK_BYTES) -> int:
+    per_row = 4 * shape.batch * shape.nheads * max(shape.seqlen_k, 1) * itemsize
+    return int(max(1, min(shape.seqlen_q, budget // per_row)))
+
+
+def _grouped(x, nheads_k, xp, dt):
+    """(B, S, H, D) -> (B, Hk, G, S, D) in the compute dtype."""
+    b, s, h, d = x.shape
+    return xp.asarray(x).astype(dt, copy=False).reshape(b, s, nheads_k, h // nheads_k, d).transpose(0, 2, 3, 1, 4)
+
+
+def _ungroup(x):
+    """(B, Hk, G, c, D) -> (B, c, H, D)."""
+    b, hk, g, c, d = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, c, hk * g, d)
+
+
+def _visible(xp, shape, i0, i1, causal, visible_fn):
+    """Boolean visibility of rows [i0, i1) against all keys, broadcastable to (B, Hk, G, c, Sk); None if all."""
+    vis = None
+    if causal:
+        i = xp.arange(i0, i1)[:, None]
+        j = xp.arange(shape.seqlen_k)[None, :]
+        vis = j <= i + (shape.seqlen_k - shape.seqlen_q)
+    if visible_fn is not None:
+        m = visible_fn(i0, i1)  # broadcastable to (B, H, c, Sk)
+        m = xp.broadcast_to(m, (m.shape[0], shape.nheads, i1 - i0, shape.seqlen_k))
+        m = m.reshape(m.shape[0], shape.nheads_k, shape.group, i1 - i0, shape.seqlen_k)
+        vis = m if vis is None else (vis & m)
+    return vis
+
+
+def _scores(xp, qc, kg, shape, i0, i1, causal, visible_fn):
+    s = (qc @ kg.swapaxes(-1, -2)) * shape.softmax_scale  # (B, Hk, G, c, Sk)
+    vis = _visible(xp, shape, i0, i1, causal, visible_fn)
+    if vis is not None:
+        s = xp.where(vis, s, -xp.inf)
+    return s
+
+
+def forward(q, k, v, shape, *, causal=False, visible_fn=None, keep_fn=None, dropout_p=0.0, xp=np):
+    """Returns (out like q, lse (B, H, Sq) float32 or float64). keep_fn(i0, i1) gives the dropout keep-mask."""
+    dt = compute_dtype(q.dtype)
+    qg, kg, vg = (_grouped(x, shape.nheads_k, xp, dt) for x in (q, k, v))
+    out = xp.empty((shape.batch, shape.seqlen_q, shape.nheads, shape.head_dim), dtype=dt)
+    lse = xp.empty((shape.batch, shape.nheads_k, shape.group, shape.seqlen_q), dtype=dt)
+    step = chunk_rows(shape, dt.itemsize)
+    for i0 in range(0, shape.seqlen_q, step):
+        i1 = min(i0 + step, shape.seqlen_q)
+        s = _scores(xp, qg[:, :, :, i0:i1], kg, shape, i0, i1, causal, visible_fn)
+        m = s.max(axis=-1, keepdims=True)
+        m = xp.where(m == -xp.inf, 0.0, m)  # rows with no visible key: keep exp() finite
+        p = xp.exp(s - m)
+        l = p.sum(axis=-1, keepdims=True)
+        p /= xp.where(l > 0, l, 1.0)
+        lse[..., i0:i1] = xp.where(l > 0, xp.log(xp.where(l > 0, l, 1.0)) + m, -xp.inf)[..., 0]
+        if keep_fn is not None:
+            p = p * _keep(xp, keep_fn, shape, i0, i1) * (1.0 / (1.0 - dropout_p))
+        out[:, i0:i1] = _ungroup(p @ vg)
+    lse = lse.reshape(shape.batch, shape.nheads, shape.seqlen_q)
+    return out.astype(q.dtype, copy=False), lse.astype(lse_dtype(q.dtype), copy=False)
+
+
+def _keep(xp, keep_fn, shape, i0, i1):
+    z = xp.asarray(keep_fn(i0, i1))  # (B, H, c, Sk)
+    return z.reshape(shape.batch, shape.nheads_k, shape.group, i1 - i0, shape.seqlen_k)
+
+
+def backward(dout, q, k, v, out, lse, shape, *, causal=False, visible_fn=None, keep_fn=None,
+             dropout_p=0.0, xp=np):
+    """Returns (dq, dk, dv) like q, k, v; P is recomputed from lse (nothing Sq x Sk is kept)."""
+    dt = compute_dtype(q.dtype)
+    qg, kg, vg, dog, og = (_grouped(x, shape.nheads_k, xp, dt) for x in (q, k, v, dout, out))
+    lse_g = xp.asarray(lse).astype(dt).reshape(shape.batch, shape.nheads_k, shape.group, shape.seqlen_q, 1)
+    lse_g = xp.where(lse_g == -xp.inf, 0.0, lse_g)  # empty rows: every score is -inf, so P = 0 anyway
+    delta = (dog * og).sum(axis=-1, keepdims=True)  # D = rowsum(dO o O), (B, Hk, G, Sq, 1)
+    dq = xp.empty((shape.batch, shape.seqlen_q, shape.nheads, shape.head_dim), dtype=dt)
+    dk = xp.zeros((shape.batch, shape.nheads_k, shape.seqlen_k, shape.head_dim), dtype=dt)
+    dv = xp.zeros_like(dk)
+    step = chunk_rows(shape, dt.itemsize)
+    for i0 in range(0, shape.seqlen_q, step):
+        i1 = min(i0 + step, shape.seqlen_q)
+        qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
+        p = xp.exp(_scores(xp, qc, kg, shape, i0, i1, causal, visible_fn) - lse_g[:, :, :, i0:i1])
+        dp = doc @ vg.swapaxes(-1, -2)
+        if keep_fn is not None:
+            z = _keep(xp, keep_fn, shape, i0, i1) * (1.0 / (1.0 - dropout_p))
+            dv += ((p * z).swapaxes(-1, -2) @ doc).sum(axis=2)
+            dp *= z
+        else:
+            dv += (p.swapaxes(-1, -2) @ doc).sum(axis=2)
+        ds = p * (dp - delta[:, :, :, i0:i1])
+        dq[:, i0:i1] = _ungroup((ds @ kg) * shape.softmax_scale)
+        dk += (ds.swapaxes(-1, -2) @ qc).sum(axis=2) * shape.softmax_scale
+    dk = dk.transpose(0, 2, 1, 3)
+    dv = dv.transpose(0, 2, 1, 3)
+    return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)

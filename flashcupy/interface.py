@@ -1,0 +1,134 @@
+"""Public attention functions: flash_attn_func, flash_attn_forward, flash_attn_backward.
+
+Where a call runs:
+- NumPy inputs run on the CPU (the chunked exact path) and return NumPy, whether or not a GPU is
+  present. float32 and float64 compute in their own precision; float16 and bfloat16 compute in
+  float32 and return their own dtype.
+- CuPy inputs, and any GPU array with __dlpack__ / __cuda_array_interface__ (torch, JAX; converted
+  zero-copy by cupy.from_dlpack), run on the current CuPy device and stream and return CuPy arrays.
+  float16 / bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/); other
+  cases run the chunked path on the GPU (exact, O(N) memory, not fused).
+No call synchronises with the host, so GPU calls can be captured into a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _chunked
+from ._arrays import array_module, is_half, lse_dtype
+from ._validate import AttnShape, check_bool, check_like, check_lse, check_qkv
+
+
+class AttnForward(NamedTuple):
+    """What flash_attn_forward returns: everything flash_attn_backward needs besides q, k, v."""
+
+    out: object  # (batch, seqlen_q, nheads, head_dim), dtype of q
+    lse: object  # (batch, nheads, seqlen_q), float32 (float64 for float64 inputs); -inf on empty rows
+    rng_state: object  # dropout (seed, offset), or None without dropout
+
+
+MAX_KERNEL_HEAD_DIM = 256
+
+
+def _use_kernels(xp, dtype, shape: AttnShape) -> bool:
+    return xp is not np and is_half(dtype) and shape.head_dim <= MAX_KERNEL_HEAD_DIM
+
+
+def _no_dropout_yet(dropout_p):
+    if dropout_p > 0:
+        raise NotImplementedError("dropout_p > 0 is not implemented yet; pass dropout_p=0.0")
+
+
+def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False) -> AttnForward:
+    """Attention forward returning the output and the logsumexp the backward needs.
+
+    Args:
+        q: (batch, seqlen_q, nheads, head_dim); float16, bfloat16, float32 or float64.
+        k, v: (batch, seqlen_k, nheads_k, head_dim), dtype of q; nheads % nheads_k == 0 (MQA/GQA).
+            Any strides; a last dimension with stride != 1 is copied once on the GPU path.
+        dropout_p: probability of dropping an attention weight, in [0, 1).
+        softmax_scale: scale of q k^T before the softmax (>= 0); default head_dim ** -0.5.
+        causal: mask keys after each query, aligned bottom-right when seqlen_q != seqlen_k (as
+            flash-attn >= 2.1): query i sees key j iff j <= i + seqlen_k - seqlen_q. Rows that see
+            no key (i < seqlen_q - seqlen_k) give out 0 and lse -inf.
+
+    Returns:
+        AttnForward(out, lse, rng_state): out like q; lse (batch, nheads, seqlen_q) natural-log
+        logsumexp of the scaled scores, float32 (float64 for float64 inputs).
+
+    Raises:
+        TypeError: non-array inputs, unsupported or mismatched dtypes, host and device arrays mixed.
+        ValueError: wrong ranks or shapes, nheads not a multiple of nheads_k, bad scalars.
+
+    Source: FlashAttention-2 forward (arXiv 2307.08691, Algorithm 1); see flashcupy.reference.
+    """
+    xp, (q, k, v) = array_module(q=q, k=k, v=v)
+    shape = check_qkv(q, k, v, softmax_scale, dropout_p)
+    causal = check_bool("causal", causal)
+    _no_dropout_yet(dropout_p)
+    if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
+        out = xp.zeros(q.shape, dtype=q.dtype)
+        lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, dtype=lse_dtype(q.dtype))
+        return AttnForward(out, lse, None)
+    if _use_kernels(xp, q.dtype, shape):
+        from . import _gpu
+
+        out, lse = _gpu.forward(q, k, v, shape, causal=causal)
+    else:
+        out, lse = _chunked.forward(q, k, v, shape, causal=causal, xp=xp)
+    return AttnForward(out, lse, None)
+
+
+def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
+                        rng_state=None, deterministic=False):
+    """Gradients of attention with respect to q, k and v, recomputing P from lse.
+
+    Args:
+        dout: gradient of the loss with respect to out, shape and dtype of q; any strides.
+        q, k, v, out, lse: the forward's inputs and outputs (see flash_attn_forward).
+        dropout_p, softmax_scale, causal: as given to the forward.
+        rng_state: the forward's rng_state (dropout only).
+        deterministic: bitwise-reproducible gradients on the GPU (the CPU path always is).
+
+    Returns:
+        (dq, dk, dv) shaped and typed like q, k, v; dk and dv are summed over the query heads of a
+        group (MQA/GQA). Rows with no visible key contribute nothing.
+
+    Raises: as flash_attn_forward, plus ValueError/TypeError for a dout, out or lse that does not
+    match the forward.
+
+    Source: FlashAttention backward (arXiv 2205.14135, Algorithm 4; arXiv 2307.08691, Algorithm 2).
+    """
+    xp, (dout, q, k, v, out, lse) = array_module(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+    shape = check_qkv(q, k, v, softmax_scale, dropout_p)
+    check_like("dout", dout, q.shape, q.dtype, "q")
+    check_like("out", out, q.shape, q.dtype, "q")
+    check_lse(lse, shape, lse_dtype(q.dtype))
+    causal = check_bool("causal", causal)
+    deterministic = check_bool("deterministic", deterministic)
+    _no_dropout_yet(dropout_p)
+    if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
+        return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+    if _use_kernels(xp, q.dtype, shape):
+        from . import _gpu
+
+        if hasattr(_gpu, "backward"):
+            return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
+    return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, xp=xp)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, deterministic=False,
+                    return_lse=False):
+    """Exact attention softmax(q k^T * softmax_scale) v, computed without storing the attention matrix.
+
+    q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim). Arguments
+    and errors as flash_attn_forward. Returns out (like q), or (out, lse) when return_lse is True.
+    For gradients use flash_attn_forward / flash_attn_backward, or the tape (flashcupy.tape).
+    NumPy in -> NumPy out (CPU); CuPy / __dlpack__ in -> CuPy out (GPU), on the current stream.
+    """
+    check_bool("deterministic", deterministic)
+    res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal)
+    return (res.out, res.lse) if return_lse else res.out
