@@ -23,7 +23,9 @@ def compute_dtype(dt):
     return np.dtype(np.float64) if np.dtype(dt) == np.float64 else np.dtype(np.float32)
 
 
-def chunk_rows(shape, itemsize, budget=CHUNK_BYTES) -> int:
+def chunk_rows(shape, itemsize, budget=None) -> int:
+    # Read CHUNK_BYTES at call time (not as a default argument) so it can be tuned and monkeypatched.
+    budget = CHUNK_BYTES if budget is None else budget
     per_row = 4 * shape.batch * shape.nheads * max(shape.seqlen_k, 1) * itemsize
     return int(max(1, min(shape.seqlen_q, budget // per_row)))
 
