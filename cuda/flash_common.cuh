@@ -1,0 +1,141 @@
+// flash_common.cuh: what every flashcupy kernel shares.
+//
+// Needs no CUDA header at all (NVRTC compiles it with no include path, so CI can build every
+// specialization from the NVRTC wheel alone): 16-bit elements are stored as raw `unsigned short`
+// and converted with PTX. Tensor-core instructions are the sm_80 set (mma.sync m16n8k16,
+// ldmatrix, cp.async), which also runs on sm_90.
+#pragma once
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define FC_INF __int_as_float(0x7f800000)
+#define FC_LOG2E 1.4426950408889634f
+#define FC_LN2 0.6931471805599453f
+
+// ---------------------------------------------------------------------------------------------
+// Element types: a tag per 16-bit dtype; the kernels are templates over it.
+// ---------------------------------------------------------------------------------------------
+struct Fp16 {
+    // Two floats -> one register of two fp16 (lo in bits 0..15), round to nearest even.
+    static __device__ __forceinline__ u32 pack2(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ float to_float(u16 x) {
+        float f;
+        asm("cvt.f32.f16 %0, %1;\n" : "=f"(f) : "h"(x));
+        return f;
+    }
+    // D (16x8, f32) += A (16x16, row) * B (16x8, col)
+    static __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+struct Bf16 {
+    static __device__ __forceinline__ u32 pack2(float lo, float hi) {
+        u32 r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+    static __device__ __forceinline__ float to_float(u16 x) { return __int_as_float(((u32)x) << 16); }
+    static __device__ __forceinline__ void mma(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+};
+
+// ---------------------------------------------------------------------------------------------
+// PTX wrappers
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+// 16-byte async copy global -> shared; src_bytes = 0 reads nothing and writes 16 zero bytes.
+__device__ __forceinline__ void cp_async_16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
+}
+
+// 2^x, one MUFU instruction; 2^-inf = +0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------------
+// Tiles in shared memory: row-major, each row padded by 8 elements (16 bytes) so that the 8 row
+// addresses of an ldmatrix phase fall in distinct bank groups for every head dim we build
+// (row pitch (HEAD_DIM + 8) * 2 bytes = 4 words mod 32 for HEAD_DIM % 64 == 0, 20 otherwise).
+// ---------------------------------------------------------------------------------------------
+template <int HEAD_DIM>
+struct SmemRow {
+    static constexpr int PITCH = HEAD_DIM + 8;  // elements per shared-memory row
+    static constexpr int CHUNKS = HEAD_DIM / 8;  // 16-byte chunks per row
+};
+
+// Async-copy a (ROWS, HEAD_DIM) tile; rows >= rows_valid and columns >= head_dim are zero-filled
+// without reading global memory (never out of bounds). head_dim is a multiple of 8.
+// When the thread count is a multiple of the chunks per row, each thread keeps one column and one
+// pointer and steps down the rows (few live registers); otherwise it walks the flat chunk index.
+template <int ROWS, int HEAD_DIM, int NTHREADS>
+__device__ __forceinline__ void load_tile_async(u16* smem, const u16* gmem, i64 row_stride,
+                                                int rows_valid, int head_dim) {
+    constexpr int CHUNKS = SmemRow<HEAD_DIM>::CHUNKS, PITCH = SmemRow<HEAD_DIM>::PITCH;
+    if constexpr (NTHREADS % CHUNKS == 0) {
+        constexpr int ROW_STEP = NTHREADS / CHUNKS;
+        const int r0 = threadIdx.x / CHUNKS, col = (threadIdx.x % CHUNKS) * 8;
+        const bool col_ok = col < head_dim;
+        const u16* src = gmem + r0 * row_stride + col;
+        u32 dst = smem_u32(smem) + (r0 * PITCH + col) * 2;
+#pragma unroll
+        for (int r = r0; r < ROWS; r += ROW_STEP) {
+            const bool ok = col_ok && r < rows_valid;
+            cp_async_16(dst, ok ? src : gmem, ok ? 16 : 0);
+            src += ROW_STEP * row_stride;
+            dst += ROW_STEP * PITCH * 2;
+        }
+    } else {
+        const u32 base = smem_u32(smem);
+#pragma unroll 1
+        for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
+            const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+            const bool ok = r < rows_valid && col < head_dim;
+            cp_async_16(base + (r * PITCH + col) * 2, ok ? gmem + r * row_stride + col : gmem, ok ? 16 : 0);
+        }
+    }
+}
+
+// Quad reductions: the four lanes that hold one accumulator row (lane / 4 equal).
+__device__ __forceinline__ float quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}

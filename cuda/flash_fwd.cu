@@ -1,0 +1,230 @@
+// flash_fwd.cu: FlashAttention-2 forward on tensor cores (mma.sync m16n8k16), fp16 / bf16.
+//
+// One CTA per (query tile of BLOCK_M rows, head, batch). Each warp owns 16 * MT query rows, so
+// the online softmax needs no inter-warp reduction (FA2, arXiv 2307.08691, Sec. 3.2). Key/value
+// tiles of BLOCK_N rows stream through shared memory with cp.async: V_j loads while S = Q K_j^T
+// runs; K_{j+1} loads while the softmax and O += P V_j run. P never leaves registers: the S
+// accumulator layout of two n8 tiles is exactly the A-operand layout of one k16 step.
+// Softmax in base 2 (exp2 of the log2e-scaled scores, one MUFU op each); LSE in natural log.
+//
+// Versions (numbers in bench/NOTES.md):
+//   v1  FA2 structure, padded smem rows, single-buffered K/V, Q re-read from smem by ldmatrix.
+#include "flash_common.cuh"
+
+template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_>
+struct FwdTraits {
+    using Elem = Elem_;
+    static constexpr int HEAD_DIM = HEAD_DIM_;  // head_dim bucket; the runtime head_dim may be smaller
+    static constexpr int BLOCK_M = BLOCK_M_;    // query rows per CTA
+    static constexpr int BLOCK_N = BLOCK_N_;    // key rows per pipeline step
+    static constexpr int NWARPS = NWARPS_;
+    static constexpr int NTHREADS = NWARPS * 32;
+    static constexpr int MT = BLOCK_M / (16 * NWARPS);  // m16 tiles per warp
+    static constexpr int NT = BLOCK_N / 8;              // n8 tiles of S per warp
+    static constexpr int DT = HEAD_DIM / 8;             // n8 tiles of O per warp
+    static constexpr int PITCH = SmemRow<HEAD_DIM>::PITCH;
+    static constexpr int SMEM_BYTES = (BLOCK_M + 2 * BLOCK_N) * PITCH * 2;
+    static_assert(BLOCK_M % (16 * NWARPS) == 0, "each warp owns whole m16 tiles");
+    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps");
+};
+
+// q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
+// strides in elements, the last dimension contiguous. lse: (batch, nheads, seqlen_q) contiguous.
+template <typename Tr, bool CAUSAL>
+__global__ void __launch_bounds__(Tr::NTHREADS)
+flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                 u16* __restrict__ o, float* __restrict__ lse,
+                 i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
+                 i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
+                 i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
+                 i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
+                 int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
+                 float softmax_scale, float softmax_scale_log2) {
+    using Elem = typename Tr::Elem;
+    constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
+    constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, PITCH = Tr::PITCH, NTHREADS = Tr::NTHREADS;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    u16* s_q = reinterpret_cast<u16*>(smem_raw);  // (BLOCK_M, PITCH); reused for O at the end
+    u16* s_k = s_q + BLOCK_M * PITCH;              // (BLOCK_N, PITCH)
+    u16* s_v = s_k + BLOCK_N * PITCH;              // (BLOCK_N, PITCH)
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int m0 = m_block * BLOCK_M;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp_row0 = warp * MT * 16;  // first row of this warp in the tile
+    const int causal_offset = seqlen_k - seqlen_q;  // bottom-right: key j visible iff j <= i + offset
+
+    const u16* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
+    const u16* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
+    const u16* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
+    u16* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
+    float* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
+
+    int n_blocks = cdiv(seqlen_k, BLOCK_N);
+    if (CAUSAL) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
+
+    // Running softmax state per owned row: rows (lane / 4) and (lane / 4 + 8) of each m16 tile.
+    float row_max[MT][2], row_sum[MT][2];
+    float acc_o[MT][DT][4];  // (16 * MT, HEAD_DIM) per warp, mma C layout
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) row_max[mt][r] = -FC_INF, row_sum[mt][r] = 0.f;
+#pragma unroll
+        for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+    }
+
+    if (n_blocks > 0) {
+        load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_tile, q_row_stride, seqlen_q - m0, head_dim);
+        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head, k_row_stride, seqlen_k, head_dim);
+        cp_async_commit();
+    }
+
+    // ldmatrix lane addressing (bytes, relative to each tile's shared-memory base):
+    //  Q (A operand, 16x16): lane -> row lane % 16, column (lane / 16) * 8
+    //  K (B operand of S, two n8 tiles x k16): key (lane / 16) * 8 + lane % 8, column ((lane / 8) % 2) * 8
+    //  V (B operand of O, k16 x two n8 tiles, transposed): key ((lane / 8) % 2) * 8 + lane % 8, column (lane / 16) * 8
+    const u32 q_lane = smem_u32(s_q) + ((warp_row0 + lane % 16) * PITCH + (lane / 16) * 8) * 2;
+    const u32 k_lane = smem_u32(s_k) + (((lane / 16) * 8 + lane % 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
+    const u32 v_lane = smem_u32(s_v) + ((((lane / 8) % 2) * 8 + lane % 8) * PITCH + (lane / 16) * 8) * 2;
+
+    for (int j = 0; j < n_blocks; ++j) {
+        const int n0 = j * BLOCK_N;
+        cp_async_wait<0>();
+        __syncthreads();  // K_j is in shared memory; every warp is done reading V_{j-1}
+        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v_head + n0 * v_row_stride, v_row_stride,
+                                                     seqlen_k - n0, head_dim);
+        cp_async_commit();
+
+        // S = Q K_j^T: (16 * MT, BLOCK_N) per warp
+        float acc_s[MT][NT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+            u32 a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+#pragma unroll
+            for (int np = 0; np < NT / 2; ++np) {
+                u32 b[4];
+                ldmatrix_x4(b, k_lane + (np * 16 * PITCH + kk * 16) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Elem::mma(acc_s[mt][2 * np], a[mt], b[0], b[1]);
+                    Elem::mma(acc_s[mt][2 * np + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+
+        // Mask keys past seqlen_k and, for causal, keys after the diagonal; only tiles that need it.
+        const bool need_mask = n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + causal_offset);
+        if (need_mask) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int row = m0 + warp_row0 + mt * 16 + lane / 4 + (e / 2) * 8;
+                        const int col = n0 + nt * 8 + (lane % 4) * 2 + (e % 2);
+                        if (col >= seqlen_k || (CAUSAL && col > row + causal_offset)) acc_s[mt][nt][e] = -FC_INF;
+                    }
+        }
+
+        cp_async_wait<0>();
+        __syncthreads();  // V_j is in shared memory; every warp is done reading K_j
+        if (j + 1 < n_blocks) {
+            load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + (n0 + BLOCK_N) * k_row_stride,
+                                                         k_row_stride, seqlen_k - n0 - BLOCK_N, head_dim);
+            cp_async_commit();
+        }
+
+        // Online softmax (base 2): m_new = max(m, rowmax S); P = 2^(S*c - m_new*c); rescale O and l.
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = row_max[mt][r];
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][2 * r], acc_s[mt][nt][2 * r + 1]));
+                mx = quad_max(mx);
+                // A row with no visible key so far keeps max -inf; subtract 0 so exp2 stays 0, not NaN.
+                const float mx_scaled = mx == -FC_INF ? 0.f : mx * softmax_scale_log2;
+                const float alpha = fast_exp2(row_max[mt][r] * softmax_scale_log2 - mx_scaled);
+                row_max[mt][r] = mx;
+                float sum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                        const float p = fast_exp2(fmaf(acc_s[mt][nt][e], softmax_scale_log2, -mx_scaled));
+                        acc_s[mt][nt][e] = p;
+                        sum += p;
+                    }
+                row_sum[mt][r] = row_sum[mt][r] * alpha + sum;  // per-lane partial; quad-reduced at the end
+#pragma unroll
+                for (int dt = 0; dt < DT; ++dt) acc_o[mt][dt][2 * r] *= alpha, acc_o[mt][dt][2 * r + 1] *= alpha;
+            }
+
+        // O += P V_j: P (16 * MT, BLOCK_N) from registers as the A operand, V_j from shared memory.
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+            u32 a[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                a[mt][0] = Elem::pack2(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+                a[mt][1] = Elem::pack2(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+                a[mt][2] = Elem::pack2(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+                a[mt][3] = Elem::pack2(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+            }
+#pragma unroll
+            for (int dp = 0; dp < DT / 2; ++dp) {
+                u32 b[4];
+                ldmatrix_x4_trans(b, v_lane + (kk * 16 * PITCH + dp * 16) * 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    Elem::mma(acc_o[mt][2 * dp], a[mt], b[0], b[1]);
+                    Elem::mma(acc_o[mt][2 * dp + 1], a[mt], b[2], b[3]);
+                }
+            }
+        }
+    }
+
+    // Epilogue: O /= l, LSE = m * scale + ln(l); rows with l == 0 (no visible key): O = 0, LSE = -inf.
+    // Each warp stages its own rows of O in s_q (only it ever read those rows), then stores 16 bytes
+    // per lane, coalesced.
+    __syncwarp();
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const float l = quad_sum(row_sum[mt][r]);
+            const float inv_l = l > 0.f ? 1.f / l : 0.f;
+            const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
+#pragma unroll
+            for (int dt = 0; dt < DT; ++dt) {
+                const u32 packed = Elem::pack2(acc_o[mt][dt][2 * r] * inv_l, acc_o[mt][dt][2 * r + 1] * inv_l);
+                *reinterpret_cast<u32*>(&s_q[row * PITCH + dt * 8 + (lane % 4) * 2]) = packed;
+            }
+            if (lane % 4 == 0 && m0 + row < seqlen_q)
+                lse_tile[row] = l > 0.f ? row_max[mt][r] * softmax_scale + logf(l) : -FC_INF;
+        }
+    __syncwarp();
+    constexpr int CHUNKS = SmemRow<HEAD_DIM>::CHUNKS;
+#pragma unroll
+    for (int c = lane; c < MT * 16 * CHUNKS; c += 32) {
+        const int row = warp_row0 + c / CHUNKS, col = (c % CHUNKS) * 8;
+        if (m0 + row < seqlen_q && col < head_dim)
+            *reinterpret_cast<uint4*>(o_tile + row * o_row_stride + col) =
+                *reinterpret_cast<const uint4*>(&s_q[row * PITCH + col]);
+    }
+}

@@ -1,0 +1,84 @@
+"""Kernel configurations: one frozen dataclass per kernel family, mirroring its CUDA traits struct,
+and one pure function per family that chooses it. Nothing else picks block sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._arrays import bfloat16
+
+# head_dim buckets with a compiled kernel; a head_dim in between runs the next bucket up, its extra
+# columns zero-filled on load and never stored (so head_dim must only be a multiple of 8).
+HEAD_DIM_BUCKETS = (32, 64, 96, 128, 160, 192, 224, 256)
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    for b in HEAD_DIM_BUCKETS:
+        if head_dim <= b:
+            return b
+    raise ValueError(f"head_dim: expected <= {HEAD_DIM_BUCKETS[-1]} for the fused kernels, got {head_dim}")
+
+
+def elem_name(dtype) -> str:
+    """The CUDA element tag of a 16-bit dtype."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float16:
+        return "Fp16"
+    if bfloat16() is not None and dtype == bfloat16():
+        return "Bf16"
+    raise TypeError(f"no 16-bit kernel for dtype {dtype}")
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """Mirror of FwdTraits in cuda/flash_fwd.cu."""
+
+    head_dim: int  # bucket (HEAD_DIM)
+    block_m: int  # query rows per CTA
+    block_n: int  # key rows per pipeline step
+    nwarps: int
+
+    @property
+    def nthreads(self) -> int:
+        return 32 * self.nwarps
+
+    @property
+    def smem_bytes(self) -> int:
+        return (self.block_m + 2 * self.block_n) * (self.head_dim + 8) * 2
+
+    def kernel_name(self, elem: str, causal: bool) -> str:
+        traits = f"FwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
+        return f"flash_fwd_kernel<{traits}, {'true' if causal else 'false'}>"
+
+
+# (bucket) -> (block_m, block_n, nwarps), reason. Register counts are sm_80 ptxas, no spills
+# (tests/test_compile.py prints the report); speeds in bench/NOTES.md.
+_FWD_TABLE = {
+    32: ((128, 128, 8), "small rows: a wide key tile amortises the softmax bookkeeping"),
+    64: ((128, 128, 8), "16 rows per warp keeps S (64 regs) + O (32) far from the 255 cap"),
+    96: ((128, 64, 8), "O needs 48 regs per 16 rows; 64 keys keeps S at 32"),
+    128: ((128, 64, 8), "4-warp 128x64 spills at sm_80 (255 regs); 8 warps x 16 rows fits in 134"),
+    160: ((128, 64, 8), "O needs 80 regs; 8 warps x 16 rows"),
+    192: ((128, 64, 8), "O needs 96 regs; 8 warps x 16 rows"),
+    224: ((128, 64, 8), "O needs 112 regs; smem 118 KB"),
+    256: ((128, 64, 8), "O needs 128 regs; smem 135 KB fits sm_80 (164 KB) and sm_90 (227 KB)"),
+}
+
+
+def fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> FwdConfig:
+    """The forward kernel configuration for a problem. Pure: same arguments, same answer."""
+    del dtype, causal, arch  # one table serves both 16-bit dtypes, both masks, sm_80 and sm_90 for now
+    bucket = head_dim_bucket(head_dim)
+    (bm, bn, nw), _reason = _FWD_TABLE[bucket]
+    return FwdConfig(bucket, bm, bn, nw)
+
+
+def all_fwd_specializations():
+    """Every (elem, causal, config) the library can launch: CI compiles each one."""
+    for elem in ("Fp16", "Bf16"):
+        for bucket in HEAD_DIM_BUCKETS:
+            for causal in (False, True):
+                yield elem, causal, fwd_config(bucket, None, causal)
