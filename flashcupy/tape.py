@@ -1,0 +1,680 @@
+"""A small reverse-mode autodiff tape over NumPy and CuPy arrays: the ops a GPT needs, nothing more.
+
+One code path for both array modules: every op reads `xp` off its input's data, so NumPy tensors run on
+the CPU and CuPy tensors on the current GPU device and stream, without a host sync.
+
+How it works (micrograd, with arrays):
+- A Tensor holds `data` (an array), `grad` (an array of the same shape and dtype, or None) and, when it
+  was made by an op that needs gradients, its parents and a closure `_backward(g)` that receives
+  d(loss)/d(this tensor) and accumulates (+=) each parent's share into that parent's grad.
+- `backward()` sorts the graph topologically, seeds the root's grad and walks it in reverse.
+- Every tensor owns its grad buffer: the first contribution is copied, later ones are added in place.
+  (An op like add passes one incoming gradient to two parents; sharing that array between them, then
+  adding into one, would silently corrupt the other.)
+- Only leaves (tensors no op made: parameters, inputs) keep their grads. An interior tensor's grad is
+  released as soon as the walk has passed it on, and so is its closure with the activations it saved
+  (unless backward(retain_graph=True)), so memory falls during the backward pass, as in PyTorch.
+
+Ops: add, sub, mul (broadcasting; gradients summed over the broadcast axes), scalar scale and shift,
+matmul, linear, reshape, transpose, basic indexing and split, embedding (scatter-add, repeated indices
+accumulate), layer_norm, gelu (tanh approximation), sum, mean, cross_entropy (integer targets), and
+attention twice: flash_attention over flashcupy.flash_attn_forward / flash_attn_backward, and
+naive_attention (matmul, softmax, matmul, the (Sq, Sk) probabilities kept for the backward) for
+comparison. A residual connection is `x + f(x)`: add, with x used twice.
+
+Mixed precision: the attention ops take a `dtype` keyword. Their inputs are cast to it (bfloat16 or
+float16 on the GPU), and their gradients are cast back to each input's own dtype, so a model can keep
+float32 master weights and activations while attention runs on the half-precision kernels.
+
+Example:
+    w = Tensor(np.random.randn(3, 2), requires_grad=True)
+    loss = cross_entropy(linear(Tensor(x), w), targets)
+    loss.backward()          # w.grad now holds d(loss)/dw
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+
+import numpy as np
+
+from ._arrays import cupy_or_none
+from .interface import flash_attn_backward, flash_attn_forward
+
+__all__ = [
+    "Tensor",
+    "no_grad",
+    "is_grad_enabled",
+    "add",
+    "sub",
+    "mul",
+    "matmul",
+    "linear",
+    "reshape",
+    "transpose",
+    "split",
+    "embedding",
+    "layer_norm",
+    "gelu",
+    "sum",
+    "mean",
+    "cross_entropy",
+    "flash_attention",
+    "naive_attention",
+]
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Within this context ops record nothing: outputs have no parents and need no gradient."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled
+
+
+def array_module_of(data):
+    """cupy for CuPy arrays, numpy otherwise (cupy is never imported for NumPy data)."""
+    cp = cupy_or_none()
+    return cp if cp is not None and isinstance(data, cp.ndarray) else np
+
+
+class Tensor:
+    """An array with a gradient slot and, if an op made it, the closure that back-propagates into its parents."""
+
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "name")
+    __array_ufunc__ = None  # `ndarray + Tensor` defers to Tensor.__radd__ instead of looping over elements
+
+    def __init__(self, data, requires_grad=False, name=None):
+        if isinstance(data, Tensor):
+            raise TypeError("data: expected an array, got a Tensor (use the tensor itself)")
+        if not hasattr(data, "shape"):
+            data = np.asarray(data)
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._parents = ()
+        self._backward = None
+        self.name = name
+
+    # -- properties ---------------------------------------------------------------------------------
+    @property
+    def xp(self):
+        return array_module_of(self.data)
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        return int(self.data.size)
+
+    @property
+    def is_leaf(self):
+        return self._backward is None
+
+    def item(self) -> float:
+        """The value of a one-element tensor as a Python float (a host sync on the GPU)."""
+        return float(self.data.reshape(()))
+
+    def numpy(self):
+        return self.data.get() if self.xp is not np else self.data
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}{grad})"
+
+    # -- autodiff -----------------------------------------------------------------------------------
+    def backward(self, grad=None, *, retain_graph=False):
+        """Accumulate d(self)/d(leaf) * grad into every leaf's .grad that needs a gradient.
+
+        grad: the seed d(loss)/d(self), shaped like self; may be omitted only for a one-element tensor
+        (seed 1). retain_graph=False releases the saved activations on the way; True keeps the graph
+        for another backward(). Interior grads are always released once used.
+        Raises ValueError for a tensor of more than one element without a seed, RuntimeError for a
+        tensor that needs no gradient (made under no_grad, or from constants only).
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward(): this tensor does not require a gradient "
+                               "(it was made under no_grad, or only from tensors that need none)")
+        xp = self.xp
+        if grad is None:
+            if self.size != 1:
+                raise ValueError(f"backward(): a tensor of shape {self.shape} needs a seed gradient of that "
+                                 f"shape; only a one-element tensor (a loss) can be seeded with 1")
+            grad = xp.ones_like(self.data)
+        if tuple(grad.shape) != self.shape:
+            raise ValueError(f"backward(): expected a seed gradient of shape {self.shape}, got {tuple(grad.shape)}")
+        order = _topological_order(self)
+        _accumulate(self, grad)
+        while order:
+            node = order.pop()  # reverse topological order: every consumer of node has already run
+            if node._backward is None or node.grad is None:
+                continue
+            node._backward(node.grad)
+            node.grad = None  # interior grads are spent once passed on (a retained graph starts clean)
+            if not retain_graph:
+                node._backward, node._parents = None, ()
+
+    def zero_grad(self):
+        self.grad = None
+
+    # -- operators ----------------------------------------------------------------------------------
+    def __add__(self, other):
+        return _shift(self, other) if _is_scalar(other) else add(self, other)
+
+    def __radd__(self, other):
+        return _shift(self, other) if _is_scalar(other) else add(other, self)
+
+    def __sub__(self, other):
+        return _shift(self, -other) if _is_scalar(other) else sub(self, other)
+
+    def __rsub__(self, other):
+        return _shift(_scale(self, -1.0), other) if _is_scalar(other) else sub(other, self)
+
+    def __mul__(self, other):
+        return _scale(self, other) if _is_scalar(other) else mul(self, other)
+
+    def __rmul__(self, other):
+        return _scale(self, other) if _is_scalar(other) else mul(other, self)
+
+    def __truediv__(self, other):
+        if not _is_scalar(other):
+            raise TypeError("Tensor / x: only division by a Python number is supported")
+        return _scale(self, 1.0 / other)
+
+    def __neg__(self):
+        return _scale(self, -1.0)
+
+    def __matmul__(self, other):
+        return matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return matmul(other, self)
+
+    def __getitem__(self, index):
+        return _getitem(self, index)
+
+    def reshape(self, *shape):
+        return reshape(self, shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape)
+
+    def transpose(self, *axes):
+        return transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else (axes or None))
+
+    def sum(self, axis=None, keepdims=False):
+        return sum(self, axis=axis, keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return mean(self, axis=axis, keepdims=keepdims)
+
+
+# -- the engine -------------------------------------------------------------------------------------
+
+
+def _topological_order(root):
+    """Every tensor reachable from root that needs a gradient, parents before children (iterative DFS)."""
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.append((node, True))
+        stack.extend((p, False) for p in node._parents if p.requires_grad and p not in seen)
+    return order
+
+
+def _accumulate(t, g):
+    """t.grad += g, where g has t's shape. The first contribution is copied so t owns its buffer."""
+    if not t.requires_grad:
+        return
+    assert tuple(g.shape) == t.shape, f"gradient of shape {tuple(g.shape)} for a tensor of shape {t.shape}"
+    if t.grad is None:
+        t.grad = g.astype(t.dtype, copy=True)
+    else:
+        t.grad += g
+
+
+def _grad_buffer(t):
+    """t.grad, allocated as zeros if absent, for ops that accumulate into part of it."""
+    if t.grad is None:
+        t.grad = t.xp.zeros_like(t.data)
+    return t.grad
+
+
+def _make(data, parents, backward):
+    """The output tensor of an op; it records backward(g) only if some parent needs a gradient."""
+    out = Tensor(data)
+    if _grad_enabled and any(p.requires_grad for p in parents):
+        out.requires_grad = True
+        out._parents = parents
+        out._backward = backward
+    return out
+
+
+def _is_scalar(x):
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _as_tensor(x):
+    return x if isinstance(x, Tensor) else Tensor(x)
+
+
+def _unbroadcast(g, shape):
+    """Sum g over the axes that broadcasting added or stretched, so it has `shape` again."""
+    if tuple(g.shape) == tuple(shape):
+        return g
+    lead = g.ndim - len(shape)
+    if lead:
+        g = g.sum(axis=tuple(range(lead)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and g.shape[i] != 1)
+    if stretched:
+        g = g.sum(axis=stretched, keepdims=True)
+    return g
+
+
+# -- elementwise ------------------------------------------------------------------------------------
+
+
+def add(a, b):
+    """a + b with broadcasting (also the residual connection)."""
+    a, b = _as_tensor(a), _as_tensor(b)
+
+    def backward(g):
+        if a.requires_grad:
+            _accumulate(a, _unbroadcast(g, a.shape))
+        if b.requires_grad:
+            _accumulate(b, _unbroadcast(g, b.shape))
+
+    return _make(a.data + b.data, (a, b), backward)
+
+
+def sub(a, b):
+    """a - b with broadcasting."""
+    a, b = _as_tensor(a), _as_tensor(b)
+
+    def backward(g):
+        if a.requires_grad:
+            _accumulate(a, _unbroadcast(g, a.shape))
+        if b.requires_grad:
+            _accumulate(b, -_unbroadcast(g, b.shape))
+
+    return _make(a.data - b.data, (a, b), backward)
+
+
+def mul(a, b):
+    """a * b elementwise with broadcasting."""
+    a, b = _as_tensor(a), _as_tensor(b)
+
+    def backward(g):
+        if a.requires_grad:
+            _accumulate(a, _unbroadcast(g * b.data, a.shape))
+        if b.requires_grad:
+            _accumulate(b, _unbroadcast(g * a.data, b.shape))
+
+    return _make(a.data * b.data, (a, b), backward)
+
+
+def _scale(a, c):
+    """a * c for a Python number c (kept a kernel argument on the GPU, never a device array)."""
+
+    def backward(g):
+        _accumulate(a, g * c)
+
+    return _make(a.data * c, (a,), backward)
+
+
+def _shift(a, c):
+    """a + c for a Python number c."""
+
+    def backward(g):
+        _accumulate(a, g)
+
+    return _make(a.data + c, (a,), backward)
+
+
+# -- linear algebra ---------------------------------------------------------------------------------
+
+
+def matmul(a, b):
+    """a @ b for a, b of rank >= 2, with NumPy's batch broadcasting."""
+    a, b = _as_tensor(a), _as_tensor(b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul: expected operands of rank >= 2, got shapes {a.shape} and {b.shape}")
+
+    def backward(g):
+        if a.requires_grad:
+            _accumulate(a, _unbroadcast(g @ b.data.swapaxes(-1, -2), a.shape))
+        if b.requires_grad:
+            _accumulate(b, _unbroadcast(a.data.swapaxes(-1, -2) @ g, b.shape))
+
+    return _make(a.data @ b.data, (a, b), backward)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight + bias. x (..., n_in), weight (n_in, n_out), bias (n_out,) or None -> (..., n_out).
+
+    The leading axes are flattened so the forward and each gradient is one 2-D GEMM (cuBLAS on the
+    GPU); d(weight) = x^T g sums over every token inside that GEMM.
+    """
+    x, weight = _as_tensor(x), _as_tensor(weight)
+    n_in, n_out = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"linear: x has {x.shape[-1]} features, weight expects {n_in} (shape {weight.shape})")
+    x2 = x.data.reshape(-1, n_in)  # (tokens, n_in)
+    out = x2 @ weight.data  # (tokens, n_out)
+    if bias is not None:
+        bias = _as_tensor(bias)
+        out += bias.data
+    parents = (x, weight) if bias is None else (x, weight, bias)
+
+    def backward(g):
+        g2 = g.reshape(-1, n_out)  # (tokens, n_out)
+        if x.requires_grad:
+            _accumulate(x, (g2 @ weight.data.T).reshape(x.shape))
+        if weight.requires_grad:
+            _accumulate(weight, x2.T @ g2)
+        if bias is not None and bias.requires_grad:
+            _accumulate(bias, g2.sum(axis=0))
+
+    return _make(out.reshape(*x.shape[:-1], n_out), parents, backward)
+
+
+# -- shapes -----------------------------------------------------------------------------------------
+
+
+def reshape(x, shape):
+    x = _as_tensor(x)
+
+    def backward(g):
+        _accumulate(x, g.reshape(x.shape))
+
+    return _make(x.data.reshape(shape), (x,), backward)
+
+
+def transpose(x, axes=None):
+    """Permute axes (reverse them when axes is None), as numpy.transpose."""
+    x = _as_tensor(x)
+    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+    inverse = tuple(np.argsort(axes))
+
+    def backward(g):
+        _accumulate(x, g.transpose(inverse))
+
+    return _make(x.data.transpose(axes), (x,), backward)
+
+
+def _getitem(x, index):
+    """x[index] for basic indexing only (ints, slices, Ellipsis, None): a view; its gradient lands in
+    that part of x.grad. Integer-array lookups, where indices may repeat, are `embedding`."""
+    parts = index if isinstance(index, tuple) else (index,)
+    for p in parts:
+        if not (p is None or p is Ellipsis or isinstance(p, (slice, int, np.integer))):
+            raise TypeError(f"Tensor[...]: only ints, slices, ... and None are supported, got {type(p).__name__}; "
+                            f"use embedding() to gather rows by an index array")
+
+    def backward(g):
+        _grad_buffer(x)[index] += g
+
+    return _make(x.data[index], (x,), backward)
+
+
+def split(x, sections, axis=-1):
+    """Split x into `sections` equal parts along axis (as numpy.split with an int)."""
+    n = x.shape[axis]
+    if n % sections:
+        raise ValueError(f"split: axis {axis} of size {n} does not divide into {sections} equal parts")
+    step = n // sections
+    lead = (slice(None),) * (axis % x.ndim)
+    return tuple(_getitem(x, lead + (slice(i * step, (i + 1) * step),)) for i in range(sections))
+
+
+def embedding(weight, indices):
+    """weight[indices]: weight (num_embeddings, dim), indices an integer array of any shape -> (*indices.shape, dim).
+
+    The gradient is a scatter-add (xp.add.at), so an index that appears several times accumulates
+    every one of its rows' gradients.
+    """
+    weight = _as_tensor(weight)
+    indices = indices.data if isinstance(indices, Tensor) else indices
+    dim = weight.shape[-1]
+
+    def backward(g):
+        weight.xp.add.at(_grad_buffer(weight), indices.reshape(-1), g.reshape(-1, dim))
+
+    return _make(weight.data[indices], (weight,), backward)
+
+
+# -- normalisation and nonlinearity -----------------------------------------------------------------
+
+
+def layer_norm(x, weight, bias, eps=1e-5):
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * weight + bias (biased variance)."""
+    x, weight, bias = _as_tensor(x), _as_tensor(weight), _as_tensor(bias)
+    xp = x.xp
+    mu = x.data.mean(axis=-1, keepdims=True)
+    xc = x.data - mu
+    rstd = 1.0 / xp.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)  # (..., 1)
+    xhat = xc * rstd  # (..., C)
+    del xc
+    dim = x.shape[-1]
+
+    def backward(g):
+        if weight.requires_grad:
+            _accumulate(weight, (g * xhat).reshape(-1, dim).sum(axis=0))
+        if bias.requires_grad:
+            _accumulate(bias, g.reshape(-1, dim).sum(axis=0))
+        if x.requires_grad:
+            # dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = g * weight
+            dxhat = g * weight.data
+            dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+            dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+            dx *= rstd
+            _accumulate(x, dx)
+
+    return _make(xhat * weight.data + bias.data, (x, weight, bias), backward)
+
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+def gelu(x):
+    """GELU, tanh approximation (as GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    x = _as_tensor(x)
+    xp = x.xp
+    t = xp.tanh(_GELU_C * (x.data + 0.044715 * x.data**3))
+
+    def backward(g):
+        # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+        x2 = x.data * x.data
+        d = 0.5 * (1.0 + t) + (0.5 * _GELU_C) * x.data * (1.0 - t * t) * (1.0 + 0.134145 * x2)
+        _accumulate(x, g * d)
+
+    return _make(0.5 * x.data * (1.0 + t), (x,), backward)
+
+
+# -- reductions and the loss ------------------------------------------------------------------------
+
+
+def sum(x, axis=None, keepdims=False):  # noqa: A001 (the tape's sum, as numpy.sum)
+    x = _as_tensor(x)
+    xp = x.xp
+
+    def backward(g):
+        if axis is not None and not keepdims:
+            g = xp.expand_dims(g, axis)
+        _accumulate(x, xp.broadcast_to(g, x.shape))
+
+    return _make(x.data.sum(axis=axis, keepdims=keepdims), (x,), backward)
+
+
+def mean(x, axis=None, keepdims=False):
+    x = _as_tensor(x)
+    axes = range(x.ndim) if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+    count = int(np.prod([x.shape[a] for a in axes]))
+    return _scale(sum(x, axis=axis, keepdims=keepdims), 1.0 / count)
+
+
+def cross_entropy(logits, targets):
+    """Mean softmax cross-entropy in nats. logits (..., V) float; targets (...) integers in [0, V).
+
+    Returns a 0-d tensor. Computed stably through logsumexp; d(logits) = (softmax - onehot) / N.
+    """
+    logits = _as_tensor(logits)
+    targets = targets.data if isinstance(targets, Tensor) else targets
+    xp = logits.xp
+    vocab = logits.shape[-1]
+    if tuple(targets.shape) != logits.shape[:-1]:
+        raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits "
+                         f"{logits.shape} (expected {logits.shape[:-1]})")
+    x = logits.data.reshape(-1, vocab)  # (N, V)
+    t = targets.reshape(-1, 1)  # (N, 1)
+    n = x.shape[0]
+    m = x.max(axis=-1, keepdims=True)
+    e = xp.exp(x - m)
+    s = e.sum(axis=-1, keepdims=True)
+    lse = xp.log(s) + m  # (N, 1)
+    loss = (lse - xp.take_along_axis(x, t, axis=-1)).mean()
+
+    def backward(g):
+        p = e / s  # softmax, (N, V)
+        rows = xp.arange(n)
+        p[rows, t[:, 0]] -= 1.0
+        p *= g / n
+        _accumulate(logits, p.reshape(logits.shape))
+
+    return _make(loss, (logits,), backward)
+
+
+# -- attention --------------------------------------------------------------------------------------
+
+_FLASH_KEYWORDS = frozenset(inspect.signature(flash_attn_forward).parameters)
+
+
+def _attention_dtype(q, dtype):
+    return np.dtype(q.dtype if dtype is None else dtype)
+
+
+def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0,
+                    block_mask=None, deterministic=False):
+    """Attention through flashcupy's flash_attn_forward / flash_attn_backward (O(N) memory).
+
+    q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k, head_dim), nheads a multiple of
+    nheads_k (MQA/GQA). Returns out (batch, seqlen_q, nheads, head_dim) in q's dtype.
+    dtype: the dtype attention runs in (default q's); q, k, v and the incoming gradient are cast to it,
+        and dq, dk, dv are cast back to each input's dtype. On the GPU, bfloat16 / float16 run the
+        fused kernels.
+    causal, softmax_scale, dropout_p, deterministic: as flashcupy.flash_attn_forward / _backward
+        (causal is aligned bottom-right when seqlen_q != seqlen_k).
+    block_mask: passed to flashcupy once it supports block-sparse attention; NotImplementedError now.
+    Only out and the logsumexp (batch, nheads, seqlen_q) are kept for the backward, which recomputes P.
+    """
+    q, k, v = _as_tensor(q), _as_tensor(k), _as_tensor(v)
+    run = _attention_dtype(q, dtype)
+    extra = {}
+    if block_mask is not None:
+        if "block_mask" not in _FLASH_KEYWORDS:
+            raise NotImplementedError("block_mask: flashcupy's attention has no block-sparse mask yet")
+        extra["block_mask"] = block_mask
+    qd, kd, vd = (t.data.astype(run, copy=False) for t in (q, k, v))
+    fwd = flash_attn_forward(qd, kd, vd, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, **extra)
+
+    def backward(g):
+        dq, dk, dv = flash_attn_backward(g.astype(run, copy=False), qd, kd, vd, fwd.out, fwd.lse,
+                                         dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+                                         rng_state=fwd.rng_state, deterministic=deterministic, **extra)
+        _accumulate(q, dq)
+        _accumulate(k, dk)
+        _accumulate(v, dv)
+
+    return _make(fwd.out.astype(q.dtype, copy=False), (q, k, v), backward)
+
+
+def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0, block_mask=None):
+    """Attention as matmul, softmax, matmul, materialising P (batch, nheads, seqlen_q, seqlen_k).
+
+    Same arguments, layout and results as flash_attention (the comparison path). In dtype T: the two
+    matmuls of the forward and the three of the backward read T operands and return T (cuBLAS on the
+    GPU accumulates in float32); the softmax and its gradient are computed in float32 (float64 for
+    float64) and P is rounded to T before it multiplies v. P is kept, in float32, for the backward.
+    Causal is aligned bottom-right; a query row with no visible key gives 0, as flashcupy.
+    dropout_p and block_mask: not implemented yet (NotImplementedError unless 0 / None).
+    """
+    if dropout_p:
+        raise NotImplementedError("naive_attention: dropout_p > 0 is not implemented yet")
+    if block_mask is not None:
+        raise NotImplementedError("naive_attention: block_mask is not implemented yet")
+    q, k, v = _as_tensor(q), _as_tensor(k), _as_tensor(v)
+    xp = q.xp
+    run = _attention_dtype(q, dtype)
+    acc = np.dtype(np.float64) if run == np.float64 else np.dtype(np.float32)
+    batch, seqlen_q, nheads, head_dim = q.shape
+    _, seqlen_k, nheads_k, _ = k.shape
+    if nheads % nheads_k or k.shape != v.shape:
+        raise ValueError(f"naive_attention: expected k, v of one shape with nheads_k dividing {nheads}, "
+                         f"got k {k.shape}, v {v.shape}")
+    group = nheads // nheads_k
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+
+    # Heads grouped as (B, Hk, G, S, D): k and v broadcast over the G query heads that share them (GQA).
+    def grouped(t):  # (B, S, H, D) -> (B, Hk, G, S, D), dtype T
+        b, s, h, d = t.shape
+        return t.astype(run, copy=False).reshape(b, s, nheads_k, h // nheads_k, d).transpose(0, 2, 3, 1, 4)
+
+    qg = grouped(q.data)  # (B, Hk, G, Sq, D)
+    kg = k.data.astype(run, copy=False).transpose(0, 2, 1, 3)[:, :, None]  # (B, Hk, 1, Sk, D)
+    vg = v.data.astype(run, copy=False).transpose(0, 2, 1, 3)[:, :, None]  # (B, Hk, 1, Sk, D)
+    s = (qg @ kg.swapaxes(-1, -2)).astype(acc) * scale  # (B, Hk, G, Sq, Sk)
+    if causal:
+        i = xp.arange(seqlen_q)[:, None]
+        j = xp.arange(seqlen_k)[None, :]
+        s = xp.where(j <= i + (seqlen_k - seqlen_q), s, -xp.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = xp.where(m == -xp.inf, 0.0, m)  # rows with no visible key: keep exp finite, P = 0
+    p = xp.exp(s - m)
+    del s
+    denom = p.sum(axis=-1, keepdims=True)
+    p /= xp.where(denom > 0, denom, 1.0)  # (B, Hk, G, Sq, Sk), float32
+    out = p.astype(run) @ vg  # (B, Hk, G, Sq, D), T
+
+    def ungroup(x):  # (B, Hk, G, Sq, D) -> (B, Sq, H, D)
+        return x.transpose(0, 3, 1, 2, 4).reshape(batch, seqlen_q, nheads, head_dim)
+
+    def backward(g):
+        gg = grouped(g)  # dO, (B, Hk, G, Sq, D)
+        if v.requires_grad:
+            dv = (p.astype(run).swapaxes(-1, -2) @ gg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
+            _accumulate(v, dv.transpose(0, 2, 1, 3))
+        dp = (gg @ vg.swapaxes(-1, -2)).astype(acc)  # (B, Hk, G, Sq, Sk)
+        ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))  # softmax backward
+        del dp
+        ds = (ds * scale).astype(run)
+        if q.requires_grad:
+            _accumulate(q, ungroup(ds @ kg))
+        if k.requires_grad:
+            dk = (ds.swapaxes(-1, -2) @ qg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
+            _accumulate(k, dk.transpose(0, 2, 1, 3))
+
+    return _make(ungroup(out).astype(q.dtype, copy=False), (q, k, v), backward)

@@ -1,0 +1,446 @@
+"""The autodiff tape (flashcupy.tape): every op's vector-Jacobian product against central finite
+differences in float64 on NumPy, graph bookkeeping (diamond, reuse, no_grad, seeds), the attention ops
+against the oracle's gradients, and on the GPU the flash op's gradients against the naive op's by
+DESIGN.md's rule.
+
+Each VJP check draws a random cotangent c, runs out.backward(c) and compares every input's grad with
+(f(x + h e_i) - f(x - h e_i)) / 2h of f(x) = sum(op(x) * c).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import mutually_broadcastable_shapes
+
+from flashcupy import reference
+from flashcupy import tape as T
+from flashcupy.tape import Tensor, no_grad
+
+FD_STEP = 1e-6
+RTOL, ATOL = 1e-5, 1e-7
+
+dims = st.integers(1, 4)
+seeds = st.integers(0, 2**32 - 1)
+
+
+def fd_check(build, *arrays, seed=0, rtol=RTOL, atol=ATOL):
+    """Compare the tape's gradients of sum(build(*tensors) * c) with central differences, in float64."""
+    rng = np.random.default_rng(seed)
+    arrays = [np.array(a, dtype=np.float64) for a in arrays]
+    tensors = [Tensor(a.copy(), requires_grad=True) for a in arrays]
+    out = build(*tensors)
+    cot = np.asarray(rng.standard_normal(out.shape))
+    out.backward(cot)
+
+    def f():
+        with no_grad():
+            return float((build(*(Tensor(a) for a in arrays)).data * cot).sum())
+
+    for n, (a, t) in enumerate(zip(arrays, tensors)):
+        numeric = np.zeros_like(a)
+        for i in np.ndindex(a.shape):
+            orig = a[i]
+            a[i] = orig + FD_STEP
+            f_plus = f()
+            a[i] = orig - FD_STEP
+            f_minus = f()
+            a[i] = orig
+            numeric[i] = (f_plus - f_minus) / (2 * FD_STEP)
+        assert t.grad is not None, f"input {n} got no gradient"
+        assert t.grad.shape == a.shape and t.grad.dtype == np.float64
+        np.testing.assert_allclose(t.grad, numeric, rtol=rtol, atol=atol, err_msg=f"input {n}")
+    return tensors
+
+
+def randn(seed, *shape):
+    return np.random.default_rng(seed).standard_normal(shape)
+
+
+# -- elementwise with broadcasting --------------------------------------------------------------------
+
+
+@given(shapes=mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=3), seed=seeds)
+def test_add_sub_mul_broadcast(shapes, seed):
+    a, b = randn(seed, *shapes.input_shapes[0]), randn(seed + 1, *shapes.input_shapes[1])
+    fd_check(lambda x, y: x + y, a, b, seed=seed)
+    fd_check(lambda x, y: x - y, a, b, seed=seed)
+    fd_check(lambda x, y: x * y, a, b, seed=seed)
+
+
+@given(shape=st.lists(dims, min_size=1, max_size=3), c=st.floats(-3, 3), seed=seeds)
+def test_scalar_ops(shape, c, seed):
+    a = randn(seed, *shape)
+    fd_check(lambda x: (2.5 - x * c + 1.0) / 3.0, a, seed=seed)
+    fd_check(lambda x: -x, a, seed=seed)
+
+
+def test_ndarray_on_the_left_defers_to_tensor():
+    a, b = np.ones((2, 3)), Tensor(np.full((2, 3), 2.0), requires_grad=True)
+    out = a * b + a
+    assert isinstance(out, Tensor)
+    out.sum().backward()
+    np.testing.assert_array_equal(b.grad, a)
+
+
+# -- linear algebra -----------------------------------------------------------------------------------
+
+
+@given(batch=mutually_broadcastable_shapes(num_shapes=2, max_dims=2, max_side=3), m=dims, k=dims, n=dims, seed=seeds)
+def test_matmul(batch, m, k, n, seed):
+    a = randn(seed, *batch.input_shapes[0], m, k)
+    b = randn(seed + 1, *batch.input_shapes[1], k, n)
+    fd_check(T.matmul, a, b, seed=seed)
+
+
+@given(lead=st.lists(dims, min_size=1, max_size=3), n_in=dims, n_out=dims, bias=st.booleans(), seed=seeds)
+def test_linear(lead, n_in, n_out, bias, seed):
+    x, w, b = randn(seed, *lead, n_in), randn(seed + 1, n_in, n_out), randn(seed + 2, n_out)
+    if bias:
+        fd_check(T.linear, x, w, b, seed=seed)
+    else:
+        fd_check(lambda x, w: T.linear(x, w), x, w, seed=seed)
+    out = T.linear(Tensor(x), Tensor(w), Tensor(b) if bias else None)
+    np.testing.assert_allclose(out.data, x @ w + (b if bias else 0.0), rtol=1e-12)
+
+
+# -- shapes -------------------------------------------------------------------------------------------
+
+
+@given(b=dims, s=dims, h=dims, d=dims, seed=seeds)
+def test_split_heads_reshape_transpose(b, s, h, d, seed):
+    x = randn(seed, b, s, 3 * h * d)
+
+    def heads(x):  # (B, S, 3HD) -> q, k, v (B, S, H, D) -> (B, H, S, D) mixed back together
+        q, k, v = T.split(x.reshape(b, s, 3, h, d), 3, axis=2)
+        q, k, v = (t.reshape(b, s, h, d) for t in (q, k, v))
+        return q.transpose(0, 2, 1, 3) * k.transpose(0, 2, 1, 3) + v.transpose((0, 2, 1, 3))
+
+    fd_check(heads, x, seed=seed)
+    fd_check(lambda x: x.transpose(), x, seed=seed)
+
+
+@given(shape=st.lists(st.integers(2, 4), min_size=2, max_size=3), seed=seeds)
+def test_basic_indexing(shape, seed):
+    x = randn(seed, *shape)
+    fd_check(lambda x: x[1:, ..., :-1] * x[:-1, ..., 1:] + x[0, ..., :-1], x, seed=seed)
+    fd_check(lambda x: x[None, -1], x, seed=seed)
+
+
+def test_fancy_indexing_is_refused():
+    with pytest.raises(TypeError, match="embedding"):
+        Tensor(np.zeros(3), requires_grad=True)[np.array([0, 0])]
+
+
+@given(vocab=st.integers(1, 5), dim=dims, idx_shape=st.lists(dims, min_size=1, max_size=2), seed=seeds)
+def test_embedding_repeated_indices(vocab, dim, idx_shape, seed):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, vocab, size=idx_shape)
+    w = randn(seed, vocab, dim)
+    fd_check(lambda w: T.embedding(w, idx), w, seed=seed)
+
+
+def test_embedding_accumulates_every_repeat():
+    w = Tensor(np.zeros((3, 2)), requires_grad=True)
+    T.embedding(w, np.array([[2, 2], [2, 0]])).sum().backward()
+    np.testing.assert_array_equal(w.grad, [[1, 1], [0, 0], [3, 3]])
+
+
+# -- normalisation, nonlinearity, reductions, loss ----------------------------------------------------
+
+
+@given(lead=st.lists(dims, min_size=0, max_size=2), c=st.integers(2, 6), seed=seeds)
+def test_layer_norm(lead, c, seed):
+    x, w, b = randn(seed, *lead, c), randn(seed + 1, c), randn(seed + 2, c)
+    fd_check(T.layer_norm, x, w, b, seed=seed)
+    y = T.layer_norm(Tensor(x), Tensor(np.ones(c)), Tensor(np.zeros(c))).data
+    np.testing.assert_allclose(y.mean(-1), 0.0, atol=1e-12)
+    np.testing.assert_allclose(y.var(-1), x.var(-1) / (x.var(-1) + 1e-5), rtol=1e-10)
+
+
+@given(shape=st.lists(dims, min_size=1, max_size=3), seed=seeds)
+def test_gelu(shape, seed):
+    x = 2.0 * randn(seed, *shape)
+    fd_check(T.gelu, x, seed=seed)
+    expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    np.testing.assert_allclose(T.gelu(Tensor(x)).data, expected, rtol=1e-14)
+
+
+@given(shape=st.lists(dims, min_size=1, max_size=3), keepdims=st.booleans(), data=st.data(), seed=seeds)
+def test_sum_mean(shape, keepdims, data, seed):
+    x = randn(seed, *shape)
+    axis = data.draw(st.one_of(st.none(), st.integers(-len(shape), len(shape) - 1)))
+    fd_check(lambda x: x.sum(axis=axis, keepdims=keepdims), x, seed=seed)
+    fd_check(lambda x: T.mean(x, axis=axis, keepdims=keepdims), x, seed=seed)
+    if len(shape) >= 2:
+        fd_check(lambda x: T.mean(x, axis=(0, -1)), x, seed=seed)
+
+
+@given(lead=st.lists(dims, min_size=1, max_size=2), vocab=st.integers(1, 6), seed=seeds)
+def test_cross_entropy(lead, vocab, seed):
+    rng = np.random.default_rng(seed)
+    logits = 3.0 * randn(seed, *lead, vocab)
+    targets = rng.integers(0, vocab, size=lead)
+    fd_check(lambda z: T.cross_entropy(z, targets), logits, seed=seed)
+    z = logits.reshape(-1, vocab)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    expected = (lse - z[np.arange(len(z)), targets.reshape(-1)]).mean()
+    np.testing.assert_allclose(T.cross_entropy(Tensor(logits), targets).data, expected, rtol=1e-12)
+
+
+def test_cross_entropy_is_stable_for_huge_logits():
+    loss = T.cross_entropy(Tensor(np.array([[1e4, 0.0], [0.0, -1e4]]), requires_grad=True), np.array([0, 0]))
+    assert np.isfinite(loss.item()) and abs(loss.item() - 0.0) < 1e-12
+
+
+# -- attention ----------------------------------------------------------------------------------------
+
+attention_ops = pytest.mark.parametrize("op", [T.flash_attention, T.naive_attention], ids=["flash", "naive"])
+
+
+@st.composite
+def attention_shapes(draw):
+    nheads_k = draw(st.integers(1, 2))
+    return dict(batch=draw(st.integers(1, 2)), seqlen_q=draw(st.integers(1, 4)), seqlen_k=draw(st.integers(1, 4)),
+                nheads=nheads_k * draw(st.integers(1, 2)), nheads_k=nheads_k, head_dim=draw(st.sampled_from([1, 2, 3])))
+
+
+def attention_inputs(seed, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, seqlen_q, nheads, head_dim))
+    k = rng.standard_normal((batch, seqlen_k, nheads_k, head_dim))
+    v = rng.standard_normal((batch, seqlen_k, nheads_k, head_dim))
+    dout = rng.standard_normal((batch, seqlen_q, nheads, head_dim))
+    return q, k, v, dout
+
+
+@attention_ops
+@settings(max_examples=40)
+@given(shape=attention_shapes(), causal=st.booleans(), seed=seeds)
+def test_attention_finite_differences(op, shape, causal, seed):
+    q, k, v, _ = attention_inputs(seed, **shape)
+    fd_check(lambda q, k, v: op(q, k, v, causal=causal, softmax_scale=0.7), q, k, v, seed=seed)
+
+
+@attention_ops
+@given(shape=attention_shapes(), causal=st.booleans(), seed=seeds)
+def test_attention_matches_oracle(op, shape, causal, seed):
+    """Forward and gradients against flashcupy.reference in float64 (relative 1e-12, DESIGN.md)."""
+    q, k, v, dout = attention_inputs(seed, **shape)
+    tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
+    out = op(tq, tk, tv, causal=causal)
+    out.backward(dout)
+    ref_out, _ = reference.attention_forward(q, k, v, causal=causal)
+    refs = reference.attention_backward(dout, q, k, v, causal=causal)
+    scale = max(1.0, *(np.abs(r).max() for r in (ref_out, *refs)))
+    np.testing.assert_allclose(out.data, ref_out, rtol=0, atol=1e-12 * scale)
+    for name, got, ref in zip(("dq", "dk", "dv"), (tq.grad, tk.grad, tv.grad), refs):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * scale, err_msg=name)
+
+
+@attention_ops
+def test_attention_row_without_keys_is_zero(op):
+    """Causal with seqlen_q > seqlen_k: the first rows see no key -> output 0, gradients 0, no NaN."""
+    q, k, v, dout = attention_inputs(3, 1, 4, 2, 2, 1, 3)
+    tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
+    out = op(tq, tk, tv, causal=True)
+    out.backward(dout)
+    np.testing.assert_array_equal(out.data[:, :2], 0.0)
+    np.testing.assert_array_equal(tq.grad[:, :2], 0.0)
+    assert all(np.isfinite(t.grad).all() for t in (tq, tk, tv))
+
+
+def test_attention_mixed_precision_on_cpu():
+    """dtype=float32 on float64 inputs: the op runs in float32, grads come back as float64."""
+    q, k, v, dout = attention_inputs(5, 2, 5, 5, 4, 2, 8)
+    for op in (T.flash_attention, T.naive_attention):
+        tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
+        out = op(tq, tk, tv, causal=True, dtype=np.float32)
+        out.backward(dout)
+        assert out.dtype == np.float64 and all(t.grad.dtype == np.float64 for t in (tq, tk, tv))
+        ref = reference.attention_backward(dout, q, k, v, causal=True)
+        for got, r in zip((tq.grad, tk.grad, tv.grad), ref):
+            np.testing.assert_allclose(got, r, atol=1e-5)
+
+
+def test_attention_keywords_reserved_for_later():
+    q, k, v, _ = attention_inputs(0, 1, 2, 2, 1, 1, 4)
+    with pytest.raises(NotImplementedError):
+        T.flash_attention(q, k, v, dropout_p=0.1)
+    with pytest.raises(NotImplementedError):
+        T.flash_attention(q, k, v, block_mask=np.ones((1, 1), dtype=bool))
+    with pytest.raises(NotImplementedError):
+        T.naive_attention(q, k, v, dropout_p=0.1)
+
+
+# -- graph bookkeeping --------------------------------------------------------------------------------
+
+
+def test_diamond_graph():
+    """x feeds two branches that meet again: x.grad must sum both paths, each counted once."""
+    x0 = randn(1, 3, 4)
+    w0 = randn(2, 4, 4)
+    x, w = Tensor(x0, requires_grad=True), Tensor(w0, requires_grad=True)
+    u = T.gelu(x)  # branch 1
+    v = T.linear(x, w)  # branch 2
+    loss = (u * v).sum()
+    loss.backward()
+    fd_check(lambda x, w: (T.gelu(x) * T.linear(x, w)).sum(), x0, w0)
+    # A deeper diamond: y = f(x) feeds both h1 and h2, which meet in the loss.
+    x = Tensor(x0, requires_grad=True)
+    y = x * 2.0
+    loss = (T.gelu(y) + y * y).sum()
+    loss.backward()
+    y0 = 2.0 * x0
+    c = np.sqrt(2 / np.pi)
+    t = np.tanh(c * (y0 + 0.044715 * y0**3))
+    dgelu = 0.5 * (1 + t) + 0.5 * y0 * (1 - t * t) * c * (1 + 3 * 0.044715 * y0**2)
+    np.testing.assert_allclose(x.grad, 2.0 * (dgelu + 2 * y0), rtol=1e-12)
+
+
+def test_tensor_used_twice():
+    x0 = randn(4, 5)
+    x = Tensor(x0, requires_grad=True)
+    (x * x + x).sum().backward()
+    np.testing.assert_allclose(x.grad, 2 * x0 + 1, rtol=1e-14)
+    x = Tensor(x0, requires_grad=True)
+    (x + x).sum().backward()
+    np.testing.assert_array_equal(x.grad, 2.0)
+
+
+def test_shared_incoming_gradient_is_not_aliased():
+    """add hands one gradient array to both parents; adding more into one must not change the other."""
+    a = Tensor(np.ones(3), requires_grad=True)
+    b = Tensor(np.ones(3), requires_grad=True)
+    loss = (a + b).sum() + (a * 3.0).sum()
+    loss.backward()
+    np.testing.assert_array_equal(a.grad, 4.0)
+    np.testing.assert_array_equal(b.grad, 1.0)
+
+
+def test_leaf_grads_accumulate_across_backward_calls():
+    x = Tensor(np.ones(2), requires_grad=True)
+    (x * 2.0).sum().backward()
+    (x * 3.0).sum().backward()
+    np.testing.assert_array_equal(x.grad, 5.0)
+    x.zero_grad()
+    assert x.grad is None
+
+
+def test_backward_releases_interior_unless_retained():
+    x = Tensor(np.ones(2), requires_grad=True)
+    y = x * 2.0
+    loss = (y * y).sum()
+    loss.backward(retain_graph=True)
+    assert y.grad is None and not y.is_leaf  # interior grad spent, graph kept
+    np.testing.assert_array_equal(x.grad, 8.0)
+    loss.backward()  # the retained graph runs again: x.grad doubles
+    np.testing.assert_array_equal(x.grad, 16.0)
+    assert y.grad is None and y.is_leaf  # now released
+
+
+def test_no_grad():
+    w = Tensor(np.ones((2, 2)), requires_grad=True)
+    with no_grad():
+        assert not T.is_grad_enabled()
+        out = T.linear(Tensor(np.ones((3, 2))), w).sum()
+    assert T.is_grad_enabled()
+    assert not out.requires_grad and out.is_leaf
+    with pytest.raises(RuntimeError, match="does not require a gradient"):
+        out.backward()
+    assert w.grad is None
+
+
+def test_non_scalar_backward_needs_a_seed():
+    x = Tensor(np.ones((2, 3)), requires_grad=True)
+    y = x * 2.0
+    with pytest.raises(ValueError, match="seed gradient"):
+        y.backward()
+    with pytest.raises(ValueError, match="seed gradient of shape"):
+        y.backward(np.ones(3))
+    y.backward(np.full((2, 3), 0.5))
+    np.testing.assert_array_equal(x.grad, 1.0)
+
+
+def test_one_element_tensor_may_omit_the_seed():
+    x = Tensor(np.array([3.0]), requires_grad=True)
+    (x * x).backward()
+    np.testing.assert_array_equal(x.grad, [6.0])
+
+
+def test_deep_graph_needs_no_recursion():
+    x = Tensor(np.ones(1), requires_grad=True)
+    y = x
+    for _ in range(5000):
+        y = y * 1.0 + 0.0
+    y.sum().backward()
+    np.testing.assert_array_equal(x.grad, [1.0])
+
+
+# -- GPU ----------------------------------------------------------------------------------------------
+
+
+def _cupy():
+    cp = pytest.importorskip("cupy")
+    from flashcupy._arrays import gpu_available
+
+    if not gpu_available():
+        pytest.skip("no usable CUDA GPU")
+    return cp
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(2, 128, 128, 4, 4, 64), (1, 200, 333, 6, 2, 128), (2, 256, 256, 4, 1, 32)],
+                         ids=["mha", "gqa-ragged", "mqa"])
+def test_gpu_flash_op_grads_within_rule_of_naive_op(dtype_name, causal, shape, rng):
+    """float32 master tensors, attention in T: err(flash op) <= 3 err(naive op in T) + floor, vs float64."""
+    cp = _cupy()
+    import helpers
+    from flashcupy._arrays import bfloat16
+
+    dtype = np.dtype(np.float16) if dtype_name == "float16" else bfloat16()
+    if dtype is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim = shape
+    q, k, v, dout = helpers.random_inputs(rng, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim,
+                                          np.float32, grad=True)
+    q, k, v, dout = (x.astype(dtype).astype(np.float32) for x in (q, k, v, dout))  # exactly representable in T
+    grads = {}
+    for op in (T.flash_attention, T.naive_attention):
+        ts = [Tensor(cp.asarray(x), requires_grad=True) for x in (q, k, v)]
+        out = op(*ts, causal=causal, dtype=dtype)
+        assert out.dtype == np.float32
+        out.backward(cp.asarray(dout))
+        assert all(t.grad.dtype == np.float32 for t in ts)
+        grads[op.__name__] = [cp.asnumpy(t.grad) for t in ts]
+    refs = reference.attention_backward(dout, q, k, v, causal=causal)
+    mag = helpers.magnitude_of(*refs)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        helpers.check_rule(name, grads["flash_attention"][i], refs[i], grads["naive_attention"][i], dtype,
+                           grad=True, magnitude=mag)
+
+
+@pytest.mark.gpu
+def test_gpu_same_code_path_as_numpy(rng):
+    """A small GPT-like expression in float64 on CuPy gives NumPy's gradients (one code path)."""
+    cp = _cupy()
+    x0, w0, b0 = rng.standard_normal((2, 8, 12)), rng.standard_normal((12, 36)), rng.standard_normal(36)
+    idx = rng.integers(0, 5, size=(2, 8))
+    emb0 = rng.standard_normal((5, 12))
+
+    def loss_and_grads(xp):
+        x, w, b, emb = (Tensor(xp.asarray(a), requires_grad=True) for a in (x0, w0, b0, emb0))
+        h = x + T.embedding(emb, xp.asarray(idx))
+        q, kk, vv = T.split(T.linear(T.layer_norm(h, Tensor(xp.ones(12)), Tensor(xp.zeros(12))), w, b)
+                            .reshape(2, 8, 3, 3, 4), 3, axis=2)
+        y = T.flash_attention(q.reshape(2, 8, 3, 4), kk.reshape(2, 8, 3, 4), vv.reshape(2, 8, 3, 4), causal=True)
+        loss = T.cross_entropy(T.gelu(y.reshape(2, 8, 12)), xp.asarray(idx))
+        loss.backward()
+        return [float(loss.item())] + [cp.asnumpy(t.grad) if xp is cp else t.grad for t in (x, w, b, emb)]
+
+    for got, want in zip(loss_and_grads(cp), loss_and_grads(np)):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
