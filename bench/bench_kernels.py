@@ -102,7 +102,10 @@ def main(argv=None):
                                     o.backward(bdo)
                             impls[prov] = run
                         if "naive" in args.providers and mode == "fwd" and seqlen <= 4096:
-                            def naive():
+                            # CuPy has no bf16 matmul: naive attention runs on fp16 copies of the inputs.
+                            hq, hk, hv = (cp.from_dlpack(t.to(torch.float16)) for t in (tq, tk, tv))
+
+                            def naive(q=hq, k=hk, v=hv):
                                 s = cp.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) * (head_dim ** -0.5)
                                 if causal:
                                     s = s + cp.triu(cp.full((seqlen, seqlen), -cp.inf, dtype=s.dtype), 1)
