@@ -43,7 +43,7 @@ def main(argv=None):
     import flashcupy
     from flashcupy import _gpu
     from flashcupy._arrays import bfloat16
-    from flashcupy._configs import FwdConfig
+    from flashcupy._configs import BwdConfig, FwdConfig
     from flashcupy._validate import check_qkv
 
     dev = torch.cuda.get_device_name()
@@ -81,6 +81,16 @@ def main(argv=None):
                                         r = flashcupy.flash_attn_forward(q, k, v, causal=causal)
                                         flashcupy.flash_attn_backward(do, q, k, v, r.out, r.lse, causal=causal)
                                     impls["flashcupy"] = fb
+                            if args.sweep and mode == "bwd":
+                                from flashcupy._configs import bwd_config
+                                base = bwd_config(head_dim, None, causal)
+                                res = flashcupy.flash_attn_forward(q, k, v, causal=causal)
+                                for bm, bn in [(64, 64), (32, 64), (64, 128), (32, 128)]:
+                                    cfg = BwdConfig(base.head_dim, bm, bn, base.d_split, base.dq_block_m, base.dq_block_n)
+                                    impls[f"fcb{bm}x{bn}"] = (lambda cfg=cfg, res=res: _gpu.backward(
+                                        do, q, k, v, res.out, res.lse, shape, causal=causal, deterministic=False, config=cfg))
+                                impls["fc-determ"] = (lambda res=res: flashcupy.flash_attn_backward(
+                                    do, q, k, v, res.out, res.lse, causal=causal, deterministic=True))
                             if args.sweep and mode == "fwd":
                                 for bm, bn, nw in [(128, 64, 4), (128, 128, 8), (128, 64, 8), (64, 64, 4), (128, 32, 4)]:
                                     cfg = FwdConfig(head_dim, bm, bn, nw)
@@ -116,7 +126,7 @@ def main(argv=None):
                         f = flops(batch, nheads, seqlen, head_dim, causal, mode)
                         for name, fn in impls.items():
                             try:
-                                if mode == "bwd" and name != "flashcupy":
+                                if mode == "bwd" and name in ("flash", "cudnn", "efficient"):
                                     # peers time fwd+bwd through autograd; subtract their forward
                                     t_fb = bench(fn)
                                     with sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,

@@ -82,3 +82,70 @@ def all_fwd_specializations():
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 yield elem, causal, fwd_config(bucket, None, causal)
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Mirror of BwdTraits (flash_bwd_kernel) and BwdDqTraits (flash_bwd_dq_kernel) in cuda/flash_bwd.cu."""
+
+    head_dim: int  # bucket
+    block_m: int  # query rows per inner step
+    block_n: int  # keys per CTA (16 per warp)
+    d_split: int  # CTAs per key block, each owning head_dim / d_split output columns
+    dq_block_m: int  # deterministic dQ kernel: query rows per CTA (16 per warp)
+    dq_block_n: int  # deterministic dQ kernel: keys per step
+
+    @property
+    def nthreads(self) -> int:
+        return 2 * self.block_n  # 32 threads per 16 keys
+
+    @property
+    def dq_nthreads(self) -> int:
+        return 2 * self.dq_block_m
+
+    @property
+    def smem_bytes(self) -> int:
+        pitch = self.head_dim + 8
+        return (2 * self.block_n * pitch + 4 * self.block_m * pitch + self.block_n * (self.block_m + 8)) * 2 \
+            + 4 * self.block_m * 4
+
+    @property
+    def dq_smem_bytes(self) -> int:
+        return (2 * self.dq_block_m + 2 * self.dq_block_n) * (self.head_dim + 8) * 2
+
+    def kernel_name(self, elem: str, causal: bool, write_dq: bool) -> str:
+        traits = f"BwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.d_split}>"
+        return f"flash_bwd_kernel<{traits}, {str(causal).lower()}, {str(write_dq).lower()}>"
+
+    def dq_kernel_name(self, elem: str, causal: bool) -> str:
+        traits = f"BwdDqTraits<{elem}, {self.head_dim}, {self.dq_block_m}, {self.dq_block_n}, {self.dq_block_m // 16}>"
+        return f"flash_bwd_dq_kernel<{traits}, {str(causal).lower()}>"
+
+
+# (bucket) -> (block_m, block_n, d_split, dq_block_m, dq_block_n), reason (sm_90a ptxas registers).
+_BWD_TABLE = {
+    32: ((64, 64, 1, 128, 64), "139 regs"),
+    64: ((64, 128, 1, 128, 64), "8 warps x 16 keys share each Q/dO tile; 178 regs"),
+    96: ((64, 64, 1, 128, 64), "238 regs"),
+    128: ((64, 64, 1, 128, 64), "dK + dV = 128 regs per 16 keys; 252 regs, no spill"),
+    160: ((64, 64, 2, 64, 32), "two CTAs per key block, 80 output columns each; 176 regs"),
+    192: ((64, 64, 2, 64, 32), "96 output columns per CTA; 240 regs"),
+    224: ((32, 64, 2, 64, 32), "112 output columns per CTA; 32-query steps keep smem at 125 KB (sm_80: 163)"),
+    256: ((32, 64, 2, 64, 32), "128 output columns per CTA, 32-query steps; 234 regs"),
+}
+
+
+def bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> BwdConfig:
+    """The backward kernels' configuration for a problem. Pure."""
+    del dtype, causal, arch
+    bucket = head_dim_bucket(head_dim)
+    (bm, bn, split, dq_bm, dq_bn), _reason = _BWD_TABLE[bucket]
+    return BwdConfig(bucket, bm, bn, split, dq_bm, dq_bn)
+
+
+def all_bwd_specializations():
+    """Every (elem, causal, config) of the backward family: CI compiles each one."""
+    for elem in ("Fp16", "Bf16"):
+        for bucket in HEAD_DIM_BUCKETS:
+            for causal in (False, True):
+                yield elem, causal, bwd_config(bucket, None, causal)

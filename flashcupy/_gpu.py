@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ._build import debug, get_kernel
-from ._configs import elem_name, fwd_config
+from ._configs import bwd_config, elem_name, fwd_config
 
 MAX_GRID_YZ = 65535
 
@@ -81,3 +81,70 @@ def forward(q, k, v, shape, *, causal: bool, config=None):
     if d8 != shape.head_dim:
         out = cp.ascontiguousarray(out[..., : shape.head_dim])
     return out, lse
+
+
+def _launch_convert(src, dst, rows: int, group: int, scale: float):
+    """dst (rows, nheads / group, d) Elem = scale * sum over each group of src (rows, nheads, d) float32."""
+    elem = elem_name(dst.dtype)
+    kernel = get_kernel("flash_bwd.cu", f"flash_bwd_convert_kernel<{elem}>", 0)
+    n = dst.size // 2
+    blocks = max(1, min(-(-n // 256), 4096))
+    kernel((blocks,), (256,), (src, dst, np.int64(rows), np.int32(dst.shape[2]), np.int32(group),
+                               np.int32(dst.shape[3]), np.float32(scale)))
+
+
+def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, config=None):
+    """Fused backward. Returns (dq, dk, dv) like q, k, v (dk, dv summed over each GQA group)."""
+    cp = _cp()
+    _check_grid(shape)
+    d8 = -(-shape.head_dim // 8) * 8
+    score_scale, grad_scale = shape.softmax_scale, shape.softmax_scale
+    if score_scale == 0.0:  # as in forward: zero scores through zero q (lse was computed the same way)
+        q, score_scale = cp.zeros(q.shape, dtype=q.dtype), 1.0
+    q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
+    lse = cp.ascontiguousarray(lse)
+    cfg = config or bwd_config(shape.head_dim, q.dtype, causal, _device_arch())
+    elem = elem_name(q.dtype)
+    debug(f"bwd {shape} deterministic={deterministic} -> {cfg}")
+    b, sq, sk, h, g = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.nheads, shape.group
+
+    delta = cp.empty((b, h, sq), dtype=cp.float32)
+    pre = get_kernel("flash_bwd.cu", f"flash_bwd_preprocess_kernel<{elem}>", 0)
+    pre((math.ceil(sq / 4), h, b), (128, 1, 1),
+        (dout, out, delta, *_strides(dout), *_strides(out), np.int32(sq), np.int32(h), np.int32(d8)))
+
+    write_dq = not deterministic
+    dq_accum = cp.zeros((b, sq, h, d8), dtype=cp.float32) if write_dq else None
+    kv_dtype = q.dtype if g == 1 else cp.float32  # GQA: per-query-head rows, summed below
+    dk_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
+    dv_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
+    scale_log2 = np.float32(score_scale * math.log2(math.e))
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    kernel = get_kernel("flash_bwd.cu", cfg.kernel_name(elem, causal, write_dq), cfg.smem_bytes)
+    grid = (math.ceil(sk / cfg.block_n) * cfg.d_split, h, b)
+    kernel(grid, (cfg.nthreads, 1, 1),
+           (q, k, v, dout, lse, delta, dq_accum if write_dq else np.uint64(0), dk_rows, dv_rows, *common,
+            np.int32(sq), np.int32(sk), np.int32(h), np.int32(g), np.int32(d8), np.int32(g != 1),
+            scale_log2, np.float32(grad_scale)),
+           shared_mem=cfg.smem_bytes)
+
+    if write_dq:
+        dq = cp.empty((b, sq, h, d8), dtype=q.dtype)
+        _launch_convert(dq_accum, dq, b * sq, 1, grad_scale)
+    else:
+        dq = cp.empty((b, sq, h, d8), dtype=q.dtype)
+        dq_kernel = get_kernel("flash_bwd.cu", cfg.dq_kernel_name(elem, causal), cfg.dq_smem_bytes)
+        dq_kernel((math.ceil(sq / cfg.dq_block_m), h, b), (cfg.dq_nthreads, 1, 1),
+                  (q, k, v, dout, lse, delta, dq, *common, np.int32(sq), np.int32(sk), np.int32(h), np.int32(g),
+                   np.int32(d8), scale_log2, np.float32(grad_scale)),
+                  shared_mem=cfg.dq_smem_bytes)
+    if g == 1:
+        dk, dv = dk_rows, dv_rows
+    else:
+        dk = cp.empty((b, sk, shape.nheads_k, d8), dtype=q.dtype)
+        dv = cp.empty_like(dk)
+        _launch_convert(dk_rows, dk, b * sk, g, 1.0)
+        _launch_convert(dv_rows, dv, b * sk, g, 1.0)
+    if d8 != shape.head_dim:
+        dq, dk, dv = (cp.ascontiguousarray(x[..., : shape.head_dim]) for x in (dq, dk, dv))
+    return dq, dk, dv

@@ -115,8 +115,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
 
-        if hasattr(_gpu, "backward"):
-            return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
+        return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
     return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, xp=xp)
 
 

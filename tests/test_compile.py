@@ -15,10 +15,23 @@ def _fwd_names():
     return sorted({cfg.kernel_name(elem, causal) for elem, causal, cfg in _configs.all_fwd_specializations()})
 
 
+def _bwd_names():
+    names = set()
+    for elem, causal, cfg in _configs.all_bwd_specializations():
+        names |= {cfg.kernel_name(elem, causal, True), cfg.kernel_name(elem, causal, False),
+                  cfg.dq_kernel_name(elem, causal), f"flash_bwd_preprocess_kernel<{elem}>",
+                  f"flash_bwd_convert_kernel<{elem}>"}
+    return sorted(names)
+
+
+FAMILIES = {"flash_fwd.cu": _fwd_names, "flash_bwd.cu": _bwd_names}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_forward_specializations_compile_without_spills(arch):
-    names = _fwd_names()
-    ok, log, lowered = _build.nvrtc_compile("flash_fwd.cu", names, arch)
+@pytest.mark.parametrize("source", sorted(FAMILIES))
+def test_specializations_compile_without_spills(source, arch):
+    names = FAMILIES[source]()
+    ok, log, lowered = _build.nvrtc_compile(source, names, arch)
     assert ok, log
     report = _build.ptxas_report(log)
     lines = []
@@ -31,10 +44,11 @@ def test_forward_specializations_compile_without_spills(arch):
     assert not spilled, "spills:\n" + "\n".join(spilled)
 
 
-def test_sources_inline_every_local_header():
-    src = _build.load_source("flash_fwd.cu")
+@pytest.mark.parametrize("source", sorted(FAMILIES))
+def test_sources_inline_every_local_header(source):
+    src = _build.load_source(source)
     assert '#include "' not in src
-    assert "struct Fp16" in src and "flash_fwd_kernel" in src
+    assert src.count("struct Fp16 {") == 1
 
 
 def test_config_table_covers_every_bucket():
@@ -42,6 +56,9 @@ def test_config_table_covers_every_bucket():
         cfg = _configs.fwd_config(bucket, None, False)
         assert cfg.head_dim == bucket and cfg.block_m % (16 * cfg.nwarps) == 0
         assert cfg.smem_bytes <= 163 * 1024  # fits sm_80's opt-in limit too
+        bcfg = _configs.bwd_config(bucket, None, False)
+        assert bcfg.head_dim == bucket and bcfg.block_n % 16 == 0 and bucket % (16 * bcfg.d_split) == 0
+        assert bcfg.smem_bytes <= 163 * 1024 and bcfg.dq_smem_bytes <= 163 * 1024
     for d in (1, 8, 33, 100, 255):
         assert _configs.fwd_config(d, None, True).head_dim >= d
     with pytest.raises(ValueError, match="head_dim"):
