@@ -266,6 +266,8 @@ def _grad_buffer(t):
 
 def _make(data, parents, backward):
     """The output tensor of an op; it records backward(g) only if some parent needs a gradient."""
+    if isinstance(data, np.generic):  # NumPy reductions return scalars; keep every .data an array
+        data = np.asarray(data)
     out = Tensor(data)
     if _grad_enabled and any(p.requires_grad for p in parents):
         out.requires_grad = True
@@ -504,7 +506,7 @@ def gelu(x):
     """GELU, tanh approximation (as GPT-2): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     x = _as_tensor(x)
     xp = x.xp
-    t = xp.tanh(_GELU_C * (x.data + 0.044715 * x.data**3))
+    t = xp.tanh(_GELU_C * x.data * (1.0 + 0.044715 * (x.data * x.data)))  # x*x, not x**3: pow is slow
 
     def backward(g):
         # d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
