@@ -1,0 +1,318 @@
+"""Shared test helpers: DESIGN.md's correctness rule, naive attention computed in a given dtype, inputs.
+
+The correctness rule (DESIGN.md, "Correctness rule"): the oracle is NumPy float64
+(flashcupy.reference). For an input dtype T,
+
+    err_kernel = max|kernel - oracle|      err_naive = max|naive attention computed in T - oracle|
+    outputs:   err_kernel <= 2 * err_naive + floor
+    gradients: err_kernel <= 3 * err_naive + floor
+    floor = FLOOR_ULPS ulps of T at the output's magnitude (FLOOR_ULPS * eps(T) * max|oracle|)
+            + one ulp of the accumulation dtype at the magnitude of the summed terms, amplified by
+              the scores' magnitude through exp() (see rule_bound: it matters for float32 only)
+    float64:   err_kernel <= 1e-12 * magnitude (of the output, or of its terms where it cancels)
+
+"Naive attention computed in T" follows flash-attn's own tests (attention_ref with upcast=False):
+every matmul reads T operands, accumulates in float32 (float64 for float64) and rounds its result
+to T; the softmax reads T scores, computes in float32 and rounds P to T; q is scaled in T before
+q k^T. Its backward is autograd through those same ops.
+
+Every function accepts NumPy arrays or anything with .get() (CuPy), so GPU tests can use them too:
+    from helpers import assert_forward_rule, assert_backward_rule, random_inputs
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flashcupy import reference
+from flashcupy._arrays import bfloat16, dtype_name, lse_dtype
+
+FLOOR_ULPS = 4  # "a few ulps of T at the output's magnitude"
+FLOAT64_RTOL = 1e-12
+OUT_FACTOR = 2
+GRAD_FACTOR = 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# arrays and dtypes
+
+
+def to_numpy(x):
+    """NumPy view/copy of a NumPy or CuPy array (anything with .get())."""
+    if x is None:
+        return None
+    if hasattr(x, "get") and not isinstance(x, np.ndarray):
+        x = x.get()
+    return np.asarray(x)
+
+
+def eps(dtype) -> float:
+    """Machine epsilon of dtype (float16, bfloat16, float32, float64)."""
+    dtype = np.dtype(dtype)
+    if bfloat16() is not None and dtype == bfloat16():
+        return 2.0**-7
+    return float(np.finfo(dtype).eps)
+
+
+def accum_dtype(dtype):
+    """Accumulation dtype of naive attention in dtype: float64 for float64, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def float_dtypes():
+    """The input dtypes the library supports on this machine (bfloat16 only with ml_dtypes)."""
+    dts = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
+    if bfloat16() is not None:
+        dts.insert(1, bfloat16())
+    return dts
+
+
+def random_inputs(rng, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype=np.float32, *,
+                  amplitude=1.0, grad=False):
+    """Fresh standard-normal q, k, v (and dout when grad) in dtype, BSHD. Never zeros.
+
+    amplitude scales q and k (larger means peakier softmax rows).
+    """
+    def draw(*shape, a=1.0):
+        return (a * rng.standard_normal(shape)).astype(dtype)
+
+    q = draw(batch, seqlen_q, nheads, head_dim, a=amplitude)
+    k = draw(batch, seqlen_k, nheads_k, head_dim, a=amplitude)
+    v = draw(batch, seqlen_k, nheads_k, head_dim)
+    if not grad:
+        return q, k, v
+    return q, k, v, draw(batch, seqlen_q, nheads, head_dim)
+
+
+# ---------------------------------------------------------------------------------------------------
+# naive attention computed in dtype T
+
+
+def _round(x, dtype):
+    """Round x to dtype T and return it in T's accumulation dtype (the value a T tensor holds)."""
+    return np.asarray(x).astype(dtype).astype(accum_dtype(dtype))
+
+
+def _mm(a, b, dtype):
+    """a @ b with T operands, accumulation in float32 (float64 for float64), result rounded to T."""
+    acc = accum_dtype(dtype)
+    return _round(np.matmul(a.astype(acc), b.astype(acc)), dtype)
+
+
+def _naive_setup(q, k, v, dtype, softmax_scale):
+    q, k, v = (to_numpy(x) for x in (q, k, v))
+    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    group = q.shape[2] // k.shape[2]
+    # (B, H, S, D) tensors in T (held in the accumulation dtype); k, v repeated over the group (GQA).
+    qh = _round(q.transpose(0, 2, 1, 3), dtype)
+    kh = _round(np.repeat(k.transpose(0, 2, 1, 3), group, axis=1), dtype)
+    vh = _round(np.repeat(v.transpose(0, 2, 1, 3), group, axis=1), dtype)
+    return qh, kh, vh, dtype, scale, group
+
+
+def _naive_probs(qh, kh, dtype, scale, causal, mask):
+    batch, nheads, seqlen_q, _ = qh.shape
+    seqlen_k = kh.shape[2]
+    qs = _round(qh * scale, dtype)  # flash-attn's reference scales q in T first
+    s = _mm(qs, kh.swapaxes(-1, -2), dtype)  # (B, H, Sq, Sk) in T
+    visible = reference.attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal,
+                                       mask=None if mask is None else to_numpy(mask))
+    s = np.where(visible, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    denom = e.sum(axis=-1, keepdims=True)
+    has_key = denom > 0
+    p = np.where(has_key, e / np.where(has_key, denom, 1.0), 0.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(has_key, np.log(np.where(has_key, denom, 1.0)) + m, -np.inf)[..., 0]
+    return qs, _round(p, dtype), lse.astype(lse_dtype(dtype))
+
+
+def naive_forward(q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None):
+    """Attention computed naively in dtype T (default: q's dtype). Returns (out (B, Sq, H, D) in T
+    held as float32/float64, lse (B, H, Sq) as float32/float64)."""
+    qh, kh, vh, dtype, scale, _ = _naive_setup(q, k, v, dtype, softmax_scale)
+    _, p, lse = _naive_probs(qh, kh, dtype, scale, causal, mask)
+    out = _mm(p, vh, dtype)
+    return out.transpose(0, 2, 1, 3), lse
+
+
+def naive_backward(dout, q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None):
+    """Autograd of naive_forward, each op in dtype T. Returns (dq, dk, dv) shaped like q, k, v."""
+    qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, dtype, softmax_scale)
+    do = _round(to_numpy(dout).transpose(0, 2, 1, 3), dtype)
+    qs, p, _ = _naive_probs(qh, kh, dtype, scale, causal, mask)
+    acc = accum_dtype(dtype)
+    dv = _mm(p.swapaxes(-1, -2), do, dtype)
+    dp = _mm(do, vh.swapaxes(-1, -2), dtype)
+    # softmax backward, computed in the accumulation dtype and rounded to T (as torch does)
+    ds = _round(p * (dp - (p * dp).sum(axis=-1, keepdims=True, dtype=acc)), dtype)
+    dqs = _mm(ds, kh, dtype)
+    dq = _round(dqs * scale, dtype)
+    dk = _mm(ds.swapaxes(-1, -2), qs, dtype)
+    batch, nheads, seqlen_k, head_dim = dk.shape
+
+    def ungroup(x):  # the backward of repeat: sum over the query heads of a group, rounded to T
+        x = x.reshape(batch, nheads // group, group, seqlen_k, head_dim).sum(axis=2, dtype=acc)
+        return _round(x, dtype).transpose(0, 2, 1, 3)
+
+    return dq.transpose(0, 2, 1, 3), ungroup(dk), ungroup(dv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the correctness rule
+
+
+def max_abs_err(got, oracle) -> float:
+    """max|got - oracle| in float64; -inf entries must coincide (and are then skipped); NaN is inf."""
+    got = to_numpy(got).astype(np.float64)
+    oracle = to_numpy(oracle).astype(np.float64)
+    assert got.shape == oracle.shape, f"shape {got.shape} != oracle's {oracle.shape}"
+    if got.size == 0:
+        return 0.0
+    if np.isnan(got).any():
+        return float("inf")
+    neg_inf = np.isneginf(oracle)
+    if not np.array_equal(np.isneginf(got), neg_inf):
+        return float("inf")
+    return float(np.abs(np.where(neg_inf, 0.0, got - np.where(neg_inf, 0.0, oracle))).max())
+
+
+def magnitude_of(*arrays) -> float:
+    """max |x| over the finite entries of the arrays (the 'output's magnitude')."""
+    m = 0.0
+    for a in arrays:
+        a = to_numpy(a).astype(np.float64)
+        a = a[np.isfinite(a)]
+        if a.size:
+            m = max(m, float(np.abs(a).max()))
+    return m
+
+
+def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, score_magnitude=0.0,
+               stored_magnitude=0.0):
+    """The largest err_kernel DESIGN.md's rule allows for input dtype T:
+
+        factor * err_naive + FLOOR_ULPS * eps(T) * magnitude + eps(A) * (1 + sigma) * terms
+                           + eps(T) * stored
+
+    with factor 2 (outputs) or 3 (gradients) and A the accumulation dtype (float32; float64 for
+    float64). The last term is one ulp of A at the magnitude of the summed terms (`terms`, e.g.
+    max(P |V|) for out), amplified by exp(): a score s of size sigma carries an absolute rounding
+    error ~eps(A) * sigma in any evaluation in A, which exp() turns into a relative error of P, and
+    so does an LSE of size sigma stored in A (DESIGN.md: float32). For float16 / bfloat16 inputs it is
+    negligible (eps(float32) = eps(float16) / 8192); for float32 inputs, whose naive attention runs in
+    the kernel's own precision, it is what float32 arithmetic can promise.
+    The last term is one ulp of T at the magnitude `stored` of what the rounding of a tensor stored
+    in T and read back can move: the backward reads out in T (half an ulp off the exact output) and
+    forms D = rowsum(dO o O) from it, so dq and dk carry eps(T) * scale * rowsum(|dO| o |O|) (P |K|)
+    even where the exact gradient cancels to 0 (see Magnitudes.dq_stored).
+    float64 inputs: err_kernel <= 1e-12 * max(magnitude, terms).
+    """
+    dtype = np.dtype(dtype)
+    terms = magnitude if term_magnitude is None else term_magnitude
+    if dtype == np.float64:
+        return FLOAT64_RTOL * max(magnitude, terms)
+    factor = GRAD_FACTOR if grad else OUT_FACTOR
+    return (factor * err_naive + FLOOR_ULPS * eps(dtype) * magnitude
+            + eps(accum_dtype(dtype)) * (1.0 + score_magnitude) * terms + eps(dtype) * stored_magnitude)
+
+
+def check_rule(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
+               score_magnitude=0.0, stored_magnitude=0.0):
+    """Assert DESIGN.md's rule (see rule_bound) for one tensor; naive may be None for float64.
+
+    magnitude defaults to max|oracle|. Returns (err_kernel, bound).
+    """
+    dtype = np.dtype(dtype)
+    err = max_abs_err(got, oracle)
+    mag = magnitude_of(oracle) if magnitude is None else magnitude
+    err_naive = 0.0 if dtype == np.float64 else max_abs_err(naive, oracle)
+    bound = rule_bound(dtype, err_naive, mag, grad=grad, term_magnitude=term_magnitude,
+                       score_magnitude=score_magnitude, stored_magnitude=stored_magnitude)
+    assert err <= bound, (f"{name} ({dtype_name(dtype)}): err_kernel {err:.3e} > bound {bound:.3e} "
+                          f"(err_naive {err_naive:.3e}, magnitude {mag:.3e}, terms {term_magnitude}, "
+                          f"scores {score_magnitude:.3g}, stored {stored_magnitude:.3g}, "
+                          f"{'gradient' if grad else 'output'} rule)")
+    return err, bound
+
+
+class Magnitudes:
+    """Term magnitudes of one attention problem, in float64 from the oracle's P (see rule_bound).
+
+    sigma: largest |scaled score| a visible entry can carry, scale * (|q| |k|^T), or |LSE| if larger.
+    out:   max(P |V|).
+    dq, dk, dv (when dout is given): the gradients' sums over absolute values,
+           dS-terms = P o (|dO| |V|^T + rowsum(|dO| o (P |V|))),
+           dq: scale * dS-terms |K|, dk: scale * dS-terms^T |Q|, dv: P^T |dO| (summed over a group).
+    They also cover the exactly-zero gradients of rows with one visible key, whose float evaluation
+    (D = rowsum(dO o O), as the flash backward computes it) still leaves noise of the terms' size.
+    dq_stored, dk_stored: what an O off by |O| (a relative error of 1) moves dq and dk by through
+    D = rowsum(dO o O): scale * rowsum(|dO| o |O|) (P |K|), and its transpose with |Q|.
+    """
+
+    def __init__(self, q, k, v, dout=None, *, softmax_scale=None, causal=False, mask=None):
+        q, k, v = (to_numpy(x).astype(np.float64) for x in (q, k, v))
+        batch, seqlen_q, nheads, head_dim = q.shape
+        seqlen_k, nheads_k = k.shape[1], k.shape[2]
+        group = nheads // nheads_k
+        scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+        p, lse = reference.attention_probs(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask)
+        qa = np.abs(q).transpose(0, 2, 1, 3)
+        ka, va = (np.repeat(np.abs(x).transpose(0, 2, 1, 3), group, axis=1) for x in (k, v))
+        visible = reference.attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal,
+                                           mask=None if mask is None else to_numpy(mask))
+        s_abs = np.where(visible, scale * (qa @ ka.swapaxes(-1, -2)), 0.0)
+        self.sigma = max(magnitude_of(s_abs), magnitude_of(lse))
+        pv = p @ va  # (B, H, Sq, D)
+        self.out = magnitude_of(pv)
+        if dout is None:
+            return
+        doa = np.abs(to_numpy(dout).astype(np.float64)).transpose(0, 2, 1, 3)
+        terms = p * (doa @ va.swapaxes(-1, -2) + (doa * pv).sum(axis=-1, keepdims=True))
+
+        def group_sum(x):
+            return x.reshape(batch, nheads_k, group, seqlen_k, head_dim).sum(axis=2)
+
+        self.dq = scale * magnitude_of(terms @ ka)
+        self.dk = scale * magnitude_of(group_sum(terms.swapaxes(-1, -2) @ qa))
+        self.dv = magnitude_of(group_sum(p.swapaxes(-1, -2) @ doa))
+        d_abs = (doa * np.abs(p @ np.repeat(v.transpose(0, 2, 1, 3), group, axis=1))).sum(axis=-1, keepdims=True)
+        self.dq_stored = scale * magnitude_of(d_abs * (p @ ka))
+        self.dk_stored = scale * magnitude_of(group_sum(p.swapaxes(-1, -2) @ (d_abs * qa)))
+        self.dv_stored = 0.0
+
+
+def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, mask=None):
+    """Check a kernel's (out, lse) for inputs q, k, v against the oracle by DESIGN.md's rule.
+
+    lse may be None. The dtype T is q's. Accepts NumPy or CuPy arrays.
+    """
+    q, k, v = (to_numpy(x) for x in (q, k, v))
+    dtype = q.dtype
+    kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, **kw)
+    nv_out, nv_lse = (None, None) if dtype == np.float64 else naive_forward(q, k, v, **kw)
+    mags = Magnitudes(q, k, v, **kw)
+    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out, score_magnitude=mags.sigma)
+    if lse is not None:
+        lse = to_numpy(lse)
+        assert lse.dtype == lse_dtype(dtype), f"lse dtype {lse.dtype}, expected {lse_dtype(dtype)}"
+        # lse = m + log(l): its terms are of size 1 around the scores' own magnitude sigma
+        check_rule("lse", lse, ref_lse, nv_lse, dtype, term_magnitude=1.0, score_magnitude=mags.sigma)
+
+
+def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=False, mask=None):
+    """Check a kernel's (dq, dk, dv) against the oracle's gradients by DESIGN.md's rule."""
+    dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
+    dtype = q.dtype
+    kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask)
+    refs = reference.attention_backward(dout, q, k, v, **kw)
+    naives = (None,) * 3 if dtype == np.float64 else naive_backward(dout, q, k, v, **kw)
+    mags = Magnitudes(q, k, v, dout, **kw)
+    for name, got, ref, nv in zip(("dq", "dk", "dv"), grads, refs, naives):
+        check_rule(name, got, ref, nv, dtype, grad=True, term_magnitude=getattr(mags, name),
+                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"))
