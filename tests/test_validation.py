@@ -1,0 +1,314 @@
+"""Every input-validation error: raised with the right type, naming the argument, what was expected
+and what was got (DESIGN.md: "Bad input raises ValueError / TypeError that names the argument").
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from flashcupy import flash_attn_backward, flash_attn_forward, flash_attn_func
+from flashcupy._arrays import bfloat16
+
+B, SQ, SK, H, HK, D = 2, 5, 7, 4, 2, 8
+
+
+def qkv(dtype=np.float32, *, sq=SQ, sk=SK, h=H, hk=HK, d=D, b=B):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((b, sq, h, d)).astype(dtype)
+    k = rng.standard_normal((b, sk, hk, d)).astype(dtype)
+    v = rng.standard_normal((b, sk, hk, d)).astype(dtype)
+    return q, k, v
+
+
+def grad_inputs(dtype=np.float32):
+    q, k, v = qkv(dtype)
+    out, lse, _ = flash_attn_forward(q, k, v)
+    dout = np.random.default_rng(1).standard_normal(q.shape).astype(dtype)
+    return dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+
+
+def msg(*parts):
+    """A regex matching the parts in order, each escaped."""
+    return ".*".join(re.escape(p) for p in parts)
+
+
+def _backward(q, k, v, **kw):
+    """flash_attn_backward with dout, out, lse that fit a valid (B, SQ, H, D) q; q, k, v and the
+    scalars are validated before dout, out and lse, so their errors come first."""
+    dt = q.dtype if isinstance(q, np.ndarray) and q.dtype.kind == "f" else np.dtype(np.float32)
+    lse_dt = np.float64 if dt == np.float64 else np.float32
+    dout = np.ones((B, SQ, H, D), dt)
+    return flash_attn_backward(dout, q, k, v, dout, np.zeros((B, H, SQ), lse_dt), **kw)
+
+
+ENTRY_POINTS = {"func": flash_attn_func, "forward": flash_attn_forward, "backward": _backward}
+
+
+entry_points = pytest.mark.parametrize("call", list(ENTRY_POINTS.values()), ids=list(ENTRY_POINTS))
+
+
+# ---------------------------------------------------------------------------------------------------
+# q, k, v
+
+
+@entry_points
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("shape", [(B, SQ, H), (B, SQ, H, D, 1), ()])
+def test_rank(call, name, shape):
+    arrays = dict(zip("qkv", qkv()))
+    arrays[name] = np.ones(shape, np.float32)
+    with pytest.raises(ValueError, match=msg(f"{name}: expected rank 4", f"got shape {shape}")):
+        call(**arrays)
+
+
+@entry_points
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex64, np.uint8])
+def test_unsupported_dtype(call, dtype):
+    q, k, v = qkv()
+    q, k, v = q.astype(dtype), k.astype(dtype), v.astype(dtype)
+    with pytest.raises(TypeError, match=msg("q: expected dtype in", "float16", "float32", "float64",
+                                            f"got {np.dtype(dtype).name}")):
+        call(q, k, v)
+
+
+def test_unsupported_dtype_lists_bfloat16():
+    if bfloat16() is None:
+        pytest.skip("ml_dtypes not installed")
+    q, k, v = (x.astype(np.int8) for x in qkv())
+    with pytest.raises(TypeError, match=msg("q: expected dtype in", "bfloat16", "got int8")):
+        flash_attn_forward(q, k, v)
+
+
+@entry_points
+@pytest.mark.parametrize("name", ["k", "v"])
+def test_dtype_mismatch(call, name):
+    arrays = dict(zip("qkv", qkv(np.float32)))
+    arrays[name] = arrays[name].astype(np.float64)
+    with pytest.raises(TypeError, match=msg(f"{name}: expected the dtype of q (float32)", "got float64")):
+        call(**arrays)
+
+
+def test_dtype_mismatch_half():
+    if bfloat16() is None:
+        pytest.skip("ml_dtypes not installed")
+    q, k, v = qkv(np.float16)
+    with pytest.raises(TypeError, match=msg("k: expected the dtype of q (float16)", "got bfloat16")):
+        flash_attn_forward(q, k.astype(bfloat16()), v)
+
+
+@entry_points
+def test_batch_mismatch(call):
+    q, _, _ = qkv()
+    _, k, v = qkv(b=B + 1)
+    with pytest.raises(ValueError, match=msg(f"k: expected batch {B} (as q)", f"got {B + 1}")):
+        call(q, k, v)
+
+
+@entry_points
+def test_head_dim_mismatch(call):
+    q, _, _ = qkv()
+    _, k, v = qkv(d=D + 2)
+    with pytest.raises(ValueError, match=msg(f"k: expected head_dim {D} (as q)", f"got {D + 2}")):
+        call(q, k, v)
+
+
+@entry_points
+@pytest.mark.parametrize("v_shape", [(B, SK + 1, HK, D), (B, SK, HK + 1, D), (B, SK, HK, D + 1), (B + 1, SK, HK, D)])
+def test_k_v_shape_mismatch(call, v_shape):
+    q, k, _ = qkv()
+    v = np.ones(v_shape, np.float32)
+    with pytest.raises(ValueError, match=msg(f"v: expected the shape of k {k.shape}", f"got {v_shape}")):
+        call(q, k, v)
+
+
+@entry_points
+@pytest.mark.parametrize("nheads, nheads_k", [(4, 3), (3, 2), (2, 4), (4, 0)])
+def test_nheads_not_a_multiple_of_nheads_k(call, nheads, nheads_k):
+    q, k, v = qkv(h=nheads, hk=nheads_k)
+    with pytest.raises(ValueError, match=msg(f"k: expected nheads_k dividing nheads={nheads}",
+                                             f"got nheads_k={nheads_k}")):
+        call(q, k, v)
+
+
+@entry_points
+def test_zero_head_dim(call):
+    q, k, v = qkv(d=0)
+    with pytest.raises(ValueError, match=msg("q: expected head_dim >= 1", "got 0")):
+        call(q, k, v)
+
+
+@entry_points
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [[[[[1.0]]]], 1.0, None, "q"], ids=["list", "float", "None", "str"])
+def test_not_an_array(call, name, bad):
+    arrays = dict(zip("qkv", qkv()))
+    arrays[name] = bad
+    with pytest.raises(TypeError, match=msg(f"{name}: expected a NumPy, CuPy or __dlpack__ array",
+                                            f"got {type(bad).__name__}")):
+        call(**arrays)
+
+
+class FakeDeviceArray:
+    """Looks like a GPU array to flashcupy (has __dlpack__) without being one."""
+
+    shape = (B, SK, HK, D)
+    dtype = np.dtype(np.float32)
+
+    def __dlpack__(self, *args, **kwargs):  # pragma: no cover - never called: the mix is rejected first
+        raise AssertionError("a host/device mix must be rejected before any conversion")
+
+    def __dlpack_device__(self):  # pragma: no cover
+        return (2, 0)
+
+
+@entry_points
+def test_host_device_mix(call):
+    q, _, v = qkv()
+    with pytest.raises(TypeError, match=msg("expected every array on one side", "NumPy arrays", "'q'",
+                                            "GPU arrays", "'k'")):
+        call(q, FakeDeviceArray(), v)
+
+
+@pytest.mark.gpu
+def test_host_device_mix_with_cupy():
+    cp = pytest.importorskip("cupy")
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match=msg("expected every array on one side", "NumPy arrays", "'q'",
+                                            "GPU arrays", "'k'")):
+        flash_attn_forward(q, cp.asarray(k), v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# scalars
+
+
+@entry_points
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), -0.5, -1, np.float32(-2.0)])
+def test_softmax_scale_value(call, scale):
+    with pytest.raises(ValueError, match=msg("softmax_scale: expected a finite number >= 0", f"got {scale!r}")):
+        call(*qkv(), softmax_scale=scale)
+
+
+@entry_points
+@pytest.mark.parametrize("scale", ["0.5", True, [0.5], np.ones(1), 1j])
+def test_softmax_scale_type(call, scale):
+    with pytest.raises(TypeError, match=msg("softmax_scale: expected a float", f"got {type(scale).__name__}")):
+        call(*qkv(), softmax_scale=scale)
+
+
+def test_softmax_scale_accepts_ints_and_numpy_scalars():
+    q, k, v = qkv()
+    for scale in (0, 1, np.float32(0.5), np.int64(2)):
+        flash_attn_forward(q, k, v, softmax_scale=scale)
+
+
+@entry_points
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), float("inf")])
+def test_dropout_p_value(call, p):
+    with pytest.raises(ValueError, match=msg("dropout_p: expected a float in [0, 1)", f"got {p!r}")):
+        call(*qkv(), dropout_p=p)
+
+
+@entry_points
+@pytest.mark.parametrize("p", ["0.1", None, True, [0.1]])
+def test_dropout_p_type(call, p):
+    with pytest.raises(TypeError, match=msg("dropout_p: expected a float in [0, 1)", f"got {type(p).__name__}")):
+        call(*qkv(), dropout_p=p)
+
+
+@entry_points
+@pytest.mark.parametrize("causal", [1, 0, "yes", None, 1.0])
+def test_causal_not_bool(call, causal):
+    with pytest.raises(TypeError, match=msg("causal: expected a bool", f"got {type(causal).__name__}")):
+        call(*qkv(), causal=causal)
+
+
+def test_causal_accepts_numpy_bool():
+    q, k, v = qkv()
+    a = flash_attn_forward(q, k, v, causal=np.bool_(True))
+    b = flash_attn_forward(q, k, v, causal=True)
+    np.testing.assert_array_equal(a.out, b.out)
+
+
+@pytest.mark.parametrize("call", [ENTRY_POINTS["func"], ENTRY_POINTS["backward"]], ids=["func", "backward"])
+@pytest.mark.parametrize("value", [1, "no", None])
+def test_deterministic_not_bool(call, value):
+    with pytest.raises(TypeError, match=msg("deterministic: expected a bool", f"got {type(value).__name__}")):
+        call(*qkv(), deterministic=value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# backward: dout, out, lse must match the forward
+
+
+@pytest.mark.parametrize("name", ["dout", "out"])
+def test_backward_wrong_shape(name):
+    args = grad_inputs()
+    good = args[name].shape
+    args[name] = np.ones((B, SQ + 1, H, D), np.float32)
+    with pytest.raises(ValueError, match=msg(f"{name}: expected shape {good} (as q)", f"got {(B, SQ + 1, H, D)}")):
+        flash_attn_backward(**args)
+
+
+@pytest.mark.parametrize("name", ["dout", "out"])
+def test_backward_wrong_rank(name):
+    args = grad_inputs()
+    args[name] = np.ones((B, SQ, H * D), np.float32)
+    with pytest.raises(ValueError, match=msg(f"{name}: expected rank 4", f"got shape {(B, SQ, H * D)}")):
+        flash_attn_backward(**args)
+
+
+@pytest.mark.parametrize("name", ["dout", "out"])
+def test_backward_wrong_dtype(name):
+    args = grad_inputs()
+    args[name] = args[name].astype(np.float64)
+    with pytest.raises(TypeError, match=msg(f"{name}: expected dtype float32 (as q)", "got float64")):
+        flash_attn_backward(**args)
+
+
+@pytest.mark.parametrize("shape", [(B, SQ, H), (B, SQ, H, 1), (B, H, SQ + 1), (B, SQ, H)[::-1]])
+def test_backward_lse_wrong_shape(shape):
+    args = grad_inputs()
+    args["lse"] = np.zeros(shape, np.float32)
+    with pytest.raises(ValueError, match=msg(f"lse: expected shape {(B, H, SQ)} (batch, nheads, seqlen_q)",
+                                             f"got {shape}")):
+        flash_attn_backward(**args)
+
+
+@pytest.mark.parametrize("q_dtype, lse_dtype, want", [
+    (np.float32, np.float64, "float32"),
+    (np.float32, np.float16, "float32"),
+    (np.float16, np.float16, "float32"),  # half inputs still take a float32 LSE
+    (np.float64, np.float32, "float64"),  # float64 inputs take a float64 LSE
+])
+def test_backward_lse_wrong_dtype(q_dtype, lse_dtype, want):
+    args = grad_inputs(q_dtype)
+    args["lse"] = args["lse"].astype(lse_dtype)
+    with pytest.raises(TypeError, match=msg(f"lse: expected dtype {want}", f"got {np.dtype(lse_dtype).name}")):
+        flash_attn_backward(**args)
+
+
+@pytest.mark.parametrize("name", ["dout", "out", "lse"])
+def test_backward_not_an_array(name):
+    args = grad_inputs()
+    args[name] = args[name].tolist()
+    with pytest.raises(TypeError, match=msg(f"{name}: expected a NumPy, CuPy or __dlpack__ array", "got list")):
+        flash_attn_backward(**args)
+
+
+@pytest.mark.parametrize("name", ["dout", "out", "lse"])
+def test_backward_host_device_mix(name):
+    args = grad_inputs()
+    args[name] = FakeDeviceArray()
+    with pytest.raises(TypeError, match=msg("expected every array on one side", f"GPU arrays ['{name}']")):
+        flash_attn_backward(**args)
+
+
+def test_valid_inputs_pass():
+    """The reference inputs of this module are themselves valid, on every entry point."""
+    for call in ENTRY_POINTS.values():
+        call(*qkv())
+        call(*qkv(np.float64), softmax_scale=0.0, causal=True, dropout_p=0.0)
