@@ -1,8 +1,9 @@
 """The `flashcupy` command line (also `python -m flashcupy`).
 
 Each subcommand is a module with two functions: add_arguments(parser) declares its options and
-run(args) -> int does the work. Adding one is a line in COMMANDS. A subcommand reports a bad
-combination of options by raising CommandError; main prints it and returns exit status 2.
+run(args) -> int does the work. Adding one is a line in COMMANDS; only the module of the subcommand
+being run is imported. A subcommand reports options that cannot work by raising CommandError; main
+prints it and returns exit status 2.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "train": ("flashcupy.train", "train a byte-level GPT on real text with flashcupy attention"),
-    "bench": ("flashcupy.bench", "speed, memory and accuracy of flashcupy against the attention implementations present"),
+    "bench": ("flashcupy.bench", "benchmark flashcupy against the attention implementations present"),
 }
 
 
@@ -22,14 +23,18 @@ class CommandError(Exception):
     """A subcommand's options cannot work together (the message says which and why)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv) -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="flashcupy", description="Exact FlashAttention on CuPy, "
                                      "and a small autodiff tape to train with it.")
     parser.add_argument("--version", action="version", version=f"flashcupy {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module_name, help_line) in COMMANDS.items():
+        if name != chosen:
+            sub.add_parser(name, help=help_line)
+            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_line, description=(module.__doc__ or help_line).split("\n\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -39,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except CommandError as e:

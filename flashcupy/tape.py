@@ -40,7 +40,7 @@ import math
 
 import numpy as np
 
-from ._arrays import cupy_or_none
+from ._arrays import bfloat16, cupy_or_none
 from .interface import flash_attn_backward, flash_attn_forward
 
 __all__ = [
@@ -617,11 +617,13 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
 def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0, block_mask=None):
     """Attention as matmul, softmax, matmul, materialising P (batch, nheads, seqlen_q, seqlen_k).
 
-    Same arguments, layout and results as flash_attention (the comparison path). In dtype T: the two
-    matmuls of the forward and the three of the backward read T operands and return T (cuBLAS on the
-    GPU accumulates in float32); the softmax and its gradient are computed in float32 (float64 for
-    float64) and P is rounded to T before it multiplies v. P is kept, in float32, for the backward.
-    Causal is aligned bottom-right; a query row with no visible key gives 0, as flashcupy.
+    Same arguments, layout and results as flash_attention (the comparison path). In dtype T: every
+    matmul (two forward, three backward) reads T operands, accumulates in float32 (float64 for float64)
+    and rounds its result to T; the softmax and its gradient are computed in float32 and P is rounded
+    to T before it multiplies v. P is kept, in float32, for the backward. bfloat16 matmuls run as float32
+    GEMMs on the bf16 values, rounded back to bf16 (CuPy has no bf16 GEMM; the numbers are those of a
+    bf16 GEMM with float32 accumulation, up to summation order). Causal is aligned bottom-right; a query
+    row with no visible key gives 0, as flashcupy.
     dropout_p and block_mask: not implemented yet (NotImplementedError unless 0 / None).
     """
     if dropout_p:
@@ -631,24 +633,27 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     q, k, v = _as_tensor(q), _as_tensor(k), _as_tensor(v)
     xp = q.xp
     run = _attention_dtype(q, dtype)
-    acc = np.dtype(np.float64) if run == np.float64 else np.dtype(np.float32)
+    acc = np.dtype(np.float64) if run == np.float64 else np.dtype(np.float32)  # softmax dtype
+    mm = np.dtype(np.float32) if run == bfloat16() else run  # the dtype the GEMMs run in
     batch, seqlen_q, nheads, head_dim = q.shape
     _, seqlen_k, nheads_k, _ = k.shape
     if nheads % nheads_k or k.shape != v.shape:
         raise ValueError(f"naive_attention: expected k, v of one shape with nheads_k dividing {nheads}, "
                          f"got k {k.shape}, v {v.shape}")
-    group = nheads // nheads_k
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
 
+    def in_t(x):  # the value x has as a T tensor, held in the GEMM dtype
+        return x.astype(run, copy=False).astype(mm, copy=False)
+
     # Heads grouped as (B, Hk, G, S, D): k and v broadcast over the G query heads that share them (GQA).
-    def grouped(t):  # (B, S, H, D) -> (B, Hk, G, S, D), dtype T
-        b, s, h, d = t.shape
-        return t.astype(run, copy=False).reshape(b, s, nheads_k, h // nheads_k, d).transpose(0, 2, 3, 1, 4)
+    def grouped(x):  # (B, S, H, D) -> (B, Hk, G, S, D)
+        b, s, h, d = x.shape
+        return in_t(x).reshape(b, s, nheads_k, h // nheads_k, d).transpose(0, 2, 3, 1, 4)
 
     qg = grouped(q.data)  # (B, Hk, G, Sq, D)
-    kg = k.data.astype(run, copy=False).transpose(0, 2, 1, 3)[:, :, None]  # (B, Hk, 1, Sk, D)
-    vg = v.data.astype(run, copy=False).transpose(0, 2, 1, 3)[:, :, None]  # (B, Hk, 1, Sk, D)
-    s = (qg @ kg.swapaxes(-1, -2)).astype(acc) * scale  # (B, Hk, G, Sq, Sk)
+    kg = in_t(k.data).transpose(0, 2, 1, 3)[:, :, None]  # (B, Hk, 1, Sk, D)
+    vg = in_t(v.data).transpose(0, 2, 1, 3)[:, :, None]  # (B, Hk, 1, Sk, D)
+    s = in_t(qg @ kg.swapaxes(-1, -2)).astype(acc, copy=False) * scale  # (B, Hk, G, Sq, Sk)
     if causal:
         i = xp.arange(seqlen_q)[:, None]
         j = xp.arange(seqlen_k)[None, :]
@@ -659,7 +664,7 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     del s
     denom = p.sum(axis=-1, keepdims=True)
     p /= xp.where(denom > 0, denom, 1.0)  # (B, Hk, G, Sq, Sk), float32
-    out = p.astype(run) @ vg  # (B, Hk, G, Sq, D), T
+    out = in_t(in_t(p) @ vg)  # (B, Hk, G, Sq, D)
 
     def ungroup(x):  # (B, Hk, G, Sq, D) -> (B, Sq, H, D)
         return x.transpose(0, 3, 1, 2, 4).reshape(batch, seqlen_q, nheads, head_dim)
@@ -667,16 +672,16 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     def backward(g):
         gg = grouped(g)  # dO, (B, Hk, G, Sq, D)
         if v.requires_grad:
-            dv = (p.astype(run).swapaxes(-1, -2) @ gg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
+            dv = in_t(in_t(p).swapaxes(-1, -2) @ gg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
             _accumulate(v, dv.transpose(0, 2, 1, 3))
-        dp = (gg @ vg.swapaxes(-1, -2)).astype(acc)  # (B, Hk, G, Sq, Sk)
+        dp = in_t(gg @ vg.swapaxes(-1, -2)).astype(acc, copy=False)  # (B, Hk, G, Sq, Sk)
         ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))  # softmax backward
         del dp
-        ds = (ds * scale).astype(run)
+        ds = in_t(ds * scale)
         if q.requires_grad:
-            _accumulate(q, ungroup(ds @ kg))
+            _accumulate(q, ungroup(in_t(ds @ kg)))
         if k.requires_grad:
-            dk = (ds.swapaxes(-1, -2) @ qg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
+            dk = in_t(ds.swapaxes(-1, -2) @ qg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
             _accumulate(k, dk.transpose(0, 2, 1, 3))
 
     return _make(ungroup(out).astype(q.dtype, copy=False), (q, k, v), backward)

@@ -265,6 +265,33 @@ def test_attention_mixed_precision_on_cpu():
             np.testing.assert_allclose(got, r, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_attention_ops_in_half_precision_on_cpu(dtype_name, rng):
+    """The GPU test's rule on the CPU path: float32 tensors, attention in T, flash op vs naive op in T."""
+    import helpers
+    from flashcupy._arrays import bfloat16
+
+    dtype = np.dtype(np.float16) if dtype_name == "float16" else bfloat16()
+    if dtype is None:
+        pytest.skip("bfloat16 needs ml_dtypes")
+    q, k, v, dout = (x.astype(dtype).astype(np.float32) for x in helpers.random_inputs(
+        rng, 2, 33, 40, 4, 2, 16, np.float32, grad=True))
+    grads = {}
+    for op in (T.flash_attention, T.naive_attention):
+        ts = [Tensor(x, requires_grad=True) for x in (q, k, v)]
+        out = op(*ts, causal=True, dtype=dtype)
+        out.backward(dout)
+        grads[op] = [t.grad for t in ts]
+        assert out.dtype == np.float32 and all(g.dtype == np.float32 for g in grads[op])
+    refs = reference.attention_backward(dout, q, k, v, causal=True)
+    mag = helpers.magnitude_of(*refs)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        err_naive = helpers.max_abs_err(grads[T.naive_attention][i], refs[i])
+        assert 0 < err_naive < 0.05 * mag  # the naive op really rounds to T, and only that much
+        helpers.check_rule(name, grads[T.flash_attention][i], refs[i], grads[T.naive_attention][i], dtype,
+                           grad=True, magnitude=mag)
+
+
 def test_attention_keywords_reserved_for_later():
     q, k, v, _ = attention_inputs(0, 1, 2, 2, 1, 1, 4)
     with pytest.raises(NotImplementedError):
