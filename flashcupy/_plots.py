@@ -51,6 +51,7 @@ def _panel_keys(rows) -> tuple:
 def grid_figure(result, rows, metric: str, ylabel: str, *, title: str, log_y: bool = False):
     """A Figure: rows of panels per mode, columns per (head_dim, causal); x = seqlen (log 2)."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     modes, cols = _panel_keys(rows)
     fig = Figure(figsize=(3.6 * len(cols) + 0.4, 2.9 * len(modes) + 1.0), layout="constrained")
@@ -74,6 +75,10 @@ def grid_figure(result, rows, metric: str, ylabel: str, *, title: str, log_y: bo
                 ax.minorticks_off()
             if log_y:
                 ax.set_yscale("log")
+                vals = [r[metric] for r in panel if r[metric] and r[metric] > 0]
+                narrow = bool(vals) and max(vals) / min(vals) < 20  # within ~a decade: label minor ticks too
+                ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+                ax.yaxis.set_minor_formatter(FormatStrFormatter("%g") if narrow else NullFormatter())
             else:
                 ax.set_ylim(bottom=0)
             ax.grid(True, alpha=0.3)
@@ -92,6 +97,7 @@ def block_sparse_figure(result, rows):
     """Speedup of each provider at each density over its own dense time, at the longest seqlen that has
     both; the dashed line is 1 / density (time proportional to the blocks computed). None without data."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     series = {}  # (mode, dtype, hd, causal) -> provider -> [(density, speedup)]
     groups = {}
@@ -103,8 +109,10 @@ def block_sparse_figure(result, rows):
         if not sparse:
             continue
         seqlen = max(r["seqlen"] for r in sparse)
-        pts = sorted((r["density"], dense[seqlen] / r["ms"]) for r in sparse if r["seqlen"] == seqlen)
-        series.setdefault((mode, dtype, hd, causal), {})[prov] = (seqlen, [(1.0, 1.0)] + pts)
+        # x: the fraction of blocks actually kept (a small seqlen cannot go below its diagonal)
+        pts = sorted([(1.0, 1.0)] + [(r.get("kept", r["density"]), dense[seqlen] / r["ms"])
+                                     for r in sparse if r["seqlen"] == seqlen])
+        series.setdefault((mode, dtype, hd, causal), {})[prov] = (seqlen, pts)
     if not series:
         return None
     keys = sorted(series)
@@ -120,6 +128,10 @@ def block_sparse_figure(result, rows):
                     **_style(prov))
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(densities, [f"{d:.2g}" for d in densities], fontsize=8)
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{mode} {dtype}, hd {hd}, {'causal' if causal else 'non-causal'}", fontsize=9)
         ax.set_xlabel("density (fraction of blocks kept)", fontsize=9)
         ax.set_ylabel("speedup over dense", fontsize=9)

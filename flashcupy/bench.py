@@ -20,7 +20,8 @@ Method (DESIGN.md, "Measuring speed"):
   graph, retained; naive: P). JAX cannot call its backward alone: there bwd = (fwd+bwd) - fwd.
 - TFLOP/s by the FlashAttention formula (attention_flops): fwd = 4 * batch * nheads * seqlen_q *
   seqlen_k * head_dim, halved for causal when seqlen_q == seqlen_k; bwd = 2.5 x fwd; fwd+bwd = 3.5 x
-  fwd; block-sparse multiplies by the fraction of the blocks kept.
+  fwd; block-sparse multiplies by the fraction of the blocks kept (the row's "kept"; "density" is the
+  fraction asked for).
 - Memory: the peak bytes allocated during one call beyond its inputs (CuPy's pool for flashcupy and
   naive, torch.cuda.max_memory_allocated for torch, tracemalloc for NumPy on the CPU); n/a for JAX.
 - Accuracy: max |output - oracle| (flashcupy.reference, float64) over the mode's outputs (out; dq, dk,
@@ -198,6 +199,7 @@ class Case:
     density: float
     batch: int
     nheads: int
+    kept: float = 1.0  # the fraction of the eligible blocks the block mask keeps (density asked for: density)
 
     @property
     def key(self) -> tuple:
@@ -223,7 +225,7 @@ def case_key(row: dict) -> tuple:
 
 ROW_FIELDS = {
     "provider": str, "mode": str, "dtype": str, "head_dim": int, "seqlen": int, "batch": int, "nheads": int,
-    "causal": bool, "density": float, "status": str, "note": str, "flops": float,
+    "causal": bool, "density": float, "kept": float, "status": str, "note": str, "flops": float,
     "ms": (float, type(None)), "tflops": (float, type(None)), "peak_mem_mib": (float, type(None)),
     "max_err": (float, type(None)), "setup_s": (float, type(None)), "timer": (str, type(None)),
     "best_peer": (str, type(None)), "ratio_best": (float, type(None)),
@@ -240,9 +242,9 @@ def new_row(provider: str, case: Case) -> dict:
     """A row with every field of ROW_FIELDS; status "ok" until measure() says otherwise."""
     return dict(provider=provider, mode=case.mode, dtype=case.dtype, head_dim=case.head_dim, seqlen=case.seqlen,
                 batch=case.batch, nheads=case.nheads, causal=bool(case.causal), density=float(case.density),
-                status="ok", note="", flops=attention_flops(case.batch, case.nheads, case.seqlen, case.seqlen,
-                                                            case.head_dim, causal=case.causal, mode=case.mode,
-                                                            density=case.density),
+                kept=float(case.kept), status="ok", note="",
+                flops=attention_flops(case.batch, case.nheads, case.seqlen, case.seqlen, case.head_dim,
+                                      causal=case.causal, mode=case.mode, density=case.kept),
                 ms=None, tflops=None, peak_mem_mib=None, max_err=None, setup_s=None, timer=None,
                 best_peer=None, ratio_best=None, ratio_flash=None, ratio_cudnn=None)
 
@@ -502,9 +504,20 @@ def _short(s, n=80) -> str:
 # ---------------------------------------------------------------------------------------------------
 # options
 
+EXAMPLES = """examples:
+  flashcupy bench --quick                       # the short sweep: results in bench/results/
+  flashcupy bench --mode bwd --dtype fp16 --head-dims 128 --seqlens 2048 8192 --causal yes
+  flashcupy bench --providers flashcupy cudnn flash --densities 1 0.5 0.25
+  flashcupy bench --list                        # which providers are present
+  flashcupy bench --markdown bench/results/nvidia-h200-quick.json   # headline table for the README
+"""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Declare `flashcupy bench`'s options (the `flashcupy` command line calls this)."""
+    # defaults are in the help texts (they depend on --quick and --device)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EXAMPLES
     g = p.add_argument_group("what to measure (defaults: the full sweep; --quick for the short one)")
     g.add_argument("--quick", action="store_true",
                    help="bf16, head dims 64 128, seqlens 1k 4k 16k, fwd and fwd+bwd, causal both (< 2 min on an H100)")
@@ -520,7 +533,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--providers", nargs="+", metavar="NAME",
                    help=f"providers or groups (default all): {', '.join(PROVIDERS)}; groups {', '.join(ALIASES)}")
     g.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
-                   help="gpu: CuPy/torch/JAX on the current CUDA device; cpu: NumPy (and CPU torch/JAX), small shapes")
+                   help="gpu (default): CuPy/torch/JAX on the current CUDA device; cpu: NumPy (and CPU torch/JAX), "
+                        "small shapes")
     g.add_argument("--hidden", type=int, help=f"nheads * head_dim (default {HIDDEN})")
     g.add_argument("--tokens", type=int, help=f"batch * seqlen (default {TOKENS})")
     m = p.add_argument_group("method")
@@ -530,9 +544,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--max-quadratic-seqlen", type=int,
                    help="longest seqlen for naive, sdpa-math and jax-xla, which hold seqlen^2 scores (default 8192; --quick 4096)")
     m.add_argument("--no-accuracy", action="store_true", help="skip the error against the float64 oracle")
-    m.add_argument("--seed", type=int, default=0, help="seed of the random inputs and block masks")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random inputs and block masks (default 0)")
     o = p.add_argument_group("output")
-    o.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="directory for JSON, tables and plots")
+    o.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"directory for the JSON, tables and plots (default {DEFAULT_OUT})")
     o.add_argument("--name", help="file stem in --out (default: the device name, plus -quick)")
     o.add_argument("--json", metavar="PATH", help="write the JSON here instead of DIR/NAME.json; '-' prints it to stdout")
     o.add_argument("--no-plots", action="store_true", help="write no PNG plots")
@@ -1593,13 +1608,21 @@ SMI_FIELDS = ("name", "driver_version", "pstate", "clocks.sm", "clocks.max.sm", 
               "power.limit", "power.draw", "temperature.gpu", "memory.total", "persistence_mode")
 
 
-def _nvidia_smi(pci_bus_id=None) -> dict:
+def _nvidia_smi(pci_bus_id=None, name=None) -> dict:
+    """nvidia-smi's clocks, power limit, driver... of the GPU at pci_bus_id (else the one named name, or
+    the only one); {} where nvidia-smi is missing or says nothing."""
     cmd = ["nvidia-smi", f"--query-gpu={','.join(SMI_FIELDS)}", "--format=csv,noheader,nounits"]
-    if pci_bus_id:
-        cmd += ["-i", pci_bus_id]
-    out = _run_cmd(cmd)
+    out = _run_cmd(cmd + ["-i", pci_bus_id]) if pci_bus_id else None
     if not out:
-        return {}
+        out = _run_cmd(cmd)
+        if not out:
+            return {}
+        lines = out.splitlines()
+        named = [line for line in lines if name and line.split(",")[0].strip() == name]
+        if len(lines) == 1 or len(set(named)) == 1:  # the only GPU, or only one model in the box
+            out = lines[0] if len(lines) == 1 else named[0]
+        else:
+            return {}
     values = [v.strip() for v in out.splitlines()[0].split(",")]
     return {k: v for k, v in zip(SMI_FIELDS, values) if v and "N/A" not in v}
 
@@ -1639,7 +1662,7 @@ def collect_env(device: str) -> dict:
                     dev[out] = props[key] // 1000
             versions["cuda_runtime"] = str(cp.cuda.runtime.runtimeGetVersion())
             versions["driver"] = str(cp.cuda.runtime.driverGetVersion())
-        smi = _nvidia_smi(dev.get("pci_bus_id"))
+        smi = _nvidia_smi(dev.get("pci_bus_id"), dev.get("name"))
         if smi:
             dev["nvidia_smi"] = smi
             versions["driver"] = smi.get("driver_version", versions.get("driver"))
@@ -1701,7 +1724,7 @@ class PlainProgress:
         case = (f"{row['mode']} {row['dtype']} hd{row['head_dim']} s{row['seqlen']} "
                 f"{'causal' if row['causal'] else 'full'}" + (f" d{row['density']:g}" if row["density"] < 1 else ""))
         w = len(str(self.total))
-        print(f"[{self.done:>{w}}/{self.total}] {row['provider']:<14} {case:<32} {what}", file=self.stream, flush=True)
+        print(f"[{self.done:>{w}}/{self.total}] {row['provider']:<14} {case:<36} {what}", file=self.stream, flush=True)
 
 
 class RichProgress:
@@ -1839,8 +1862,9 @@ def run_bench(plan: Plan, *, command: str = "flashcupy bench", use_rich: bool = 
                         inputs = Inputs.random(plan.device, dtype, batch, seqlen, nheads, head_dim, plan.seed)
                         for causal in plan.causal:
                             for density in plan.densities:
+                                kept = kept_fraction(inputs.block_mask(causal, density), causal=causal)
                                 for mode in plan.modes:
-                                    case = Case(mode, dtype, head_dim, seqlen, causal, density, batch, nheads)
+                                    case = Case(mode, dtype, head_dim, seqlen, causal, density, batch, nheads, kept)
                                     for prov in active:
                                         progress.start(f"{prov.name} {case.label()}")
                                         row = measure(prov, case, inputs, plan, timer, acc)
@@ -1857,7 +1881,7 @@ def run_bench(plan: Plan, *, command: str = "flashcupy bench", use_rich: bool = 
                     + ("CUDA events with L2 flushed (" + timer.method("cupy") + "), JAX by wall clock."
                        if plan.device == "gpu" else "wall clock on the CPU.")),
         "timers": {p.name: timer.method(p.family) for p in active},
-        "flops": "fwd 4*B*H*Sq*Sk*D (halved for causal, Sq == Sk); bwd 2.5x; fwd+bwd 3.5x; x density",
+        "flops": "fwd 4*B*H*Sq*Sk*D (halved for causal, Sq == Sk); bwd 2.5x; fwd+bwd 3.5x; x kept fraction of blocks",
         "memory": "peak bytes allocated during one call beyond the inputs (CuPy pool / torch allocator / "
                   "tracemalloc); n/a for JAX",
         "accuracy": f"max |output - float64 oracle| on batch {ACCURACY_SHAPE['batch']}, seqlen "
@@ -1917,8 +1941,7 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     """`python -m flashcupy.bench [options]`: the same as `flashcupy bench [options]`."""
-    p = argparse.ArgumentParser(prog="flashcupy bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="flashcupy bench", description=__doc__.split("\n\n")[0])
     add_arguments(p)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)

@@ -84,7 +84,7 @@ def test_element_mask():
 def fake_row(provider, tflops=None, *, mode="fwd", dtype="bf16", head_dim=128, seqlen=4096, causal=False,
              density=1.0, status="ok", mem=12.0, err=1e-3):
     batch, nheads = bench.fa_shape(seqlen, head_dim)
-    case = bench.Case(mode, dtype, head_dim, seqlen, causal, density, batch, nheads)
+    case = bench.Case(mode, dtype, head_dim, seqlen, causal, density, batch, nheads, kept=density)
     row = bench.new_row(provider, case)
     if status == "ok":
         ms = row["flops"] / tflops / 1e9
@@ -351,6 +351,7 @@ def test_cpu_block_sparse_rows(tmp_path):
     assert rc == 0
     rows = {(r["provider"], r["density"]): r for r in bench.load_result(tmp_path / "t.json")["rows"]}
     assert rows[("naive", 0.5)]["status"] == "ok" and rows[("naive", 0.5)]["max_err"] < 1e-4
+    assert rows[("naive", 0.5)]["kept"] == 0.5  # 2 x 2 blocks of 128: the diagonal
     assert rows[("naive", 0.5)]["flops"] == pytest.approx(rows[("naive", 1.0)]["flops"] / 2)
     if not bench.FlashcupyProvider.block_sparse_supported():
         assert rows[("flashcupy", 0.5)]["status"] == "not available"
