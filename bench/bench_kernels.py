@@ -86,7 +86,7 @@ def main(argv=None):
                                 base = bwd_config(head_dim, None, causal)
                                 res = flashcupy.flash_attn_forward(q, k, v, causal=causal)
                                 for bm, bn in [(64, 64), (32, 64), (64, 128), (32, 128)]:
-                                    cfg = BwdConfig(base.head_dim, bm, bn, base.d_split, base.dq_block_m, base.dq_block_n)
+                                    cfg = BwdConfig(base.head_dim, bm, bn, base.d_split, base.dq_block_m, base.dq_block_n, True)
                                     impls[f"fcb{bm}x{bn}"] = (lambda cfg=cfg, res=res: _gpu.backward(
                                         do, q, k, v, res.out, res.lse, shape, causal=causal, deterministic=False, config=cfg))
                                 impls["fc-determ"] = (lambda res=res: flashcupy.flash_attn_backward(

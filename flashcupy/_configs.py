@@ -92,8 +92,9 @@ class BwdConfig:
     block_m: int  # query rows per inner step
     block_n: int  # keys per CTA (16 per warp)
     d_split: int  # CTAs per key block, each owning head_dim / d_split output columns
-    dq_block_m: int  # deterministic dQ kernel: query rows per CTA (16 per warp)
-    dq_block_n: int  # deterministic dQ kernel: keys per step
+    dq_block_m: int  # dQ kernel (deterministic): query rows per CTA (16 per warp)
+    dq_block_n: int  # dQ kernel: keys per step
+    dq_atomic: bool  # default path: dQ by float32 atomics in the main kernel (else the dQ kernel)
 
     @property
     def nthreads(self) -> int:
@@ -122,16 +123,19 @@ class BwdConfig:
         return f"flash_bwd_dq_kernel<{traits}, {str(causal).lower()}>"
 
 
-# (bucket) -> (block_m, block_n, d_split, dq_block_m, dq_block_n), reason (sm_90a ptxas registers).
+# (bucket) -> (block_m, block_n, d_split, dq_block_m, dq_block_n, dq_atomic), reason.
+# H200 measurements in bench/NOTES.md: 8 warps x 16 keys (block_n 128) beat 4 warps by 1.4x at hd128
+# (each Q/dO tile read from shared memory serves twice the keys); at hd64 the separate dQ kernel beats
+# float32 atomics (0.72x vs 0.68x SDPA flash) and is deterministic for free.
 _BWD_TABLE = {
-    32: ((64, 64, 1, 128, 64), "139 regs"),
-    64: ((64, 128, 1, 128, 64), "8 warps x 16 keys share each Q/dO tile; 178 regs"),
-    96: ((64, 64, 1, 128, 64), "238 regs"),
-    128: ((64, 64, 1, 128, 64), "dK + dV = 128 regs per 16 keys; 252 regs, no spill"),
-    160: ((64, 64, 2, 64, 32), "two CTAs per key block, 80 output columns each; 176 regs"),
-    192: ((64, 64, 2, 64, 32), "96 output columns per CTA; 240 regs"),
-    224: ((32, 64, 2, 64, 32), "112 output columns per CTA; 32-query steps keep smem at 125 KB (sm_80: 163)"),
-    256: ((32, 64, 2, 64, 32), "128 output columns per CTA, 32-query steps; 234 regs"),
+    32: ((64, 128, 1, 128, 64, False), "as hd64"),
+    64: ((64, 128, 1, 128, 64, False), "dQ kernel beats atomics at hd64; 178 regs"),
+    96: ((64, 128, 1, 128, 64, True), "as hd128"),
+    128: ((64, 128, 1, 128, 64, True), "0.66x SDPA flash vs 0.46x for 64x64; 252 regs at sm_90a, no spill"),
+    160: ((64, 64, 2, 64, 32, True), "two CTAs per key block, 80 output columns each; 176 regs"),
+    192: ((64, 64, 2, 64, 32, True), "96 output columns per CTA; 240 regs"),
+    224: ((32, 64, 2, 64, 32, True), "112 output columns per CTA; 32-query steps keep smem at 125 KB (sm_80: 163)"),
+    256: ((32, 64, 2, 64, 32, True), "128 output columns per CTA, 32-query steps; 234 regs"),
 }
 
 
@@ -139,8 +143,8 @@ def bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> BwdConfig:
     """The backward kernels' configuration for a problem. Pure."""
     del dtype, causal, arch
     bucket = head_dim_bucket(head_dim)
-    (bm, bn, split, dq_bm, dq_bn), _reason = _BWD_TABLE[bucket]
-    return BwdConfig(bucket, bm, bn, split, dq_bm, dq_bn)
+    (bm, bn, split, dq_bm, dq_bn, atomic), _reason = _BWD_TABLE[bucket]
+    return BwdConfig(bucket, bm, bn, split, dq_bm, dq_bn, atomic)
 
 
 def all_bwd_specializations():

@@ -113,7 +113,7 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     pre((math.ceil(sq / 4), h, b), (128, 1, 1),
         (dout, out, delta, *_strides(dout), *_strides(out), np.int32(sq), np.int32(h), np.int32(d8)))
 
-    write_dq = not deterministic
+    write_dq = cfg.dq_atomic and not deterministic
     dq_accum = cp.zeros((b, sq, h, d8), dtype=cp.float32) if write_dq else None
     kv_dtype = q.dtype if g == 1 else cp.float32  # GQA: per-query-head rows, summed below
     dk_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
