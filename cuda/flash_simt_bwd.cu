@@ -314,14 +314,16 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
     int n_blocks = cdiv(seqlen_k, BLOCK_N);
     if (CAUSAL) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
 
-    load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(
-        s.q, q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride, q_row_stride, seqlen_q - m0,
-        head_dim);
-    load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(
-        s.dout, dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride, do_row_stride,
-        seqlen_q - m0, head_dim);
-    load_row_stats<Tr>(s, lse_exp + ((i64)batch * nheads + head) * seqlen_q + m0,
-                       delta + ((i64)batch * nheads + head) * seqlen_q + m0, seqlen_q - m0);
+    if (n_blocks > 0) {  // committed and waited for with K_0, V_0
+        load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(
+            s.q, q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride, q_row_stride,
+            seqlen_q - m0, head_dim);
+        load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(
+            s.dout, dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride, do_row_stride,
+            seqlen_q - m0, head_dim);
+        load_row_stats<Tr>(s, lse_exp + ((i64)batch * nheads + head) * seqlen_q + m0,
+                           delta + ((i64)batch * nheads + head) * seqlen_q + m0, seqlen_q - m0);
+    }
 
     T acc_dq[TM][TG * VEC];
     zero(acc_dq);

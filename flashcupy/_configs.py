@@ -153,3 +153,173 @@ def all_bwd_specializations():
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 yield elem, causal, bwd_config(bucket, None, causal)
+
+
+# ---------------------------------------------------------------------------------------------------
+# float32 / float64 kernels on CUDA cores (cuda/flash_simt_fwd.cu, cuda/flash_simt_bwd.cu; issue 9)
+
+SIMT_DTYPES = ("float", "double")
+
+
+def simt_elem(dtype) -> str:
+    """The CUDA element type of a float32 / float64 dtype."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return "float"
+    if dtype == np.float64:
+        return "double"
+    raise TypeError(f"no SIMT kernel for dtype {dtype}")
+
+
+def _simt_itemsize(elem: str) -> int:
+    return {"float": 4, "double": 8}[elem]
+
+
+@dataclass(frozen=True)
+class SimtFwdConfig:
+    """Mirror of SimtFwdTraits in cuda/flash_simt_fwd.cu."""
+
+    elem: str  # "float" or "double"
+    head_dim: int  # bucket (HEAD_DIM)
+    block_m: int  # query rows per CTA
+    block_n: int  # key rows per pipeline step
+    nwarps: int  # each owns block_m / nwarps query rows
+
+    @property
+    def nthreads(self) -> int:
+        return 32 * self.nwarps
+
+    @property
+    def vec(self) -> int:
+        return 16 // _simt_itemsize(self.elem)
+
+    @property
+    def smem_bytes(self) -> int:
+        pitch, p_pitch = self.head_dim + self.vec, self.block_n + 2 * self.vec
+        return ((self.block_m + 2 * self.block_n) * pitch + self.block_m * p_pitch) * _simt_itemsize(self.elem)
+
+    def kernel_name(self, causal: bool) -> str:
+        traits = f"SimtFwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
+        return f"flash_simt_fwd_kernel<{traits}, {'true' if causal else 'false'}>"
+
+
+@dataclass(frozen=True)
+class SimtBwdConfig:
+    """Mirror of SimtBwdTraits in cuda/flash_simt_bwd.cu (shared by the KV and the dQ kernel)."""
+
+    elem: str
+    head_dim: int
+    block_m: int  # query rows per step
+    block_n: int  # key rows per CTA (KV kernel) and per step (dQ kernel)
+    nwarps: int
+
+    @property
+    def nthreads(self) -> int:
+        return 32 * self.nwarps
+
+    @property
+    def vec(self) -> int:
+        return 16 // _simt_itemsize(self.elem)
+
+    @property
+    def smem_bytes(self) -> int:
+        pitch, p_pitch = self.head_dim + self.vec, self.block_n + 2 * self.vec
+        elems = 2 * self.block_n * pitch + 2 * self.block_m * pitch + 2 * self.block_m * p_pitch + 2 * self.block_m
+        return elems * _simt_itemsize(self.elem)
+
+    def _traits(self) -> str:
+        return f"SimtBwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
+
+    def kv_kernel_name(self, causal: bool, dq_atomic: bool) -> str:
+        return f"flash_simt_bwd_kv_kernel<{self._traits()}, {str(causal).lower()}, {str(dq_atomic).lower()}>"
+
+    def dq_kernel_name(self, causal: bool) -> str:
+        return f"flash_simt_bwd_q_kernel<{self._traits()}, {str(causal).lower()}>"
+
+    def preprocess_kernel_name(self) -> str:
+        return f"flash_simt_bwd_preprocess_kernel<{self.elem}>"
+
+
+SIMT_PREPROCESS_THREADS = 128  # flash_simt_bwd_preprocess_kernel: one warp per query row
+
+# (elem, bucket) -> (block_m, block_n, nwarps), reason. Registers: sm_90a ptxas, no spills
+# (tests/test_compile_simt.py prints the report); shared memory fits sm_80's 163 KB opt-in.
+_SIMT_FWD_TABLE = {
+    ("float", 32): ((64, 64, 4), "4 rows x 8 keys per thread; 168 regs, 3 CTAs/SM"),
+    ("float", 64): ((64, 64, 4), "S 4x8 and O 4x8 per thread; 168 regs, 3 CTAs/SM (70 KB smem each)"),
+    ("float", 96): ((64, 32, 4), "64-key steps spill 8 B; 168 regs"),
+    ("float", 128): ((64, 32, 4), "O 4x16 per thread; 64-key steps need 254 regs; 168 regs"),
+    ("float", 160): ((32, 64, 4), "2 rows per thread (O 2x20); 150 regs"),
+    ("float", 192): ((32, 32, 4), "O 2x24 per thread; 146 regs; 80 KB smem (64-key steps: 125 KB)"),
+    ("float", 224): ((32, 32, 4), "O 2x28 per thread; 138 regs; 92 KB smem"),
+    ("float", 256): ((32, 32, 4), "O 2x32 per thread; 162 regs; 105 KB smem (64-key steps: 175 KB)"),
+    ("double", 32): ((64, 32, 4), "S 4x4, O 4x4 doubles per thread; 168 regs"),
+    ("double", 64): ((32, 32, 4), "O 2x8 doubles; 157 regs, 3 CTAs/SM (64x32 needs 222 regs)"),
+    ("double", 96): ((32, 32, 4), "O 2x12 doubles; 157 regs"),
+    ("double", 128): ((32, 32, 4), "O 2x16 doubles; 168 regs"),
+    ("double", 160): ((16, 32, 4), "1 row per thread (O 1x20 doubles); 130 regs"),
+    ("double", 192): ((16, 32, 4), "O 1x24 doubles; 162 regs"),
+    ("double", 224): ((16, 16, 4), "O 1x28 doubles; 16-key steps: 79 KB smem (32-key: 149 KB)"),
+    ("double", 256): ((16, 16, 4), "O 1x32 doubles; 164 regs; 16-key steps: 102 KB smem (32-key: 170 KB)"),
+}
+
+# (elem, bucket) -> (kernel head_dim, block_m, block_n, nwarps), reason. float32 head dims 96, 160
+# and 224 run the next even bucket: their 24 / 40 / 56 column chunks do not split over 128 threads
+# in layout B (dK, dV) with BLOCK_N = 32.
+_SIMT_BWD_TABLE = {
+    ("float", 32): ((32, 64, 64, 4), "KV kernel 168 regs, dQ kernel 168"),
+    ("float", 64): ((64, 32, 64, 4), "KV 168 regs (3 CTAs/SM, 71 KB smem); 64x64 needs 254 regs; dQ 128"),
+    ("float", 96): ((128, 32, 32, 4), "runs the hd128 kernel (layout B)"),
+    ("float", 128): ((128, 32, 32, 4), "KV 168 regs, dQ 128"),
+    ("float", 160): ((192, 16, 32, 4), "runs the hd192 kernel (layout B)"),
+    ("float", 192): ((192, 16, 32, 4), "KV 168 regs, dQ 80; 32-row steps spill in the dQ kernel"),
+    ("float", 224): ((256, 32, 32, 8), "runs the hd256 kernel (layout B)"),
+    ("float", 256): ((256, 32, 32, 8), "8 warps: dK + dV 2 x 32 per thread; KV 177 regs, dQ 109"),
+    ("double", 32): ((32, 32, 32, 4), "KV 128 regs, dQ 96"),
+    ("double", 64): ((64, 32, 32, 4), "KV 167 regs, dQ 128"),
+    ("double", 96): ((96, 32, 16, 4), "KV 168 regs, dQ 125"),
+    ("double", 128): ((128, 16, 16, 4), "KV 162 regs, dQ 126"),
+    ("double", 160): ((160, 16, 16, 4), "KV 168 regs, dQ 128"),
+    ("double", 192): ((192, 16, 16, 4), "KV 220 regs, dQ 126"),
+    ("double", 224): ((224, 16, 16, 4), "KV 242 regs, dQ 126"),
+    ("double", 256): ((256, 16, 16, 8), "8 warps (4 warps spill; 32-row steps need 209 KB smem); KV 164 regs, dQ 78"),
+}
+
+
+def simt_fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> SimtFwdConfig:
+    """The float32 / float64 forward kernel configuration for a problem. Pure."""
+    del causal, arch  # one table serves both masks, sm_80 and sm_90 for now
+    elem = simt_elem(dtype)
+    bucket = head_dim_bucket(head_dim)
+    (bm, bn, nw), _reason = _SIMT_FWD_TABLE[elem, bucket]
+    return SimtFwdConfig(elem, bucket, bm, bn, nw)
+
+
+def simt_bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> SimtBwdConfig:
+    """The float32 / float64 backward kernels' configuration for a problem. Pure."""
+    del causal, arch
+    elem = simt_elem(dtype)
+    bucket = head_dim_bucket(head_dim)
+    (kernel_head_dim, bm, bn, nw), _reason = _SIMT_BWD_TABLE[elem, bucket]
+    return SimtBwdConfig(elem, kernel_head_dim, bm, bn, nw)
+
+
+def all_simt_fwd_specializations():
+    """Every (causal, config) of the SIMT forward: CI compiles each one."""
+    for dtype in (np.float32, np.float64):
+        for bucket in HEAD_DIM_BUCKETS:
+            for causal in (False, True):
+                yield causal, simt_fwd_config(bucket, dtype, causal)
+
+
+def all_simt_bwd_specializations():
+    """Every distinct (causal, config) of the SIMT backward: CI compiles its KV kernel (dq_atomic
+    True and False) and its dQ kernel."""
+    seen = set()
+    for dtype in (np.float32, np.float64):
+        for bucket in HEAD_DIM_BUCKETS:
+            for causal in (False, True):
+                key = (causal, simt_bwd_config(bucket, dtype, causal))
+                if key not in seen:
+                    seen.add(key)
+                    yield key

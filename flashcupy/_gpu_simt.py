@@ -1,0 +1,153 @@
+"""Launch code of the float32 / float64 kernels on CUDA cores (cuda/flash_simt_fwd.cu,
+cuda/flash_simt_bwd.cu): argument preparation, grids, launches.
+
+Inputs are CuPy arrays already validated by flashcupy._validate (float32 or float64, head_dim <= 256).
+Launches go to CuPy's current stream and nothing here synchronises with the host (CUDA-graph
+capture works). Exact arithmetic in the input precision: FFMA / DFMA, no TF32 (allow_tf32 is not
+implemented). LSE is float32 for float32 inputs and float64 for float64 (flashcupy._arrays.lse_dtype).
+
+Array creation goes through _xp() and launches through _launch(), so the same glue can be driven
+by another array module and launcher (a CPU emulator of the kernels).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._build import debug, get_kernel
+from ._configs import SIMT_PREPROCESS_THREADS, simt_bwd_config, simt_fwd_config
+
+MAX_GRID_YZ = 65535
+FWD_SOURCE = "flash_simt_fwd.cu"
+BWD_SOURCE = "flash_simt_bwd.cu"
+
+
+def _xp():
+    import cupy
+
+    return cupy
+
+
+def _launch(filename: str, name: str, smem_bytes: int, grid, block, args) -> None:
+    kernel = get_kernel(filename, name, smem_bytes)
+    kernel(grid, block, args, shared_mem=smem_bytes)
+
+
+def _data_ptr(x) -> int:
+    ptr = getattr(x.data, "ptr", None)  # CuPy
+    return int(ptr) if ptr is not None else int(x.ctypes.data)  # NumPy (emulator)
+
+
+def kernel_ready(x, head_dim_padded: int):
+    """x itself when the kernels can read it in place (last dim contiguous, 16-byte aligned base
+    and strides, head_dim_padded columns); otherwise a contiguous copy zero-padded to
+    head_dim_padded columns (the documented cost of odd head dims and odd strides)."""
+    itemsize = x.dtype.itemsize
+    aligned = (
+        x.strides[3] == itemsize
+        and _data_ptr(x) % 16 == 0
+        and all(s % 16 == 0 for s in x.strides[:3])
+        and x.shape[3] == head_dim_padded
+    )
+    if aligned:
+        return x
+    out = _xp().zeros(x.shape[:3] + (head_dim_padded,), dtype=x.dtype)
+    out[..., : x.shape[3]] = x
+    return out
+
+
+def _strides(x):
+    """(batch, row, head) strides in elements, as int64."""
+    it = x.dtype.itemsize
+    return [np.int64(s // it) for s in x.strides[:3]]
+
+
+def _check_grid(shape):
+    if shape.nheads > MAX_GRID_YZ or shape.batch > MAX_GRID_YZ:
+        raise ValueError(f"q: expected batch and nheads <= {MAX_GRID_YZ} for the GPU kernels, "
+                         f"got batch={shape.batch}, nheads={shape.nheads}")
+
+
+def _scalar_type(dtype):
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _scale_exp(dtype, scale: float) -> float:
+    """The factor of the scores inside the kernels' exp: float32 works in base 2 (exp2), float64 in base e."""
+    return scale if np.dtype(dtype) == np.float64 else scale * math.log2(math.e)
+
+
+def forward(q, k, v, shape, *, causal: bool, config=None):
+    """Fused float32 / float64 forward. Returns (out like q, lse (batch, nheads, seqlen_q) of q's dtype)."""
+    xp = _xp()
+    _check_grid(shape)
+    d8 = -(-shape.head_dim // 8) * 8
+    scale = shape.softmax_scale
+    if scale == 0.0:
+        # All scores are 0: feed zeros with scale 1, so masked scores stay -inf (0 * -inf would be NaN).
+        q, scale = xp.zeros(q.shape, dtype=q.dtype), 1.0
+    q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
+    cfg = config or simt_fwd_config(shape.head_dim, q.dtype, causal)
+    debug(f"simt fwd {shape} -> {cfg}")
+    f = _scalar_type(q.dtype)
+    out = xp.empty(q.shape, dtype=q.dtype)
+    lse = xp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=q.dtype)
+    grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
+    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            np.int32(shape.seqlen_q), np.int32(shape.seqlen_k), np.int32(shape.nheads),
+            np.int32(shape.group), np.int32(d8), f(scale), f(_scale_exp(q.dtype, scale)))
+    _launch(FWD_SOURCE, cfg.kernel_name(causal), cfg.smem_bytes, grid, (cfg.nthreads, 1, 1), args)
+    if d8 != shape.head_dim:
+        out = xp.ascontiguousarray(out[..., : shape.head_dim])
+    return out, lse
+
+
+def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, config=None):
+    """Fused float32 / float64 backward. Returns (dq, dk, dv) like q, k, v; dk, dv summed over GQA groups.
+
+    deterministic=False accumulates dQ with atomicAdd inside the key/value kernel (summation order
+    varies run to run); deterministic=True computes dQ in a second, query-outer kernel instead
+    (bitwise reproducible; recomputes S and dP, 7 instead of 5 matrix products).
+    """
+    xp = _xp()
+    _check_grid(shape)
+    d8 = -(-shape.head_dim // 8) * 8
+    scale = shape.softmax_scale  # 0 needs no special case: masked P is selected to 0, not computed
+    dtype = q.dtype
+    q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
+    lse = xp.ascontiguousarray(lse)
+    cfg = config or simt_bwd_config(shape.head_dim, dtype, causal)
+    debug(f"simt bwd {shape} deterministic={deterministic} -> {cfg}")
+    f = _scalar_type(dtype)
+    b, sq, sk, h = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.nheads
+
+    # D = rowsum(dO o O) and the LSE in the kernels' exp base (+inf on rows with no visible key)
+    lse_exp = xp.empty((b, h, sq), dtype=dtype)
+    delta = xp.empty((b, h, sq), dtype=dtype)
+    _launch(BWD_SOURCE, cfg.preprocess_kernel_name(), 0, (math.ceil(sq / (SIMT_PREPROCESS_THREADS // 32)), h, b),
+            (SIMT_PREPROCESS_THREADS, 1, 1),
+            (dout, out, lse, lse_exp, delta, *_strides(dout), *_strides(out), np.int32(sq), np.int32(h),
+             np.int32(d8), f(_scale_exp(dtype, 1.0))))
+
+    dq = (xp.empty if deterministic else xp.zeros)((b, sq, h, d8), dtype=dtype)
+    # one dK, dV slice per query head; summed over each group below (GQA)
+    dk = xp.empty((b, sk, h, d8), dtype=dtype)
+    dv = xp.empty((b, sk, h, d8), dtype=dtype)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq))
+    sizes = (np.int32(sq), np.int32(sk), np.int32(h), np.int32(shape.group), np.int32(d8), f(scale),
+             f(_scale_exp(dtype, scale)))
+    _launch(BWD_SOURCE, cfg.kv_kernel_name(causal, not deterministic), cfg.smem_bytes,
+            (math.ceil(sk / cfg.block_n), h, b), (cfg.nthreads, 1, 1),
+            (q, k, v, dout, lse_exp, delta, dq, dk, dv, *common, *_strides(dk), *sizes))
+    if deterministic:
+        _launch(BWD_SOURCE, cfg.dq_kernel_name(causal), cfg.smem_bytes, (math.ceil(sq / cfg.block_m), h, b),
+                (cfg.nthreads, 1, 1), (q, k, v, dout, lse_exp, delta, dq, *common, *sizes))
+
+    if shape.group > 1:  # fixed summation order: deterministic
+        dk = dk.reshape(b, sk, shape.nheads_k, shape.group, d8).sum(axis=3)
+        dv = dv.reshape(b, sk, shape.nheads_k, shape.group, d8).sum(axis=3)
+    if d8 != shape.head_dim:
+        dq, dk, dv = (xp.ascontiguousarray(x[..., : shape.head_dim]) for x in (dq, dk, dv))
+    return dq, dk, dv

@@ -1,0 +1,78 @@
+"""Compile every float32 / float64 kernel specialization (cuda/flash_simt_*.cu) with bare NVRTC for
+sm_80 and sm_90a (no GPU needed) and check the ptxas report: no error, no spill. Prints the register
+report (pytest -s, or on failure). The four programs (2 sources x 2 archs) compile two at a time."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from flashcupy import _build, _configs
+
+nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
+
+ARCHS = ("sm_80", "sm_90a")
+SOURCES = {"flash_simt_fwd.cu": "fwd", "flash_simt_bwd.cu": "bwd"}
+
+
+def kernel_names(source: str):
+    if SOURCES[source] == "fwd":
+        return sorted({cfg.kernel_name(causal) for causal, cfg in _configs.all_simt_fwd_specializations()})
+    names = set()
+    for causal, cfg in _configs.all_simt_bwd_specializations():
+        names |= {cfg.kv_kernel_name(causal, True), cfg.kv_kernel_name(causal, False), cfg.dq_kernel_name(causal),
+                  cfg.preprocess_kernel_name()}
+    return sorted(names)
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    jobs = [(src, arch) for src in SOURCES for arch in ARCHS]
+    with ThreadPoolExecutor(2) as ex:
+        results = ex.map(lambda job: _build.nvrtc_compile(job[0], kernel_names(job[0]), job[1]), jobs)
+        return dict(zip(jobs, results))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_specializations_compile_without_spills(compiled, source, arch):
+    ok, log, lowered = compiled[source, arch]
+    assert ok, log
+    report = _build.ptxas_report(log)
+    names = kernel_names(source)
+    lines, spilled = [], []
+    for name in names:
+        r = report[lowered[name]]
+        line = f"{arch} {name}: {r['regs']} regs, {r['spill_stores']} B spill st, {r['spill_loads']} B spill ld"
+        lines.append(line)
+        if r["spill_stores"] or r["spill_loads"] or r["stack"]:
+            spilled.append(line)
+    print("\n".join(lines))
+    assert not spilled, "spills:\n" + "\n".join(spilled)
+
+
+def test_sources_inline_every_local_header():
+    for source in SOURCES:
+        src = _build.load_source(source)
+        assert '#include "' not in src
+        assert "struct Simt<double>" in src and "cp_async_16" in src
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_config_tables_cover_every_bucket(dtype):
+    for bucket in _configs.HEAD_DIM_BUCKETS:
+        for causal in (False, True):
+            f = _configs.simt_fwd_config(bucket, dtype, causal)
+            b = _configs.simt_bwd_config(bucket, dtype, causal)
+            assert f.head_dim == bucket and b.head_dim >= bucket
+            assert f.block_m % (4 * f.nwarps) == 0 and f.block_n % 8 == 0
+            assert b.block_n % (8 * b.vec) == 0 and b.block_m % 4 == 0
+            # fits sm_80's opt-in shared memory (163 KB) as well as sm_90's (227 KB)
+            assert f.smem_bytes <= 163 * 1024 and b.smem_bytes <= 163 * 1024
+    for d in (1, 8, 33, 100, 255):
+        assert _configs.simt_fwd_config(d, dtype, True).head_dim >= d
+        assert _configs.simt_bwd_config(d, dtype, True).head_dim >= d
+    with pytest.raises(ValueError, match="head_dim"):
+        _configs.simt_fwd_config(264, dtype, False)
+    with pytest.raises(TypeError):
+        _configs.simt_fwd_config(64, np.float16, False)
