@@ -1,12 +1,14 @@
 """Public attention functions: flash_attn_func, flash_attn_forward, flash_attn_backward.
 
 Where a call runs:
-- NumPy inputs run on the CPU (the chunked exact path) and return NumPy, whether or not a GPU is
-  present. float32 and float64 compute in their own precision; float16 and bfloat16 compute in
-  float32 and return their own dtype.
+- NumPy inputs run on the CPU (the chunked exact path) and return NumPy. float32 and float64
+  compute in their own precision; float16 and bfloat16 compute in float32 and return their own
+  dtype. Exception: NumPy float64 with head_dim <= 256 runs the fused float64 kernel when a GPU is
+  usable (copied there and back; NUMPY_FLOAT64_ON_GPU = False keeps it on the CPU).
 - CuPy inputs, and any GPU array with __dlpack__ / __cuda_array_interface__ (torch, JAX; converted
   zero-copy by cupy.from_dlpack), run on the current CuPy device and stream and return CuPy arrays.
-  float16 / bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/); other
+  float16 / bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/), float32
+  / float64 the fused kernels on CUDA cores (exact FFMA / DFMA, no TF32: flashcupy._gpu_simt); other
   cases run the chunked path on the GPU (exact, O(N) memory, not fused).
 No call synchronises with the host, so GPU calls can be captured into a CUDA graph.
 """
@@ -18,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _chunked
-from ._arrays import array_module, is_half, lse_dtype
+from ._arrays import array_module, cupy_or_none, gpu_available, is_half, lse_dtype
 from ._validate import AttnShape, check_bool, check_like, check_lse, check_qkv
 
 
@@ -35,6 +37,19 @@ MAX_KERNEL_HEAD_DIM = 256
 
 def _use_kernels(xp, dtype, shape: AttnShape) -> bool:
     return xp is not np and is_half(dtype) and shape.head_dim <= MAX_KERNEL_HEAD_DIM
+
+
+# NumPy float64 inputs run the fused float64 kernel when a GPU is usable; False keeps them on the CPU.
+NUMPY_FLOAT64_ON_GPU = True
+
+
+def _use_simt(xp, dtype, shape: AttnShape) -> bool:
+    return xp is not np and np.dtype(dtype) in (np.float32, np.float64) and shape.head_dim <= MAX_KERNEL_HEAD_DIM
+
+
+def _numpy_float64_to_gpu(xp, dtype, shape: AttnShape) -> bool:
+    return (xp is np and NUMPY_FLOAT64_ON_GPU and np.dtype(dtype) == np.float64
+            and shape.head_dim <= MAX_KERNEL_HEAD_DIM and gpu_available())
 
 
 def _no_dropout_yet(dropout_p):
@@ -73,10 +88,19 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
         out = xp.zeros(q.shape, dtype=q.dtype)
         lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, dtype=lse_dtype(q.dtype))
         return AttnForward(out, lse, None)
+    if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernel -> NumPy
+        cp = cupy_or_none()
+        res = flash_attn_forward(*(cp.asarray(x) for x in (q, k, v)), dropout_p=dropout_p,
+                                 softmax_scale=softmax_scale, causal=causal)
+        return AttnForward(res.out.get(), res.lse.get(), None)
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
 
         out, lse = _gpu.forward(q, k, v, shape, causal=causal)
+    elif _use_simt(xp, q.dtype, shape):
+        from . import _gpu_simt
+
+        out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal)
     else:
         out, lse = _chunked.forward(q, k, v, shape, causal=causal, xp=xp)
     return AttnForward(out, lse, None)
@@ -112,10 +136,20 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
     _no_dropout_yet(dropout_p)
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
         return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+    if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernels -> NumPy
+        cp = cupy_or_none()
+        grads = flash_attn_backward(*(cp.asarray(x) for x in (dout, q, k, v, out, lse)), dropout_p=dropout_p,
+                                    softmax_scale=softmax_scale, causal=causal, rng_state=rng_state,
+                                    deterministic=deterministic)
+        return tuple(g.get() for g in grads)
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
 
         return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
+    if _use_simt(xp, q.dtype, shape):
+        from . import _gpu_simt
+
+        return _gpu_simt.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
     return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, xp=xp)
 
 
