@@ -398,7 +398,8 @@ def headline_rows(result: dict) -> tuple:
     header = ["mode", "dtype", "hd", "causal", "seqlen"] + (["density"] if sparse else []) + [
         "flashcupy", "SDPA flash", "cuDNN", "best peer", "/best", "/flash", "/cuDNN"]
     out, seen = [], set()
-    for r in rows:
+    for r in sorted(rows, key=lambda r: (MODES.index(r["mode"]), DTYPES.index(r["dtype"]) if r["dtype"] in DTYPES
+                                         else 9, r["head_dim"], r["causal"], r["density"], r["seqlen"])):
         key = case_key(r)
         if key in seen:
             continue
@@ -435,10 +436,14 @@ def _seqlen(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
+RIGHT = {"BxSxHxD", "density", "ms", "TFLOP/s", "mem MiB", "max err", "/best", "/flash", "/cudnn", "hd", "seqlen",
+         "flashcupy", "SDPA flash", "cuDNN", "/cuDNN"}  # columns aligned right (numbers, or a status word)
+
+
 def plain_table(header, rows, groups=None) -> str:
     """Fixed-width text table; a blank line between groups."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)] if rows else [len(h) for h in header]
-    numeric = [all(_is_number_cell(row[i]) for row in rows) for i in range(len(header))] if rows else []
+    numeric = [h in RIGHT for h in header]
 
     def fmt(cells):
         parts = []
@@ -453,10 +458,6 @@ def plain_table(header, rows, groups=None) -> str:
             lines.append("")
         lines.append(fmt(row))
     return "\n".join(lines)
-
-
-def _is_number_cell(c) -> bool:
-    return bool(re.fullmatch(r"-|n/a|[-+0-9.e]+|[0-9]+k|[0-9x]+", str(c)))
 
 
 def environment_line(result: dict) -> str:
@@ -1502,7 +1503,10 @@ def _quiet():
 def measure(prov: Provider, case: Case, inputs: Inputs, plan: Plan, timer: Timer, acc: "Accuracy") -> dict:
     """One row: time, TFLOP/s, memory and accuracy of prov on case (status != ok when it cannot run)."""
     row = new_row(prov.name, case)
-    why = prov.check(case, plan) or _quadratic_skip(prov, case, plan)
+    try:
+        why = prov.check(case, plan) or _quadratic_skip(prov, case, plan)
+    except Exception as e:
+        why = ("error", _short(f"{type(e).__name__}: {e}", 160))
     if why:
         row["status"], row["note"] = why
         return row
@@ -1523,7 +1527,10 @@ def measure(prov: Provider, case: Case, inputs: Inputs, plan: Plan, timer: Timer
             if not ms > 0:
                 raise RuntimeError(f"time not measurable ({ms:.4f} ms)")
             row["ms"], row["tflops"] = ms, row["flops"] / ms / 1e9
-            row["peak_mem_mib"] = peak_memory_mib(prov.family, plan.device, runner.fn)
+            try:
+                row["peak_mem_mib"] = peak_memory_mib(prov.family, plan.device, runner.fn)
+            except Exception as e:  # the time stands without its memory
+                row["note"] = "; ".join(x for x in (row["note"], _short(f"memory: {type(e).__name__}: {e}", 100)) if x)
     except Exception as e:
         row.update(status=_error_status(e), note=_short(f"{type(e).__name__}: {e}", 160), ms=None, tflops=None,
                    peak_mem_mib=None)
@@ -1776,8 +1783,7 @@ def print_table(title: str, header, rows, groups=None, *, use_rich: bool, stream
 
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
     for i, h in enumerate(header):
-        numeric = bool(rows) and all(_is_number_cell(r[i]) for r in rows)
-        t.add_column(h, justify="right" if numeric else "left", no_wrap=h != "note",
+        t.add_column(h, justify="right" if h in RIGHT else "left", no_wrap=h != "note",
                      style="bold" if h in ("provider", "flashcupy") else None)
     for i, r in enumerate(rows):
         if groups is not None and i > 0 and groups[i] != groups[i - 1]:
@@ -1859,15 +1865,24 @@ def run_bench(plan: Plan, *, command: str = "flashcupy bench", use_rich: bool = 
                 for head_dim in plan.head_dims:
                     for seqlen in plan.seqlens:
                         batch, nheads = fa_shape(seqlen, head_dim, hidden=plan.hidden, tokens=plan.tokens)
-                        inputs = Inputs.random(plan.device, dtype, batch, seqlen, nheads, head_dim, plan.seed)
+                        try:
+                            inputs, failed = Inputs.random(plan.device, dtype, batch, seqlen, nheads, head_dim,
+                                                           plan.seed), None
+                        except Exception as e:  # e.g. out of memory: every row of this shape says so
+                            inputs, failed = None, _short(f"inputs: {type(e).__name__}: {e}", 160)
                         for causal in plan.causal:
                             for density in plan.densities:
-                                kept = kept_fraction(inputs.block_mask(causal, density), causal=causal)
+                                bm = block_mask(seqlen, seqlen, density, causal=causal, seed=plan.seed)
+                                kept = kept_fraction(bm, causal=causal)
                                 for mode in plan.modes:
                                     case = Case(mode, dtype, head_dim, seqlen, causal, density, batch, nheads, kept)
                                     for prov in active:
                                         progress.start(f"{prov.name} {case.label()}")
-                                        row = measure(prov, case, inputs, plan, timer, acc)
+                                        if failed:
+                                            row = new_row(prov.name, case)
+                                            row.update(status="error", note=failed)
+                                        else:
+                                            row = measure(prov, case, inputs, plan, timer, acc)
                                         rows.append(row)
                                         progress.advance(row)
                         inputs = None
@@ -1921,7 +1936,11 @@ def run(args) -> int:
         argv = sys.argv[2:]
     command = "flashcupy bench" + ("" if argv is None else " " + " ".join(shlex.quote(a) for a in argv))
     result = run_bench(plan, command=command, use_rich=use_rich)
-    validate_result(result)
+    try:
+        validate_result(result)
+        invalid = None
+    except ValueError as e:  # a bug here must not lose the measurements: write them, then say so
+        invalid = str(e)
     stem = args.name or (_slug(result["env"]["device"].get("name") or plan.device)
                          if plan.device == "gpu" else "cpu") + ("-quick" if plan.preset == "quick" else "")
     written = write_outputs(result, args.out, stem, args.json, plots=not args.no_plots)
@@ -1936,7 +1955,10 @@ def run(args) -> int:
                 stream=table_stream)
     if args.json == "-":
         print(json.dumps(result, indent=1))
-    return 1 if result["interrupted"] else 0
+    sys.stdout.flush()
+    if invalid:
+        print(f"flashcupy bench: the result does not match its schema (a bug): {invalid}", file=sys.stderr)
+    return 1 if (result["interrupted"] or invalid) else 0
 
 
 def main(argv=None) -> int:
