@@ -412,17 +412,17 @@ def headline_rows(result: dict) -> tuple:
         if sparse:
             cells.append(f"{r['density']:g}")
 
-        def tf(x):
-            return _tf(x["tflops"]) if x else "-"
-
-        def ratio(peer):
-            return f"{mine['tflops'] / peer['tflops']:.2f}" if (mine and peer) else "-"
-
-        cells += [tf(mine) if mine else _flashcupy_status(rows, key), tf(got.get("sdpa-flash")),
-                  tf(got.get("sdpa-cudnn")), f"{best['provider']} {_tf(best['tflops'])}" if best else "-",
-                  ratio(best), ratio(got.get("sdpa-flash")), ratio(got.get("sdpa-cudnn"))]
+        flash, cudnn = got.get("sdpa-flash"), got.get("sdpa-cudnn")
+        cells += [_tf(mine["tflops"]) if mine else _flashcupy_status(rows, key),
+                  _tf(flash["tflops"]) if flash else "-", _tf(cudnn["tflops"]) if cudnn else "-",
+                  f"{best['provider']} {_tf(best['tflops'])}" if best else "-",
+                  _ratio(mine, best), _ratio(mine, flash), _ratio(mine, cudnn)]
         out.append(cells)
     return header, out
+
+
+def _ratio(mine, peer) -> str:
+    return f"{mine['tflops'] / peer['tflops']:.2f}" if (mine and peer) else "-"
 
 
 def _flashcupy_status(rows, key) -> str:
@@ -543,14 +543,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--rep-ms", type=float, help="time spent repeating per measurement (default 100; --quick 40)")
     m.add_argument("--min-reps", type=int, help="fewest repetitions per measurement (default 10; --quick 5)")
     m.add_argument("--max-quadratic-seqlen", type=int,
-                   help="longest seqlen for naive, sdpa-math and jax-xla, which hold seqlen^2 scores (default 8192; --quick 4096)")
+                   help="longest seqlen for naive, sdpa-math and jax-xla, which hold seqlen^2 scores "
+                        "(default 8192; --quick 4096)")
     m.add_argument("--no-accuracy", action="store_true", help="skip the error against the float64 oracle")
     m.add_argument("--seed", type=int, default=0, help="seed of the random inputs and block masks (default 0)")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"directory for the JSON, tables and plots (default {DEFAULT_OUT})")
     o.add_argument("--name", help="file stem in --out (default: the device name, plus -quick)")
-    o.add_argument("--json", metavar="PATH", help="write the JSON here instead of DIR/NAME.json; '-' prints it to stdout")
+    o.add_argument("--json", metavar="PATH",
+                   help="write the JSON here instead of DIR/NAME.json; '-' prints it to stdout")
     o.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     o.add_argument("--plain", action="store_true", help="plain text even where rich is installed")
     o.add_argument("--markdown", metavar="RESULTS_JSON",
@@ -876,7 +878,8 @@ class Timer:
                 return float(self._do_bench(fn, warmup=max(self.warmup_ms, 2 * est),
                                             rep=max(self.rep_ms, self.min_reps * est), return_mode="median"))
             except Exception as e:  # a triton that cannot time here: our own loop from now on
-                warnings.warn(f"triton.testing.do_bench failed ({_short(e, 80)}); timing with CuPy events")
+                warnings.warn(f"triton.testing.do_bench failed ({_short(e, 80)}); timing with CuPy events",
+                              stacklevel=2)
                 self._do_bench = None
         return self._events(fn, est)
 
@@ -1774,15 +1777,16 @@ def print_table(title: str, header, rows, groups=None, *, use_rich: bool, stream
     stream = stream or sys.stdout
     tty = hasattr(stream, "isatty") and stream.isatty()
     console = _rich_console(stderr=stream is sys.stderr) if (use_rich and tty) else None
-    if console is None:
-        print(f"\n{title}", file=stream)
-        print(plain_table(header, rows, groups), file=stream, flush=True)
+    text = plain_table(header, rows, groups)
+    if console is None or console.width < max(map(len, text.splitlines())) + 2 * len(header):
+        print(f"\n{title}", file=stream)  # no rich, not a terminal, or one too narrow for rich's table
+        print(text, file=stream, flush=True)
         return
     from rich import box
     from rich.table import Table
 
     t = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left", pad_edge=False)
-    for i, h in enumerate(header):
+    for h in header:
         t.add_column(h, justify="right" if h in RIGHT else "left", no_wrap=h != "note",
                      style="bold" if h in ("provider", "flashcupy") else None)
     for i, r in enumerate(rows):
