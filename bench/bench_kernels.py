@@ -32,6 +32,7 @@ def main(argv=None):
     ap.add_argument("--causal", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--providers", nargs="+", default=["flashcupy", "flash", "cudnn", "efficient", "naive"])
     ap.add_argument("--sweep", action="store_true", help="also time candidate forward configs")
+    ap.add_argument("--dropout", type=float, default=0.0, help="also time flashcupy and SDPA flash with this dropout_p")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -81,6 +82,12 @@ def main(argv=None):
                                         r = flashcupy.flash_attn_forward(q, k, v, causal=causal)
                                         flashcupy.flash_attn_backward(do, q, k, v, r.out, r.lse, causal=causal)
                                     impls["flashcupy"] = fb
+                            if args.dropout and mode == "fwd+bwd":
+                                def fb_drop():
+                                    r = flashcupy.flash_attn_forward(q, k, v, causal=causal, dropout_p=args.dropout)
+                                    flashcupy.flash_attn_backward(do, q, k, v, r.out, r.lse, causal=causal,
+                                                                  dropout_p=args.dropout, rng_state=r.rng_state)
+                                impls[f"fc-drop{args.dropout}"] = fb_drop
                             if args.sweep and mode == "bwd":
                                 from flashcupy._configs import bwd_config
                                 base = bwd_config(head_dim, None, causal)
@@ -111,6 +118,13 @@ def main(argv=None):
                                     o = torch.nn.functional.scaled_dot_product_attention(a, b, c, is_causal=causal)
                                     o.backward(bdo)
                             impls[prov] = run
+                            if args.dropout and prov == "flash" and mode == "fwd+bwd":
+                                def run_drop():
+                                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                                        a, b, c = (x.detach().requires_grad_() for x in (bq, bk, bv))
+                                        torch.nn.functional.scaled_dot_product_attention(
+                                            a, b, c, is_causal=causal, dropout_p=args.dropout).backward(bdo)
+                                impls[f"flash-drop{args.dropout}"] = run_drop
                         if "naive" in args.providers and mode == "fwd" and seqlen <= 4096:
                             # CuPy has no bf16 matmul: naive attention runs on fp16 copies of the inputs.
                             hq, hk, hv = (cp.from_dlpack(t.to(torch.float16)) for t in (tq, tk, tv))

@@ -18,6 +18,7 @@
 //
 // Versions (numbers in bench/NOTES.md):
 //   v1  the above; Q_i, dO_i double-buffered with cp.async; K_j, V_j read from shared memory.
+//   v1.1 fused dropout: the forward's keep-mask regenerated from (seed, offset) with Philox.
 #include "flash_common.cuh"
 
 template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int D_SPLIT_>
@@ -84,7 +85,7 @@ __device__ __forceinline__ void load_row_stats(float* s_lse_log2, float* s_delta
 // lse, delta: (batch, nheads, seqlen_q) float32; dq_accum: (batch, seqlen_q, nheads, head_dim)
 // float32, zeroed (unscaled dS K is added); dk, dv: (batch, seqlen_k, nheads, head_dim) rows, written
 // as Elem (dkv_fp32 == 0) or float32 (GQA: summed over the group afterwards). dk is scaled here.
-template <typename Tr, bool CAUSAL, bool WRITE_DQ>
+template <typename Tr, bool CAUSAL, bool WRITE_DQ, bool DROPOUT>
 __global__ void __launch_bounds__(Tr::NTHREADS)
 flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -94,7 +95,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                  i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
                  int seqlen_q, int seqlen_k, int nheads, int group, int head_dim, int dkv_fp32,
-                 float softmax_scale_log2, float grad_scale) {
+                 float softmax_scale_log2, float grad_scale, DropoutParams dropout) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, D_OUT = Tr::D_OUT;
     constexpr int MQ = Tr::MQ, PITCH = Tr::PITCH, DS_PITCH = Tr::DS_PITCH, NTHREADS = Tr::NTHREADS;
@@ -193,6 +194,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         }
 
         // P^T = 2^(S^T c - lse_log2[query]) (0 where masked); dS^T = P^T o (dP^T - D[query]).
+        // With dropout (Z = keep / (1 - p)): dV uses P^T o Z, and dS^T = P^T o (dP^T o Z - D).
         const bool need_mask = CAUSAL && n0 + BLOCK_N - 1 > m0 + causal_offset;
 #pragma unroll
         for (int t = 0; t < MQ; ++t)
@@ -203,8 +205,34 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 float p = fast_exp2(fmaf(acc_s[t][e], softmax_scale_log2, -lse_log2[qi]));
                 if (need_mask && kj > m0 + qi + causal_offset) p = 0.f;
                 acc_s[t][e] = p;
-                acc_dp[t][e] = p * (acc_dp[t][e] - dlt[qi]);
             }
+        if constexpr (DROPOUT) {
+            // This thread holds keys {g, g + 8} x queries {2t, 2t+1} of each query n8 tile: rows
+            // (queries) 2t + e2 and 2t + e2 + 8 of a 16-query block share one Philox call.
+            const u32 bh = (u32)(batch * nheads + head);
+#pragma unroll
+            for (int q2 = 0; q2 < MQ / 2; ++q2)
+#pragma unroll
+                for (int e2 = 0; e2 < 2; ++e2) {
+                    u32 r[4];
+                    dropout_words(r, dropout, bh, m0 + q2 * 16, (lane % 4) * 2 + e2, n0 + warp * 16, (lane / 8) % 4);
+#pragma unroll
+                    for (int th = 0; th < 2; ++th)
+#pragma unroll
+                        for (int kh = 0; kh < 2; ++kh) {
+                            const int t = 2 * q2 + th, e = e2 + 2 * kh;
+                            const bool keep = dropout_keep(r, th, kh, (lane / 4) % 2, dropout.keep_threshold);
+                            const int qi = t * 8 + (lane % 4) * 2 + e2;
+                            acc_dp[t][e] = acc_s[t][e] * ((keep ? acc_dp[t][e] * dropout.scale : 0.f) - dlt[qi]);
+                            if (!keep) acc_s[t][e] = 0.f;
+                        }
+                }
+        } else {
+#pragma unroll
+            for (int t = 0; t < MQ; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_dp[t][e] = acc_s[t][e] * (acc_dp[t][e] - dlt[t * 8 + (lane % 4) * 2 + (e % 2)]);
+        }
 
         // dV += P^T dO_i, dK += dS^T Q_i: A from registers (two n8 tiles of S^T = one k16 step),
         // B = rows of dO_i / Q_i transposed, this CTA's D_OUT columns.
@@ -303,7 +331,8 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             const int col = d_base + t * 8 + (lane % 4) * 2;
             if (col >= head_dim) continue;
             const float k0 = acc_dk[t][2 * r] * grad_scale, k1 = acc_dk[t][2 * r + 1] * grad_scale;
-            const float v0 = acc_dv[t][2 * r], v1 = acc_dv[t][2 * r + 1];
+            const float v_scale = DROPOUT ? dropout.scale : 1.f;
+            const float v0 = acc_dv[t][2 * r] * v_scale, v1 = acc_dv[t][2 * r + 1] * v_scale;
             if (dkv_fp32) {
                 *reinterpret_cast<float2*>(static_cast<float*>(dk) + base + col) = make_float2(k0, k1);
                 *reinterpret_cast<float2*>(static_cast<float*>(dv) + base + col) = make_float2(v0, v1);
@@ -331,7 +360,7 @@ struct BwdDqTraits {
     static_assert(BLOCK_M % (16 * NWARPS) == 0 && BLOCK_N % 16 == 0, "tiles");
 };
 
-template <typename Tr, bool CAUSAL>
+template <typename Tr, bool CAUSAL, bool DROPOUT>
 __global__ void __launch_bounds__(Tr::NTHREADS)
 flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                     const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
@@ -341,7 +370,7 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
                     i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                     i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
                     int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                    float softmax_scale_log2, float grad_scale) {
+                    float softmax_scale_log2, float grad_scale, DropoutParams dropout) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, PITCH = Tr::PITCH, NTHREADS = Tr::NTHREADS;
@@ -445,8 +474,31 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
                     const int col = n0 + nt * 8 + (lane % 4) * 2 + (e % 2);
                     float p = fast_exp2(fmaf(acc_s[mt][nt][e], softmax_scale_log2, -lse_log2[mt][e / 2]));
                     if (need_mask && (col >= seqlen_k || (CAUSAL && col > row + causal_offset))) p = 0.f;
-                    acc_dp[mt][nt][e] = p * (acc_dp[mt][nt][e] - dlt[mt][e / 2]);
+                    acc_s[mt][nt][e] = p;
                 }
+        // dS = P o (dP o Z - D), Z = keep / (1 - p) with dropout (the forward's mask, same layout).
+        if constexpr (DROPOUT) {
+            const u32 bh = (u32)(batch * nheads + head);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int q2 = 0; q2 < NT / 2; ++q2) {
+                    u32 r[4];
+                    dropout_words(r, dropout, bh, m0 + warp_row0 + mt * 16, lane / 4, n0 + q2 * 16, lane % 4);
+#pragma unroll
+                    for (int ch = 0; ch < 2; ++ch)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!dropout_keep(r, e / 2, ch, e % 2, dropout.keep_threshold)) acc_dp[mt][2 * q2 + ch][e] = 0.f;
+                            else acc_dp[mt][2 * q2 + ch][e] *= dropout.scale;
+                }
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc_dp[mt][nt][e] = acc_s[mt][nt][e] * (acc_dp[mt][nt][e] - dlt[mt][e / 2]);
         // dQ += dS K_j: dS from registers (A), K_j rows transposed (B).
 #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) {

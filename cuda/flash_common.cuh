@@ -136,6 +136,38 @@ __device__ __forceinline__ void load_tile_async(u16* smem, const u16* gmem, i64 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dropout: Philox4x32-10 (Salmon et al., SC 2011); the element -> (counter, word, half) map is
+// documented in flashcupy/dropout.py, which computes the same bits on the host.
+// ---------------------------------------------------------------------------------------------
+struct DropoutParams {
+    u32 seed_lo, seed_hi, offset;
+    u32 keep_threshold;  // keep iff a 16-bit uniform < keep_threshold (1..65536)
+    float scale;         // 65536 / keep_threshold = 1 / (1 - p_eff)
+};
+
+__device__ __forceinline__ void philox4x32_10(u32 (&r)[4], u32 c0, u32 c1, u32 c2, u32 c3, u32 k0, u32 k1) {
+#pragma unroll
+    for (int round = 0; round < 10; ++round) {
+        if (round) k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+        const u32 lo0 = 0xD2511F53u * c0, hi0 = __umulhi(0xD2511F53u, c0);
+        const u32 lo1 = 0xCD9E8D57u * c2, hi1 = __umulhi(0xCD9E8D57u, c2);
+        c0 = hi1 ^ c1 ^ k0, c1 = lo1, c2 = hi0 ^ c3 ^ k1, c3 = lo0;
+    }
+    r[0] = c0, r[1] = c1, r[2] = c2, r[3] = c3;
+}
+
+// The 8 keep decisions of one Philox call: rows {i, i + 8} x columns {2t, 2t+1, 2t+8, 2t+9} of a
+// 16 x 16 block, for i = row0 + (0..7) (row0 % 16 == 0), t = 0..3, column block col0 (% 16 == 0).
+__device__ __forceinline__ void dropout_words(u32 (&r)[4], const DropoutParams& dp, u32 bh, int row0, int i7,
+                                              int col0, int t) {
+    philox4x32_10(r, (u32)((col0 >> 4) * 4 + t), (u32)((row0 >> 4) * 8 + i7), bh, dp.offset, dp.seed_lo, dp.seed_hi);
+}
+// Element (row half rh, column half ch, column parity par) of such a call: kept?
+__device__ __forceinline__ bool dropout_keep(const u32 (&r)[4], int rh, int ch, int par, u32 threshold) {
+    return ((r[2 * rh + ch] >> (16 * par)) & 0xFFFFu) < threshold;
+}
+
 // Quad reductions: the four lanes that hold one accumulator row (lane / 4 equal).
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

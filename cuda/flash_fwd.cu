@@ -9,6 +9,7 @@
 //
 // Versions (numbers in bench/NOTES.md):
 //   v1  FA2 structure, padded smem rows, single-buffered K/V, Q re-read from smem by ldmatrix.
+//   v1.1 fused dropout (Philox4x32-10, one call per 8 elements of a thread's fragment).
 #include "flash_common.cuh"
 
 template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_>
@@ -30,7 +31,7 @@ struct FwdTraits {
 
 // q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
 // strides in elements, the last dimension contiguous. lse: (batch, nheads, seqlen_q) contiguous.
-template <typename Tr, bool CAUSAL>
+template <typename Tr, bool CAUSAL, bool DROPOUT>
 __global__ void __launch_bounds__(Tr::NTHREADS)
 flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  u16* __restrict__ o, float* __restrict__ lse,
@@ -39,7 +40,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                  i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
                  int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                 float softmax_scale, float softmax_scale_log2) {
+                 float softmax_scale, float softmax_scale_log2, DropoutParams dropout) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, PITCH = Tr::PITCH, NTHREADS = Tr::NTHREADS;
@@ -175,6 +176,24 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 for (int dt = 0; dt < DT; ++dt) acc_o[mt][dt][2 * r] *= alpha, acc_o[mt][dt][2 * r + 1] *= alpha;
             }
 
+        // Dropout: zero the dropped entries of P (l keeps the undropped sum: the LSE is the softmax's);
+        // the 1 / (1 - p) scale is applied to O once, in the epilogue.
+        if constexpr (DROPOUT) {
+            const u32 bh = (u32)(batch * nheads + head);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int q2 = 0; q2 < NT / 2; ++q2) {
+                    u32 r[4];
+                    dropout_words(r, dropout, bh, m0 + warp_row0 + mt * 16, lane / 4, n0 + q2 * 16, lane % 4);
+#pragma unroll
+                    for (int ch = 0; ch < 2; ++ch)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            if (!dropout_keep(r, e / 2, ch, e % 2, dropout.keep_threshold)) acc_s[mt][2 * q2 + ch][e] = 0.f;
+                }
+        }
+
         // O += P V_j: P (16 * MT, BLOCK_N) from registers as the A operand, V_j from shared memory.
 #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
@@ -208,7 +227,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l = quad_sum(row_sum[mt][r]);
-            const float inv_l = l > 0.f ? 1.f / l : 0.f;
+            const float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
             const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {

@@ -9,7 +9,7 @@
 //                                        S = Q_i K_j^T, dP = dO_i V_j^T      (layout A)
 //                                        P = exp(S c - LSE), dS = P o (dP - D) -> shared memory
 //                                        dV += P^T dO_i, dK += dS^T Q_i       (layout B)
-//                                        DQ_ATOMIC: dQ_i += scale dS K_j by atomicAdd (layout C)
+//                                        dq_atomic: dQ_i += scale dS K_j by atomicAdd (layout C)
 //   flash_simt_bwd_q_kernel            deterministic dQ: one CTA per (query tile, head, batch),
 //                                      looping over key tiles (S, dP and dS recomputed), dQ in
 //                                      registers, stored once. Used instead of the atomics when
@@ -128,9 +128,9 @@ __device__ __forceinline__ void load_row_stats(const SimtBwdSmem<Tr>& s, const t
 
 // P and dS of one (query tile m0, key tile n0) pair into shared memory, from Q, dO, K, V, LSE, D
 // already there: S = Q K^T, dP = dO V^T, P = exp(S c - LSE) (0 where masked), dS = P o (dP - D).
-template <typename Tr, bool CAUSAL, bool STORE_P>
+template <typename Tr, bool STORE_P>
 __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const SimtBwdThread<Tr>& t, int m0,
-                                               int n0, int seqlen_k, int causal_offset,
+                                               int n0, int seqlen_k, int causal, int causal_offset,
                                                typename Tr::T scale_exp) {
     using T = typename Tr::T;
     constexpr int TM = Tr::A_TM, TN = Tr::A_TN, RS = Tr::A_RS, KS = Tr::A_KS;
@@ -140,7 +140,7 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
     mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_s, s.q + t.a_row * PITCH, s.k + t.a_key * PITCH);
     zero(acc_dp);
     mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_dp, s.dout + t.a_row * PITCH, s.v + t.a_key * PITCH);
-    const bool need_mask = n0 + Tr::BLOCK_N > seqlen_k || (CAUSAL && n0 + Tr::BLOCK_N - 1 > m0 + causal_offset);
+    const bool need_mask = n0 + Tr::BLOCK_N > seqlen_k || (causal && n0 + Tr::BLOCK_N - 1 > m0 + causal_offset);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int r = t.a_row + RS * i;
@@ -150,7 +150,7 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
             const int c = t.a_key + KS * j;
             T p = Simt<T>::exp_base(fmadd(acc_s[i][j], scale_exp, -lse));
             // select, not multiply: a masked score may overflow exp (its row's LSE excludes it)
-            if (need_mask && (n0 + c >= seqlen_k || (CAUSAL && n0 + c > m0 + r + causal_offset))) p = T(0);
+            if (need_mask && (n0 + c >= seqlen_k || (causal && n0 + c > m0 + r + causal_offset))) p = T(0);
             if (STORE_P) sts(s.p + r * P_PITCH + c, p);
             sts(s.ds + r * P_PITCH + c, p * (acc_dp[i][j] - delta));
         }
@@ -158,11 +158,12 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
 }
 
 // q, dout: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
-// dq: (batch, seqlen_q, nheads, head_dim), zero-filled, accumulated with atomicAdd (DQ_ATOMIC);
+// dq: (batch, seqlen_q, nheads, head_dim), zero-filled, accumulated with atomicAdd (dq_atomic);
 // dk, dv: (batch, seqlen_k, nheads, head_dim), this query head's part (summed over GQA groups by
 // the caller). lse_exp, delta: (batch, nheads, seqlen_q) contiguous (preprocess kernel).
 // Strides in elements; last dimension contiguous; rows 16-byte aligned; head_dim a multiple of 8.
-template <typename Tr, bool CAUSAL, bool DQ_ATOMIC>
+// causal and dq_atomic (0 or 1) are run-time arguments (uniform branches; half the specializations).
+template <typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS)
 flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
                          const typename Tr::T* __restrict__ v, const typename Tr::T* __restrict__ dout,
@@ -176,7 +177,7 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
                          i64 dq_batch_stride, i64 dq_row_stride, i64 dq_head_stride,
                          i64 dk_batch_stride, i64 dk_row_stride, i64 dk_head_stride,
                          int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                         typename Tr::T softmax_scale, typename Tr::T scale_exp) {
+                         typename Tr::T softmax_scale, typename Tr::T scale_exp, int causal, int dq_atomic) {
     using T = typename Tr::T;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, VEC = Tr::VEC;
     constexpr int PITCH = Tr::PITCH, P_PITCH = Tr::P_PITCH, NTHREADS = Tr::NTHREADS;
@@ -205,7 +206,7 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
 
     // Causal: query rows before n0 - offset see none of these keys (and every key is visible to
     // the last query row, so the loop is never empty for a key tile inside seqlen_k).
-    const int m_begin = CAUSAL ? max(0, n0 - causal_offset) / BLOCK_M : 0;
+    const int m_begin = causal ? max(0, n0 - causal_offset) / BLOCK_M : 0;
     const int m_end = cdiv(seqlen_q, BLOCK_M);
 
     T acc_dk[GN * VEC][GD * VEC], acc_dv[GN * VEC][GD * VEC];  // (keys, columns) of layout B
@@ -223,14 +224,14 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
         cp_async_wait<0>();
         __syncthreads();  // Q_i, dO_i, LSE, D (and K_j, V_j) are in shared memory
 
-        scores_to_smem<Tr, CAUSAL, true>(s, t, m0, n0, seqlen_k, causal_offset, scale_exp);
+        scores_to_smem<Tr, true>(s, t, m0, n0, seqlen_k, causal, causal_offset, scale_exp);
         __syncthreads();  // P and dS are in shared memory
 
         // dV += P^T dO_i, dK += dS^T Q_i: reduction over the BLOCK_M query rows
         mma_tn<T, GN, GD, BLOCK_M, P_PITCH, PITCH, Tr::B_KS, Tr::B_DS>(acc_dv, s.p + t.b_key, s.dout + t.b_col);
         mma_tn<T, GN, GD, BLOCK_M, P_PITCH, PITCH, Tr::B_KS, Tr::B_DS>(acc_dk, s.ds + t.b_key, s.q + t.b_col);
 
-        if constexpr (DQ_ATOMIC) {
+        if (dq_atomic) {
             // dQ_i += scale dS K_j: (C_TM, C_GD * VEC) per thread, added to global memory
             constexpr int TM = Tr::C_TM, TG = Tr::C_GD;
             T acc_dq[TM][TG * VEC];
@@ -281,7 +282,7 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
 
 // Deterministic dQ: one CTA per (query tile, head, batch), looping over the key tiles.
 // dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
-template <typename Tr, bool CAUSAL>
+template <typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS)
 flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
                         const typename Tr::T* __restrict__ v, const typename Tr::T* __restrict__ dout,
@@ -293,7 +294,7 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
                         i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
                         i64 dq_batch_stride, i64 dq_row_stride, i64 dq_head_stride,
                         int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                        typename Tr::T softmax_scale, typename Tr::T scale_exp) {
+                        typename Tr::T softmax_scale, typename Tr::T scale_exp, int causal) {
     using T = typename Tr::T;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, VEC = Tr::VEC;
     constexpr int PITCH = Tr::PITCH, P_PITCH = Tr::P_PITCH, NTHREADS = Tr::NTHREADS;
@@ -312,7 +313,7 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
     const T* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
 
     int n_blocks = cdiv(seqlen_k, BLOCK_N);
-    if (CAUSAL) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
+    if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
 
     if (n_blocks > 0) {  // committed and waited for with K_0, V_0
         load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(
@@ -337,7 +338,7 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
         cp_async_wait<0>();
         __syncthreads();  // K_j, V_j (and Q, dO, LSE, D) are in shared memory
 
-        scores_to_smem<Tr, CAUSAL, false>(s, t, m0, n0, seqlen_k, causal_offset, scale_exp);
+        scores_to_smem<Tr, false>(s, t, m0, n0, seqlen_k, causal, causal_offset, scale_exp);
         __syncthreads();  // dS is in shared memory
 
         mma_nn<T, TM, TG, BLOCK_N, P_PITCH, PITCH, Tr::C_RS, Tr::C_DS>(acc_dq, s.ds + t.c_row * P_PITCH,

@@ -43,8 +43,9 @@ struct SimtFwdTraits {
 // q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
 // strides in elements, the last dimension contiguous, rows 16-byte aligned; head_dim a multiple of 8.
 // lse: (batch, nheads, seqlen_q) contiguous, of T. scale_exp = softmax_scale * log2(e) for float
-// (base-2 softmax), softmax_scale for double.
-template <typename Tr, bool CAUSAL>
+// (base-2 softmax), softmax_scale for double. causal (0 or 1) is a run-time argument: it only
+// changes loop bounds and the mask of diagonal tiles, and halves the specializations to build.
+template <typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS)
 flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
                       const typename Tr::T* __restrict__ v, typename Tr::T* __restrict__ o,
@@ -54,7 +55,7 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
                       i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                       i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
                       int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                      typename Tr::T softmax_scale, typename Tr::T scale_exp) {
+                      typename Tr::T softmax_scale, typename Tr::T scale_exp, int causal) {
     using T = typename Tr::T;
     using M = Simt<T>;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, VEC = Tr::VEC;
@@ -82,7 +83,7 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
     T* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
 
     int n_blocks = cdiv(seqlen_k, BLOCK_N);
-    if (CAUSAL) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
+    if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
     // The last key tile with a key visible to some row of this warp (warp-uniform).
     const int warp_last_key = m0 + warp_row0 + WARP_M - 1 + causal_offset;
 
@@ -114,7 +115,7 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
         cp_async_commit();
 
         // Causal: a tile whose first key is after this warp's last visible key adds nothing.
-        const bool warp_active = !CAUSAL || n0 <= warp_last_key;
+        const bool warp_active = !causal || n0 <= warp_last_key;
         if (warp_active) {
             // S = Q K_j^T: (TM, TN) per thread
             T acc_s[TM][TN];
@@ -123,14 +124,14 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
 
             // Mask keys past seqlen_k and, for causal, keys after the diagonal; only tiles that need it.
             const bool need_mask = n0 + BLOCK_N > seqlen_k ||
-                                   (CAUSAL && n0 + BLOCK_N - 1 > m0 + warp_row0 + causal_offset);
+                                   (causal && n0 + BLOCK_N - 1 > m0 + warp_row0 + causal_offset);
             if (need_mask) {
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
                     for (int jj = 0; jj < TN; ++jj) {
                         const int row = m0 + warp_row0 + lr + 4 * i, col = n0 + lc + 8 * jj;
-                        if (col >= seqlen_k || (CAUSAL && col > row + causal_offset)) acc_s[i][jj] = -M::inf();
+                        if (col >= seqlen_k || (causal && col > row + causal_offset)) acc_s[i][jj] = -M::inf();
                     }
             }
 

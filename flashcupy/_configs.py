@@ -32,6 +32,10 @@ def elem_name(dtype) -> str:
     raise TypeError(f"no 16-bit kernel for dtype {dtype}")
 
 
+def _cbool(x: bool) -> str:
+    return "true" if x else "false"
+
+
 @dataclass(frozen=True)
 class FwdConfig:
     """Mirror of FwdTraits in cuda/flash_fwd.cu."""
@@ -49,9 +53,9 @@ class FwdConfig:
     def smem_bytes(self) -> int:
         return (self.block_m + 2 * self.block_n) * (self.head_dim + 8) * 2
 
-    def kernel_name(self, elem: str, causal: bool) -> str:
+    def kernel_name(self, elem: str, causal: bool, dropout: bool = False) -> str:
         traits = f"FwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
-        return f"flash_fwd_kernel<{traits}, {'true' if causal else 'false'}>"
+        return f"flash_fwd_kernel<{traits}, {_cbool(causal)}, {_cbool(dropout)}>"
 
 
 # (bucket) -> (block_m, block_n, nwarps), reason. Register counts are sm_80 ptxas, no spills
@@ -77,11 +81,12 @@ def fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> FwdConfig:
 
 
 def all_fwd_specializations():
-    """Every (elem, causal, config) the library can launch: CI compiles each one."""
+    """Every (elem, causal, dropout, config) the library can launch: CI compiles each one."""
     for elem in ("Fp16", "Bf16"):
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
-                yield elem, causal, fwd_config(bucket, None, causal)
+                for dropout in (False, True):
+                    yield elem, causal, dropout, fwd_config(bucket, None, causal)
 
 
 @dataclass(frozen=True)
@@ -114,13 +119,13 @@ class BwdConfig:
     def dq_smem_bytes(self) -> int:
         return (2 * self.dq_block_m + 2 * self.dq_block_n) * (self.head_dim + 8) * 2
 
-    def kernel_name(self, elem: str, causal: bool, write_dq: bool) -> str:
+    def kernel_name(self, elem: str, causal: bool, write_dq: bool, dropout: bool = False) -> str:
         traits = f"BwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.d_split}>"
-        return f"flash_bwd_kernel<{traits}, {str(causal).lower()}, {str(write_dq).lower()}>"
+        return f"flash_bwd_kernel<{traits}, {_cbool(causal)}, {_cbool(write_dq)}, {_cbool(dropout)}>"
 
-    def dq_kernel_name(self, elem: str, causal: bool) -> str:
+    def dq_kernel_name(self, elem: str, causal: bool, dropout: bool = False) -> str:
         traits = f"BwdDqTraits<{elem}, {self.head_dim}, {self.dq_block_m}, {self.dq_block_n}, {self.dq_block_m // 16}>"
-        return f"flash_bwd_dq_kernel<{traits}, {str(causal).lower()}>"
+        return f"flash_bwd_dq_kernel<{traits}, {_cbool(causal)}, {_cbool(dropout)}>"
 
 
 # (bucket) -> (block_m, block_n, d_split, dq_block_m, dq_block_n, dq_atomic), reason.
@@ -148,11 +153,12 @@ def bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> BwdConfig:
 
 
 def all_bwd_specializations():
-    """Every (elem, causal, config) of the backward family: CI compiles each one."""
+    """Every (elem, causal, dropout, config) of the backward family: CI compiles each one."""
     for elem in ("Fp16", "Bf16"):
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
-                yield elem, causal, bwd_config(bucket, None, causal)
+                for dropout in (False, True):
+                    yield elem, causal, dropout, bwd_config(bucket, None, causal)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,9 +204,10 @@ class SimtFwdConfig:
         pitch, p_pitch = self.head_dim + self.vec, self.block_n + 2 * self.vec
         return ((self.block_m + 2 * self.block_n) * pitch + self.block_m * p_pitch) * _simt_itemsize(self.elem)
 
-    def kernel_name(self, causal: bool) -> str:
+    def kernel_name(self) -> str:
+        """causal is a run-time argument of the kernel (one specialization serves both masks)."""
         traits = f"SimtFwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
-        return f"flash_simt_fwd_kernel<{traits}, {'true' if causal else 'false'}>"
+        return f"flash_simt_fwd_kernel<{traits}>"
 
 
 @dataclass(frozen=True)
@@ -230,11 +237,12 @@ class SimtBwdConfig:
     def _traits(self) -> str:
         return f"SimtBwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
 
-    def kv_kernel_name(self, causal: bool, dq_atomic: bool) -> str:
-        return f"flash_simt_bwd_kv_kernel<{self._traits()}, {str(causal).lower()}, {str(dq_atomic).lower()}>"
+    # causal and dq_atomic are run-time arguments of the kernels.
+    def kv_kernel_name(self) -> str:
+        return f"flash_simt_bwd_kv_kernel<{self._traits()}>"
 
-    def dq_kernel_name(self, causal: bool) -> str:
-        return f"flash_simt_bwd_q_kernel<{self._traits()}, {str(causal).lower()}>"
+    def dq_kernel_name(self) -> str:
+        return f"flash_simt_bwd_q_kernel<{self._traits()}>"
 
     def preprocess_kernel_name(self) -> str:
         return f"flash_simt_bwd_preprocess_kernel<{self.elem}>"
@@ -305,21 +313,25 @@ def simt_bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> SimtB
 
 
 def all_simt_fwd_specializations():
-    """Every (causal, config) of the SIMT forward: CI compiles each one."""
+    """Every distinct config of the SIMT forward (causal is a run-time argument): CI compiles each."""
+    seen = []
     for dtype in (np.float32, np.float64):
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
-                yield causal, simt_fwd_config(bucket, dtype, causal)
+                cfg = simt_fwd_config(bucket, dtype, causal)
+                if cfg not in seen:
+                    seen.append(cfg)
+                    yield cfg
 
 
 def all_simt_bwd_specializations():
-    """Every distinct (causal, config) of the SIMT backward: CI compiles its KV kernel (dq_atomic
-    True and False) and its dQ kernel."""
-    seen = set()
+    """Every distinct config of the SIMT backward: CI compiles its KV and dQ kernels (and the
+    preprocess kernel of its element type)."""
+    seen = []
     for dtype in (np.float32, np.float64):
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
-                key = (causal, simt_bwd_config(bucket, dtype, causal))
-                if key not in seen:
-                    seen.add(key)
-                    yield key
+                cfg = simt_bwd_config(bucket, dtype, causal)
+                if cfg not in seen:
+                    seen.append(cfg)
+                    yield cfg

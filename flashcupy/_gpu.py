@@ -57,8 +57,26 @@ def _check_grid(shape):
                          f"got batch={shape.batch}, nheads={shape.nheads}")
 
 
-def forward(q, k, v, shape, *, causal: bool, config=None):
-    """Fused forward. Returns (out like q, lse (batch, nheads, seqlen_q) float32)."""
+_DROPOUT_PARAMS = np.dtype([("seed_lo", "<u4"), ("seed_hi", "<u4"), ("offset", "<u4"),
+                            ("keep_threshold", "<u4"), ("scale", "<f4")])  # DropoutParams in flash_common.cuh
+
+
+def dropout_params(dropout):
+    """The DropoutParams struct, by value: dropout = (dropout_p, (seed, offset)) or None."""
+    from .dropout import keep_threshold
+
+    rec = np.zeros((), dtype=_DROPOUT_PARAMS)
+    if dropout is not None:
+        p, (seed, offset) = dropout
+        thr = keep_threshold(p)
+        rec[()] = (seed & 0xFFFFFFFF, seed >> 32, offset, thr, 65536.0 / thr)
+    return rec.reshape(1).view(np.dtype((np.void, _DROPOUT_PARAMS.itemsize)))[0]
+
+
+def forward(q, k, v, shape, *, causal: bool, dropout=None, config=None):
+    """Fused forward. Returns (out like q, lse (batch, nheads, seqlen_q) float32).
+
+    dropout: None, or (dropout_p, (seed, offset)) for the fused dropout of flashcupy.dropout."""
     cp = _cp()
     _check_grid(shape)
     d8 = -(-shape.head_dim // 8) * 8
@@ -68,7 +86,7 @@ def forward(q, k, v, shape, *, causal: bool, config=None):
         q, scale = cp.zeros(q.shape, dtype=q.dtype), 1.0
     q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
     cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch())
-    name = cfg.kernel_name(elem_name(q.dtype), causal)
+    name = cfg.kernel_name(elem_name(q.dtype), causal, dropout is not None)
     debug(f"fwd {shape} -> {cfg}")
     kernel = get_kernel("flash_fwd.cu", name, cfg.smem_bytes)
     out = cp.empty(q.shape, dtype=q.dtype)
@@ -76,7 +94,8 @@ def forward(q, k, v, shape, *, causal: bool, config=None):
     grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             np.int32(shape.seqlen_q), np.int32(shape.seqlen_k), np.int32(shape.nheads),
-            np.int32(shape.group), np.int32(d8), np.float32(scale), np.float32(scale * math.log2(math.e)))
+            np.int32(shape.group), np.int32(d8), np.float32(scale), np.float32(scale * math.log2(math.e)),
+            dropout_params(dropout))
     kernel(grid, (cfg.nthreads, 1, 1), args, shared_mem=cfg.smem_bytes)
     if d8 != shape.head_dim:
         out = cp.ascontiguousarray(out[..., : shape.head_dim])
@@ -93,7 +112,7 @@ def _launch_convert(src, dst, rows: int, group: int, scale: float):
                                np.int32(dst.shape[3]), np.float32(scale)))
 
 
-def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, config=None):
+def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, dropout=None, config=None):
     """Fused backward. Returns (dq, dk, dv) like q, k, v (dk, dv summed over each GQA group)."""
     cp = _cp()
     _check_grid(shape)
@@ -120,12 +139,14 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     dv_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
     scale_log2 = np.float32(score_scale * math.log2(math.e))
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
-    kernel = get_kernel("flash_bwd.cu", cfg.kernel_name(elem, causal, write_dq), cfg.smem_bytes)
+    drop = dropout is not None
+    dp_arg = dropout_params(dropout)
+    kernel = get_kernel("flash_bwd.cu", cfg.kernel_name(elem, causal, write_dq, drop), cfg.smem_bytes)
     grid = (math.ceil(sk / cfg.block_n) * cfg.d_split, h, b)
     kernel(grid, (cfg.nthreads, 1, 1),
            (q, k, v, dout, lse, delta, dq_accum if write_dq else np.uint64(0), dk_rows, dv_rows, *common,
             np.int32(sq), np.int32(sk), np.int32(h), np.int32(g), np.int32(d8), np.int32(g != 1),
-            scale_log2, np.float32(grad_scale)),
+            scale_log2, np.float32(grad_scale), dp_arg),
            shared_mem=cfg.smem_bytes)
 
     if write_dq:
@@ -133,10 +154,10 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
         _launch_convert(dq_accum, dq, b * sq, 1, grad_scale)
     else:
         dq = cp.empty((b, sq, h, d8), dtype=q.dtype)
-        dq_kernel = get_kernel("flash_bwd.cu", cfg.dq_kernel_name(elem, causal), cfg.dq_smem_bytes)
+        dq_kernel = get_kernel("flash_bwd.cu", cfg.dq_kernel_name(elem, causal, drop), cfg.dq_smem_bytes)
         dq_kernel((math.ceil(sq / cfg.dq_block_m), h, b), (cfg.dq_nthreads, 1, 1),
                   (q, k, v, dout, lse, delta, dq, *common, np.int32(sq), np.int32(sk), np.int32(h), np.int32(g),
-                   np.int32(d8), scale_log2, np.float32(grad_scale)),
+                   np.int32(d8), scale_log2, np.float32(grad_scale), dp_arg),
                   shared_mem=cfg.dq_smem_bytes)
     if g == 1:
         dk, dv = dk_rows, dv_rows

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _chunked
+from . import _chunked, dropout
 from ._arrays import array_module, cupy_or_none, gpu_available, is_half, lse_dtype
 from ._validate import AttnShape, check_bool, check_like, check_lse, check_qkv
 
@@ -52,27 +52,40 @@ def _numpy_float64_to_gpu(xp, dtype, shape: AttnShape) -> bool:
             and shape.head_dim <= MAX_KERNEL_HEAD_DIM and gpu_available())
 
 
-def _no_dropout_yet(dropout_p):
-    if dropout_p > 0:
-        raise NotImplementedError("dropout_p > 0 is not implemented yet; pass dropout_p=0.0")
+def _chunked_dropout(xp, shape, dropout_p, rng_state):
+    """keep_fn and the (rounded) dropout_p of flashcupy.dropout for the chunked path; (None, 0) without."""
+    if not dropout_p:
+        return None, 0.0
+    seed, offset = rng_state
+
+    def keep_fn(i0, i1):
+        return dropout.keep_mask(seed, offset, shape.batch, shape.nheads, shape.seqlen_q, shape.seqlen_k,
+                                 dropout_p, rows=(i0, i1), xp=xp)
+
+    return keep_fn, dropout.effective_dropout_p(dropout_p)
 
 
-def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False) -> AttnForward:
+def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False, seed=None) -> AttnForward:
     """Attention forward returning the output and the logsumexp the backward needs.
 
     Args:
         q: (batch, seqlen_q, nheads, head_dim); float16, bfloat16, float32 or float64.
         k, v: (batch, seqlen_k, nheads_k, head_dim), dtype of q; nheads % nheads_k == 0 (MQA/GQA).
             Any strides; a last dimension with stride != 1 is copied once on the GPU path.
-        dropout_p: probability of dropping an attention weight, in [0, 1).
+        dropout_p: probability of dropping an attention weight, in [0, 1), rounded to a multiple
+            of 2^-16; kept weights are scaled by 1 / (1 - p). The keep-mask is a pure function of
+            (seed, offset, b, h, i, j): flashcupy.dropout.keep_mask regenerates it exactly.
         softmax_scale: scale of q k^T before the softmax (>= 0); default head_dim ** -0.5.
         causal: mask keys after each query, aligned bottom-right when seqlen_q != seqlen_k (as
             flash-attn >= 2.1): query i sees key j iff j <= i + seqlen_k - seqlen_q. Rows that see
             no key (i < seqlen_q - seqlen_k) give out 0 and lse -inf.
+        seed: dropout only: an int seed (offset 0) or a (seed, offset) pair; default: the library
+            generator's next state (flashcupy.dropout.manual_seed makes runs reproducible).
 
     Returns:
         AttnForward(out, lse, rng_state): out like q; lse (batch, nheads, seqlen_q) natural-log
-        logsumexp of the scaled scores, float32 (float64 for float64 inputs).
+        logsumexp of the scaled scores (of the softmax before dropout), float32 (float64 for float64
+        inputs); rng_state the dropout (seed, offset) to give the backward, None without dropout.
 
     Raises:
         TypeError: non-array inputs, unsupported or mismatched dtypes, host and device arrays mixed.
@@ -83,27 +96,32 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
     xp, (q, k, v) = array_module(q=q, k=k, v=v)
     shape = check_qkv(q, k, v, softmax_scale, dropout_p)
     causal = check_bool("causal", causal)
-    _no_dropout_yet(dropout_p)
+    dropout_p = float(dropout_p)
+    rng_state = None
+    if dropout_p > 0:
+        rng_state = dropout.default_generator.next_state() if seed is None else dropout.check_rng_state("seed", seed)
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
         out = xp.zeros(q.shape, dtype=q.dtype)
         lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, dtype=lse_dtype(q.dtype))
-        return AttnForward(out, lse, None)
+        return AttnForward(out, lse, rng_state)
     if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernel -> NumPy
         cp = cupy_or_none()
         res = flash_attn_forward(*(cp.asarray(x) for x in (q, k, v)), dropout_p=dropout_p,
-                                 softmax_scale=softmax_scale, causal=causal)
-        return AttnForward(res.out.get(), res.lse.get(), None)
+                                 softmax_scale=softmax_scale, causal=causal, seed=rng_state)
+        return AttnForward(res.out.get(), res.lse.get(), res.rng_state)
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
 
-        out, lse = _gpu.forward(q, k, v, shape, causal=causal)
-    elif _use_simt(xp, q.dtype, shape):
+        out, lse = _gpu.forward(q, k, v, shape, causal=causal,
+                                dropout=(dropout_p, rng_state) if dropout_p > 0 else None)
+    elif _use_simt(xp, q.dtype, shape) and dropout_p == 0:
         from . import _gpu_simt
 
         out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal)
     else:
-        out, lse = _chunked.forward(q, k, v, shape, causal=causal, xp=xp)
-    return AttnForward(out, lse, None)
+        keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
+        out, lse = _chunked.forward(q, k, v, shape, causal=causal, keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
+    return AttnForward(out, lse, rng_state)
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -133,7 +151,11 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
     check_lse(lse, shape, lse_dtype(q.dtype))
     causal = check_bool("causal", causal)
     deterministic = check_bool("deterministic", deterministic)
-    _no_dropout_yet(dropout_p)
+    dropout_p = float(dropout_p)
+    if dropout_p > 0:
+        if rng_state is None:
+            raise ValueError("rng_state: expected the forward's rng_state (seed, offset) when dropout_p > 0, got None")
+        rng_state = dropout.check_rng_state("rng_state", rng_state)
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
         return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
     if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernels -> NumPy
@@ -145,16 +167,18 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
 
-        return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
-    if _use_simt(xp, q.dtype, shape):
+        return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
+                             dropout=(dropout_p, rng_state) if dropout_p > 0 else None)
+    if _use_simt(xp, q.dtype, shape) and dropout_p == 0:
         from . import _gpu_simt
 
         return _gpu_simt.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
-    return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, xp=xp)
+    keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
+    return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, deterministic=False,
-                    return_lse=False):
+                    return_lse=False, seed=None):
     """Exact attention softmax(q k^T * softmax_scale) v, computed without storing the attention matrix.
 
     q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim). Arguments
@@ -163,5 +187,5 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *,
     NumPy in -> NumPy out (CPU); CuPy / __dlpack__ in -> CuPy out (GPU), on the current stream.
     """
     check_bool("deterministic", deterministic)
-    res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal)
+    res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed)
     return (res.out, res.lse) if return_lse else res.out

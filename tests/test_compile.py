@@ -12,14 +12,15 @@ ARCHS = ("sm_80", "sm_90a")
 
 
 def _fwd_names():
-    return sorted({cfg.kernel_name(elem, causal) for elem, causal, cfg in _configs.all_fwd_specializations()})
+    return sorted({cfg.kernel_name(elem, causal, dropout)
+                   for elem, causal, dropout, cfg in _configs.all_fwd_specializations()})
 
 
 def _bwd_names():
     names = set()
-    for elem, causal, cfg in _configs.all_bwd_specializations():
-        names |= {cfg.kernel_name(elem, causal, True), cfg.kernel_name(elem, causal, False),
-                  cfg.dq_kernel_name(elem, causal), f"flash_bwd_preprocess_kernel<{elem}>",
+    for elem, causal, dropout, cfg in _configs.all_bwd_specializations():
+        names |= {cfg.kernel_name(elem, causal, True, dropout), cfg.kernel_name(elem, causal, False, dropout),
+                  cfg.dq_kernel_name(elem, causal, dropout), f"flash_bwd_preprocess_kernel<{elem}>",
                   f"flash_bwd_convert_kernel<{elem}>"}
     return sorted(names)
 
