@@ -97,8 +97,8 @@ def forward(q, k, v, shape, *, causal: bool, config=None):
     grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             np.int32(shape.seqlen_q), np.int32(shape.seqlen_k), np.int32(shape.nheads),
-            np.int32(shape.group), np.int32(d8), f(scale), f(_scale_exp(q.dtype, scale)))
-    _launch(FWD_SOURCE, cfg.kernel_name(causal), cfg.smem_bytes, grid, (cfg.nthreads, 1, 1), args)
+            np.int32(shape.group), np.int32(d8), f(scale), f(_scale_exp(q.dtype, scale)), np.int32(causal))
+    _launch(FWD_SOURCE, cfg.kernel_name(), cfg.smem_bytes, grid, (cfg.nthreads, 1, 1), args)
     if d8 != shape.head_dim:
         out = xp.ascontiguousarray(out[..., : shape.head_dim])
     return out, lse
@@ -138,12 +138,13 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq))
     sizes = (np.int32(sq), np.int32(sk), np.int32(h), np.int32(shape.group), np.int32(d8), f(scale),
              f(_scale_exp(dtype, scale)))
-    _launch(BWD_SOURCE, cfg.kv_kernel_name(causal, not deterministic), cfg.smem_bytes,
-            (math.ceil(sk / cfg.block_n), h, b), (cfg.nthreads, 1, 1),
-            (q, k, v, dout, lse_exp, delta, dq, dk, dv, *common, *_strides(dk), *sizes))
+    _launch(BWD_SOURCE, cfg.kv_kernel_name(), cfg.smem_bytes, (math.ceil(sk / cfg.block_n), h, b),
+            (cfg.nthreads, 1, 1),
+            (q, k, v, dout, lse_exp, delta, dq, dk, dv, *common, *_strides(dk), *sizes, np.int32(causal),
+             np.int32(not deterministic)))
     if deterministic:
-        _launch(BWD_SOURCE, cfg.dq_kernel_name(causal), cfg.smem_bytes, (math.ceil(sq / cfg.block_m), h, b),
-                (cfg.nthreads, 1, 1), (q, k, v, dout, lse_exp, delta, dq, *common, *sizes))
+        _launch(BWD_SOURCE, cfg.dq_kernel_name(), cfg.smem_bytes, (math.ceil(sq / cfg.block_m), h, b),
+                (cfg.nthreads, 1, 1), (q, k, v, dout, lse_exp, delta, dq, *common, *sizes, np.int32(causal)))
 
     if shape.group > 1:  # fixed summation order: deterministic
         dk = dk.reshape(b, sk, shape.nheads_k, shape.group, d8).sum(axis=3)

@@ -17,11 +17,10 @@ SOURCES = {"flash_simt_fwd.cu": "fwd", "flash_simt_bwd.cu": "bwd"}
 
 def kernel_names(source: str):
     if SOURCES[source] == "fwd":
-        return sorted({cfg.kernel_name(causal) for causal, cfg in _configs.all_simt_fwd_specializations()})
+        return sorted({cfg.kernel_name() for cfg in _configs.all_simt_fwd_specializations()})
     names = set()
-    for causal, cfg in _configs.all_simt_bwd_specializations():
-        names |= {cfg.kv_kernel_name(causal, True), cfg.kv_kernel_name(causal, False), cfg.dq_kernel_name(causal),
-                  cfg.preprocess_kernel_name()}
+    for cfg in _configs.all_simt_bwd_specializations():
+        names |= {cfg.kv_kernel_name(), cfg.dq_kernel_name(), cfg.preprocess_kernel_name()}
     return sorted(names)
 
 

@@ -1,0 +1,128 @@
+"""float32 / float64 kernels (issue 9) vs naive CuPy and torch SDPA's efficient backend (float32), same
+inputs, same run; optional sweep of SIMT configs to steer _configs.py.
+
+Method: FA benchmark shape (nheads * head_dim = 2048, batch * seqlen = 16384), CUDA-event timing via
+cupyx.profiler.benchmark (median of n_repeat after warm-up), TFLOP/s by the FA formula (fwd
+4*B*H*S^2*D, halved for causal; bwd 2.5x). Peers that cannot run a case are skipped with a note.
+
+    PYTHONPATH=. python bench/bench_simt.py --dtypes float32 float64 --head-dims 64 128 --seqlens 1024 4096
+    PYTHONPATH=. python bench/bench_simt.py --dtypes float32 --head-dims 64 --seqlens 4096 --sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+FWD_SWEEP = [(64, 64, 4), (64, 32, 4), (128, 64, 8), (32, 64, 4), (32, 32, 4), (128, 64, 4)]
+BWD_SWEEP = [(32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 32, 4)]
+
+
+def flops(batch, nheads, seqlen, head_dim, causal, mode):
+    f = 4 * batch * nheads * seqlen * seqlen * head_dim // (2 if causal else 1)
+    return {"fwd": 1.0, "bwd": 2.5}[mode] * f
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--head-dims", nargs="+", type=int, default=[64, 128])
+    ap.add_argument("--seqlens", nargs="+", type=int, default=[1024, 4096])
+    ap.add_argument("--causal", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "bwd"])
+    ap.add_argument("--sweep", action="store_true", help="also time candidate SIMT configs")
+    ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import cupy as cp
+    from cupyx.profiler import benchmark
+
+    import flashcupy
+    from flashcupy import _gpu_simt
+    from flashcupy._configs import SimtBwdConfig, SimtFwdConfig, simt_elem
+    from flashcupy._validate import check_qkv
+
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        torch = None
+    dev = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"].decode()
+    print(f"# device: {dev}; cupy {cp.__version__}; torch {getattr(torch, '__version__', None)}", flush=True)
+
+    def ms(fn):
+        t = benchmark(fn, n_repeat=args.repeat, n_warmup=3).gpu_times
+        return float(np.median(t)) * 1e3
+
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = np.dtype(dtype_name)
+        for head_dim in args.head_dims:
+            nheads = 2048 // head_dim
+            for seqlen in args.seqlens:
+                batch = max(1, 16384 // seqlen)
+                rs = cp.random.RandomState(0)
+                q, k, v, do = (rs.standard_normal((batch, seqlen, nheads, head_dim)).astype(dtype) for _ in range(4))
+                shape = check_qkv(q, k, v)
+                for causal in map(bool, args.causal):
+                    res = flashcupy.flash_attn_forward(q, k, v, causal=causal)
+                    impls = {}
+                    if "fwd" in args.modes:
+                        impls["flashcupy", "fwd"] = lambda: flashcupy.flash_attn_forward(q, k, v, causal=causal)
+                    if "bwd" in args.modes:
+                        impls["flashcupy", "bwd"] = lambda: flashcupy.flash_attn_backward(
+                            do, q, k, v, res.out, res.lse, causal=causal)
+                        impls["flashcupy-det", "bwd"] = lambda: flashcupy.flash_attn_backward(
+                            do, q, k, v, res.out, res.lse, causal=causal, deterministic=True)
+                    if args.sweep:
+                        elem = simt_elem(dtype)
+                        for bm, bn, nw in FWD_SWEEP:
+                            cfg = SimtFwdConfig(elem, head_dim, bm, bn, nw)
+                            impls[f"fwd{bm}x{bn}w{nw}", "fwd"] = (
+                                lambda cfg=cfg: _gpu_simt.forward(q, k, v, shape, causal=causal, config=cfg))
+                        for bm, bn, nw in BWD_SWEEP:
+                            cfg = SimtBwdConfig(elem, head_dim, bm, bn, nw)
+                            impls[f"bwd{bm}x{bn}w{nw}", "bwd"] = (
+                                lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res.out, res.lse, shape, causal=causal,
+                                                                   deterministic=False, config=cfg))
+                    if "fwd" in args.modes and seqlen <= 4096:
+                        def naive(q=q, k=k, v=v):
+                            s = cp.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) * (head_dim ** -0.5)
+                            if causal:
+                                s = s + cp.triu(cp.full((seqlen, seqlen), -cp.inf, dtype=s.dtype), 1)
+                            p = cp.exp(s - s.max(-1, keepdims=True))
+                            p /= p.sum(-1, keepdims=True)
+                            return cp.matmul(p, v.transpose(0, 2, 1, 3))
+                        impls["naive", "fwd"] = naive
+                    if torch is not None and dtype == np.float32 and "fwd" in args.modes:
+                        tq, tk, tv = (torch.from_dlpack(x).transpose(1, 2) for x in (q, k, v))
+
+                        def sdpa():
+                            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), torch.no_grad():
+                                return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
+                        impls["sdpa-efficient", "fwd"] = sdpa
+                    for (name, mode), fn in impls.items():
+                        try:
+                            t = ms(fn)
+                        except Exception as e:  # a peer or config that cannot run this case
+                            print(f"# {name} {mode} {dtype_name} hd{head_dim} s{seqlen}: {type(e).__name__}: {str(e)[:120]}")
+                            continue
+                        f = flops(batch, nheads, seqlen, head_dim, causal, mode)
+                        rows.append(dict(provider=name, mode=mode, dtype=dtype_name, head_dim=head_dim, seqlen=seqlen,
+                                         batch=batch, nheads=nheads, causal=causal, ms=t, tflops=f / t / 1e9))
+                        print(f"{name:<16}{mode:<5}{dtype_name:<8}{head_dim:>4}{seqlen:>7}{str(causal):>7}"
+                              f"{t:>10.3f} ms{f / t / 1e9:>8.2f} TF/s", flush=True)
+                del q, k, v, do, res
+                cp.get_default_memory_pool().free_all_blocks()
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=dev, rows=rows), fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
