@@ -44,8 +44,8 @@ LOSS_UNIT = "nats/byte"
 DEFAULTS = {
     "gpu": dict(steps=1000, seq_len=1024, batch_size=16, layers=6, width=384, heads=6, lr=1e-3,
                 warmup=100, eval_every=100, eval_batches=8, log_every=10, dtype="bf16"),
-    "cpu": dict(steps=300, seq_len=64, batch_size=8, layers=2, width=64, heads=4, lr=3e-3,
-                warmup=30, eval_every=100, eval_batches=4, log_every=10, dtype="fp32"),
+    "cpu": dict(steps=600, seq_len=128, batch_size=8, layers=3, width=96, heads=4, lr=3e-3,
+                warmup=50, eval_every=100, eval_batches=4, log_every=10, dtype="fp32"),
 }
 ATTENTION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MODEL_KEYS = ("seq_len", "layers", "width", "heads")
@@ -90,31 +90,32 @@ def add_arguments(p):
                    "standard library's source files)")
     p.add_argument("--attention", choices=("flash", "naive"), default="flash",
                    help="flashcupy's attention, or naive matmul-softmax-matmul (same math, O(N^2) memory)")
-    p.add_argument("--steps", type=int, help="optimizer steps (GPU default 1000, CPU 300)")
-    p.add_argument("--seq-len", type=int, help="context length in bytes (GPU 1024, CPU 64)")
+    p.add_argument("--steps", type=int, help="optimizer steps (GPU default 1000, CPU 600)")
+    p.add_argument("--seq-len", type=int, help="context length in bytes (GPU 1024, CPU 128)")
     p.add_argument("--batch-size", type=int, help="sequences per step (GPU 16, CPU 8)")
-    p.add_argument("--layers", type=int, help="transformer blocks (GPU 6, CPU 2)")
-    p.add_argument("--width", type=int, help="model width (GPU 384, CPU 64)")
+    p.add_argument("--layers", type=int, help="transformer blocks (GPU 6, CPU 3)")
+    p.add_argument("--width", type=int, help="model width (GPU 384, CPU 96)")
     p.add_argument("--heads", type=int, help="attention heads; width must be a multiple (GPU 6, CPU 4)")
     p.add_argument("--lr", type=float, help="peak learning rate (GPU 1e-3, CPU 3e-3)")
-    p.add_argument("--warmup", type=int, help="linear warmup steps (GPU 100, CPU 30)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (GPU 100, CPU 50)")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     p.add_argument("--dtype", choices=tuple(ATTENTION_DTYPES), help="dtype attention runs in "
                    "(GPU default bf16; CPU default fp32); everything else is float32")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps (default 100)")
     p.add_argument("--log-every", type=int, help="read losses back and refresh the progress bar every N steps")
     p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) at the end or on Ctrl-C")
-    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by --save")
+    p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by --save (its text, "
+                   "model, schedule and seed unless given again; --steps extends the run)")
     p.add_argument("--out", metavar="DIR", default="runs", help="where the JSON summary and loss-curve PNG go")
     p.add_argument("--seed", type=int, help="seeds the initial weights and the batch order (default 0, or the "
                    "checkpoint's when resuming)")
 
 
 def run(args) -> int:
+    """`flashcupy train`: exit status 0, or 130 when Ctrl-C ended the run (its summary is written)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    train(cfg)
-    return 0
+    return 130 if train(cfg)["interrupted"] else 0
 
 
 # -- device and configuration --------------------------------------------------------------------------
@@ -133,7 +134,8 @@ def pick_device(name: str):
 
 
 def resolve(cfg: TrainConfig, xp, checkpoint_config: dict | None = None) -> TrainConfig:
-    """Fill unset fields from the checkpoint being resumed, then from the device's DEFAULTS; validate."""
+    """Fill unset fields from the checkpoint being resumed (its text, model, schedule and seed), then from
+    the device's DEFAULTS; validate."""
     cfg = dataclasses.replace(cfg)
     if checkpoint_config is not None:
         for key in MODEL_KEYS:
@@ -142,7 +144,7 @@ def resolve(cfg: TrainConfig, xp, checkpoint_config: dict | None = None) -> Trai
                 raise CommandError(f"--{key.replace('_', '-')} {given} does not match the checkpoint being "
                                    f"resumed ({checkpoint_config[key]})")
         for key, value in checkpoint_config.items():
-            if key in ("save", "resume", "device", "out", "text"):
+            if key in ("save", "resume", "device", "dtype", "out"):  # per invocation or per device
                 continue
             if getattr(cfg, key, None) is None:
                 setattr(cfg, key, value)
@@ -414,7 +416,8 @@ class Progress:
             from tqdm.auto import tqdm
         except ImportError:
             tqdm = None
-        self.bar = None if tqdm is None else tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+        self.bar = None if tqdm is None else tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                                                  mininterval=0.5)
         self.total = total
 
     def advance(self):

@@ -29,9 +29,9 @@ def prose(n_sentences=400, seed=0) -> str:
     return "\n".join(" ".join(rng.choice(words, size=rng.integers(4, 12))) + "." for _ in range(n_sentences))
 
 
-def run_train(tmp_path, *args, name="run") -> dict:
+def run_train(tmp_path, *args, name="run", status=0) -> dict:
     out = tmp_path / name
-    assert cli.main(["train", *args, "--out", str(out)]) == 0
+    assert cli.main(["train", *args, "--out", str(out)]) == status
     (summary,) = out.glob("*.json")
     return json.loads(summary.read_text())
 
@@ -91,8 +91,8 @@ def test_resume_continues_the_same_run(tmp_path, text_file):
     ckpt = tmp_path / "ckpt.npz"
     first = run_train(tmp_path, *args, "--steps", "3", "--save", str(ckpt), name="first")
     assert first["steps"] == 3 and ckpt.exists()
-    resumed = run_train(tmp_path, "--resume", str(ckpt), "--steps", "6", "--text", str(text_file), "--device", "cpu",
-                        "--eval-every", "100", name="resumed")
+    resumed = run_train(tmp_path, "--resume", str(ckpt), "--steps", "6", "--device", "cpu", "--eval-every", "100",
+                        name="resumed")  # the text, model and seed come from the checkpoint
     assert resumed["steps"] == 6 and resumed["config"]["width"] == 32
     np.testing.assert_allclose(resumed["train_losses"], whole["train_losses"], rtol=1e-5)
     assert cli.main(["train", "--resume", str(ckpt), "--width", "64", "--device", "cpu",
@@ -109,7 +109,7 @@ def test_ctrl_c_ends_cleanly_with_a_summary(tmp_path, text_file, monkeypatch):
 
     monkeypatch.setattr(tr, "learning_rate", interrupt_at_step_2)
     ckpt = tmp_path / "ckpt.npz"
-    s = run_train(tmp_path, "--text", str(text_file), "--steps", "50", "--save", str(ckpt), *TINY)
+    s = run_train(tmp_path, "--text", str(text_file), "--steps", "50", "--save", str(ckpt), *TINY, status=130)
     assert s["interrupted"] and s["steps"] == 3 and len(s["train_losses"]) == 3
     assert s["final_val_loss"] is not None and ckpt.exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
