@@ -20,7 +20,8 @@ matmul, linear, reshape, transpose, basic indexing and split, embedding (scatter
 accumulate), layer_norm, gelu (tanh approximation), sum, mean, cross_entropy (integer targets), and
 attention twice: flash_attention over flashcupy.flash_attn_forward / flash_attn_backward, and
 naive_attention (matmul, softmax, matmul, the (Sq, Sk) probabilities kept for the backward) for
-comparison. A residual connection is `x + f(x)`: add, with x used twice.
+comparison; both take causal, GQA, dropout (the same keep-mask for the same seed) and, once flashcupy
+has it, a block mask. A residual connection is `x + f(x)`: add, with x used twice.
 
 Mixed precision: the attention ops take a `dtype` keyword. Their inputs are cast to it (bfloat16 or
 float16 on the GPU), and their gradients are cast back to each input's own dtype, so a model can keep
@@ -40,7 +41,9 @@ import math
 
 import numpy as np
 
+from . import dropout as _dropout
 from ._arrays import bfloat16, cupy_or_none
+from ._validate import check_dropout_p
 from .interface import flash_attn_backward, flash_attn_forward
 
 __all__ = [
@@ -579,7 +582,7 @@ def _attention_dtype(q, dtype):
     return np.dtype(q.dtype if dtype is None else dtype)
 
 
-def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0,
+def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0, seed=None,
                     block_mask=None, deterministic=False):
     """Attention through flashcupy's flash_attn_forward / flash_attn_backward (O(N) memory).
 
@@ -588,8 +591,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     dtype: the dtype attention runs in (default q's); q, k, v and the incoming gradient are cast to it,
         and dq, dk, dv are cast back to each input's dtype. On the GPU, bfloat16 / float16 run the
         fused kernels.
-    causal, softmax_scale, dropout_p, deterministic: as flashcupy.flash_attn_forward / _backward
-        (causal is aligned bottom-right when seqlen_q != seqlen_k).
+    causal, softmax_scale, dropout_p, seed, deterministic: as flashcupy.flash_attn_forward / _backward
+        (causal is aligned bottom-right when seqlen_q != seqlen_k; with dropout, seed picks the
+        keep-mask, default the next state of flashcupy.dropout's generator, and the backward reuses it).
     block_mask: passed to flashcupy once it supports block-sparse attention; NotImplementedError now.
     Only out and the logsumexp (batch, nheads, seqlen_q) are kept for the backward, which recomputes P.
     """
@@ -601,7 +605,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
             raise NotImplementedError("block_mask: flashcupy's attention has no block-sparse mask yet")
         extra["block_mask"] = block_mask
     qd, kd, vd = (t.data.astype(run, copy=False) for t in (q, k, v))
-    fwd = flash_attn_forward(qd, kd, vd, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, **extra)
+    fwd = flash_attn_forward(qd, kd, vd, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed,
+                             **extra)
 
     def backward(g):
         dq, dk, dv = flash_attn_backward(g.astype(run, copy=False), qd, kd, vd, fwd.out, fwd.lse,
@@ -614,7 +619,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     return _make(fwd.out.astype(q.dtype, copy=False), (q, k, v), backward)
 
 
-def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0, block_mask=None):
+def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0, seed=None,
+                    block_mask=None):
     """Attention as matmul, softmax, matmul, materialising P (batch, nheads, seqlen_q, seqlen_k).
 
     Same arguments, layout and results as flash_attention (the comparison path). In dtype T: every
@@ -624,12 +630,13 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     GEMMs on the bf16 values, rounded back to bf16 (CuPy has no bf16 GEMM; the numbers are those of a
     bf16 GEMM with float32 accumulation, up to summation order). Causal is aligned bottom-right; a query
     row with no visible key gives 0, as flashcupy.
-    dropout_p and block_mask: not implemented yet (NotImplementedError unless 0 / None).
+    dropout_p, seed: the keep-mask is flashcupy.dropout.keep_mask, the very mask the flash op uses for
+    the same seed, so both ops compute the same function; the (Sq, Sk) mask is kept for the backward.
+    block_mask: not implemented yet (NotImplementedError unless None).
     """
-    if dropout_p:
-        raise NotImplementedError("naive_attention: dropout_p > 0 is not implemented yet")
     if block_mask is not None:
         raise NotImplementedError("naive_attention: block_mask is not implemented yet")
+    dropout_p = check_dropout_p(dropout_p)
     q, k, v = _as_tensor(q), _as_tensor(k), _as_tensor(v)
     xp = q.xp
     run = _attention_dtype(q, dtype)
@@ -664,7 +671,16 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     del s
     denom = p.sum(axis=-1, keepdims=True)
     p /= xp.where(denom > 0, denom, 1.0)  # (B, Hk, G, Sq, Sk), float32
-    out = in_t(in_t(p) @ vg)  # (B, Hk, G, Sq, D)
+    keep = None
+    if dropout_p:  # keep / (1 - p_eff), (B, Hk, G, Sq, Sk); P stays undropped for the softmax backward
+        seed, offset = (_dropout.default_generator.next_state() if seed is None
+                        else _dropout.check_rng_state("seed", seed))
+        mask = _dropout.keep_mask(seed, offset, batch, nheads, seqlen_q, seqlen_k, dropout_p, xp=xp)
+        keep = mask.reshape(p.shape) * (1.0 / (1.0 - _dropout.effective_dropout_p(dropout_p)))
+        keep = keep.astype(acc, copy=False)
+    p_dropped = p if keep is None else p * keep
+    out = in_t(in_t(p_dropped) @ vg)  # (B, Hk, G, Sq, D)
+    del p_dropped
 
     def ungroup(x):  # (B, Hk, G, Sq, D) -> (B, Sq, H, D)
         return x.transpose(0, 3, 1, 2, 4).reshape(batch, seqlen_q, nheads, head_dim)
@@ -672,9 +688,13 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     def backward(g):
         gg = grouped(g)  # dO, (B, Hk, G, Sq, D)
         if v.requires_grad:
-            dv = in_t(in_t(p).swapaxes(-1, -2) @ gg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
+            p_dropped = p if keep is None else p * keep
+            dv = in_t(in_t(p_dropped).swapaxes(-1, -2) @ gg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
+            del p_dropped
             _accumulate(v, dv.transpose(0, 2, 1, 3))
         dp = in_t(gg @ vg.swapaxes(-1, -2)).astype(acc, copy=False)  # (B, Hk, G, Sq, Sk)
+        if keep is not None:
+            dp *= keep
         ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))  # softmax backward
         del dp
         ds = in_t(ds * scale)

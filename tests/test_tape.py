@@ -165,7 +165,7 @@ def test_gelu(shape, seed):
     x = 2.0 * randn(seed, *shape)
     fd_check(T.gelu, x, seed=seed)
     expected = 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
-    np.testing.assert_allclose(T.gelu(Tensor(x)).data, expected, rtol=1e-14)
+    np.testing.assert_allclose(T.gelu(Tensor(x)).data, expected, rtol=1e-13, atol=1e-15)
 
 
 @given(shape=st.lists(dims, min_size=1, max_size=3), keepdims=st.booleans(), data=st.data(), seed=seeds)
@@ -292,14 +292,37 @@ def test_attention_ops_in_half_precision_on_cpu(dtype_name, rng):
                            grad=True, magnitude=mag)
 
 
-def test_attention_keywords_reserved_for_later():
+@attention_ops
+@settings(max_examples=20)
+@given(shape=attention_shapes(), causal=st.booleans(), dropout_p=st.sampled_from([0.2, 0.5]), seed=seeds)
+def test_attention_dropout_matches_oracle(op, shape, causal, dropout_p, seed):
+    """With a fixed seed both ops use flashcupy.dropout.keep_mask: oracle values and finite differences."""
+    from flashcupy import dropout
+
+    q, k, v, dout = attention_inputs(seed, **shape)
+    rng_state = (seed, 3)
+    tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
+    out = op(tq, tk, tv, causal=causal, dropout_p=dropout_p, seed=rng_state)
+    out.backward(dout)
+    b, sq, h, _ = q.shape
+    mask = dropout.keep_mask(*rng_state, b, h, sq, k.shape[1], dropout_p)
+    p_eff = dropout.effective_dropout_p(dropout_p)
+    ref_out, _ = reference.attention_forward(q, k, v, causal=causal, dropout_mask=mask, dropout_p=p_eff)
+    refs = reference.attention_backward(dout, q, k, v, causal=causal, dropout_mask=mask, dropout_p=p_eff)
+    scale = max(1.0, *(np.abs(r).max() for r in (ref_out, *refs)))
+    np.testing.assert_allclose(out.data, ref_out, rtol=0, atol=1e-12 * scale)
+    for name, got, ref in zip(("dq", "dk", "dv"), (tq.grad, tk.grad, tv.grad), refs):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * scale, err_msg=name)
+    fd_check(lambda q, k, v: op(q, k, v, causal=causal, dropout_p=dropout_p, seed=rng_state), q, k, v, seed=seed)
+
+
+def test_attention_block_mask_reserved_for_later():
     q, k, v, _ = attention_inputs(0, 1, 2, 2, 1, 1, 4)
-    with pytest.raises(NotImplementedError):
-        T.flash_attention(q, k, v, dropout_p=0.1)
-    with pytest.raises(NotImplementedError):
-        T.flash_attention(q, k, v, block_mask=np.ones((1, 1), dtype=bool))
-    with pytest.raises(NotImplementedError):
-        T.naive_attention(q, k, v, dropout_p=0.1)
+    for op in (T.flash_attention, T.naive_attention):
+        with pytest.raises(NotImplementedError, match="block"):
+            op(q, k, v, block_mask=np.ones((1, 1), dtype=bool))
+    with pytest.raises(ValueError, match="dropout_p"):
+        T.naive_attention(q, k, v, dropout_p=1.0)
 
 
 # -- graph bookkeeping --------------------------------------------------------------------------------
