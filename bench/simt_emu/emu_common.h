@@ -1,0 +1,101 @@
+// CPU emulation of the CUDA subset used by flash_simt*.cu: one std::thread per CUDA thread, blocks
+// run one after another; shared memory accesses (lds/sts, cp.async) are checked by a race detector
+// with barrier epochs; global memory is malloc'ed exactly (run under ASan for bounds).
+#pragma once
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include <algorithm>
+using std::min; using std::max;
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+#define FC_SIMT_SMEM_HOOKS 1
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+struct EmuDim { unsigned x = 0, y = 0, z = 0; };
+extern thread_local EmuDim threadIdx;
+extern EmuDim blockIdx, gridDim, blockDim;
+extern unsigned char* emu_smem;
+extern size_t emu_smem_bytes;
+void emu_fail(const char* what, size_t off);
+void emu_syncthreads();
+void emu_warp_sync();
+extern thread_local int emu_tid;
+extern unsigned long long emu_warp_slot[32][32];  // [warp][lane]
+void emu_shadow_read(size_t off, size_t n);
+void emu_shadow_write(size_t off, size_t n);
+
+inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
+inline double __longlong_as_double(long long i) { double f; std::memcpy(&f, &i, 8); return f; }
+#define FC_INF __int_as_float(0x7f800000)
+#define __syncthreads() emu_syncthreads()
+
+inline int cdiv(int a, int b) { return (a + b - 1) / b; }
+inline float fast_exp2(float x) { return std::exp2f(x); }
+
+inline size_t emu_off(const void* p) {
+    auto o = (const unsigned char*)p - emu_smem;
+    if (o < 0 || (size_t)o >= emu_smem_bytes) emu_fail("pointer outside shared memory", (size_t)o);
+    return (size_t)o;
+}
+inline u32 smem_u32(const void* p) { return (u32)emu_off(p); }
+
+struct EmuCopy { u32 dst; unsigned char data[16]; };
+extern thread_local std::vector<EmuCopy> emu_pending;
+inline void cp_async_16(u32 dst, const void* src, int src_bytes) {
+    if (dst % 16) emu_fail("cp.async dst misaligned", dst);
+    if ((uintptr_t)src % 16) emu_fail("cp.async src misaligned", 0);
+    if (dst + 16 > emu_smem_bytes) emu_fail("cp.async dst out of smem", dst);
+    EmuCopy c; c.dst = dst; std::memset(c.data, 0, 16);
+    if (src_bytes) std::memcpy(c.data, src, src_bytes);  // ASan checks this read
+    emu_shadow_write(dst, 16);  // the copy may land any time from now to the wait
+    emu_pending.push_back(c);
+}
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {
+    static_assert(N == 0, "emulator: wait_group 0 only");
+    for (auto& c : emu_pending) { emu_shadow_write(c.dst, 16); std::memcpy(emu_smem + c.dst, c.data, 16); }
+    emu_pending.clear();
+}
+
+template <typename V> inline V lds(const V* p) {
+    size_t o = emu_off(p);
+    if (sizeof(V) == 16 && o % 16) emu_fail("lds misaligned", o);
+    emu_shadow_read(o, sizeof(V));
+    return *p;
+}
+template <typename V> inline void sts(V* p, const V& x) {
+    size_t o = emu_off(p);
+    emu_shadow_write(o, sizeof(V));
+    *p = x;
+}
+
+template <typename T> inline T __shfl_xor_sync(unsigned, T x, int m) {
+    static_assert(sizeof(T) <= 8, "");
+    const int w = emu_tid / 32, l = emu_tid % 32;
+    std::memcpy(&emu_warp_slot[w][l], &x, sizeof(T));
+    emu_warp_sync();
+    T y; std::memcpy(&y, &emu_warp_slot[w][l ^ m], sizeof(T));
+    emu_warp_sync();
+    return y;
+}
+inline float atomicAdd(float* p, float x) { return std::atomic_ref<float>(*p).fetch_add(x); }
+inline double atomicAdd(double* p, double x) { return std::atomic_ref<double>(*p).fetch_add(x); }
+
+// launch: run fn on every thread of every block
+void emu_launch(EmuDim grid, int nthreads, size_t smem_bytes, const std::function<void()>& fn);
