@@ -3,6 +3,8 @@ float64 oracle by DESIGN.md's correctness rule, its chunking and memory, and pro
 
 float32 and float64 compute in their own precision; float16 and bfloat16 NumPy inputs compute in
 float32 and come back in their own dtype. LSE is float32 (float64 for float64 inputs).
+NumPy float64 inputs would run on the GPU's float64 kernel where one is usable
+(interface.NUMPY_FLOAT64_ON_GPU); this module switches that off, so it tests the CPU path everywhere.
 """
 
 from __future__ import annotations
@@ -25,10 +27,18 @@ from helpers import (
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from flashcupy import _chunked, flash_attn_backward, flash_attn_forward, flash_attn_func, reference
+from flashcupy import _chunked, flash_attn_backward, flash_attn_forward, flash_attn_func, interface, reference
 from flashcupy._arrays import dtype_name, lse_dtype
 
 pytestmark = pytest.mark.filterwarnings("error")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpu_path_only():
+    """NumPy float64 stays on the CPU (module scope: hypothesis tests take no function fixtures)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
+        yield
 
 DTYPES = float_dtypes()
 DTYPE_IDS = [dtype_name(d) for d in DTYPES]

@@ -240,6 +240,32 @@ def test_deterministic_not_bool(call, value):
         call(*qkv(), deterministic=value)
 
 
+@pytest.mark.parametrize("call", [ENTRY_POINTS["func"], ENTRY_POINTS["forward"]], ids=["func", "forward"])
+@pytest.mark.parametrize("seed", ["1", 1.5, (1, 2, 3), (1, "2"), True, [1.0, 0]])
+def test_dropout_seed_type(call, seed):
+    with pytest.raises(TypeError, match=msg("seed: expected an int seed or a (seed, offset) pair of ints",
+                                            f"got {seed!r}")):
+        call(*qkv(), dropout_p=0.1, seed=seed)
+
+
+@pytest.mark.parametrize("call", [ENTRY_POINTS["func"], ENTRY_POINTS["forward"]], ids=["func", "forward"])
+@pytest.mark.parametrize("seed", [-1, 2**64, (0, -1), (0, 2**32)])
+def test_dropout_seed_range(call, seed):
+    got = (seed, 0) if isinstance(seed, int) else seed  # an int seed reads as (seed, offset 0)
+    with pytest.raises(ValueError, match=msg("seed: expected 0 <= seed < 2**64 and 0 <= offset < 2**32",
+                                             f"got {got!r}")):
+        call(*qkv(), dropout_p=0.1, seed=seed)
+
+
+def test_backward_dropout_needs_rng_state():
+    args = grad_inputs()
+    with pytest.raises(ValueError, match=msg("rng_state: expected the forward's rng_state", "got None")):
+        flash_attn_backward(**args, dropout_p=0.1)
+    with pytest.raises(TypeError, match=msg("rng_state: expected an int seed or a (seed, offset) pair",
+                                            "got 'x'")):
+        flash_attn_backward(**args, dropout_p=0.1, rng_state="x")
+
+
 # ---------------------------------------------------------------------------------------------------
 # backward: dout, out, lse must match the forward
 
