@@ -8,8 +8,11 @@ The correctness rule (DESIGN.md, "Correctness rule"): the oracle is NumPy float6
     gradients: err_kernel <= 3 * err_naive + floor
     floor = FLOOR_ULPS ulps of T at the output's magnitude (FLOOR_ULPS * eps(T) * max|oracle|)
             + one ulp of the accumulation dtype at the magnitude of the summed terms, amplified by
-              the scores' magnitude through exp() (see rule_bound: it matters for float32 only)
+              the scores' magnitude through exp() (matters for float32 inputs only)
+            + gradients: one ulp of T at what the out read back in T moves dq, dk by through
+              D = rowsum(dO o O) (matters where dq, dk cancel: rows with one or few visible keys)
     float64:   err_kernel <= 1e-12 * magnitude (of the output, or of its terms where it cancels)
+See rule_bound for why each floor term is inherent to any kernel following DESIGN.md's equations.
 
 "Naive attention computed in T" follows flash-attn's own tests (attention_ref with upcast=False):
 every matmul reads T operands, accumulates in float32 (float64 for float64) and rounds its result
