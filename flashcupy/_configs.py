@@ -72,11 +72,16 @@ _FWD_TABLE = {
 }
 
 
-def fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> FwdConfig:
-    """The forward kernel configuration for a problem. Pure: same arguments, same answer."""
+def fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80, sparse_blocks=None) -> FwdConfig:
+    """The forward kernel configuration for a problem. Pure: same arguments, same answer.
+
+    sparse_blocks: (block_q, block_k) of a block mask; tiles then divide its blocks (block_q = 64
+    takes 64-row tiles of 4 warps x 16 rows)."""
     del dtype, causal, arch  # one table serves both 16-bit dtypes, both masks, sm_80 and sm_90 for now
     bucket = head_dim_bucket(head_dim)
     (bm, bn, nw), _reason = _FWD_TABLE[bucket]
+    if sparse_blocks is not None and sparse_blocks[0] % bm:
+        bm, nw = 64, 4
     return FwdConfig(bucket, bm, bn, nw)
 
 
@@ -86,7 +91,8 @@ def all_fwd_specializations():
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 for dropout in (False, True):
-                    yield elem, causal, dropout, fwd_config(bucket, None, causal)
+                    for sparse in (None, (64, 64)):  # dense / block-sparse tiles (equal where block_m = 64)
+                        yield elem, causal, dropout, fwd_config(bucket, None, causal, sparse_blocks=sparse)
 
 
 @dataclass(frozen=True)
@@ -144,11 +150,17 @@ _BWD_TABLE = {
 }
 
 
-def bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80) -> BwdConfig:
-    """The backward kernels' configuration for a problem. Pure."""
+def bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80, sparse_blocks=None) -> BwdConfig:
+    """The backward kernels' configuration for a problem. Pure. sparse_blocks as fwd_config: the key
+    block of a CTA and the dQ kernel's query tile shrink to 64 when the mask's blocks are 64."""
     del dtype, causal, arch
     bucket = head_dim_bucket(head_dim)
     (bm, bn, split, dq_bm, dq_bn, atomic), _reason = _BWD_TABLE[bucket]
+    if sparse_blocks is not None:
+        block_q, block_k = sparse_blocks
+        if block_k < bn:  # 4-warp CTAs: at hd128 the atomic-dQ variant spills 4 B at sm_90a; the dQ kernel fits
+            bn, atomic = block_k, False
+        dq_bm = min(dq_bm, block_q)
     return BwdConfig(bucket, bm, bn, split, dq_bm, dq_bn, atomic)
 
 
@@ -158,7 +170,8 @@ def all_bwd_specializations():
         for bucket in HEAD_DIM_BUCKETS:
             for causal in (False, True):
                 for dropout in (False, True):
-                    yield elem, causal, dropout, bwd_config(bucket, None, causal)
+                    for sparse in (None, (64, 64)):
+                        yield elem, causal, dropout, bwd_config(bucket, None, causal, sparse_blocks=sparse)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,6 +217,8 @@ class SimtFwdConfig:
         pitch, p_pitch = self.head_dim + self.vec, self.block_n + 2 * self.vec
         return ((self.block_m + 2 * self.block_n) * pitch + self.block_m * p_pitch) * _simt_itemsize(self.elem)
 
+    source = "flash_simt_fwd.cu"
+
     def kernel_name(self) -> str:
         """causal is a run-time argument of the kernel (one specialization serves both masks)."""
         traits = f"SimtFwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
@@ -233,6 +248,31 @@ class SimtBwdConfig:
         pitch, p_pitch = self.head_dim + self.vec, self.block_n + 2 * self.vec
         elems = 2 * self.block_n * pitch + 2 * self.block_m * pitch + 2 * self.block_m * p_pitch + 2 * self.block_m
         return elems * _simt_itemsize(self.elem)
+
+    source = "flash_simt_bwd.cu"
+    dq_kernel_always = False  # dQ by atomics in the KV kernel unless deterministic=True
+
+    @property
+    def kv_nthreads(self) -> int:
+        return self.nthreads
+
+    @property
+    def kv_smem_bytes(self) -> int:
+        return self.smem_bytes
+
+    @property
+    def dq_nthreads(self) -> int:
+        return self.nthreads
+
+    @property
+    def dq_smem_bytes(self) -> int:
+        return self.smem_bytes
+
+    def kv_grid_x(self, seqlen_k: int) -> int:
+        return -(-seqlen_k // self.block_n)
+
+    def dq_grid_x(self, seqlen_q: int) -> int:
+        return -(-seqlen_q // self.block_m)
 
     def _traits(self) -> str:
         return f"SimtBwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
@@ -335,3 +375,174 @@ def all_simt_bwd_specializations():
                 if cfg not in seen:
                     seen.append(cfg)
                     yield cfg
+
+
+# ---------------------------------------------------------------------------------------------------
+# float64 on the FP64 tensor cores (DMMA, mma.sync .f64, sm_80+: cuda/flash_dmma_fwd.cu,
+# cuda/flash_dmma_bwd.cu). float_fwd_config / float_bwd_config choose between them and the SIMT kernels.
+
+DMMA_KATOMS = (4, 8, 16)  # 4: m8n8k4 (sm_80+); 8 / 16: m16n8k8 / m16n8k16 (sm_90, 16-row warps only)
+
+
+@dataclass(frozen=True)
+class DmmaFwdConfig:
+    """Mirror of DmmaFwdTraits in cuda/flash_dmma_fwd.cu."""
+
+    head_dim: int  # bucket
+    block_m: int  # query rows per CTA (8 or 16 per warp)
+    block_n: int  # keys per pipeline step
+    nwarps: int
+    katom: int  # DMMA_KATOMS
+
+    source = "flash_dmma_fwd.cu"
+    elem = "double"
+
+    @property
+    def nthreads(self) -> int:
+        return 32 * self.nwarps
+
+    @property
+    def smem_bytes(self) -> int:
+        return (self.block_m + 2 * self.block_n) * self.head_dim * 8
+
+    def kernel_name(self) -> str:
+        traits = f"DmmaFwdTraits<{self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}, {self.katom}>"
+        return f"flash_dmma_fwd_kernel<{traits}>"
+
+
+@dataclass(frozen=True)
+class DmmaBwdConfig:
+    """Mirror of DmmaBwdKvTraits (KV kernel) and DmmaBwdDqTraits (dQ kernel) in cuda/flash_dmma_bwd.cu."""
+
+    head_dim: int  # bucket
+    kv_block_m: int  # KV kernel: query rows per step
+    kv_block_n: int  # KV kernel: keys per CTA (8 or 16 per warp)
+    kv_nwarps: int
+    d_split: int  # KV kernel: CTAs per key tile, each owning head_dim / d_split columns of dK, dV
+    dq_block_m: int  # dQ kernel: query rows per CTA (8 or 16 per warp)
+    dq_block_n: int  # dQ kernel: keys per step
+    dq_nwarps: int
+    katom: int
+
+    source = "flash_dmma_bwd.cu"
+    elem = "double"
+    dq_kernel_always = True  # no atomics: always the dQ kernel (bitwise reproducible)
+
+    @property
+    def kv_nthreads(self) -> int:
+        return 32 * self.kv_nwarps
+
+    @property
+    def dq_nthreads(self) -> int:
+        return 32 * self.dq_nwarps
+
+    @property
+    def kv_smem_bytes(self) -> int:
+        return (2 * self.kv_block_n + 4 * self.kv_block_m) * self.head_dim * 8
+
+    @property
+    def dq_smem_bytes(self) -> int:
+        return (2 * self.dq_block_m + 2 * self.dq_block_n) * self.head_dim * 8
+
+    def kv_grid_x(self, seqlen_k: int) -> int:
+        return -(-seqlen_k // self.kv_block_n) * self.d_split
+
+    def dq_grid_x(self, seqlen_q: int) -> int:
+        return -(-seqlen_q // self.dq_block_m)
+
+    def kv_kernel_name(self) -> str:
+        traits = (f"DmmaBwdKvTraits<{self.head_dim}, {self.kv_block_m}, {self.kv_block_n}, {self.kv_nwarps}, "
+                  f"{self.d_split}, {self.katom}>")
+        return f"flash_dmma_bwd_kv_kernel<{traits}>"
+
+    def dq_kernel_name(self) -> str:
+        traits = f"DmmaBwdDqTraits<{self.head_dim}, {self.dq_block_m}, {self.dq_block_n}, {self.dq_nwarps}, {self.katom}>"
+        return f"flash_dmma_bwd_dq_kernel<{traits}>"
+
+    def preprocess_kernel_name(self) -> str:
+        return "flash_simt_bwd_preprocess_kernel<double>"  # in flash_simt_bwd.cu
+
+
+# bucket -> (block_m, block_n, nwarps), reason. sm_90 runs katom 16 where a warp owns 16 rows
+# (one m16n8k16 per 4 m8n8k4 per row group), sm_80 katom 4. Registers: sm_90a ptxas, no spills.
+_DMMA_FWD_TABLE = {
+    32: ((64, 64, 4), "16 rows per warp; S 16x64 and O 16x32 in registers"),
+    64: ((64, 32, 4), "16 rows per warp; 206 regs (64-key steps: 239)"),
+    96: ((32, 32, 4), "8 rows per warp: O 8x96 in registers"),
+    128: ((32, 32, 4), "8 rows per warp (16 rows x 32 keys spill at sm_90a)"),
+    160: ((32, 32, 4), "8 rows per warp"),
+    192: ((32, 32, 4), "8 rows per warp"),
+    224: ((32, 16, 4), "8 rows per warp; 16-key steps keep smem at 112 KB"),
+    256: ((32, 16, 4), "8 rows per warp; O 8x256 = 64 doubles per lane; 128 KB smem"),
+}
+
+# bucket -> (kv_block_m, kv_block_n, kv_nwarps, d_split, dq_block_m, dq_block_n, dq_nwarps), reason.
+_DMMA_BWD_TABLE = {
+    32: ((16, 32, 4, 1, 64, 32, 4), "as hd64"),
+    64: ((16, 32, 4, 1, 64, 32, 4), "KV: 8 keys per warp, 160 regs (16 keys spill); dQ: 16 rows per warp"),
+    96: ((16, 32, 4, 1, 32, 16, 4), "8 keys / 8 rows per warp"),
+    128: ((16, 32, 4, 1, 32, 16, 4), "8 keys / 8 rows per warp; KV 236 regs"),
+    160: ((16, 32, 4, 2, 32, 16, 4), "dK, dV columns split over 2 CTAs"),
+    192: ((16, 32, 4, 2, 32, 16, 4), "dK, dV columns split over 2 CTAs"),
+    224: ((16, 32, 4, 2, 32, 16, 4), "dK, dV columns split over 2 CTAs"),
+    256: ((16, 32, 4, 2, 32, 16, 4), "dK, dV columns split over 2 CTAs"),
+}
+
+
+def _dmma_katom(rows_per_warp: int, arch: int) -> int:
+    return 16 if arch >= 90 and rows_per_warp == 16 else 4
+
+
+def dmma_fwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaFwdConfig:
+    """The float64 tensor-core forward configuration. Pure."""
+    del causal
+    bucket = head_dim_bucket(head_dim)
+    (bm, bn, nw), _reason = _DMMA_FWD_TABLE[bucket]
+    return DmmaFwdConfig(bucket, bm, bn, nw, _dmma_katom(bm // nw, arch))
+
+
+def dmma_bwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaBwdConfig:
+    """The float64 tensor-core backward configuration (KV kernel and dQ kernel). Pure."""
+    del causal
+    bucket = head_dim_bucket(head_dim)
+    (kbm, kbn, knw, split, qbm, qbn, qnw), _reason = _DMMA_BWD_TABLE[bucket]
+    # one katom for both kernels: 16 only if both have 16-row warps (else m8n8k4 throughout)
+    katom = min(_dmma_katom(kbn // knw, arch), _dmma_katom(qbm // qnw, arch))
+    return DmmaBwdConfig(bucket, kbm, kbn, knw, split, qbm, qbn, qnw, katom)
+
+
+def float_fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80):
+    """float32 / float64 forward: the kernel family and its configuration. Pure.
+    float64 on sm_80+ runs on the FP64 tensor cores (DMMA: 2x the DFMA peak on A100 / H100 / H200);
+    float32 and older GPUs on CUDA cores (SIMT)."""
+    if simt_elem(dtype) == "double" and arch >= 80:
+        return dmma_fwd_config(head_dim, causal, arch)
+    return simt_fwd_config(head_dim, dtype, causal, arch)
+
+
+def float_bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80):
+    """float32 / float64 backward: the kernel family and its configuration. Pure (as float_fwd_config)."""
+    if simt_elem(dtype) == "double" and arch >= 80:
+        return dmma_bwd_config(head_dim, causal, arch)
+    return simt_bwd_config(head_dim, dtype, causal, arch)
+
+
+def all_dmma_fwd_specializations():
+    """Every distinct DMMA forward config for sm_80 and sm_90: CI compiles each."""
+    seen = []
+    for arch in (80, 90):
+        for bucket in HEAD_DIM_BUCKETS:
+            cfg = dmma_fwd_config(bucket, False, arch)
+            if cfg not in seen:
+                seen.append(cfg)
+                yield cfg
+
+
+def all_dmma_bwd_specializations():
+    seen = []
+    for arch in (80, 90):
+        for bucket in HEAD_DIM_BUCKETS:
+            cfg = dmma_bwd_config(bucket, False, arch)
+            if cfg not in seen:
+                seen.append(cfg)
+                yield cfg

@@ -1,4 +1,4 @@
-"""Run flashcupy's SIMT kernels (cuda/flash_simt_*.cu) on the CPU: flashcupy._gpu_simt driven with
+"""Run flashcupy's SIMT and DMMA kernels (cuda/flash_simt_*.cu, cuda/flash_dmma_*.cu) on the CPU: flashcupy._gpu_simt driven with
 NumPy arrays and emulated launches (emu_common.h, emu_runtime.cpp). See README.md."""
 import ctypes, hashlib, os, re, subprocess, sys
 import numpy as np
@@ -112,9 +112,12 @@ def launch(filename, name, smem_bytes, grid, block, args):
     if L.emu_error_count():
         raise AssertionError(f"{name}: {L.emu_error_count()} emulator errors; first: {L.emu_first_error().decode()}")
 
-def install():
-    """Point flashcupy._gpu_simt at numpy and the emulator."""
+def install(arch=None):
+    """Point flashcupy._gpu_simt at numpy and the emulator. arch (default $EMU_ARCH or 90) picks the
+    configs as on that GPU; the emulator runs every DMMA shape as m8n8k4 (same fragments)."""
     from flashcupy import _gpu_simt
+    arch = int(arch or os.environ.get("EMU_ARCH", "90"))
     _gpu_simt._xp = lambda: np
     _gpu_simt._launch = launch
+    _gpu_simt._arch = lambda: arch
     return _gpu_simt

@@ -22,6 +22,7 @@ using std::min; using std::max;
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 #define FC_SIMT_SMEM_HOOKS 1
+#define FC_DMMA_HOOKS 1
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -94,6 +95,25 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T x, int m) {
     emu_warp_sync();
     return y;
 }
+// mma.sync.aligned.m8n8k4.row.col.f64 as the PTX ISA defines its fragments (lane = 4 g + t):
+// A[g][t] and B[t][g] come from lane 4 g + t; lane 4 g + t gets D[g][2t + e] = C + sum_k A[g][k] B[k][2t + e].
+// The 4 products are summed in k order with fused multiply-adds (the hardware's order and
+// rounding inside one instruction are not specified: any float64 order is within the tests' bound).
+extern double emu_mma_a[32][32], emu_mma_b[32][32];  // [warp][lane]
+inline void dmma_m8n8k4(double (&c)[2], double a, double b) {
+    const int w = emu_tid / 32, l = emu_tid % 32, g = l / 4, t = l % 4;
+    emu_mma_a[w][l] = a;
+    emu_mma_b[w][l] = b;
+    emu_warp_sync();
+    for (int e = 0; e < 2; ++e) {
+        const int n = 2 * t + e;
+        double acc = c[e];
+        for (int k = 0; k < 4; ++k) acc = std::fma(emu_mma_a[w][4 * g + k], emu_mma_b[w][4 * n + k], acc);
+        c[e] = acc;
+    }
+    emu_warp_sync();
+}
+
 inline float atomicAdd(float* p, float x) { return std::atomic_ref<float>(*p).fetch_add(x); }
 inline double atomicAdd(double* p, double x) { return std::atomic_ref<double>(*p).fetch_add(x); }
 

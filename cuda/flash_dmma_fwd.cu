@@ -1,0 +1,178 @@
+// flash_dmma_fwd.cu: FlashAttention-2 forward in float64 on the FP64 tensor cores (mma.sync .f64).
+//
+// One CTA per (query tile of BLOCK_M rows, head, batch); each warp owns WARP_M = 8 R8 consecutive
+// query rows (R8 = 1 or 2), so the online softmax needs no inter-warp reduction (FA2, arXiv
+// 2307.08691, Sec. 3.2). Per key/value tile of BLOCK_N keys:
+//   S = Q K_j^T            (dmma_rows: Q and K read from swizzled shared memory, 16-byte chunks)
+//   online softmax on S    (in registers; row max / sum over the 4 lanes of a C row)
+//   O = alpha O + P V_j    (dmma_c_as_a: P never leaves registers, its C fragments are the A
+//                           fragments of a permuted key order; V_j rows read in that order)
+// K_j and V_j stream through shared memory with cp.async: V_j loads while S = Q K_j^T runs, K_{j+1}
+// while the softmax and O += P V_j run (as flash_simt_fwd.cu and flash_fwd.cu).
+//
+// Numerics: every product is a float64 tensor-core FMA (round to nearest); softmax with the CUDA
+// math library's exp() (<= 1 ulp), float64 LSE in natural log. Same arguments and results as
+// flash_simt_fwd_kernel<double> (scale_exp = softmax_scale), which runs where DMMA does not exist.
+//
+// Versions (numbers in bench/NOTES.md, "fp64 on the FP64 tensor cores (DMMA)"):
+//   v1  FA2 structure, m8n8k4 fragments (sm_90: m16n8k16 / m16n8k8 by KATOM), swizzled smem,
+//       P in registers, single-buffered K/V.
+#include "flash_dmma.cuh"
+
+template <int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int KATOM_>
+struct DmmaFwdTraits {
+    static constexpr int HEAD_DIM = HEAD_DIM_;  // head_dim bucket; the runtime head_dim may be smaller
+    static constexpr int BLOCK_M = BLOCK_M_;    // query rows per CTA
+    static constexpr int BLOCK_N = BLOCK_N_;    // keys per pipeline step
+    static constexpr int NWARPS = NWARPS_;
+    static constexpr int KATOM = KATOM_;        // 4: m8n8k4; 8 / 16: m16n8k8 / m16n8k16 on sm_90
+    static constexpr int NTHREADS = NWARPS * 32;
+    static constexpr int WARP_M = BLOCK_M / NWARPS;  // query rows per warp
+    static constexpr int R8 = WARP_M / 8;            // 8-row groups per warp
+    static constexpr int NT = BLOCK_N / 8;           // n8 tiles of S per warp
+    static constexpr int DP = HEAD_DIM / 16;         // pairs of n8 tiles of O per warp
+    static constexpr int SMEM_BYTES = (BLOCK_M + 2 * BLOCK_N) * HEAD_DIM * 8;
+    static_assert(WARP_M == 8 || WARP_M == 16, "a warp owns 8 or 16 rows");
+    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and over d");
+};
+
+// q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim); lse:
+// (batch, nheads, seqlen_q) contiguous. Strides in elements, the last dimension contiguous, rows
+// 16-byte aligned, head_dim a multiple of 8 (columns past it zero-filled, never stored).
+// scale_exp == softmax_scale (float64 works in base e). causal: 0 or 1 (run-time, uniform branches).
+template <typename Tr>
+__global__ void __launch_bounds__(Tr::NTHREADS)
+flash_dmma_fwd_kernel(const double* __restrict__ q, const double* __restrict__ k, const double* __restrict__ v,
+                      double* __restrict__ o, double* __restrict__ lse,
+                      i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
+                      i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
+                      i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
+                      i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
+                      int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
+                      double softmax_scale, double scale_exp, int causal) {
+    constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
+    constexpr int R8 = Tr::R8, NT = Tr::NT, DP = Tr::DP, WARP_M = Tr::WARP_M, KATOM = Tr::KATOM;
+    const double inf = Simt<double>::inf();
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    double* s_q = reinterpret_cast<double*>(smem_raw);  // (BLOCK_M, HEAD_DIM) swizzled
+    double* s_k = s_q + BLOCK_M * HEAD_DIM;              // (BLOCK_N, HEAD_DIM) swizzled
+    double* s_v = s_k + BLOCK_N * HEAD_DIM;              // (BLOCK_N, HEAD_DIM) swizzled
+
+    const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int m0 = m_block * BLOCK_M;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int warp_row0 = warp * WARP_M;            // first row of this warp in the tile
+    const int causal_offset = seqlen_k - seqlen_q;  // bottom-right: key j visible iff j <= i + offset
+
+    const double* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
+    const double* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
+    const double* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
+    double* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
+    double* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
+
+    int n_blocks = cdiv(seqlen_k, BLOCK_N);
+    if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
+    const int warp_last_key = m0 + warp_row0 + WARP_M - 1 + causal_offset;  // warp-uniform
+
+    // Per owned row h (tile row warp_row0 + 8h + g): running max of the raw scores, this lane's part
+    // of the running sum, and O's C fragments: acc_o[p][x][h][e] = O[row][16p + 4t + 2e + x].
+    double row_max[R8], row_sum[R8];
+    double acc_o[DP][2][R8][2];
+#pragma unroll
+    for (int h = 0; h < R8; ++h) row_max[h] = -inf, row_sum[h] = 0.0;
+    zero4(acc_o);
+
+    if (n_blocks > 0) {
+        load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_tile, q_row_stride, seqlen_q - m0, head_dim);
+        load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head, k_row_stride, seqlen_k, head_dim);
+        cp_async_commit();
+    }
+
+    for (int j = 0; j < n_blocks; ++j) {
+        const int n0 = j * BLOCK_N;
+        cp_async_wait<0>();
+        __syncthreads();  // K_j is in shared memory; every warp is done reading V_{j-1}
+        load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v_head + n0 * v_row_stride, v_row_stride, seqlen_k - n0,
+                                                    head_dim);
+        cp_async_commit();
+
+        // Causal: a tile whose first key is after this warp's last visible key adds nothing.
+        const bool warp_active = !causal || n0 <= warp_last_key;
+        double acc_s[NT][R8][2];  // S, then P: acc_s[jn][h][e] = (row 8h + g, key n0 + 8 jn + 2t + e)
+        if (warp_active) {
+            zero3(acc_s);
+            dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_s, s_q, warp_row0, s_k, g, t);
+
+            // Mask keys past seqlen_k and, for causal, keys after the diagonal; only tiles that need it.
+            const bool need_mask = n0 + BLOCK_N > seqlen_k ||
+                                   (causal && n0 + BLOCK_N - 1 > m0 + warp_row0 + causal_offset);
+            if (need_mask) {
+#pragma unroll
+                for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+                    for (int h = 0; h < R8; ++h)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int row = m0 + warp_row0 + 8 * h + g, col = n0 + 8 * jn + 2 * t + e;
+                            if (col >= seqlen_k || (causal && col > row + causal_offset)) acc_s[jn][h][e] = -inf;
+                        }
+            }
+
+            // Online softmax: m_new = max(m, rowmax S); P = exp(S c - m_new c); O, l scaled by
+            // alpha = exp(m c - m_new c), c = softmax_scale.
+#pragma unroll
+            for (int h = 0; h < R8; ++h) {
+                double mx = row_max[h];
+#pragma unroll
+                for (int jn = 0; jn < NT; ++jn) mx = fmax(mx, fmax(acc_s[jn][h][0], acc_s[jn][h][1]));
+                mx = quad_max_f64(mx);
+                // A row with no visible key so far keeps max -inf; subtract 0 so exp stays 0, not NaN.
+                const double mx_scaled = mx == -inf ? 0.0 : mx * scale_exp;
+                const double alpha = ::exp(row_max[h] * scale_exp - mx_scaled);
+                row_max[h] = mx;
+                double sum = 0.0;
+#pragma unroll
+                for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e) {
+                        const double p = ::exp(fma(acc_s[jn][h][e], scale_exp, -mx_scaled));
+                        acc_s[jn][h][e] = p;
+                        sum += p;
+                    }
+                row_sum[h] = row_sum[h] * alpha + sum;  // this lane's part; reduced over the quad at the end
+#pragma unroll
+                for (int p = 0; p < DP; ++p)
+#pragma unroll
+                    for (int x = 0; x < 2; ++x) acc_o[p][x][h][0] *= alpha, acc_o[p][x][h][1] *= alpha;
+            }
+        }
+
+        cp_async_wait<0>();
+        __syncthreads();  // V_j is in shared memory; every warp is done reading K_j
+        if (j + 1 < n_blocks) {
+            load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + (n0 + BLOCK_N) * k_row_stride, k_row_stride,
+                                                        seqlen_k - n0 - BLOCK_N, head_dim);
+            cp_async_commit();
+        }
+
+        // O += P V_j
+        if (warp_active) dmma_c_as_a<R8, NT, DP, HEAD_DIM, KATOM>(acc_o, acc_s, s_v, 0, g, t);
+    }
+
+    // Epilogue: O /= l, LSE = m * scale + ln(l); rows with l == 0 (no visible key): O = 0, LSE = -inf.
+    double inv_l[R8];
+#pragma unroll
+    for (int h = 0; h < R8; ++h) {
+        const double l = quad_sum_f64(row_sum[h]);
+        inv_l[h] = l > 0.0 ? 1.0 / l : 0.0;
+        const int row = warp_row0 + 8 * h + g;
+        if (t == 0 && m0 + row < seqlen_q) lse_tile[row] = l > 0.0 ? row_max[h] * softmax_scale + ::log(l) : -inf;
+#pragma unroll
+        for (int p = 0; p < DP; ++p)
+#pragma unroll
+            for (int x = 0; x < 2; ++x) acc_o[p][x][h][0] *= inv_l[h], acc_o[p][x][h][1] *= inv_l[h];
+    }
+    store_c_pairs<DP, R8>(o_tile, o_row_stride, acc_o, 1.0, 0, seqlen_q - m0, head_dim, warp_row0, g, t);
+}
