@@ -44,7 +44,7 @@ LOSS_UNIT = "nats/byte"
 DEFAULTS = {
     "gpu": dict(steps=1000, seq_len=1024, batch_size=16, layers=6, width=384, heads=6, lr=1e-3,
                 warmup=100, eval_every=100, eval_batches=8, log_every=10, dtype="bf16"),
-    "cpu": dict(steps=600, seq_len=128, batch_size=8, layers=3, width=96, heads=4, lr=3e-3,
+    "cpu": dict(steps=1000, seq_len=128, batch_size=8, layers=3, width=96, heads=4, lr=3e-3,
                 warmup=50, eval_every=100, eval_batches=4, log_every=10, dtype="fp32"),
 }
 ATTENTION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -90,7 +90,7 @@ def add_arguments(p):
                    "standard library's source files)")
     p.add_argument("--attention", choices=("flash", "naive"), default="flash",
                    help="flashcupy's attention, or naive matmul-softmax-matmul (same math, O(N^2) memory)")
-    p.add_argument("--steps", type=int, help="optimizer steps (GPU default 1000, CPU 600)")
+    p.add_argument("--steps", type=int, help="optimizer steps (GPU default 1000, CPU 1000)")
     p.add_argument("--seq-len", type=int, help="context length in bytes (GPU 1024, CPU 128)")
     p.add_argument("--batch-size", type=int, help="sequences per step (GPU 16, CPU 8)")
     p.add_argument("--layers", type=int, help="transformer blocks (GPU 6, CPU 3)")
