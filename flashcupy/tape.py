@@ -594,7 +594,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     causal, softmax_scale, dropout_p, seed, deterministic: as flashcupy.flash_attn_forward / _backward
         (causal is aligned bottom-right when seqlen_q != seqlen_k; with dropout, seed picks the
         keep-mask, default the next state of flashcupy.dropout's generator, and the backward reuses it).
-    block_mask: passed to flashcupy once it supports block-sparse attention; NotImplementedError now.
+    block_mask: a flashcupy.blocksparse.BlockMask, passed through to flashcupy (NotImplementedError
+        with a flashcupy whose flash_attn_forward has no block_mask yet).
     Only out and the logsumexp (batch, nheads, seqlen_q) are kept for the backward, which recomputes P.
     """
     q, k, v = _as_tensor(q), _as_tensor(k), _as_tensor(v)
@@ -632,10 +633,9 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     row with no visible key gives 0, as flashcupy.
     dropout_p, seed: the keep-mask is flashcupy.dropout.keep_mask, the very mask the flash op uses for
     the same seed, so both ops compute the same function; the (Sq, Sk) mask is kept for the backward.
-    block_mask: not implemented yet (NotImplementedError unless None).
+    block_mask: a flashcupy.blocksparse.BlockMask, applied through its element_mask (keys outside the
+    active blocks are masked like the causal ones).
     """
-    if block_mask is not None:
-        raise NotImplementedError("naive_attention: block_mask is not implemented yet")
     dropout_p = check_dropout_p(dropout_p)
     q, k, v = _as_tensor(q), _as_tensor(k), _as_tensor(v)
     xp = q.xp
@@ -665,6 +665,11 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
         i = xp.arange(seqlen_q)[:, None]
         j = xp.arange(seqlen_k)[None, :]
         s = xp.where(j <= i + (seqlen_k - seqlen_q), s, -xp.inf)
+    if block_mask is not None:
+        block_mask.check(batch, nheads, seqlen_q, seqlen_k)
+        visible = block_mask.element_mask(seqlen_q, seqlen_k, xp=xp)  # (B | 1, H | 1, Sq, Sk)
+        visible = xp.broadcast_to(visible, (visible.shape[0], nheads, seqlen_q, seqlen_k))
+        s = xp.where(visible.reshape(visible.shape[0], nheads_k, nheads // nheads_k, seqlen_q, seqlen_k), s, -xp.inf)
     m = s.max(axis=-1, keepdims=True)
     m = xp.where(m == -xp.inf, 0.0, m)  # rows with no visible key: keep exp finite, P = 0
     p = xp.exp(s - m)

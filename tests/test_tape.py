@@ -316,11 +316,38 @@ def test_attention_dropout_matches_oracle(op, shape, causal, dropout_p, seed):
     fd_check(lambda q, k, v: op(q, k, v, causal=causal, dropout_p=dropout_p, seed=rng_state), q, k, v, seed=seed)
 
 
-def test_attention_block_mask_reserved_for_later():
+@attention_ops
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_block_mask_matches_oracle(op, causal, rng):
+    """A random (heads, 2, 2) block mask of 64 x 64 blocks; rows with no active block give zeros."""
+    import inspect
+
+    blocksparse = pytest.importorskip("flashcupy.blocksparse")
+    from flashcupy.interface import flash_attn_forward
+
+    if op is T.flash_attention and "block_mask" not in inspect.signature(flash_attn_forward).parameters:
+        with pytest.raises(NotImplementedError, match="block_mask"):
+            op(*attention_inputs(0, 1, 2, 2, 1, 1, 4)[:3], block_mask=object())
+        return
+    q, k, v, dout = attention_inputs(int(rng.integers(2**31)), 2, 128, 128, 4, 2, 4)
+    blocks = rng.random((1, 4, 2, 2)) < 0.6
+    blocks[0, 0, 1] = False  # a query block with no visible key
+    mask = blocksparse.BlockMask(blocks, 64, 64)
+    tq, tk, tv = (Tensor(x, requires_grad=True) for x in (q, k, v))
+    out = op(tq, tk, tv, causal=causal, block_mask=mask)
+    out.backward(dout)
+    elements = mask.element_mask(128, 128)
+    ref_out, _ = reference.attention_forward(q, k, v, causal=causal, mask=elements)
+    refs = reference.attention_backward(dout, q, k, v, causal=causal, mask=elements)
+    scale = max(1.0, *(np.abs(r).max() for r in (ref_out, *refs)))
+    np.testing.assert_allclose(out.data, ref_out, rtol=0, atol=1e-12 * scale)
+    for name, got, ref in zip(("dq", "dk", "dv"), (tq.grad, tk.grad, tv.grad), refs):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * scale, err_msg=name)
+    np.testing.assert_array_equal(out.data[:, 64:, 0], 0.0)
+
+
+def test_naive_attention_rejects_bad_dropout():
     q, k, v, _ = attention_inputs(0, 1, 2, 2, 1, 1, 4)
-    for op in (T.flash_attention, T.naive_attention):
-        with pytest.raises(NotImplementedError, match="block"):
-            op(q, k, v, block_mask=np.ones((1, 1), dtype=bool))
     with pytest.raises(ValueError, match="dropout_p"):
         T.naive_attention(q, k, v, dropout_p=1.0)
 
