@@ -523,7 +523,7 @@ def gelu(x):
 # -- reductions and the loss ------------------------------------------------------------------------
 
 
-def sum(x, axis=None, keepdims=False):  # noqa: A001 (the tape's sum, as numpy.sum)
+def sum(x, axis=None, keepdims=False):
     x = _as_tensor(x)
     xp = x.xp
 

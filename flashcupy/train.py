@@ -305,7 +305,7 @@ class GPT:
     def loss(self, idx, targets):
         """Mean next-byte cross-entropy (nats) of idx (batch, seq_len) against targets (batch, seq_len)."""
         p, cfg = self.params, self.cfg
-        batch, seq_len = idx.shape
+        seq_len = idx.shape[1]
         x = T.embedding(p["wte"], idx) + p["wpe"][:seq_len]  # (B, S, C)
         for i in range(cfg.layers):
             x = x + self.attention(i, T.layer_norm(x, p[f"h{i}.ln1.w"], p[f"h{i}.ln1.b"]))

@@ -269,6 +269,7 @@ def test_attention_mixed_precision_on_cpu():
 def test_attention_ops_in_half_precision_on_cpu(dtype_name, rng):
     """The GPU test's rule on the CPU path: float32 tensors, attention in T, flash op vs naive op in T."""
     import helpers
+
     from flashcupy._arrays import bfloat16
 
     dtype = np.dtype(np.float16) if dtype_name == "float16" else bfloat16()
@@ -477,6 +478,7 @@ def test_gpu_flash_op_grads_within_rule_of_naive_op(dtype_name, causal, shape, r
     """float32 master tensors, attention in T: err(flash op) <= 3 err(naive op in T) + floor, vs float64."""
     cp = _cupy()
     import helpers
+
     from flashcupy._arrays import bfloat16
 
     dtype = np.dtype(np.float16) if dtype_name == "float16" else bfloat16()
