@@ -7,6 +7,11 @@ cupyx.profiler.benchmark (median of n_repeat after warm-up), TFLOP/s by the FA f
 
     PYTHONPATH=. python bench/bench_simt.py --dtypes float32 float64 --head-dims 64 128 --seqlens 1024 4096
     PYTHONPATH=. python bench/bench_simt.py --dtypes float32 --head-dims 64 --seqlens 4096 --sweep
+    PYTHONPATH=. python bench/bench_simt.py --dtypes float64 --head-dims 64 128 --seqlens 4096 --sweep
+
+float64 --sweep times the DMMA (FP64 tensor core) configs of DMMA_FWD_SWEEP / DMMA_BWD_SWEEP, with
+their instruction (katom 4: m8n8k4, 8: m16n8k8, 16: m16n8k16; the last two need sm_90), and the
+DFMA kernel's default for comparison. A summary table (best per case, ratio to naive) ends the run.
 """
 
 from __future__ import annotations
@@ -19,11 +24,48 @@ import numpy as np
 
 FWD_SWEEP = [(64, 64, 4), (64, 32, 4), (128, 64, 8), (32, 64, 4), (32, 32, 4), (128, 64, 4)]
 BWD_SWEEP = [(32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 32, 4)]
+# float64 DMMA: head_dim -> [(block_m, block_n, nwarps, katom)] and
+# [(kv_block_m, kv_block_n, kv_nwarps, d_split, dq_block_m, dq_block_n, dq_nwarps, kv_katom, dq_katom)]
+DMMA_FWD_SWEEP = {
+    64: [(64, 32, 4, 16), (64, 32, 4, 8), (64, 32, 4, 4), (64, 64, 4, 16), (128, 32, 8, 16), (32, 32, 4, 4),
+         (32, 64, 4, 4)],
+    128: [(64, 16, 4, 16), (64, 16, 4, 8), (64, 16, 4, 4), (128, 16, 8, 16), (32, 32, 4, 4), (32, 16, 4, 4)],
+}
+DMMA_BWD_SWEEP = {
+    64: [(16, 64, 4, 1, 64, 32, 4, 16, 16), (16, 64, 4, 1, 64, 32, 4, 8, 8), (16, 64, 4, 1, 64, 32, 4, 4, 4),
+         (16, 32, 4, 1, 64, 32, 4, 4, 16), (32, 32, 4, 1, 64, 16, 4, 4, 16), (16, 64, 4, 1, 32, 32, 4, 16, 4)],
+    128: [(16, 32, 4, 1, 64, 16, 4, 4, 16), (16, 32, 4, 1, 64, 16, 4, 4, 8), (16, 32, 4, 1, 64, 16, 4, 4, 4),
+          (16, 64, 4, 2, 64, 16, 4, 16, 16), (16, 32, 4, 1, 32, 16, 4, 4, 4)],
+}
 
 
 def flops(batch, nheads, seqlen, head_dim, causal, mode):
     f = 4 * batch * nheads * seqlen * seqlen * head_dim // (2 if causal else 1)
     return {"fwd": 1.0, "bwd": 2.5}[mode] * f
+
+
+def summary(rows):
+    """Per case and mode: the default (flashcupy), the best swept config, naive and SDPA, with ratios."""
+    cases = {}
+    for r in rows:
+        cases.setdefault((r["dtype"], r["mode"], r["head_dim"], r["seqlen"], r["causal"]), []).append(r)
+    print("\n| dtype | mode | hd | seqlen | causal | flashcupy TF/s | best config (TF/s) | naive | /naive | sdpa-eff | /sdpa |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (dt, mode, hd, s, c), rs in cases.items():
+        by = {r["provider"]: r["tflops"] for r in rs}
+        fc = by.get("flashcupy")
+        best = max((r for r in rs if r["provider"] not in ("naive", "sdpa-efficient", "flashcupy-det")),
+                   key=lambda r: r["tflops"])
+        nv, sd = by.get("naive"), by.get("sdpa-efficient")
+
+        def f(x):
+            return "-" if x is None else f"{x:.2f}"
+
+        def ratio(a, b):
+            return "-" if a is None or b is None else f"{a / b:.2f}"
+
+        print(f"| {dt} | {mode} | {hd} | {s} | {'yes' if c else 'no'} | {f(fc)} | {best['provider']} "
+              f"({best['tflops']:.2f}) | {f(nv)} | {ratio(fc, nv)} | {f(sd)} | {ratio(fc, sd)} |")
 
 
 def main(argv=None):
@@ -43,7 +85,8 @@ def main(argv=None):
 
     import flashcupy
     from flashcupy import _gpu_simt
-    from flashcupy._configs import SimtBwdConfig, SimtFwdConfig, simt_elem
+    from flashcupy._configs import (DmmaBwdConfig, DmmaFwdConfig, SimtBwdConfig, SimtFwdConfig, simt_bwd_config,
+                                    simt_elem, simt_fwd_config)
     from flashcupy._validate import check_qkv
 
     try:
@@ -78,7 +121,7 @@ def main(argv=None):
                             do, q, k, v, res.out, res.lse, causal=causal)
                         impls["flashcupy-det", "bwd"] = lambda: flashcupy.flash_attn_backward(
                             do, q, k, v, res.out, res.lse, causal=causal, deterministic=True)
-                    if args.sweep:
+                    if args.sweep and dtype == np.float32:
                         elem = simt_elem(dtype)
                         for bm, bn, nw in FWD_SWEEP:
                             cfg = SimtFwdConfig(elem, head_dim, bm, bn, nw)
@@ -87,6 +130,24 @@ def main(argv=None):
                         for bm, bn, nw in BWD_SWEEP:
                             cfg = SimtBwdConfig(elem, head_dim, bm, bn, nw)
                             impls[f"bwd{bm}x{bn}w{nw}", "bwd"] = (
+                                lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res.out, res.lse, shape, causal=causal,
+                                                                   deterministic=False, config=cfg))
+                    if args.sweep and dtype == np.float64:
+                        cfg = simt_fwd_config(head_dim, dtype, causal)
+                        impls["dfma-default", "fwd"] = (
+                            lambda cfg=cfg: _gpu_simt.forward(q, k, v, shape, causal=causal, config=cfg))
+                        cfg = simt_bwd_config(head_dim, dtype, causal)
+                        impls["dfma-default", "bwd"] = (
+                            lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res.out, res.lse, shape, causal=causal,
+                                                               deterministic=False, config=cfg))
+                        for bm, bn, nw, ka in DMMA_FWD_SWEEP.get(head_dim, []):
+                            cfg = DmmaFwdConfig(head_dim, bm, bn, nw, ka)
+                            impls[f"dmma{bm}x{bn}w{nw}k{ka}", "fwd"] = (
+                                lambda cfg=cfg: _gpu_simt.forward(q, k, v, shape, causal=causal, config=cfg))
+                        for c in DMMA_BWD_SWEEP.get(head_dim, []):
+                            cfg = DmmaBwdConfig(head_dim, *c)
+                            name = f"kv{c[0]}x{c[1]}w{c[2]}s{c[3]}k{c[7]}+dq{c[4]}x{c[5]}w{c[6]}k{c[8]}"
+                            impls[name, "bwd"] = (
                                 lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res.out, res.lse, shape, causal=causal,
                                                                    deterministic=False, config=cfg))
                     if "fwd" in args.modes and seqlen <= 4096:
@@ -118,6 +179,7 @@ def main(argv=None):
                               f"{t:>10.3f} ms{f / t / 1e9:>8.2f} TF/s", flush=True)
                 del q, k, v, do, res
                 cp.get_default_memory_pool().free_all_blocks()
+    summary(rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=dev, rows=rows), fh, indent=1)

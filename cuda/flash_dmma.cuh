@@ -119,12 +119,17 @@ __device__ __forceinline__ double quad_sum_f64(double x) {
 // Warp-level products. The warp's rows are tile rows row0 + 8h + g (h < R8).
 // ---------------------------------------------------------------------------------------------
 
+#ifndef DMMA_ROWS_UNROLL
+#define DMMA_ROWS_UNROLL 2
+#endif
+
 // acc[jn] (rows x 8 columns of n8 tile jn) += A B^T over d: A = rows row0.. of tile a, B = rows 8 jn..
 // of tile b (both (*, HEAD_DIM) swizzled): S = Q K^T, dP = dO V^T, S^T = K Q^T, dP^T = V dO^T.
 template <int R8, int NT, int HEAD_DIM, int KATOM>
 __device__ __forceinline__ void dmma_rows(double (&acc)[NT][R8][2], const double* a_tile, int row0,
                                           const double* b_tile, int g, int t) {
-#pragma unroll
+    // Only addresses depend on s: a partial unroll bounds the loads in flight (registers).
+#pragma unroll DMMA_ROWS_UNROLL
     for (int s = 0; s < HEAD_DIM / 16; ++s) {
         double a[R8][4];
 #pragma unroll

@@ -69,7 +69,7 @@ struct DmmaBwdDqTraits {
 // +inf on rows with no visible key). Strides in elements; last dimension contiguous; rows 16-byte
 // aligned; head_dim a multiple of 8. scale_exp == softmax_scale. causal: 0 or 1.
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict__ k, const double* __restrict__ v,
                          const double* __restrict__ dout, const double* __restrict__ lse_exp,
                          const double* __restrict__ delta, double* __restrict__ dk, double* __restrict__ dv,
@@ -197,7 +197,7 @@ flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict_
 // dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
 // Same arguments as flash_simt_bwd_q_kernel<double>.
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_dmma_bwd_dq_kernel(const double* __restrict__ q, const double* __restrict__ k, const double* __restrict__ v,
                          const double* __restrict__ dout, const double* __restrict__ lse_exp,
                          const double* __restrict__ delta, double* __restrict__ dq,

@@ -41,7 +41,7 @@ struct DmmaFwdTraits {
 // 16-byte aligned, head_dim a multiple of 8 (columns past it zero-filled, never stored).
 // scale_exp == softmax_scale (float64 works in base e). causal: 0 or 1 (run-time, uniform branches).
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_dmma_fwd_kernel(const double* __restrict__ q, const double* __restrict__ k, const double* __restrict__ v,
                       double* __restrict__ o, double* __restrict__ lse,
                       i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,

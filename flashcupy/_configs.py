@@ -392,7 +392,7 @@ class DmmaFwdConfig:
     block_m: int  # query rows per CTA (8 or 16 per warp)
     block_n: int  # keys per pipeline step
     nwarps: int
-    katom: int  # DMMA_KATOMS
+    katom: int  # DMMA_KATOMS (8 / 16 need 16 rows per warp)
 
     source = "flash_dmma_fwd.cu"
     elem = "double"
@@ -422,7 +422,8 @@ class DmmaBwdConfig:
     dq_block_m: int  # dQ kernel: query rows per CTA (8 or 16 per warp)
     dq_block_n: int  # dQ kernel: keys per step
     dq_nwarps: int
-    katom: int
+    kv_katom: int  # DMMA_KATOMS (8 / 16 need 16 keys per warp)
+    dq_katom: int  # (8 / 16 need 16 rows per warp)
 
     source = "flash_dmma_bwd.cu"
     elem = "double"
@@ -452,53 +453,57 @@ class DmmaBwdConfig:
 
     def kv_kernel_name(self) -> str:
         traits = (f"DmmaBwdKvTraits<{self.head_dim}, {self.kv_block_m}, {self.kv_block_n}, {self.kv_nwarps}, "
-                  f"{self.d_split}, {self.katom}>")
+                  f"{self.d_split}, {self.kv_katom}>")
         return f"flash_dmma_bwd_kv_kernel<{traits}>"
 
     def dq_kernel_name(self) -> str:
-        traits = f"DmmaBwdDqTraits<{self.head_dim}, {self.dq_block_m}, {self.dq_block_n}, {self.dq_nwarps}, {self.katom}>"
+        traits = (f"DmmaBwdDqTraits<{self.head_dim}, {self.dq_block_m}, {self.dq_block_n}, {self.dq_nwarps}, "
+                  f"{self.dq_katom}>")
         return f"flash_dmma_bwd_dq_kernel<{traits}>"
 
     def preprocess_kernel_name(self) -> str:
         return "flash_simt_bwd_preprocess_kernel<double>"  # in flash_simt_bwd.cu
 
 
-# bucket -> (block_m, block_n, nwarps), reason. sm_90 runs katom 16 where a warp owns 16 rows
-# (one m16n8k16 per 4 m8n8k4 per row group), sm_80 katom 4. Registers: sm_90a ptxas, no spills.
+# bucket -> (block_m, block_n, nwarps), reason. Warps of 16 rows run katom 16 on sm_90 (one m16n8k16
+# per 8 m8n8k4: a quarter of the instructions for the same fragments) and m8n8k4 on sm_80; warps of 8
+# rows run m8n8k4 everywhere. First choices from ptxas (sm_90a registers, no spill anywhere) and
+# shared memory (<= 163 KB, sm_80's limit), not yet from measurements: bench/bench_simt.py --sweep.
 _DMMA_FWD_TABLE = {
-    32: ((64, 64, 4), "16 rows per warp; S 16x64 and O 16x32 in registers"),
-    64: ((64, 32, 4), "16 rows per warp; 206 regs (64-key steps: 239)"),
-    96: ((32, 32, 4), "8 rows per warp: O 8x96 in registers"),
-    128: ((32, 32, 4), "8 rows per warp (16 rows x 32 keys spill at sm_90a)"),
-    160: ((32, 32, 4), "8 rows per warp"),
-    192: ((32, 32, 4), "8 rows per warp"),
+    32: ((64, 64, 4), "16 rows per warp; S 16x64 + O 16x32 in registers, 214 regs"),
+    64: ((64, 32, 4), "16 rows per warp; 209 regs (64-key steps: 252), 2 CTAs/SM"),
+    96: ((64, 16, 4), "16 rows per warp, 16-key steps (O 16x96 in registers)"),
+    128: ((64, 16, 4), "16 rows per warp, 16-key steps: 248 regs (32-key steps spill)"),
+    160: ((32, 32, 4), "8 rows per warp: O 8x160 = 40 doubles per lane"),
+    192: ((32, 32, 4), "8 rows per warp; 214 regs"),
     224: ((32, 16, 4), "8 rows per warp; 16-key steps keep smem at 112 KB"),
-    256: ((32, 16, 4), "8 rows per warp; O 8x256 = 64 doubles per lane; 128 KB smem"),
+    256: ((32, 16, 4), "8 rows per warp; O 8x256 = 64 doubles per lane, 228 regs; 128 KB smem"),
 }
 
 # bucket -> (kv_block_m, kv_block_n, kv_nwarps, d_split, dq_block_m, dq_block_n, dq_nwarps), reason.
+# Buckets 192..256 are absent: the KV kernel's K, V and double-buffered Q, dO tiles exceed sm_80's
+# 163 KB there, so float_bwd_config runs the DFMA (SIMT) backward for them.
 _DMMA_BWD_TABLE = {
-    32: ((16, 32, 4, 1, 64, 32, 4), "as hd64"),
-    64: ((16, 32, 4, 1, 64, 32, 4), "KV: 8 keys per warp, 160 regs (16 keys spill); dQ: 16 rows per warp"),
-    96: ((16, 32, 4, 1, 32, 16, 4), "8 keys / 8 rows per warp"),
-    128: ((16, 32, 4, 1, 32, 16, 4), "8 keys / 8 rows per warp; KV 236 regs"),
-    160: ((16, 32, 4, 2, 32, 16, 4), "dK, dV columns split over 2 CTAs"),
-    192: ((16, 32, 4, 2, 32, 16, 4), "dK, dV columns split over 2 CTAs"),
-    224: ((16, 32, 4, 2, 32, 16, 4), "dK, dV columns split over 2 CTAs"),
-    256: ((16, 32, 4, 2, 32, 16, 4), "dK, dV columns split over 2 CTAs"),
+    32: ((16, 64, 4, 1, 64, 32, 4), "as hd64"),
+    64: ((16, 64, 4, 1, 64, 32, 4), "KV: 16 keys per warp (dK, dV 16x64 each in registers, 255 regs); dQ: 16 rows"),
+    96: ((16, 32, 4, 1, 64, 16, 4), "KV: 8 keys per warp (dK, dV 8x96); dQ: 16 rows, 16-key steps"),
+    128: ((16, 32, 4, 1, 64, 16, 4), "KV: 8 keys per warp, 240 regs (16 keys: split 2, recomputes S, dP); dQ 16 rows"),
+    160: ((16, 32, 4, 2, 32, 16, 4), "KV: dK, dV columns split over 2 CTAs (160 KB smem); dQ: 8 rows per warp"),
 }
 
 
-def _dmma_katom(rows_per_warp: int, arch: int) -> int:
+def dmma_katom(rows_per_warp: int, arch: int) -> int:
+    """The DMMA instruction of a kernel whose warps own rows_per_warp rows: m16n8k16 (16) on sm_90
+    with 16-row warps, else m8n8k4 (4)."""
     return 16 if arch >= 90 and rows_per_warp == 16 else 4
 
 
 def dmma_fwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaFwdConfig:
     """The float64 tensor-core forward configuration. Pure."""
-    del causal
+    del causal  # one table serves both masks
     bucket = head_dim_bucket(head_dim)
     (bm, bn, nw), _reason = _DMMA_FWD_TABLE[bucket]
-    return DmmaFwdConfig(bucket, bm, bn, nw, _dmma_katom(bm // nw, arch))
+    return DmmaFwdConfig(bucket, bm, bn, nw, dmma_katom(bm // nw, arch))
 
 
 def dmma_bwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaBwdConfig:
@@ -506,9 +511,8 @@ def dmma_bwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaBwdConfi
     del causal
     bucket = head_dim_bucket(head_dim)
     (kbm, kbn, knw, split, qbm, qbn, qnw), _reason = _DMMA_BWD_TABLE[bucket]
-    # one katom for both kernels: 16 only if both have 16-row warps (else m8n8k4 throughout)
-    katom = min(_dmma_katom(kbn // knw, arch), _dmma_katom(qbm // qnw, arch))
-    return DmmaBwdConfig(bucket, kbm, kbn, knw, split, qbm, qbn, qnw, katom)
+    return DmmaBwdConfig(bucket, kbm, kbn, knw, split, qbm, qbn, qnw,
+                         dmma_katom(kbn // knw, arch), dmma_katom(qbm // qnw, arch))
 
 
 def float_fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80):
@@ -521,8 +525,9 @@ def float_fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80):
 
 
 def float_bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80):
-    """float32 / float64 backward: the kernel family and its configuration. Pure (as float_fwd_config)."""
-    if simt_elem(dtype) == "double" and arch >= 80:
+    """float32 / float64 backward: the kernel family and its configuration. Pure (as float_fwd_config;
+    float64 head dims above 160 run the DFMA kernels: see _DMMA_BWD_TABLE)."""
+    if simt_elem(dtype) == "double" and arch >= 80 and head_dim_bucket(head_dim) in _DMMA_BWD_TABLE:
         return dmma_bwd_config(head_dim, causal, arch)
     return simt_bwd_config(head_dim, dtype, causal, arch)
 
@@ -539,9 +544,10 @@ def all_dmma_fwd_specializations():
 
 
 def all_dmma_bwd_specializations():
+    """Every distinct DMMA backward config for sm_80 and sm_90: CI compiles its KV and dQ kernels."""
     seen = []
     for arch in (80, 90):
-        for bucket in HEAD_DIM_BUCKETS:
+        for bucket in _DMMA_BWD_TABLE:
             cfg = dmma_bwd_config(bucket, False, arch)
             if cfg not in seen:
                 seen.append(cfg)

@@ -1,6 +1,7 @@
-"""Compile every float32 / float64 kernel specialization (cuda/flash_simt_*.cu) with bare NVRTC for
-sm_80 and sm_90a (no GPU needed) and check the ptxas report: no error, no spill. Prints the register
-report (pytest -s, or on failure). The four programs (2 sources x 2 archs) compile two at a time."""
+"""Compile every float32 / float64 kernel specialization (cuda/flash_simt_*.cu, and the float64
+tensor-core kernels cuda/flash_dmma_*.cu) with bare NVRTC for sm_80 and sm_90a (no GPU needed) and
+check the ptxas report: no error, no spill. Prints the register report (pytest -s, or on failure).
+The eight programs (4 sources x 2 archs) compile two at a time."""
 
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,12 +13,30 @@ from flashcupy import _build, _configs
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
 
 ARCHS = ("sm_80", "sm_90a")
-SOURCES = {"flash_simt_fwd.cu": "fwd", "flash_simt_bwd.cu": "bwd"}
+SOURCES = {"flash_simt_fwd.cu": "fwd", "flash_simt_bwd.cu": "bwd", "flash_dmma_fwd.cu": "dmma_fwd",
+           "flash_dmma_bwd.cu": "dmma_bwd"}
+
+
+def _with_katom8(configs, fields):
+    """The configs and, where a kernel runs m16n8k16 (katom 16), its m16n8k8 variant (benchmarked)."""
+    import dataclasses
+
+    out = []
+    for cfg in configs:
+        out.append(cfg)
+        out += [dataclasses.replace(cfg, **{f: 8}) for f in fields if getattr(cfg, f) == 16]
+    return out
 
 
 def kernel_names(source: str):
-    if SOURCES[source] == "fwd":
+    kind = SOURCES[source]
+    if kind == "fwd":
         return sorted({cfg.kernel_name() for cfg in _configs.all_simt_fwd_specializations()})
+    if kind == "dmma_fwd":
+        return sorted({cfg.kernel_name() for cfg in _with_katom8(_configs.all_dmma_fwd_specializations(), ["katom"])})
+    if kind == "dmma_bwd":
+        cfgs = _with_katom8(_configs.all_dmma_bwd_specializations(), ["kv_katom", "dq_katom"])
+        return sorted({n for cfg in cfgs for n in (cfg.kv_kernel_name(), cfg.dq_kernel_name())})
     names = set()
     for cfg in _configs.all_simt_bwd_specializations():
         names |= {cfg.kv_kernel_name(), cfg.dq_kernel_name(), cfg.preprocess_kernel_name()}
@@ -55,6 +74,7 @@ def test_sources_inline_every_local_header():
         src = _build.load_source(source)
         assert '#include "' not in src
         assert "struct Simt<double>" in src and "cp_async_16" in src
+    assert "mma.sync.aligned.m8n8k4.row.col.f64" in _build.load_source("flash_dmma_fwd.cu")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -75,3 +95,32 @@ def test_config_tables_cover_every_bucket(dtype):
         _configs.simt_fwd_config(264, dtype, False)
     with pytest.raises(TypeError):
         _configs.simt_fwd_config(64, np.float16, False)
+
+
+@pytest.mark.parametrize("arch", [75, 80, 90])
+def test_float64_chooser_picks_dmma_from_sm80(arch):
+    for bucket in _configs.HEAD_DIM_BUCKETS:
+        for causal in (False, True):
+            f = _configs.float_fwd_config(bucket, np.float64, causal, arch)
+            b = _configs.float_bwd_config(bucket, np.float64, causal, arch)
+            assert isinstance(f, _configs.DmmaFwdConfig) == (arch >= 80)
+            assert isinstance(b, _configs.DmmaBwdConfig) == (arch >= 80 and bucket <= 160)
+            # float32 stays on CUDA cores
+            assert isinstance(_configs.float_fwd_config(bucket, np.float32, causal, arch), _configs.SimtFwdConfig)
+            assert isinstance(_configs.float_bwd_config(bucket, np.float32, causal, arch), _configs.SimtBwdConfig)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_dmma_config_tables(arch):
+    for bucket in _configs.HEAD_DIM_BUCKETS:
+        f = _configs.dmma_fwd_config(bucket, False, arch)
+        b = _configs.dmma_bwd_config(min(bucket, 160), False, arch)
+        assert f.head_dim == bucket and b.head_dim == min(bucket, 160)
+        for rows, katom in ((f.block_m // f.nwarps, f.katom), (b.kv_block_n // b.kv_nwarps, b.kv_katom),
+                            (b.dq_block_m // b.dq_nwarps, b.dq_katom)):
+            assert rows in (8, 16)
+            assert katom == (16 if arch >= 90 and rows == 16 else 4)  # m16 shapes: sm_90, 16-row warps
+        assert f.block_n % 16 == 0 and b.kv_block_m % 16 == 0 and b.dq_block_n % 16 == 0
+        assert (bucket // 16) % b.d_split == 0
+        # fits sm_80's opt-in shared memory (163 KB) as well as sm_90's (227 KB)
+        assert max(f.smem_bytes, b.kv_smem_bytes, b.dq_smem_bytes) <= 163 * 1024

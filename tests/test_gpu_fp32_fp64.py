@@ -1,4 +1,5 @@
-"""The fused float32 / float64 kernels (cuda/flash_simt_*.cu) on a GPU, against the float64 oracle.
+"""The fused float32 / float64 kernels (cuda/flash_simt_*.cu; float64 on sm_80+: cuda/flash_dmma_*.cu)
+on a GPU, against the float64 oracle.
 
 float32 follows DESIGN.md's rule (2x / 3x naive float32 error plus a few ulps); float64 must be within
 1e-12 relative error on the output, the LSE and every gradient (helpers implement both rules).
@@ -217,3 +218,85 @@ def test_cuda_graph_capture_and_replay(rng):
     host = [x.get() for x in (q, k, v, dout)]
     assert_forward_rule(out, lse, *host[:3], causal=True)
     assert_backward_rule(grads, host[3], *host[:3], causal=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# float64 on the FP64 tensor cores (cuda/flash_dmma_*.cu): every configuration the chooser can return
+# on sm_80 (m8n8k4) and sm_90 (m16n8k16), plus the m16n8k8 variants, run by config override.
+
+def _dmma_variants(configs, katom_fields):
+    import dataclasses
+
+    out = []
+    for cfg in configs:
+        out.append(cfg)
+        for field in katom_fields:
+            if getattr(cfg, field) == 16:
+                alt = dataclasses.replace(cfg, **{field: 8})
+                if alt not in out:
+                    out.append(alt)
+    return out
+
+
+def _dmma_fwd_configs():
+    from flashcupy import _configs
+
+    return _dmma_variants(_configs.all_dmma_fwd_specializations(), ["katom"])
+
+
+def _dmma_bwd_configs():
+    from flashcupy import _configs
+
+    return _dmma_variants(_configs.all_dmma_bwd_specializations(), ["kv_katom", "dq_katom"])
+
+
+def _skip_unless_arch(katoms):
+    from flashcupy import _gpu_simt
+
+    arch = _gpu_simt._arch()
+    if arch < 80:
+        pytest.skip("DMMA needs sm_80+")
+    if max(katoms) > 4 and arch < 90:
+        pytest.skip("m16n8k8 / m16n8k16 .f64 need sm_90")
+
+
+@pytest.mark.parametrize("cfg", _dmma_fwd_configs(), ids=lambda c: c.kernel_name().split("<", 1)[1][:-1])
+def test_dmma_forward_every_config(rng, cfg):
+    from flashcupy import _gpu_simt
+    from flashcupy._validate import check_qkv
+
+    _skip_unless_arch([cfg.katom])
+    for head_dim, (sq, sk) in ((cfg.head_dim, (113, 203)), (cfg.head_dim - 8, (203, 77))):
+        q, k, v = random_inputs(rng, 2, sq, sk, 4, 2, head_dim, np.float64)
+        xs = to_gpu(q, k, v)
+        for causal in (False, True):
+            out, lse = _gpu_simt.forward(*xs, check_qkv(*xs), causal=causal, config=cfg)
+            assert_forward_rule(out, lse, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("cfg", _dmma_bwd_configs(),
+                         ids=lambda c: c.kv_kernel_name().split("<", 1)[1][:-1] + "+dq" + str(c.dq_katom))
+def test_dmma_backward_every_config(rng, cfg):
+    from flashcupy import _gpu_simt
+    from flashcupy._validate import check_qkv
+
+    _skip_unless_arch([cfg.kv_katom, cfg.dq_katom])
+    for head_dim, (sq, sk) in ((cfg.head_dim, (113, 203)), (cfg.head_dim - 8, (203, 77))):
+        q, k, v, dout = random_inputs(rng, 2, sq, sk, 4, 2, head_dim, np.float64, grad=True)
+        xs = to_gpu(q, k, v, dout)
+        shape = check_qkv(*xs[:3])
+        for causal in (False, True):
+            res = flashcupy.flash_attn_forward(*xs[:3], causal=causal)
+            grads = _gpu_simt.backward(xs[3], *xs[:3], res.out, res.lse, shape, causal=causal, deterministic=False,
+                                       config=cfg)
+            assert_backward_rule(grads, dout, q, k, v, causal=causal)
+
+
+def test_float64_runs_on_the_tensor_cores_from_sm80():
+    """The chooser's float64 pick on this GPU: DMMA on sm_80+, the DFMA kernel below."""
+    from flashcupy import _configs, _gpu_simt
+
+    arch = _gpu_simt._arch()
+    cfg = _configs.float_fwd_config(64, np.float64, False, arch)
+    assert isinstance(cfg, _configs.DmmaFwdConfig) == (arch >= 80)
+    assert isinstance(_configs.float_bwd_config(64, np.float64, False, arch), _configs.DmmaBwdConfig) == (arch >= 80)
