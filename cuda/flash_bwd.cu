@@ -19,6 +19,7 @@
 // Versions (numbers in bench/NOTES.md):
 //   v1  the above; Q_i, dO_i double-buffered with cp.async; K_j, V_j read from shared memory.
 //   v1.1 fused dropout: the forward's keep-mask regenerated from (seed, offset) with Philox.
+//   v1.2 block-sparse: query tiles (main kernel) / key tiles (dQ kernel) from the block mask's lists.
 #include "flash_common.cuh"
 
 template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int D_SPLIT_>
@@ -86,7 +87,7 @@ __device__ __forceinline__ void load_row_stats(float* s_lse_log2, float* s_delta
 // float32, zeroed (unscaled dS K is added); dk, dv: (batch, seqlen_k, nheads, head_dim) rows, written
 // as Elem (dkv_fp32 == 0) or float32 (GQA: summed over the group afterwards). dk is scaled here.
 template <typename Tr, bool CAUSAL, bool WRITE_DQ, bool DROPOUT>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                  float* __restrict__ dq_accum, void* __restrict__ dk, void* __restrict__ dv,
@@ -95,7 +96,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                  i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
                  int seqlen_q, int seqlen_k, int nheads, int group, int head_dim, int dkv_fp32,
-                 float softmax_scale_log2, float grad_scale, DropoutParams dropout) {
+                 float softmax_scale_log2, float grad_scale, DropoutParams dropout, SparseList sparse) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, D_OUT = Tr::D_OUT;
     constexpr int MQ = Tr::MQ, PITCH = Tr::PITCH, DS_PITCH = Tr::DS_PITCH, NTHREADS = Tr::NTHREADS;
@@ -120,9 +121,12 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const float* lse_head = lse + ((i64)batch * nheads + head) * seqlen_q;
     const float* delta_head = delta + ((i64)batch * nheads + head) * seqlen_q;
 
-    // Query blocks that see any key of this block: causal, query i sees key j iff j <= i + offset.
-    const int m_blocks = cdiv(seqlen_q, BLOCK_M);
-    const int m_first = CAUSAL ? max(0, (n0 - causal_offset) / BLOCK_M) : 0;
+    // Query tiles that see any key of this block (causal: query i sees key j iff j <= i + offset, so
+    // tiles ending before n0 - offset see none), or only those of the active query blocks of this key
+    // block's block-mask column.
+    TileWalk<BLOCK_M> rows{nullptr, 0, 0, seqlen_q};
+    sparse.attach(rows, batch, head, n0);
+    int m0 = rows.first(CAUSAL ? n0 - causal_offset : 0);
 
     float acc_dv[D_OUT / 8][4], acc_dk[D_OUT / 8][4];  // (16 keys, D_OUT) per warp
 #pragma unroll
@@ -130,12 +134,11 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc_dv[t][e] = 0.f, acc_dk[t][e] = 0.f;
 
-    if (m_first < m_blocks) {
+    if (m0 >= 0) {
         load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k + batch * k_batch_stride + head_k * k_head_stride +
                                                      n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
         load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v + batch * v_batch_stride + head_k * v_head_stride +
                                                      n0 * v_row_stride, v_row_stride, seqlen_k - n0, head_dim);
-        const int m0 = m_first * BLOCK_M;
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_head + m0 * q_row_stride, q_row_stride, seqlen_q - m0, head_dim);
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_do, do_head + m0 * do_row_stride, do_row_stride, seqlen_q - m0, head_dim);
         cp_async_commit();
@@ -152,12 +155,12 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const int bt_off = (((lane / 8) % 2) * 8 + lane % 8) * PITCH + (lane / 16) * 8;
     const u32 k_a = smem_u32(s_k) + a_off * 2, v_a = smem_u32(s_v) + a_off * 2;
 
-    for (int m_block = m_first; m_block < m_blocks; ++m_block) {
-        const int m0 = m_block * BLOCK_M, buf = (m_block - m_first) & 1;
+    for (int step = 0; m0 >= 0; ++step) {
+        const int buf = step & 1, m_next = rows.next();
         cp_async_wait<0>();
         __syncthreads();  // Q_i, dO_i, stats landed; every warp is done with step i-1 (dS^T, other buffer)
-        if (m_block + 1 < m_blocks) {
-            const int m1 = m0 + BLOCK_M, nb = buf ^ 1;
+        if (m_next >= 0) {
+            const int m1 = m_next, nb = buf ^ 1;
             load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q + nb * BLOCK_M * PITCH, q_head + m1 * q_row_stride,
                                                          q_row_stride, seqlen_q - m1, head_dim);
             load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_do + nb * BLOCK_M * PITCH, do_head + m1 * do_row_stride,
@@ -318,6 +321,7 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                                       acc_dq[mt][nt][e]);
                     }
         }
+        m0 = m_next;
     }
 
     // dK = grad_scale * dS^T Q, dV = P^T dO: rows n0 + warp*16 + lane/4 (+8), this CTA's columns.
@@ -361,7 +365,7 @@ struct BwdDqTraits {
 };
 
 template <typename Tr, bool CAUSAL, bool DROPOUT>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                     const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
                     u16* __restrict__ dq,
@@ -370,7 +374,7 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
                     i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                     i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
                     int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                    float softmax_scale_log2, float grad_scale, DropoutParams dropout) {
+                    float softmax_scale_log2, float grad_scale, DropoutParams dropout, SparseList sparse) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, PITCH = Tr::PITCH, NTHREADS = Tr::NTHREADS;
@@ -390,8 +394,9 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
 
     const u16* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
     const u16* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
-    int n_blocks = cdiv(seqlen_k, BLOCK_N);
-    if (CAUSAL) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
+    TileWalk<BLOCK_N> keys{nullptr, 0, 0, CAUSAL ? min(seqlen_k, m0 + BLOCK_M + causal_offset) : seqlen_k};
+    sparse.attach(keys, batch, head, m0);
+    int n0 = keys.first(0);
 
     // Row statistics of the owned rows: lse * log2(e) (+inf: P = 0) and D.
     float lse_log2[MT][2], dlt[MT][2];
@@ -413,7 +418,7 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.f;
 
-    if (n_blocks > 0) {
+    if (n0 >= 0) {
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q + batch * q_batch_stride + head * q_head_stride +
                                                      m0 * q_row_stride, q_row_stride, seqlen_q - m0, head_dim);
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_do, dout + batch * do_batch_stride + head * do_head_stride +
@@ -425,8 +430,7 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
     const int b_off = ((lane / 16) * 8 + lane % 8) * PITCH + ((lane / 8) % 2) * 8;
     const int bt_off = (((lane / 8) % 2) * 8 + lane % 8) * PITCH + (lane / 16) * 8;
 
-    for (int j = 0; j < n_blocks; ++j) {
-        const int n0 = j * BLOCK_N;
+    for (; n0 >= 0; n0 = keys.next()) {
         __syncthreads();  // every warp is done reading K_{j-1}, V_{j-1}
         load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
         load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v_head + n0 * v_row_stride, v_row_stride, seqlen_k - n0, head_dim);

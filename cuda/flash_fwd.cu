@@ -10,6 +10,7 @@
 // Versions (numbers in bench/NOTES.md):
 //   v1  FA2 structure, padded smem rows, single-buffered K/V, Q re-read from smem by ldmatrix.
 //   v1.1 fused dropout (Philox4x32-10, one call per 8 elements of a thread's fragment).
+//   v1.2 block-sparse: key tiles from a block-mask row's active list (TileWalk), same inner loop.
 #include "flash_common.cuh"
 
 template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_>
@@ -32,7 +33,7 @@ struct FwdTraits {
 // q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
 // strides in elements, the last dimension contiguous. lse: (batch, nheads, seqlen_q) contiguous.
 template <typename Tr, bool CAUSAL, bool DROPOUT>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                  u16* __restrict__ o, float* __restrict__ lse,
                  i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
@@ -40,7 +41,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                  i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                  i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
                  int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                 float softmax_scale, float softmax_scale_log2, DropoutParams dropout) {
+                 float softmax_scale, float softmax_scale_log2, DropoutParams dropout, SparseList sparse) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, PITCH = Tr::PITCH, NTHREADS = Tr::NTHREADS;
@@ -63,8 +64,11 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     u16* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
     float* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
 
-    int n_blocks = cdiv(seqlen_k, BLOCK_N);
-    if (CAUSAL) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
+    // Key tiles to visit: all below seqlen_k (causal: below the last row's diagonal), or only those
+    // of the active key blocks of this tile's block-mask row.
+    TileWalk<BLOCK_N> keys{nullptr, 0, 0, CAUSAL ? min(seqlen_k, m0 + BLOCK_M + causal_offset) : seqlen_k};
+    sparse.attach(keys, batch, head, m0);
+    int n0 = keys.first(0);
 
     // Running softmax state per owned row: rows (lane / 4) and (lane / 4 + 8) of each m16 tile.
     float row_max[MT][2], row_sum[MT][2];
@@ -79,9 +83,9 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
     }
 
-    if (n_blocks > 0) {
+    if (n0 >= 0) {
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_tile, q_row_stride, seqlen_q - m0, head_dim);
-        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head, k_row_stride, seqlen_k, head_dim);
+        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
         cp_async_commit();
     }
 
@@ -93,8 +97,8 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const u32 k_lane = smem_u32(s_k) + (((lane / 16) * 8 + lane % 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
     const u32 v_lane = smem_u32(s_v) + ((((lane / 8) % 2) * 8 + lane % 8) * PITCH + (lane / 16) * 8) * 2;
 
-    for (int j = 0; j < n_blocks; ++j) {
-        const int n0 = j * BLOCK_N;
+    while (n0 >= 0) {
+        const int n_next = keys.next();
         cp_async_wait<0>();
         __syncthreads();  // K_j is in shared memory; every warp is done reading V_{j-1}
         load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v_head + n0 * v_row_stride, v_row_stride,
@@ -143,9 +147,9 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 
         cp_async_wait<0>();
         __syncthreads();  // V_j is in shared memory; every warp is done reading K_j
-        if (j + 1 < n_blocks) {
-            load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + (n0 + BLOCK_N) * k_row_stride,
-                                                         k_row_stride, seqlen_k - n0 - BLOCK_N, head_dim);
+        if (n_next >= 0) {
+            load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + n_next * k_row_stride, k_row_stride,
+                                                         seqlen_k - n_next, head_dim);
             cp_async_commit();
         }
 
@@ -216,6 +220,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                 }
             }
         }
+        n0 = n_next;
     }
 
     // Epilogue: O /= l, LSE = m * scale + ln(l); rows with l == 0 (no visible key): O = 0, LSE = -inf.

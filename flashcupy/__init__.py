@@ -10,13 +10,17 @@ Public API:
 Layout BSHD; see README.md for the conventions.
 """
 
-from . import reference
+from . import blocksparse, dropout, reference
+from .blocksparse import BlockMask
 from .interface import AttnForward, flash_attn_backward, flash_attn_forward, flash_attn_func
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttnForward",
+    "BlockMask",
+    "blocksparse",
+    "dropout",
     "flash_attn_backward",
     "flash_attn_forward",
     "flash_attn_func",

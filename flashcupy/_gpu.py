@@ -73,7 +73,30 @@ def dropout_params(dropout):
     return rec.reshape(1).view(np.dtype((np.void, _DROPOUT_PARAMS.itemsize)))[0]
 
 
-def forward(q, k, v, shape, *, causal: bool, dropout=None, config=None):
+_SPARSE_LIST = np.dtype([("counts", "<u8"), ("index", "<u8"), ("batch_stride", "<i8"), ("head_stride", "<i8"),
+                         ("nblocks", "<i4"), ("block", "<i4"), ("rows_per_entry", "<i4")], align=True)  # SparseList
+
+
+def sparse_list(block_mask, direction: str):
+    """The SparseList struct, by value: the block mask's per-row key-block lists (direction "kv": forward
+    and dQ kernels) or per-column query-block lists ("q": backward main kernel); zeros = dense."""
+    rec = np.zeros((), dtype=_SPARSE_LIST)
+    if block_mask is not None:
+        kv_count, kv_index, q_count, q_index = block_mask.lists(_cp())
+        counts, index = (kv_count, kv_index) if direction == "kv" else (q_count, q_index)
+        bm, hm, rows, nblocks = index.shape
+        block, own = ((block_mask.block_k, block_mask.block_q) if direction == "kv"
+                      else (block_mask.block_q, block_mask.block_k))
+        rec[()] = (counts.data.ptr, index.data.ptr, 0 if bm == 1 else hm * rows, 0 if hm == 1 else rows,
+                   nblocks, block, own)
+    return rec.reshape(1).view(np.dtype((np.void, _SPARSE_LIST.itemsize)))[0]
+
+
+def _sparse_blocks(block_mask):
+    return None if block_mask is None else (block_mask.block_q, block_mask.block_k)
+
+
+def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, config=None):
     """Fused forward. Returns (out like q, lse (batch, nheads, seqlen_q) float32).
 
     dropout: None, or (dropout_p, (seed, offset)) for the fused dropout of flashcupy.dropout."""
@@ -85,7 +108,7 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, config=None):
         # All scores are 0: feed zeros with scale 1, so masked scores stay -inf (0 * -inf would be NaN).
         q, scale = cp.zeros(q.shape, dtype=q.dtype), 1.0
     q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
-    cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch())
+    cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     name = cfg.kernel_name(elem_name(q.dtype), causal, dropout is not None)
     debug(f"fwd {shape} -> {cfg}")
     kernel = get_kernel("flash_fwd.cu", name, cfg.smem_bytes)
@@ -95,7 +118,7 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, config=None):
     args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             np.int32(shape.seqlen_q), np.int32(shape.seqlen_k), np.int32(shape.nheads),
             np.int32(shape.group), np.int32(d8), np.float32(scale), np.float32(scale * math.log2(math.e)),
-            dropout_params(dropout))
+            dropout_params(dropout), sparse_list(block_mask, "kv"))
     kernel(grid, (cfg.nthreads, 1, 1), args, shared_mem=cfg.smem_bytes)
     if d8 != shape.head_dim:
         out = cp.ascontiguousarray(out[..., : shape.head_dim])
@@ -112,7 +135,8 @@ def _launch_convert(src, dst, rows: int, group: int, scale: float):
                                np.int32(dst.shape[3]), np.float32(scale)))
 
 
-def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, dropout=None, config=None):
+def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, dropout=None, block_mask=None,
+             config=None):
     """Fused backward. Returns (dq, dk, dv) like q, k, v (dk, dv summed over each GQA group)."""
     cp = _cp()
     _check_grid(shape)
@@ -122,7 +146,7 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
         q, score_scale = cp.zeros(q.shape, dtype=q.dtype), 1.0
     q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
     lse = cp.ascontiguousarray(lse)
-    cfg = config or bwd_config(shape.head_dim, q.dtype, causal, _device_arch())
+    cfg = config or bwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     elem = elem_name(q.dtype)
     debug(f"bwd {shape} deterministic={deterministic} -> {cfg}")
     b, sq, sk, h, g = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.nheads, shape.group
@@ -146,7 +170,7 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     kernel(grid, (cfg.nthreads, 1, 1),
            (q, k, v, dout, lse, delta, dq_accum if write_dq else np.uint64(0), dk_rows, dv_rows, *common,
             np.int32(sq), np.int32(sk), np.int32(h), np.int32(g), np.int32(d8), np.int32(g != 1),
-            scale_log2, np.float32(grad_scale), dp_arg),
+            scale_log2, np.float32(grad_scale), dp_arg, sparse_list(block_mask, "q")),
            shared_mem=cfg.smem_bytes)
 
     if write_dq:
@@ -157,7 +181,7 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
         dq_kernel = get_kernel("flash_bwd.cu", cfg.dq_kernel_name(elem, causal, drop), cfg.dq_smem_bytes)
         dq_kernel((math.ceil(sq / cfg.dq_block_m), h, b), (cfg.dq_nthreads, 1, 1),
                   (q, k, v, dout, lse, delta, dq, *common, np.int32(sq), np.int32(sk), np.int32(h), np.int32(g),
-                   np.int32(d8), scale_log2, np.float32(grad_scale), dp_arg),
+                   np.int32(d8), scale_log2, np.float32(grad_scale), dp_arg, sparse_list(block_mask, "kv")),
                   shared_mem=cfg.dq_smem_bytes)
     if g == 1:
         dk, dv = dk_rows, dv_rows

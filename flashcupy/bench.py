@@ -1093,25 +1093,21 @@ class FlashcupyProvider(Provider):
         return None
 
     def _path_note(self, case) -> str:
-        if self.device == "cpu":
-            return "NumPy chunked path"
-        half = case.dtype in ("bf16", "fp16") and case.head_dim <= 256
-        if not half:
-            return "chunked path (no fused kernel for this dtype/head_dim)"
-        if case.mode != "fwd":
-            from . import _gpu
+        from .interface import kernel_path
 
-            if not hasattr(_gpu, "backward"):
-                return "fused forward; backward on the chunked path (no fused backward yet)"
-        return ""
+        path = kernel_path(np_dtype(case.dtype), case.head_dim, on_gpu=self.device != "cpu")
+        return "" if path.startswith("fused") else path
 
     def make(self, case, inputs):
         from .interface import flash_attn_backward, flash_attn_forward
 
         q, k, v, do = inputs.native()
         kw = dict(causal=case.causal)
-        if case.density < 1:
-            kw["block_mask"] = inputs.block_mask(case.causal, case.density)
+        if case.density < 1:  # one BlockMask per mask: its device lists are built once, then reused
+            from .blocksparse import BlockMask
+
+            kw["block_mask"] = inputs._cached(("BlockMask", case.causal, case.density), lambda: BlockMask(
+                inputs.block_mask(case.causal, case.density), BLOCK, BLOCK))
         if case.mode == "fwd":
             def fn():
                 return {"out": flash_attn_forward(q, k, v, **kw).out}

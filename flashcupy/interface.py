@@ -52,6 +52,19 @@ def _numpy_float64_to_gpu(xp, dtype, shape: AttnShape) -> bool:
             and shape.head_dim <= MAX_KERNEL_HEAD_DIM and gpu_available())
 
 
+def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, block_mask=None) -> str:
+    """Which implementation a call runs: "fused fp16/bf16 (tensor cores)", "fused fp32/fp64 (CUDA cores)",
+    "NumPy chunked path" or "chunked path on the GPU". NumPy float64 inputs count as on_gpu=False here;
+    with a usable GPU they run the float64 kernel (NUMPY_FLOAT64_ON_GPU)."""
+    xp = (cupy_or_none() or np) if on_gpu else np
+    shape = AttnShape(1, 1, 1, 1, 1, int(head_dim), 1.0)
+    if on_gpu and _use_kernels(xp, dtype, shape):
+        return "fused fp16/bf16 (tensor cores)"
+    if on_gpu and _use_simt(xp, dtype, shape) and not dropout_p and block_mask is None:
+        return "fused fp32/fp64 (CUDA cores)"
+    return "chunked path on the GPU" if on_gpu else "NumPy chunked path"
+
+
 def _chunked_dropout(xp, shape, dropout_p, rng_state):
     """keep_fn and the (rounded) dropout_p of flashcupy.dropout for the chunked path; (None, 0) without."""
     if not dropout_p:
@@ -65,7 +78,26 @@ def _chunked_dropout(xp, shape, dropout_p, rng_state):
     return keep_fn, dropout.effective_dropout_p(dropout_p)
 
 
-def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False, seed=None) -> AttnForward:
+def _check_block_mask(block_mask, shape):
+    if block_mask is None:
+        return None
+    from .blocksparse import BlockMask
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask: expected a flashcupy.blocksparse.BlockMask or None, got {type(block_mask).__name__}")
+    block_mask.check(shape.batch, shape.nheads, shape.seqlen_q, shape.seqlen_k)
+    return block_mask
+
+
+def _visible_fn(xp, shape, block_mask):
+    """The chunked path's element visibility of rows [i0, i1) under a block mask (None: all visible)."""
+    if block_mask is None:
+        return None
+    return lambda i0, i1: block_mask.element_mask(shape.seqlen_q, shape.seqlen_k, rows=(i0, i1), xp=xp)
+
+
+def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False, seed=None,
+                       block_mask=None) -> AttnForward:
     """Attention forward returning the output and the logsumexp the backward needs.
 
     Args:
@@ -81,6 +113,9 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
             no key (i < seqlen_q - seqlen_k) give out 0 and lse -inf.
         seed: dropout only: an int seed (offset 0) or a (seed, offset) pair; default: the library
             generator's next state (flashcupy.dropout.manual_seed makes runs reproducible).
+        block_mask: a flashcupy.blocksparse.BlockMask: only its active (query block, key block)
+            tiles are computed (FlashAttention Sec. 3.3); combines with causal and dropout. Rows whose
+            blocks are all inactive give out 0 and lse -inf.
 
     Returns:
         AttnForward(out, lse, rng_state): out like q; lse (batch, nheads, seqlen_q) natural-log
@@ -96,6 +131,7 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
     xp, (q, k, v) = array_module(q=q, k=k, v=v)
     shape = check_qkv(q, k, v, softmax_scale, dropout_p)
     causal = check_bool("causal", causal)
+    block_mask = _check_block_mask(block_mask, shape)
     dropout_p = float(dropout_p)
     rng_state = None
     if dropout_p > 0:
@@ -107,31 +143,32 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
     if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernel -> NumPy
         cp = cupy_or_none()
         res = flash_attn_forward(*(cp.asarray(x) for x in (q, k, v)), dropout_p=dropout_p,
-                                 softmax_scale=softmax_scale, causal=causal, seed=rng_state)
+                                 softmax_scale=softmax_scale, causal=causal, seed=rng_state, block_mask=block_mask)
         return AttnForward(res.out.get(), res.lse.get(), res.rng_state)
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
 
-        out, lse = _gpu.forward(q, k, v, shape, causal=causal,
+        out, lse = _gpu.forward(q, k, v, shape, causal=causal, block_mask=block_mask,
                                 dropout=(dropout_p, rng_state) if dropout_p > 0 else None)
-    elif _use_simt(xp, q.dtype, shape) and dropout_p == 0:
+    elif _use_simt(xp, q.dtype, shape) and dropout_p == 0 and block_mask is None:
         from . import _gpu_simt
 
         out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal)
     else:
         keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
-        out, lse = _chunked.forward(q, k, v, shape, causal=causal, keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
+        out, lse = _chunked.forward(q, k, v, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
+                                    keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
     return AttnForward(out, lse, rng_state)
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
-                        rng_state=None, deterministic=False):
+                        rng_state=None, deterministic=False, block_mask=None):
     """Gradients of attention with respect to q, k and v, recomputing P from lse.
 
     Args:
         dout: gradient of the loss with respect to out, shape and dtype of q; any strides.
         q, k, v, out, lse: the forward's inputs and outputs (see flash_attn_forward).
-        dropout_p, softmax_scale, causal: as given to the forward.
+        dropout_p, softmax_scale, causal, block_mask: as given to the forward.
         rng_state: the forward's rng_state (dropout only).
         deterministic: bitwise-reproducible gradients on the GPU (the CPU path always is).
 
@@ -151,6 +188,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
     check_lse(lse, shape, lse_dtype(q.dtype))
     causal = check_bool("causal", causal)
     deterministic = check_bool("deterministic", deterministic)
+    block_mask = _check_block_mask(block_mask, shape)
     dropout_p = float(dropout_p)
     if dropout_p > 0:
         if rng_state is None:
@@ -162,23 +200,24 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
         cp = cupy_or_none()
         grads = flash_attn_backward(*(cp.asarray(x) for x in (dout, q, k, v, out, lse)), dropout_p=dropout_p,
                                     softmax_scale=softmax_scale, causal=causal, rng_state=rng_state,
-                                    deterministic=deterministic)
+                                    deterministic=deterministic, block_mask=block_mask)
         return tuple(g.get() for g in grads)
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
 
         return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
-                             dropout=(dropout_p, rng_state) if dropout_p > 0 else None)
-    if _use_simt(xp, q.dtype, shape) and dropout_p == 0:
+                             dropout=(dropout_p, rng_state) if dropout_p > 0 else None, block_mask=block_mask)
+    if _use_simt(xp, q.dtype, shape) and dropout_p == 0 and block_mask is None:
         from . import _gpu_simt
 
         return _gpu_simt.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
     keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
-    return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
+    return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
+                             keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, deterministic=False,
-                    return_lse=False, seed=None):
+                    return_lse=False, seed=None, block_mask=None):
     """Exact attention softmax(q k^T * softmax_scale) v, computed without storing the attention matrix.
 
     q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim). Arguments
@@ -187,5 +226,6 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *,
     NumPy in -> NumPy out (CPU); CuPy / __dlpack__ in -> CuPy out (GPU), on the current stream.
     """
     check_bool("deterministic", deterministic)
-    res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed)
+    res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed,
+                             block_mask=block_mask)
     return (res.out, res.lse) if return_lse else res.out

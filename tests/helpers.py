@@ -319,3 +319,49 @@ def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=Fal
     for name, got, ref, nv in zip(("dq", "dk", "dv"), grads, refs, naives):
         check_rule(name, got, ref, nv, dtype, grad=True, term_magnitude=getattr(mags, name),
                    score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# dropout: naive attention in T with the same keep-mask, and the rule against the oracle given the mask
+
+
+def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None):
+    """Naive attention and its autograd in q's dtype T (as naive_forward / naive_backward) with the
+    dropout keep-mask Z applied to P and dP (scaled by 1 / (1 - p_eff)). Returns (out, (dq, dk, dv))."""
+    qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, None, None)
+    qs, p, _ = _naive_probs(qh, kh, dtype, scale, causal, None if mask is None else to_numpy(mask))
+    z = to_numpy(keep) / (1.0 - p_eff)
+    pd = _round(p * z, dtype)
+    out = _mm(pd, vh, dtype).transpose(0, 2, 1, 3)
+    do = _round(to_numpy(dout).transpose(0, 2, 1, 3), dtype)
+    acc = accum_dtype(dtype)
+    dv = _mm(pd.swapaxes(-1, -2), do, dtype)
+    dp = _round(_mm(do, vh.swapaxes(-1, -2), dtype) * z, dtype)
+    ds = _round(p * (dp - (p * dp).sum(axis=-1, keepdims=True, dtype=acc)), dtype)
+    dq = _round(_mm(ds, kh, dtype) * scale, dtype)
+    dk = _mm(ds.swapaxes(-1, -2), qs, dtype)
+    b, h, sk, d = dk.shape
+
+    def ungroup(x):
+        return _round(x.reshape(b, h // group, group, sk, d).sum(axis=2, dtype=acc), dtype).transpose(0, 2, 1, 3)
+
+    return out, (dq.transpose(0, 2, 1, 3), ungroup(dk), ungroup(dv))
+
+
+def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False, mask=None):
+    """DESIGN.md's rule for a dropout run against the oracle given the regenerated keep-mask: err_naive
+    from naive attention in T with the same mask; term magnitudes of the undropped problem times
+    1 / (1 - p_eff) (an upper bound of the dropped terms). grads may be None."""
+    dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
+    dtype = q.dtype
+    inv = 1.0 / (1.0 - p_eff)
+    mags = Magnitudes(q, k, v, dout, causal=causal, mask=mask)
+    nv_out, nv_grads = naive_with_dropout(q, k, v, dout, keep, p_eff, causal=causal, mask=mask)
+    ref_out, _ = reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff)
+    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out * inv, score_magnitude=mags.sigma)
+    if grads is None:
+        return
+    refs = reference.attention_backward(dout, q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff)
+    for name, g, r, nv in zip(("dq", "dk", "dv"), grads, refs, nv_grads):
+        check_rule(name, g, r, nv, dtype, grad=True, term_magnitude=getattr(mags, name) * inv,
+                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv)
