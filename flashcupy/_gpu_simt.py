@@ -49,6 +49,14 @@ def _data_ptr(x) -> int:
     return int(ptr) if ptr is not None else int(x.ctypes.data)  # NumPy (emulator)
 
 
+def path_name(dtype, head_dim: int) -> str:
+    """The forward's kernel family on the current GPU, as flashcupy.interface.kernel_path names it."""
+    from ._configs import DmmaFwdConfig
+
+    dmma = isinstance(float_fwd_config(head_dim, dtype, False, _arch()), DmmaFwdConfig)
+    return "fused fp64 (FP64 tensor cores)" if dmma else "fused fp32/fp64 (CUDA cores)"
+
+
 def kernel_ready(x, head_dim_padded: int):
     """x itself when the kernels can read it in place (last dim contiguous, 16-byte aligned base
     and strides, head_dim_padded columns); otherwise a contiguous copy zero-padded to
