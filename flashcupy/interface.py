@@ -61,7 +61,9 @@ def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, b
     if on_gpu and _use_kernels(xp, dtype, shape):
         return "fused fp16/bf16 (tensor cores)"
     if on_gpu and _use_simt(xp, dtype, shape) and not dropout_p and block_mask is None:
-        return "fused fp32/fp64 (CUDA cores)"
+        from . import _gpu_simt
+
+        return _gpu_simt.path_name(dtype, head_dim)  # float64 on sm_80+: "fused fp64 (FP64 tensor cores)"
     return "chunked path on the GPU" if on_gpu else "NumPy chunked path"
 
 
