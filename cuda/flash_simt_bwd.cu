@@ -164,7 +164,7 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
 // Strides in elements; last dimension contiguous; rows 16-byte aligned; head_dim a multiple of 8.
 // causal and dq_atomic (0 or 1) are run-time arguments (uniform branches; half the specializations).
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
                          const typename Tr::T* __restrict__ v, const typename Tr::T* __restrict__ dout,
                          const typename Tr::T* __restrict__ lse_exp, const typename Tr::T* __restrict__ delta,
@@ -283,7 +283,7 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
 // Deterministic dQ: one CTA per (query tile, head, batch), looping over the key tiles.
 // dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
                         const typename Tr::T* __restrict__ v, const typename Tr::T* __restrict__ dout,
                         const typename Tr::T* __restrict__ lse_exp, const typename Tr::T* __restrict__ delta,

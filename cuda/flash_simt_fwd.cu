@@ -46,7 +46,7 @@ struct SimtFwdTraits {
 // (base-2 softmax), softmax_scale for double. causal (0 or 1) is a run-time argument: it only
 // changes loop bounds and the mask of diagonal tiles, and halves the specializations to build.
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::NTHREADS)
+__global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
                       const typename Tr::T* __restrict__ v, typename Tr::T* __restrict__ o,
                       typename Tr::T* __restrict__ lse,
