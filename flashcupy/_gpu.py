@@ -26,21 +26,28 @@ def _device_arch() -> int:
     return int(_cp().cuda.Device().compute_capability)
 
 
+def data_ptr(x) -> int:
+    """Device address of a CuPy array (host address of a NumPy one: the SIMT kernels' CPU emulator)."""
+    ptr = getattr(x.data, "ptr", None)
+    return int(ptr) if ptr is not None else int(x.ctypes.data)
+
+
 def kernel_ready(x, head_dim_padded: int):
     """x itself when the kernels can read it in place (last dim contiguous, 16-byte aligned base
-    and strides, head_dim a multiple of 8); otherwise a contiguous copy, zero-padded to
-    head_dim_padded columns. The copy is the documented cost of odd head dims and odd strides."""
-    cp = _cp()
+    and strides, head_dim_padded columns); otherwise a contiguous copy, zero-padded to head_dim_padded
+    columns. The copy is the documented cost of odd head dims and odd strides. The array module is
+    x's own (CuPy; NumPy under the emulator)."""
     itemsize = x.dtype.itemsize
     aligned = (
         x.strides[3] == itemsize
-        and x.data.ptr % 16 == 0
+        and data_ptr(x) % 16 == 0
         and all(s % 16 == 0 for s in x.strides[:3])
         and x.shape[3] == head_dim_padded
     )
     if aligned:
         return x
-    out = cp.zeros(x.shape[:3] + (head_dim_padded,), dtype=x.dtype)
+    xp = np if isinstance(x, np.ndarray) else _cp()
+    out = xp.zeros(x.shape[:3] + (head_dim_padded,), dtype=x.dtype)
     out[..., : x.shape[3]] = x
     return out
 

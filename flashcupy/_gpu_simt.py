@@ -20,9 +20,9 @@ import math
 import numpy as np
 
 from ._build import debug, get_kernel
+from ._gpu import _check_grid, _strides, data_ptr as _data_ptr, kernel_ready
 from ._configs import SIMT_PREPROCESS_THREADS, float_bwd_config, float_fwd_config
 
-MAX_GRID_YZ = 65535
 PREPROCESS_SOURCE = "flash_simt_bwd.cu"  # flash_simt_bwd_preprocess_kernel serves both families
 
 
@@ -44,47 +44,12 @@ def _launch(filename: str, name: str, smem_bytes: int, grid, block, args) -> Non
     kernel(grid, block, args, shared_mem=smem_bytes)
 
 
-def _data_ptr(x) -> int:
-    ptr = getattr(x.data, "ptr", None)  # CuPy
-    return int(ptr) if ptr is not None else int(x.ctypes.data)  # NumPy (emulator)
-
-
 def path_name(dtype, head_dim: int) -> str:
     """The forward's kernel family on the current GPU, as flashcupy.interface.kernel_path names it."""
     from ._configs import DmmaFwdConfig
 
     dmma = isinstance(float_fwd_config(head_dim, dtype, False, _arch()), DmmaFwdConfig)
     return "fused fp64 (FP64 tensor cores)" if dmma else "fused fp32/fp64 (CUDA cores)"
-
-
-def kernel_ready(x, head_dim_padded: int):
-    """x itself when the kernels can read it in place (last dim contiguous, 16-byte aligned base
-    and strides, head_dim_padded columns); otherwise a contiguous copy zero-padded to
-    head_dim_padded columns (the documented cost of odd head dims and odd strides)."""
-    itemsize = x.dtype.itemsize
-    aligned = (
-        x.strides[3] == itemsize
-        and _data_ptr(x) % 16 == 0
-        and all(s % 16 == 0 for s in x.strides[:3])
-        and x.shape[3] == head_dim_padded
-    )
-    if aligned:
-        return x
-    out = _xp().zeros(x.shape[:3] + (head_dim_padded,), dtype=x.dtype)
-    out[..., : x.shape[3]] = x
-    return out
-
-
-def _strides(x):
-    """(batch, row, head) strides in elements, as int64."""
-    it = x.dtype.itemsize
-    return [np.int64(s // it) for s in x.strides[:3]]
-
-
-def _check_grid(shape):
-    if shape.nheads > MAX_GRID_YZ or shape.batch > MAX_GRID_YZ:
-        raise ValueError(f"q: expected batch and nheads <= {MAX_GRID_YZ} for the GPU kernels, "
-                         f"got batch={shape.batch}, nheads={shape.nheads}")
 
 
 def _scalar_type(dtype):

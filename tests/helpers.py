@@ -365,3 +365,21 @@ def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False,
     for name, g, r, nv in zip(("dq", "dk", "dv"), grads, refs, nv_grads):
         check_rule(name, g, r, nv, dtype, grad=True, term_magnitude=getattr(mags, name) * inv,
                    score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU-side inputs
+
+
+def to_gpu(*xs):
+    """CuPy copies of NumPy arrays."""
+    import cupy
+
+    return [cupy.asarray(x) for x in xs]
+
+
+def bhsd_view(x):
+    """A BSHD-shaped view of a BHSD-contiguous copy (strides permuted, last dim contiguous)."""
+    import cupy
+
+    return cupy.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)

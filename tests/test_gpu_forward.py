@@ -5,7 +5,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_forward_rule, random_inputs, to_numpy
+from helpers import assert_forward_rule, bhsd_view, random_inputs, to_gpu, to_numpy
 
 import flashcupy
 from flashcupy._arrays import bfloat16
@@ -23,14 +23,6 @@ def _cp():
     return cupy
 
 
-def to_gpu(*xs):
-    return [_cp().asarray(x) for x in xs]
-
-
-def bhsd_view(x):
-    """A BSHD-shaped view of a BHSD-contiguous copy (strides permuted, last dim contiguous)."""
-    cp = _cp()
-    return cp.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
 
 
 @pytest.mark.parametrize("causal", [False, True])
