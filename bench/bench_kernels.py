@@ -99,9 +99,11 @@ def main(argv=None):
                                 impls["fc-determ"] = (lambda res=res: flashcupy.flash_attn_backward(
                                     do, q, k, v, res.out, res.lse, causal=causal, deterministic=True))
                             if args.sweep and mode == "fwd":
-                                for bm, bn, nw in [(128, 64, 4), (128, 128, 8), (128, 64, 8), (64, 64, 4), (128, 32, 4)]:
-                                    cfg = FwdConfig(head_dim, bm, bn, nw)
-                                    impls[f"fc{bm}x{bn}w{nw}"] = (lambda cfg=cfg: _gpu.forward(q, k, v, shape, causal=causal, config=cfg))
+                                for bm, bn, nw, qr in [(128, 64, 4, False), (128, 64, 4, True), (128, 128, 8, True),
+                                                       (128, 32, 4, False)]:
+                                    cfg = FwdConfig(head_dim, bm, bn, nw, qr)
+                                    impls[f"fc{bm}x{bn}w{nw}{'q' if qr else ''}"] = (
+                                        lambda cfg=cfg: _gpu.forward(q, k, v, shape, causal=causal, config=cfg))
                         # torch peers in BHSD views (no copy) of the same data
                         bq, bk, bv, bdo = (t.transpose(1, 2) for t in (tq, tk, tv, tdo))
                         for prov, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),

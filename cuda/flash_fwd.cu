@@ -13,9 +13,10 @@
 //   v1.2 block-sparse: key tiles from a block-mask row's active list (TileWalk), same inner loop.
 #include "flash_common.cuh"
 
-template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_>
+template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, bool Q_IN_REGS_ = false>
 struct FwdTraits {
     using Elem = Elem_;
+    static constexpr bool Q_IN_REGS = Q_IN_REGS_;  // Q's A fragments kept in registers for the whole CTA
     static constexpr int HEAD_DIM = HEAD_DIM_;  // head_dim bucket; the runtime head_dim may be smaller
     static constexpr int BLOCK_M = BLOCK_M_;    // query rows per CTA
     static constexpr int BLOCK_N = BLOCK_N_;    // key rows per pipeline step
@@ -85,6 +86,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 
     if (n0 >= 0) {
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_tile, q_row_stride, seqlen_q - m0, head_dim);
+        cp_async_commit();
         load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
         cp_async_commit();
     }
@@ -96,6 +98,19 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const u32 q_lane = smem_u32(s_q) + ((warp_row0 + lane % 16) * PITCH + (lane / 16) * 8) * 2;
     const u32 k_lane = smem_u32(s_k) + (((lane / 16) * 8 + lane % 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
     const u32 v_lane = smem_u32(s_v) + ((((lane / 8) % 2) * 8 + lane % 8) * PITCH + (lane / 16) * 8) * 2;
+
+    // Q_IN_REGS: this warp's Q fragments, loaded once (only the warp itself reads its Q rows).
+    u32 q_frag[Tr::Q_IN_REGS ? MT : 1][Tr::Q_IN_REGS ? HEAD_DIM / 16 : 1][4];
+    if constexpr (Tr::Q_IN_REGS) {
+        if (n0 >= 0) {
+            cp_async_wait<1>();  // the Q group has landed (K_0 may still be in flight)
+            __syncthreads();
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) ldmatrix_x4(q_frag[mt][kk], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+        }
+    }
 
     while (n0 >= 0) {
         const int n_next = keys.next();
@@ -117,7 +132,14 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
             u32 a[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (Tr::Q_IN_REGS) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) a[mt][r] = q_frag[mt][kk][r];
+                } else {
+                    ldmatrix_x4(a[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
+                }
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 u32 b[4];

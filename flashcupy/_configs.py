@@ -44,6 +44,7 @@ class FwdConfig:
     block_m: int  # query rows per CTA
     block_n: int  # key rows per pipeline step
     nwarps: int
+    q_in_regs: bool = False  # Q's A fragments held in registers instead of re-read from smem per K/V tile
 
     @property
     def nthreads(self) -> int:
@@ -54,7 +55,7 @@ class FwdConfig:
         return (self.block_m + 2 * self.block_n) * (self.head_dim + 8) * 2
 
     def kernel_name(self, elem: str, causal: bool, dropout: bool = False) -> str:
-        traits = f"FwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
+        traits = f"FwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}, {_cbool(self.q_in_regs)}>"
         return f"flash_fwd_kernel<{traits}, {_cbool(causal)}, {_cbool(dropout)}>"
 
 
