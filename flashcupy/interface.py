@@ -7,9 +7,11 @@ Where a call runs:
   usable (copied there and back; NUMPY_FLOAT64_ON_GPU = False keeps it on the CPU).
 - CuPy inputs, and any GPU array with __dlpack__ / __cuda_array_interface__ (torch, JAX; converted
   zero-copy by cupy.from_dlpack), run on the current CuPy device and stream and return CuPy arrays.
-  float16 / bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/), float32
-  / float64 the fused kernels on CUDA cores (exact FFMA / DFMA, no TF32: flashcupy._gpu_simt); other
-  cases run the chunked path on the GPU (exact, O(N) memory, not fused).
+  float16 / bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/; dropout and
+  block masks fused too). float32 runs fused kernels on CUDA cores (exact FFMA, no TF32) and float64
+  on the FP64 tensor cores on sm_80+ (mma.sync .f64; CUDA cores before sm_80 and for the backward
+  above head_dim 160): flashcupy._gpu_simt. float32 / float64 with dropout or a block mask, and
+  head_dim > 256, run the chunked path on the GPU (exact, O(N) memory, not fused).
 No call synchronises with the host, so GPU calls can be captured into a CUDA graph.
 """
 
