@@ -8,6 +8,10 @@ cupyx.profiler.benchmark (median of n_repeat after warm-up), TFLOP/s by the FA f
     PYTHONPATH=. python bench/bench_simt.py --dtypes float32 float64 --head-dims 64 128 --seqlens 1024 4096
     PYTHONPATH=. python bench/bench_simt.py --dtypes float32 --head-dims 64 --seqlens 4096 --sweep
     PYTHONPATH=. python bench/bench_simt.py --dtypes float64 --head-dims 64 128 --seqlens 4096 --sweep
+    PYTHONPATH=. python bench/bench_simt.py --summary-from a.json b.json   # one summary table of saved runs
+
+float32 --sweep times the SIMT configs of FWD_SWEEP / BWD_SWEEP for the head dims listed there (hd128:
+occupancy vs register blocking, bench/NOTES.md "fp32 hd128 forward and fp64 hd128 backward").
 
 float64 --sweep times the DMMA (FP64 tensor core) configs of DMMA_FWD_SWEEP / DMMA_BWD_SWEEP, with
 their instruction (katom 4: m8n8k4, 8: m16n8k8, 16: m16n8k16; the last two need sm_90), and the
@@ -22,8 +26,18 @@ import sys
 
 import numpy as np
 
-FWD_SWEEP = [(64, 64, 4), (64, 32, 4), (128, 64, 8), (32, 64, 4), (32, 32, 4), (128, 64, 4)]
-BWD_SWEEP = [(32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 32, 4)]
+# float32 SIMT: head_dim -> [(block_m, block_n, nwarps, min_ctas)] and [(block_m, block_n, nwarps)]
+FWD_SWEEP = {
+    64: [(64, 64, 4, 1), (64, 32, 4, 1), (128, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1), (128, 64, 4, 1)],
+    # hd128: CTAs/SM (smem, regs) x rows per thread TM; LDS.128 per 128 FFMA (S, PV) in NOTES.md
+    128: [(32, 64, 4, 1),   # default: 2 CTAs (94 KB smem), TM 2
+          (64, 16, 4, 3),   # 3 CTAs (57 KB, 163 regs), TM 4
+          (32, 32, 4, 4),   # 4 CTAs (56 KB, 124-128 regs), TM 2
+          (64, 32, 8, 2),   # 2 CTAs x 8 warps (78 KB, 124-128 regs), TM 2
+          (64, 32, 4, 1),   # 2 CTAs (78 KB, 192-238 regs), TM 4
+          (32, 16, 4, 4)],  # 4 CTAs (37 KB, 114 regs), TM 2, 16-key steps
+}
+BWD_SWEEP = {64: [(32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 32, 4)]}
 # float64 DMMA: head_dim -> [(block_m, block_n, nwarps, katom)] and
 # [(kv_block_m, kv_block_n, kv_nwarps, d_split, dq_block_m, dq_block_n, dq_nwarps, kv_katom, dq_katom)]
 DMMA_FWD_SWEEP = {
@@ -34,8 +48,16 @@ DMMA_FWD_SWEEP = {
 DMMA_BWD_SWEEP = {
     64: [(16, 64, 4, 1, 64, 32, 4, 16, 16), (16, 64, 4, 1, 64, 32, 4, 8, 8), (16, 64, 4, 1, 64, 32, 4, 4, 4),
          (16, 32, 4, 1, 64, 32, 4, 4, 16), (32, 32, 4, 1, 64, 16, 4, 4, 16), (16, 64, 4, 1, 32, 32, 4, 16, 4)],
-    128: [(16, 32, 4, 1, 64, 16, 4, 4, 16), (16, 32, 4, 1, 64, 16, 4, 4, 8), (16, 32, 4, 1, 64, 16, 4, 4, 4),
-          (16, 64, 4, 2, 64, 16, 4, 16, 16), (16, 32, 4, 1, 32, 16, 4, 4, 4)],
+    # hd128, (..., kv_stages): KV and dQ kernels at 1 CTA x 4 warps per SM by default (128 / 160 KB smem);
+    # single-buffered Q/dO (stages 1) and 32-row dQ tiles give 2 CTAs per SM (bench/NOTES.md).
+    128: [(16, 32, 4, 1, 64, 16, 4, 4, 16, 2),   # default: KV 1x4 warps, dQ 1x4 warps
+          (16, 32, 4, 1, 64, 16, 4, 4, 16, 1),   # KV 2x4 warps
+          (16, 32, 4, 1, 32, 16, 4, 4, 4, 2),    # dQ 2x4 warps (m8n8k4)
+          (16, 32, 4, 1, 32, 16, 4, 4, 4, 1),    # both 2x4 warps
+          (16, 64, 8, 1, 64, 16, 8, 4, 4, 1),    # both 1x8 warps (m8n8k4)
+          (16, 32, 4, 1, 64, 16, 8, 4, 4, 1),    # KV 2x4, dQ 1x8
+          (16, 32, 2, 2, 32, 16, 2, 16, 16, 1),  # both 2x2 warps of 16 rows (m16n8k16), KV d_split 2
+          (16, 64, 4, 2, 64, 16, 4, 16, 16, 2)], # KV 16-key warps, d_split 2 (192 KB: sm_90 only)
 }
 
 
@@ -78,7 +100,12 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true", help="also time candidate SIMT configs")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--summary-from", nargs="+", default=None, help="print the summary of saved --json runs")
     args = ap.parse_args(argv)
+    if args.summary_from:
+        rows = [r for fn in args.summary_from for r in json.load(open(fn))["rows"]]
+        summary(rows)
+        return 0
 
     import cupy as cp
     from cupyx.profiler import benchmark
@@ -123,33 +150,36 @@ def main(argv=None):
                             do, q, k, v, res.out, res.lse, causal=causal, deterministic=True)
                     if args.sweep and dtype == np.float32:
                         elem = simt_elem(dtype)
-                        for bm, bn, nw in FWD_SWEEP:
-                            cfg = SimtFwdConfig(elem, head_dim, bm, bn, nw)
-                            impls[f"fwd{bm}x{bn}w{nw}", "fwd"] = (
+                        for bm, bn, nw, mc in FWD_SWEEP.get(head_dim, []) if "fwd" in args.modes else []:
+                            cfg = SimtFwdConfig(elem, head_dim, bm, bn, nw, mc)
+                            impls[f"fwd{bm}x{bn}w{nw}c{mc}", "fwd"] = (
                                 lambda cfg=cfg: _gpu_simt.forward(q, k, v, shape, causal=causal, config=cfg))
-                        for bm, bn, nw in BWD_SWEEP:
+                        for bm, bn, nw in BWD_SWEEP.get(head_dim, []) if "bwd" in args.modes else []:
                             cfg = SimtBwdConfig(elem, head_dim, bm, bn, nw)
                             impls[f"bwd{bm}x{bn}w{nw}", "bwd"] = (
                                 lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res.out, res.lse, shape, causal=causal,
                                                                    deterministic=False, config=cfg))
                     if args.sweep and dtype == np.float64:
-                        cfg = simt_fwd_config(head_dim, dtype, causal)
-                        impls["dfma-default", "fwd"] = (
-                            lambda cfg=cfg: _gpu_simt.forward(q, k, v, shape, causal=causal, config=cfg))
-                        cfg = simt_bwd_config(head_dim, dtype, causal)
-                        impls["dfma-default", "bwd"] = (
-                            lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res.out, res.lse, shape, causal=causal,
-                                                               deterministic=False, config=cfg))
-                        for bm, bn, nw, ka in DMMA_FWD_SWEEP.get(head_dim, []):
+                        for bm, bn, nw, ka in DMMA_FWD_SWEEP.get(head_dim, []) if "fwd" in args.modes else []:
                             cfg = DmmaFwdConfig(head_dim, bm, bn, nw, ka)
                             impls[f"dmma{bm}x{bn}w{nw}k{ka}", "fwd"] = (
                                 lambda cfg=cfg: _gpu_simt.forward(q, k, v, shape, causal=causal, config=cfg))
-                        for c in DMMA_BWD_SWEEP.get(head_dim, []):
+                        for c in DMMA_BWD_SWEEP.get(head_dim, []) if "bwd" in args.modes else []:
                             cfg = DmmaBwdConfig(head_dim, *c)
-                            name = f"kv{c[0]}x{c[1]}w{c[2]}s{c[3]}k{c[7]}+dq{c[4]}x{c[5]}w{c[6]}k{c[8]}"
+                            name = (f"kv{c[0]}x{c[1]}w{c[2]}s{c[3]}k{c[7]}" + (f"b{c[9]}" if len(c) > 9 else "")
+                                    + f"+dq{c[4]}x{c[5]}w{c[6]}k{c[8]}")
                             impls[name, "bwd"] = (
                                 lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res.out, res.lse, shape, causal=causal,
                                                                    deterministic=False, config=cfg))
+                        if "fwd" in args.modes:
+                            cfg = simt_fwd_config(head_dim, dtype, causal)
+                            impls["dfma-default", "fwd"] = (
+                                lambda cfg=cfg: _gpu_simt.forward(q, k, v, shape, causal=causal, config=cfg))
+                        if "bwd" in args.modes:
+                            cfg = simt_bwd_config(head_dim, dtype, causal)
+                            impls["dfma-default", "bwd"] = (
+                                lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res.out, res.lse, shape,
+                                                                   causal=causal, deterministic=False, config=cfg))
                     if "fwd" in args.modes and seqlen <= 4096:
                         def naive(q=q, k=k, v=v):
                             s = cp.matmul(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1)) * (head_dim ** -0.5)
@@ -177,6 +207,9 @@ def main(argv=None):
                                          batch=batch, nheads=nheads, causal=causal, ms=t, tflops=f / t / 1e9))
                         print(f"{name:<16}{mode:<5}{dtype_name:<8}{head_dim:>4}{seqlen:>7}{str(causal):>7}"
                               f"{t:>10.3f} ms{f / t / 1e9:>8.2f} TF/s", flush=True)
+                        if args.json:  # after every row: a run cut short by a timeout keeps what it measured
+                            with open(args.json, "w") as fh:
+                                json.dump(dict(device=dev, rows=rows), fh, indent=1)
                 del q, k, v, do, res
                 cp.get_default_memory_pool().free_all_blocks()
     summary(rows)

@@ -24,9 +24,10 @@
 //
 // Versions (numbers in bench/NOTES.md, "fp64 on the FP64 tensor cores (DMMA)"):
 //   v1  KV kernel + dQ kernel, swizzled smem, P / dS in registers, Q/dO double-buffered.
+//   v1.1 KV kernel: STAGES = 1 (single-buffered Q/dO) option, for 2 CTAs per SM at hd128.
 #include "flash_dmma.cuh"
 
-template <int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int D_SPLIT_, int KATOM_>
+template <int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int D_SPLIT_, int KATOM_, int STAGES_>
 struct DmmaBwdKvTraits {
     static constexpr int HEAD_DIM = HEAD_DIM_;
     static constexpr int BLOCK_M = BLOCK_M_;  // query rows per step
@@ -34,14 +35,19 @@ struct DmmaBwdKvTraits {
     static constexpr int NWARPS = NWARPS_;
     static constexpr int D_SPLIT = D_SPLIT_;  // CTAs per key tile, each owning HEAD_DIM / D_SPLIT columns
     static constexpr int KATOM = KATOM_;
+    // Q_i, dO_i buffers: 2 = tile i + 1 loads while tile i is used; 1 = tile i + 1 loads after every
+    // warp is done with tile i (no overlap inside the CTA, but 32 KB less shared memory at hd128:
+    // 2 CTAs per SM instead of 1, and the other CTA computes while this one loads).
+    static constexpr int STAGES = STAGES_;
     static constexpr int NTHREADS = NWARPS * 32;
     static constexpr int WARP_N = BLOCK_N / NWARPS;  // keys per warp
     static constexpr int R8 = WARP_N / 8;
     static constexpr int NT = BLOCK_M / 8;            // query n8 tiles of S^T
     static constexpr int DPS = HEAD_DIM / 16 / D_SPLIT;  // column pairs of dK, dV per CTA
-    // K, V (BLOCK_N, HEAD_DIM); Q, dO 2 x (BLOCK_M, HEAD_DIM) (double-buffered)
-    static constexpr int SMEM_BYTES = (2 * BLOCK_N + 4 * BLOCK_M) * HEAD_DIM * 8;
+    // K, V (BLOCK_N, HEAD_DIM); Q, dO STAGES x (BLOCK_M, HEAD_DIM)
+    static constexpr int SMEM_BYTES = (2 * BLOCK_N + 2 * STAGES * BLOCK_M) * HEAD_DIM * 8;
     static_assert(WARP_N == 8 || WARP_N == 16, "a warp owns 8 or 16 keys");
+    static_assert(STAGES == 1 || STAGES == 2, "single- or double-buffered Q_i, dO_i");
     static_assert(BLOCK_M % 16 == 0 && HEAD_DIM % (16 * D_SPLIT) == 0, "k16 steps; whole column pairs per split");
 };
 
@@ -87,8 +93,8 @@ flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict_
     extern __shared__ __align__(16) unsigned char smem_raw[];
     double* s_k = reinterpret_cast<double*>(smem_raw);  // (BLOCK_N, HEAD_DIM) swizzled
     double* s_v = s_k + BLOCK_N * HEAD_DIM;              // (BLOCK_N, HEAD_DIM)
-    double* s_q = s_v + BLOCK_N * HEAD_DIM;              // 2 x (BLOCK_M, HEAD_DIM)
-    double* s_do = s_q + 2 * BLOCK_M * HEAD_DIM;         // 2 x (BLOCK_M, HEAD_DIM)
+    double* s_q = s_v + BLOCK_N * HEAD_DIM;              // STAGES x (BLOCK_M, HEAD_DIM)
+    double* s_do = s_q + Tr::STAGES * BLOCK_M * HEAD_DIM;  // STAGES x (BLOCK_M, HEAD_DIM)
 
     const int n_block = blockIdx.x / Tr::D_SPLIT, p0 = (blockIdx.x % Tr::D_SPLIT) * DPS;
     const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
@@ -128,10 +134,18 @@ flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict_
     zero4(acc_dv);
 
     for (int mb = m_begin; mb < m_end; ++mb) {
-        const int m0 = mb * BLOCK_M, buf = (mb - m_begin) & 1;
+        const int m0 = mb * BLOCK_M, buf = Tr::STAGES == 2 ? (mb - m_begin) & 1 : 0;
+        if (Tr::STAGES == 1 && mb > m_begin) {
+            __syncthreads();  // every warp is done with tile i - 1: load tile i into the one buffer
+            load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_head + m0 * q_row_stride, q_row_stride, seqlen_q - m0,
+                                                        head_dim);
+            load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_do, do_head + m0 * do_row_stride, do_row_stride,
+                                                        seqlen_q - m0, head_dim);
+            cp_async_commit();
+        }
         cp_async_wait<0>();
         __syncthreads();  // Q_i, dO_i (and K, V) are in shared memory; every warp is done with tile i - 1
-        if (mb + 1 < m_end) {  // prefetch tile i + 1 into the other buffer
+        if (Tr::STAGES == 2 && mb + 1 < m_end) {  // prefetch tile i + 1 into the other buffer
             const int m1 = m0 + BLOCK_M;
             load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q + (buf ^ 1) * BLOCK_M * HEAD_DIM,
                                                         q_head + m1 * q_row_stride, q_row_stride, seqlen_q - m1,

@@ -19,7 +19,7 @@
 //   v1  FA2 structure on CUDA cores, 4x8-lane warps, register micro-tiles, single-buffered K/V.
 #include "flash_simt.cuh"
 
-template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_>
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int MIN_CTAS_>
 struct SimtFwdTraits {
     using T = T_;
     static constexpr int HEAD_DIM = HEAD_DIM_;  // head_dim bucket; the runtime head_dim may be smaller
@@ -27,6 +27,10 @@ struct SimtFwdTraits {
     static constexpr int BLOCK_N = BLOCK_N_;    // key rows per pipeline step
     static constexpr int NWARPS = NWARPS_;
     static constexpr int NTHREADS = NWARPS * 32;
+    // __launch_bounds__ minimum CTAs per SM: 1 lets ptxas take up to 255 registers (NVRTC 13.5 capped
+    // them at 128 and spilled otherwise); 3 or 4 ask for 170 / 128 registers, for configs whose shared
+    // memory allows that many CTAs and whose occupancy, not the register blocking, bounds the speed.
+    static constexpr int MIN_CTAS = MIN_CTAS_;
     static constexpr int VEC = Simt<T>::VEC;          // elements per 16-byte chunk
     static constexpr int WARP_M = BLOCK_M / NWARPS;   // query rows per warp
     static constexpr int TM = WARP_M / 4;             // rows per thread
@@ -46,7 +50,7 @@ struct SimtFwdTraits {
 // (base-2 softmax), softmax_scale for double. causal (0 or 1) is a run-time argument: it only
 // changes loop bounds and the mask of diagonal tiles, and halves the specializations to build.
 template <typename Tr>
-__global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
+__global__ void __launch_bounds__(Tr::NTHREADS, Tr::MIN_CTAS)
 flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
                       const typename Tr::T* __restrict__ v, typename Tr::T* __restrict__ o,
                       typename Tr::T* __restrict__ lse,

@@ -204,6 +204,7 @@ class SimtFwdConfig:
     block_m: int  # query rows per CTA
     block_n: int  # key rows per pipeline step
     nwarps: int  # each owns block_m / nwarps query rows
+    min_ctas: int = 1  # __launch_bounds__ minimum CTAs per SM (ptxas register target 65536 / (threads x it))
 
     @property
     def nthreads(self) -> int:
@@ -222,7 +223,8 @@ class SimtFwdConfig:
 
     def kernel_name(self) -> str:
         """causal is a run-time argument of the kernel (one specialization serves both masks)."""
-        traits = f"SimtFwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}>"
+        traits = (f"SimtFwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}, "
+                  f"{self.min_ctas}>")
         return f"flash_simt_fwd_kernel<{traits}>"
 
 
@@ -425,6 +427,7 @@ class DmmaBwdConfig:
     dq_nwarps: int
     kv_katom: int  # DMMA_KATOMS (8 / 16 need 16 keys per warp)
     dq_katom: int  # (8 / 16 need 16 rows per warp)
+    kv_stages: int = 2  # KV kernel: Q_i, dO_i buffers (2: prefetch under compute; 1: less smem, more CTAs)
 
     source = "flash_dmma_bwd.cu"
     elem = "double"
@@ -440,7 +443,7 @@ class DmmaBwdConfig:
 
     @property
     def kv_smem_bytes(self) -> int:
-        return (2 * self.kv_block_n + 4 * self.kv_block_m) * self.head_dim * 8
+        return (2 * self.kv_block_n + 2 * self.kv_stages * self.kv_block_m) * self.head_dim * 8
 
     @property
     def dq_smem_bytes(self) -> int:
@@ -454,7 +457,7 @@ class DmmaBwdConfig:
 
     def kv_kernel_name(self) -> str:
         traits = (f"DmmaBwdKvTraits<{self.head_dim}, {self.kv_block_m}, {self.kv_block_n}, {self.kv_nwarps}, "
-                  f"{self.d_split}, {self.kv_katom}>")
+                  f"{self.d_split}, {self.kv_katom}, {self.kv_stages}>")
         return f"flash_dmma_bwd_kv_kernel<{traits}>"
 
     def dq_kernel_name(self) -> str:

@@ -383,3 +383,24 @@ def bhsd_view(x):
     import cupy
 
     return cupy.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# configs that bench/bench_simt.py --sweep times: compiled in CI (no spill) and run on the GPU first
+
+
+def sweep_candidates():
+    """(SimtFwdConfig list, DmmaBwdConfig list) of bench/bench_simt.py's FWD_SWEEP / DMMA_BWD_SWEEP,
+    every head dim listed there."""
+    import importlib.util
+    import os
+
+    from flashcupy._configs import DmmaBwdConfig, SimtFwdConfig
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_simt.py")
+    spec = importlib.util.spec_from_file_location("_bench_simt", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    fwd = [SimtFwdConfig("float", hd, *c) for hd, cs in mod.FWD_SWEEP.items() for c in cs]
+    bwd = [DmmaBwdConfig(hd, *c) for hd, cs in mod.DMMA_BWD_SWEEP.items() for c in cs]
+    return fwd, bwd

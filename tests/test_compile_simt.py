@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import sweep_candidates
 
 from flashcupy import _build, _configs
 
@@ -29,13 +30,15 @@ def _with_katom8(configs, fields):
 
 
 def kernel_names(source: str):
+    """Every specialization the library launches, and the candidates bench/bench_simt.py --sweep times."""
     kind = SOURCES[source]
+    sweep_fwd, sweep_dmma_bwd = sweep_candidates()
     if kind == "fwd":
-        return sorted({cfg.kernel_name() for cfg in _configs.all_simt_fwd_specializations()})
+        return sorted({cfg.kernel_name() for cfg in [*_configs.all_simt_fwd_specializations(), *sweep_fwd]})
     if kind == "dmma_fwd":
         return sorted({cfg.kernel_name() for cfg in _with_katom8(_configs.all_dmma_fwd_specializations(), ["katom"])})
     if kind == "dmma_bwd":
-        cfgs = _with_katom8(_configs.all_dmma_bwd_specializations(), ["kv_katom", "dq_katom"])
+        cfgs = _with_katom8(_configs.all_dmma_bwd_specializations(), ["kv_katom", "dq_katom"]) + sweep_dmma_bwd
         return sorted({n for cfg in cfgs for n in (cfg.kv_kernel_name(), cfg.dq_kernel_name())})
     names = set()
     for cfg in _configs.all_simt_bwd_specializations():

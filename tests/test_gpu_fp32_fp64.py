@@ -10,7 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_backward_rule, assert_forward_rule, bhsd_view, random_inputs, to_gpu, to_numpy
+from helpers import (assert_backward_rule, assert_forward_rule, bhsd_view, random_inputs, sweep_candidates, to_gpu,
+                     to_numpy)
 
 import flashcupy
 from flashcupy._configs import HEAD_DIM_BUCKETS
@@ -292,3 +293,47 @@ def test_float64_runs_on_the_tensor_cores_from_sm80():
     cfg = _configs.float_fwd_config(64, np.float64, False, arch)
     assert isinstance(cfg, _configs.DmmaFwdConfig) == (arch >= 80)
     assert isinstance(_configs.float_bwd_config(64, np.float64, False, arch), _configs.DmmaBwdConfig) == (arch >= 80)
+
+
+def _fits_smem(nbytes):
+    import cupy
+
+    dev = cupy.cuda.Device()
+    return nbytes <= dev.attributes["MaxSharedMemoryPerBlockOptin"]
+
+
+@pytest.mark.parametrize("cfg", sweep_candidates()[0], ids=lambda c: c.kernel_name().split("<", 2)[2][:-2])
+def test_float32_forward_sweep_candidates(rng, cfg):
+    """Every float32 config bench_simt.py --sweep times, against the oracle before its time counts."""
+    from flashcupy import _gpu_simt
+    from flashcupy._validate import check_qkv
+
+    if not _fits_smem(cfg.smem_bytes):
+        pytest.skip(f"{cfg.smem_bytes} B of shared memory")
+    for head_dim, (sq, sk) in ((cfg.head_dim, (113, 203)), (cfg.head_dim - 8, (203, 77))):
+        q, k, v = random_inputs(rng, 2, sq, sk, 4, 2, head_dim, np.float32)
+        xs = to_gpu(q, k, v)
+        for causal in (False, True):
+            out, lse = _gpu_simt.forward(*xs, check_qkv(*xs), causal=causal, config=cfg)
+            assert_forward_rule(out, lse, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("cfg", sweep_candidates()[1],
+                         ids=lambda c: c.kv_kernel_name().split("<", 2)[2][:-2] + "+" + c.dq_kernel_name().split("<", 2)[2][:-2])
+def test_dmma_backward_sweep_candidates(rng, cfg):
+    """Every float64 DMMA backward config bench_simt.py --sweep times (single-buffered Q/dO included)."""
+    from flashcupy import _gpu_simt
+    from flashcupy._validate import check_qkv
+
+    _skip_unless_arch([cfg.kv_katom, cfg.dq_katom])
+    if not _fits_smem(max(cfg.kv_smem_bytes, cfg.dq_smem_bytes)):
+        pytest.skip(f"{max(cfg.kv_smem_bytes, cfg.dq_smem_bytes)} B of shared memory")
+    for head_dim, (sq, sk) in ((cfg.head_dim, (113, 203)), (cfg.head_dim - 8, (203, 77))):
+        q, k, v, dout = random_inputs(rng, 2, sq, sk, 4, 2, head_dim, np.float64, grad=True)
+        xs = to_gpu(q, k, v, dout)
+        shape = check_qkv(*xs[:3])
+        for causal in (False, True):
+            res = flashcupy.flash_attn_forward(*xs[:3], causal=causal)
+            grads = _gpu_simt.backward(xs[3], *xs[:3], res.out, res.lse, shape, causal=causal, deterministic=False,
+                                       config=cfg)
+            assert_backward_rule(grads, dout, q, k, v, causal=causal)
