@@ -1057,9 +1057,8 @@ def _bshd_numpy(x) -> np.ndarray:
     return np.asarray(x).astype(np.float64)
 
 
-class FlashcupyProvider(Provider):
-    name = "flashcupy"
-    description = "flashcupy.flash_attn_forward / flash_attn_backward"
+class _CupyProvider(Provider):
+    """A provider that runs on NumPy (device "cpu") or CuPy: usable wherever CuPy sees a GPU."""
 
     def __init__(self, device):
         super().__init__(device)
@@ -1073,6 +1072,11 @@ class FlashcupyProvider(Provider):
         if cupy_or_none() is None:
             return "cupy is not installed"
         return None if gpu_available() else "no CUDA GPU usable through CuPy"
+
+
+class FlashcupyProvider(_CupyProvider):
+    name = "flashcupy"
+    description = "flashcupy.flash_attn_forward / flash_attn_backward"
 
     def version(self):
         from . import __version__
@@ -1124,25 +1128,12 @@ class FlashcupyProvider(Provider):
         return Runner(fn=fn, to_numpy=_bshd_numpy, note=self._path_note(case))
 
 
-class NaiveProvider(Provider):
+class NaiveProvider(_CupyProvider):
     """Standard attention: S = scale * Q K^T, P = softmax(S), O = P V, all (seqlen x seqlen) in memory;
     the backward from P (dV = P^T dO, dP = dO V^T, dS = P o (dP - rowsum(dO o O)), dQ, dK)."""
 
     name = "naive"
     description = "matmul-softmax-matmul on CuPy (NumPy on the CPU)"
-
-    def __init__(self, device):
-        super().__init__(device)
-        self.family = "numpy" if device == "cpu" else "cupy"
-
-    def probe(self):
-        if self.device == "cpu":
-            return None
-        from ._arrays import cupy_or_none, gpu_available
-
-        if cupy_or_none() is None:
-            return "cupy is not installed"
-        return None if gpu_available() else "no CUDA GPU usable through CuPy"
 
     def version(self):
         if self.device == "cpu":
