@@ -13,6 +13,12 @@ cupyx.profiler.benchmark (median of n_repeat after warm-up), TFLOP/s by the FA f
 float32 --sweep times the SIMT configs of FWD_SWEEP / BWD_SWEEP for the head dims listed there (hd128:
 occupancy vs register blocking, bench/NOTES.md "fp32 hd128 forward and fp64 hd128 backward").
 
+float32 with --tf32 also times the allow_tf32 path (TF32 tensor cores, "flashcupy-tf32") and, with
+--sweep, the TF32 configs of TF32_FWD_SWEEP / TF32_BWD_SWEEP; SDPA's efficient backend (float32, which
+runs 3xTF32 tensor-core products) is timed for fwd and bwd (autograd of its forward).
+
+    PYTHONPATH=. python bench/bench_simt.py --dtypes float32 --head-dims 64 128 --seqlens 4096 --tf32 --sweep
+
 float64 --sweep times the DMMA (FP64 tensor core) configs of DMMA_FWD_SWEEP / DMMA_BWD_SWEEP, with
 their instruction (katom 4: m8n8k4, 8: m16n8k8, 16: m16n8k16; the last two need sm_90), and the
 DFMA kernel's default for comparison. A summary table (best per case, ratio to naive) ends the run.
@@ -61,6 +67,20 @@ DMMA_BWD_SWEEP = {
 }
 
 
+# float32 TF32 (allow_tf32): head_dim -> [(block_m, block_n, nwarps)] and
+# [(kv_block_m, kv_block_n, kv_nwarps, d_split, dq_block_m, dq_block_n, dq_nwarps, kv_stages)] (16 rows per warp)
+TF32_FWD_SWEEP = {
+    64: [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8), (64, 128, 4)],
+    128: [(64, 64, 4), (128, 64, 8), (64, 32, 4), (128, 32, 8)],
+}
+TF32_BWD_SWEEP = {
+    64: [(32, 64, 4, 1, 64, 64, 4, 2), (64, 64, 4, 1, 64, 64, 4, 2), (32, 128, 8, 1, 128, 64, 8, 2),
+         (32, 64, 4, 1, 64, 32, 4, 1), (16, 64, 4, 1, 64, 32, 4, 2)],
+    128: [(32, 64, 4, 1, 64, 32, 4, 1), (32, 64, 4, 1, 64, 32, 4, 2), (32, 128, 8, 1, 128, 32, 8, 1),
+          (16, 64, 4, 1, 64, 16, 4, 1), (32, 32, 2, 1, 32, 32, 2, 1)],
+}
+
+
 def flops(batch, nheads, seqlen, head_dim, causal, mode):
     f = 4 * batch * nheads * seqlen * seqlen * head_dim // (2 if causal else 1)
     return {"fwd": 1.0, "bwd": 2.5}[mode] * f
@@ -71,12 +91,14 @@ def summary(rows):
     cases = {}
     for r in rows:
         cases.setdefault((r["dtype"], r["mode"], r["head_dim"], r["seqlen"], r["causal"]), []).append(r)
-    print("\n| dtype | mode | hd | seqlen | causal | flashcupy TF/s | best config (TF/s) | naive | /naive | sdpa-eff | /sdpa |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| dtype | mode | hd | seqlen | causal | flashcupy TF/s | best config (TF/s) | naive | /naive | sdpa-eff | /sdpa "
+          "| tf32 TF/s | tf32 /sdpa | tf32 /naive | best tf32 config (TF/s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (dt, mode, hd, s, c), rs in cases.items():
         by = {r["provider"]: r["tflops"] for r in rs}
         fc = by.get("flashcupy")
-        best = max((r for r in rs if r["provider"] not in ("naive", "sdpa-efficient", "flashcupy-det")),
+        best = max((r for r in rs if r["provider"] not in ("naive", "sdpa-efficient", "flashcupy-det")
+                    and not r["provider"].startswith("tf32") and r["provider"] != "flashcupy-tf32"),
                    key=lambda r: r["tflops"])
         nv, sd = by.get("naive"), by.get("sdpa-efficient")
 
@@ -86,8 +108,13 @@ def summary(rows):
         def ratio(a, b):
             return "-" if a is None or b is None else f"{a / b:.2f}"
 
+        tf = by.get("flashcupy-tf32")
+        tfs = [r for r in rs if r["provider"].startswith("tf32") or r["provider"] == "flashcupy-tf32"]
+        best_tf = max(tfs, key=lambda r: r["tflops"]) if tfs else None
+        best_tf = "-" if best_tf is None else f"{best_tf['provider']} ({best_tf['tflops']:.2f})"
         print(f"| {dt} | {mode} | {hd} | {s} | {'yes' if c else 'no'} | {f(fc)} | {best['provider']} "
-              f"({best['tflops']:.2f}) | {f(nv)} | {ratio(fc, nv)} | {f(sd)} | {ratio(fc, sd)} |")
+              f"({best['tflops']:.2f}) | {f(nv)} | {ratio(fc, nv)} | {f(sd)} | {ratio(fc, sd)} "
+              f"| {f(tf)} | {ratio(tf, sd)} | {ratio(tf, nv)} | {best_tf} |")
 
 
 def main(argv=None):
@@ -98,6 +125,7 @@ def main(argv=None):
     ap.add_argument("--causal", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--modes", nargs="+", default=["fwd", "bwd"])
     ap.add_argument("--sweep", action="store_true", help="also time candidate SIMT configs")
+    ap.add_argument("--tf32", action="store_true", help="float32: also time allow_tf32=True (TF32 tensor cores)")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--json", default=None)
     ap.add_argument("--summary-from", nargs="+", default=None, help="print the summary of saved --json runs")
@@ -148,6 +176,23 @@ def main(argv=None):
                             do, q, k, v, res.out, res.lse, causal=causal)
                         impls["flashcupy-det", "bwd"] = lambda: flashcupy.flash_attn_backward(
                             do, q, k, v, res.out, res.lse, causal=causal, deterministic=True)
+                    if args.tf32 and dtype == np.float32:
+                        res32 = flashcupy.flash_attn_forward(q, k, v, causal=causal, allow_tf32=True)
+                        if "fwd" in args.modes:
+                            impls["flashcupy-tf32", "fwd"] = lambda: flashcupy.flash_attn_forward(
+                                q, k, v, causal=causal, allow_tf32=True)
+                        if "bwd" in args.modes:
+                            impls["flashcupy-tf32", "bwd"] = lambda: flashcupy.flash_attn_backward(
+                                do, q, k, v, res32.out, res32.lse, causal=causal, allow_tf32=True)
+                        for bm, bn, nw in TF32_FWD_SWEEP.get(head_dim, []) if args.sweep and "fwd" in args.modes else []:
+                            cfg = DmmaFwdConfig(head_dim, bm, bn, nw, 8, elem="float")
+                            impls[f"tf32-{bm}x{bn}w{nw}", "fwd"] = (
+                                lambda cfg=cfg: _gpu_simt.forward(q, k, v, shape, causal=causal, config=cfg))
+                        for c in TF32_BWD_SWEEP.get(head_dim, []) if args.sweep and "bwd" in args.modes else []:
+                            cfg = DmmaBwdConfig(head_dim, *c[:7], 8, 8, kv_stages=c[7], elem="float")
+                            impls[f"tf32-kv{c[0]}x{c[1]}w{c[2]}s{c[3]}b{c[7]}+dq{c[4]}x{c[5]}w{c[6]}", "bwd"] = (
+                                lambda cfg=cfg: _gpu_simt.backward(do, q, k, v, res32.out, res32.lse, shape,
+                                                                   causal=causal, deterministic=False, config=cfg))
                     if args.sweep and dtype == np.float32:
                         elem = simt_elem(dtype)
                         for bm, bn, nw, mc in FWD_SWEEP.get(head_dim, []) if "fwd" in args.modes else []:
@@ -196,6 +241,15 @@ def main(argv=None):
                             with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), torch.no_grad():
                                 return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=causal)
                         impls["sdpa-efficient", "fwd"] = sdpa
+                    if torch is not None and dtype == np.float32 and "bwd" in args.modes:
+                        gq, gk, gv = (torch.from_dlpack(x).transpose(1, 2).detach().requires_grad_() for x in (q, k, v))
+                        tdo = torch.from_dlpack(do).transpose(1, 2)
+                        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                            tout = torch.nn.functional.scaled_dot_product_attention(gq, gk, gv, is_causal=causal)
+
+                        def sdpa_bwd():
+                            return torch.autograd.grad(tout, (gq, gk, gv), tdo, retain_graph=True)
+                        impls["sdpa-efficient", "bwd"] = sdpa_bwd
                     for (name, mode), fn in impls.items():
                         try:
                             t = ms(fn)

@@ -1,5 +1,15 @@
 // flash_dmma.cuh: building blocks of the float64 FlashAttention kernels on the FP64 tensor cores
-// (DMMA: mma.sync .f64, sm_80+). Used by flash_dmma_fwd.cu and flash_dmma_bwd.cu.
+// (DMMA: mma.sync .f64, sm_80+) and of the float32 kernels on the TF32 tensor cores (mma.sync
+// m16n8k8 .tf32, sm_80+; the opt-in allow_tf32 path). Used by flash_dmma_fwd.cu and flash_dmma_bwd.cu,
+// whose kernels are templates over the element type T (double or float).
+//
+// TF32 (T = float): mma.sync m16n8k8 .tf32 holds the same elements per lane as m16n8k8 .f64 (PTX ISA,
+// "Matrix fragments for mma.m16n8k8" with .tf32: a0..a3 = (g, t), (g + 8, t), (g, t + 4), (g + 8, t + 4);
+// b0, b1 = (t, g), (t + 4, g); c0..c3 = (g, 2t + e), (g + 8, 2t + e)), so every fragment below serves
+// both types; TF32 warps own 16 rows. Operands are rounded to TF32 (cvt.rna: nearest, ties away from
+// zero) as they are read into fragments; products are exact in float32 and accumulate in float32. A
+// 16-byte chunk holds CE = 4 floats (2 doubles), so one "row" chunk gives 4 k-slices and one "C as A"
+// chunk the B fragments of 4 output n8 tiles (columns d = 32p + 4n + x, x < 4).
 //
 // Fragments (PTX ISA, "Matrix fragments for mma.m8n8k4 with .f64"; CuTe SM80_8x8x4_F64F64F64F64_TN):
 // lane = 4 g + t (g = groupID = lane / 4, t = threadID_in_group = lane % 4),
@@ -23,7 +33,7 @@
 //       doubles are the B fragments of output n8 tiles 2p and 2p + 1, whose columns are therefore
 //       d = 16p + 2n + x (x = tile parity): the lane's C fragment of the pair is d = 16p + 4t + 0..3.
 //
-// Shared memory: tiles (ROWS, HEAD_DIM) of doubles, row pitch HEAD_DIM (no padding), 16-byte chunk c
+// Shared memory: tiles (ROWS, HEAD_DIM) of T, row pitch HEAD_DIM (no padding), 16-byte chunk c
 // of row r stored at chunk c ^ dmma_swz(r). 128-bit loads run in 4 phases of 8 lanes; a phase of
 // "row" loads touches rows 8j + {2i, 2i + 1} at 4 consecutive chunks, a phase of "C as A" loads rows
 // 8j + e + {0, 2, 4, 6} at 2 consecutive chunks; with dmma_swz both land in 8 distinct 16-byte bank
@@ -33,36 +43,66 @@
 
 // Chunk swizzle: bit 2 from the row's parity (row loads: rows 2i, 2i + 1 use opposite halves of a
 // 128-byte line), bits 1..2 from (row / 2) % 4 (C-as-A loads: rows e + 2t, t < 4, distinct pairs).
+// The same for floats: the load patterns are per 16-byte chunk, whatever it holds.
 __device__ __forceinline__ int dmma_swz(int r) { return ((r & 1) << 2) ^ (((r >> 1) & 3) << 1); }
 
-// Element offset of chunk c (16 bytes = 2 doubles) of row r in a swizzled (*, HEAD_DIM) tile.
-template <int HEAD_DIM>
+// ---------------------------------------------------------------------------------------------
+// Element types: CE elements per 16-byte chunk; in() is the value the tensor core reads (TF32 rounding
+// for float); the MMA instructions below.
+// ---------------------------------------------------------------------------------------------
+#ifndef FC_DMMA_HOOKS
+// Round to TF32 (10 explicit mantissa bits), nearest with ties away from zero; the low 13 bits become 0.
+__device__ __forceinline__ float tf32_round(float x) {
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
+    return __uint_as_float(r);
+}
+#endif
+
+template <typename T>
+struct DmmaElem;
+template <>
+struct DmmaElem<double> {
+    static constexpr int CE = 2;
+    static __device__ __forceinline__ double in(double x) { return x; }
+};
+template <>
+struct DmmaElem<float> {
+    static constexpr int CE = 4;
+    static __device__ __forceinline__ float in(float x) { return tf32_round(x); }
+};
+
+// Element offset of chunk c (16 bytes = CE elements) of row r in a swizzled (*, HEAD_DIM) tile.
+template <typename T, int HEAD_DIM>
 __device__ __forceinline__ int dmma_off(int r, int c) {
-    static_assert(HEAD_DIM % 16 == 0, "the swizzle permutes chunks within 128-byte groups");
-    return r * HEAD_DIM + ((c ^ dmma_swz(r)) << 1);
+    constexpr int CE = DmmaElem<T>::CE;
+    static_assert(HEAD_DIM % (8 * CE) == 0, "the swizzle permutes chunks within 128-byte groups");
+    return r * HEAD_DIM + (c ^ dmma_swz(r)) * CE;
 }
 
-template <int HEAD_DIM>
-__device__ __forceinline__ Chunk<double> lds_dmma(const double* tile, int r, int c) {
-    return lds_chunk(tile + dmma_off<HEAD_DIM>(r, c));
+template <int HEAD_DIM, typename T>
+__device__ __forceinline__ Chunk<T> lds_dmma(const T* tile, int r, int c) {
+    return lds_chunk(tile + dmma_off<T, HEAD_DIM>(r, c));
 }
 
 // Async copy of a (ROWS, HEAD_DIM) tile into a swizzled tile; rows >= rows_valid and columns >=
-// head_dim are zero-filled without reading global memory. Row starts 16-byte aligned.
-template <int ROWS, int HEAD_DIM, int NTHREADS>
-__device__ __forceinline__ void load_tile_dmma(double* smem, const double* gmem, i64 row_stride, int rows_valid,
+// head_dim are zero-filled without reading global memory. Row starts 16-byte aligned, head_dim a
+// multiple of 8 (a chunk is inside the row or past it).
+template <int ROWS, int HEAD_DIM, int NTHREADS, typename T>
+__device__ __forceinline__ void load_tile_dmma(T* smem, const T* gmem, i64 row_stride, int rows_valid,
                                                int head_dim) {
-    constexpr int CHUNKS = HEAD_DIM / 2;
+    constexpr int CE = DmmaElem<T>::CE, CHUNKS = HEAD_DIM / CE;
 #pragma unroll
     for (int c = threadIdx.x; c < ROWS * CHUNKS; c += NTHREADS) {
-        const int r = c / CHUNKS, ch = c % CHUNKS, col = ch * 2;
+        const int r = c / CHUNKS, ch = c % CHUNKS, col = ch * CE;
         const bool ok = r < rows_valid && col < head_dim;
-        cp_async_16(smem_u32(smem + dmma_off<HEAD_DIM>(r, ch)), ok ? gmem + r * row_stride + col : gmem, ok ? 16 : 0);
+        cp_async_16(smem_u32(smem + dmma_off<T, HEAD_DIM>(r, ch)), ok ? gmem + r * row_stride + col : gmem, ok ? 16 : 0);
     }
 }
 
 // ---------------------------------------------------------------------------------------------
-// The MMA instructions. The CPU emulator (bench/simt_emu) defines FC_DMMA_HOOKS and its own m8n8k4.
+// The MMA instructions. The CPU emulator (bench/simt_emu) defines FC_DMMA_HOOKS and its own m8n8k4,
+// m16n8k4 .tf32 and tf32_round.
 // ---------------------------------------------------------------------------------------------
 #ifndef FC_DMMA_HOOKS
 // c (8x8) += a (8x4) b (4x8), fragments as above.
@@ -105,12 +145,33 @@ __device__ __forceinline__ void dmma_k16(double (&c)[R8][2], const double (&a)[R
         for (int h = 0; h < R8; ++h) dmma_m8n8k4(c[h], a[h][kk], b[kk]);
 }
 
-// Reductions over the 4 lanes of one C row (same g).
-__device__ __forceinline__ double quad_max_f64(double x) {
-    x = fmax(x, __shfl_xor_sync(0xffffffffu, x, 1));
-    return fmax(x, __shfl_xor_sync(0xffffffffu, x, 2));
+// The TF32 version: c (16 x 8) += a (16 x 16) b (16 x 8), fragments already rounded to TF32 (in()).
+// KATOM 8: two mma.sync m16n8k8 .tf32 (sm_80+); the emulator runs them as m16n8k4 halves.
+template <int R8, int KATOM>
+__device__ __forceinline__ void dmma_k16(float (&c)[R8][2], const float (&a)[R8][4], const float (&b)[4]) {
+    static_assert(R8 == 2 && KATOM == 8, "TF32: 16-row warps, m16n8k8");
+#ifndef FC_DMMA_HOOKS
+#pragma unroll
+    for (int k2 = 0; k2 < 4; k2 += 2)
+        asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};\n"
+            : "+f"(c[0][0]), "+f"(c[0][1]), "+f"(c[1][0]), "+f"(c[1][1])
+            : "r"(__float_as_uint(a[0][k2])), "r"(__float_as_uint(a[1][k2])), "r"(__float_as_uint(a[0][k2 + 1])),
+              "r"(__float_as_uint(a[1][k2 + 1])), "r"(__float_as_uint(b[k2])), "r"(__float_as_uint(b[k2 + 1])));
+#else
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) tf32_m16n8k4(c, a[0][kk], a[1][kk], b[kk]);
+#endif
 }
-__device__ __forceinline__ double quad_sum_f64(double x) {
+
+// Reductions over the 4 lanes of one C row (same g).
+template <typename T>
+__device__ __forceinline__ T quad_max(T x) {
+    x = Simt<T>::max(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return Simt<T>::max(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+template <typename T>
+__device__ __forceinline__ T quad_sum(T x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
@@ -125,67 +186,74 @@ __device__ __forceinline__ double quad_sum_f64(double x) {
 
 // acc[jn] (rows x 8 columns of n8 tile jn) += A B^T over d: A = rows row0.. of tile a, B = rows 8 jn..
 // of tile b (both (*, HEAD_DIM) swizzled): S = Q K^T, dP = dO V^T, S^T = K Q^T, dP^T = V dO^T.
-template <int R8, int NT, int HEAD_DIM, int KATOM>
-__device__ __forceinline__ void dmma_rows(double (&acc)[NT][R8][2], const double* a_tile, int row0,
-                                          const double* b_tile, int g, int t) {
+// Per 16 columns of d a lane reads CPS = 4 / CE chunks of each row: chunk 4 (CPS s + mm) + t holds slot t
+// of k-slices CE mm + x (x < CE), columns 16 s + CE (4 mm + t) + x (doubles: the "row" permutation above).
+template <int R8, int NT, int HEAD_DIM, int KATOM, typename T>
+__device__ __forceinline__ void dmma_rows(T (&acc)[NT][R8][2], const T* a_tile, int row0, const T* b_tile, int g,
+                                          int t) {
+    constexpr int CE = DmmaElem<T>::CE, CPS = 4 / CE;  // chunks per row per 16 columns
     // Only addresses depend on s: a partial unroll bounds the loads in flight (registers).
 #pragma unroll DMMA_ROWS_UNROLL
     for (int s = 0; s < HEAD_DIM / 16; ++s) {
-        double a[R8][4];
+        T a[R8][4];
 #pragma unroll
         for (int h = 0; h < R8; ++h)
 #pragma unroll
-            for (int mm = 0; mm < 2; ++mm) {
-                const Chunk<double> x = lds_dmma<HEAD_DIM>(a_tile, row0 + 8 * h + g, 4 * (2 * s + mm) + t);
-                a[h][2 * mm] = x.e[0], a[h][2 * mm + 1] = x.e[1];
+            for (int mm = 0; mm < CPS; ++mm) {
+                const Chunk<T> x = lds_dmma<HEAD_DIM>(a_tile, row0 + 8 * h + g, 4 * (CPS * s + mm) + t);
+#pragma unroll
+                for (int i = 0; i < CE; ++i) a[h][CE * mm + i] = DmmaElem<T>::in(x.e[i]);
             }
 #pragma unroll
         for (int jn = 0; jn < NT; ++jn) {
-            double b[4];
+            T b[4];
 #pragma unroll
-            for (int mm = 0; mm < 2; ++mm) {
-                const Chunk<double> x = lds_dmma<HEAD_DIM>(b_tile, 8 * jn + g, 4 * (2 * s + mm) + t);
-                b[2 * mm] = x.e[0], b[2 * mm + 1] = x.e[1];
+            for (int mm = 0; mm < CPS; ++mm) {
+                const Chunk<T> x = lds_dmma<HEAD_DIM>(b_tile, 8 * jn + g, 4 * (CPS * s + mm) + t);
+#pragma unroll
+                for (int i = 0; i < CE; ++i) b[CE * mm + i] = DmmaElem<T>::in(x.e[i]);
             }
             dmma_k16<R8, KATOM>(acc[jn], a, b);
         }
     }
 }
 
-// acc[p][x] (rows x d = 16 (p0 + p) + 2n + x) += C X: C (rows x 8 NT columns) in registers as C
-// fragments, X = (8 NT, HEAD_DIM) swizzled tile whose row r is C's column r. DPN output pairs starting
-// at pair p0. O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q.
-template <int R8, int NT, int DPN, int HEAD_DIM, int KATOM>
-__device__ __forceinline__ void dmma_c_as_a(double (&acc)[DPN][2][R8][2], const double (&cf)[NT][R8][2],
-                                            const double* x_tile, int p0, int g, int t) {
+// acc[p][x] (rows x d = 8 CE (p0 + p) + CE n + x) += C X: C (rows x 8 NT columns) in registers as C
+// fragments, X = (8 NT, HEAD_DIM) swizzled tile whose row r is C's column r. DPN output groups of CE
+// n8 tiles starting at group p0. O += P V, dQ += dS K, dV += P^T dO, dK += dS^T Q.
+template <int R8, int NT, int DPN, int HEAD_DIM, int KATOM, typename T>
+__device__ __forceinline__ void dmma_c_as_a(T (&acc)[DPN][DmmaElem<T>::CE][R8][2], const T (&cf)[NT][R8][2],
+                                            const T* x_tile, int p0, int g, int t) {
+    constexpr int CE = DmmaElem<T>::CE;
     static_assert(NT % 2 == 0, "16 reduction columns per step");
 #pragma unroll
     for (int qk = 0; qk < NT / 2; ++qk) {
-        double a[R8][4];
+        T a[R8][4];
 #pragma unroll
         for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
             for (int e = 0; e < 2; ++e)
 #pragma unroll
-                for (int h = 0; h < R8; ++h) a[h][2 * jj + e] = cf[2 * qk + jj][h][e];
+                for (int h = 0; h < R8; ++h) a[h][2 * jj + e] = DmmaElem<T>::in(cf[2 * qk + jj][h][e]);
 #pragma unroll
         for (int p = 0; p < DPN; ++p) {
-            double b0[4], b1[4];
+            T b[CE][4];
 #pragma unroll
             for (int jj = 0; jj < 2; ++jj)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const Chunk<double> x = lds_dmma<HEAD_DIM>(x_tile, 8 * (2 * qk + jj) + 2 * t + e, 8 * (p0 + p) + g);
-                    b0[2 * jj + e] = x.e[0], b1[2 * jj + e] = x.e[1];
+                    const Chunk<T> x = lds_dmma<HEAD_DIM>(x_tile, 8 * (2 * qk + jj) + 2 * t + e, 8 * (p0 + p) + g);
+#pragma unroll
+                    for (int i = 0; i < CE; ++i) b[i][2 * jj + e] = DmmaElem<T>::in(x.e[i]);
                 }
-            dmma_k16<R8, KATOM>(acc[p][0], a, b0);
-            dmma_k16<R8, KATOM>(acc[p][1], a, b1);
+#pragma unroll
+            for (int i = 0; i < CE; ++i) dmma_k16<R8, KATOM>(acc[p][i], a, b[i]);
         }
     }
 }
 
-template <int A, int B, int C, int D>
-__device__ __forceinline__ void zero4(double (&x)[A][B][C][D]) {
+template <int A, int B, int C, int D, typename T>
+__device__ __forceinline__ void zero4(T (&x)[A][B][C][D]) {
 #pragma unroll
     for (int i = 0; i < A; ++i)
 #pragma unroll
@@ -193,25 +261,25 @@ __device__ __forceinline__ void zero4(double (&x)[A][B][C][D]) {
 #pragma unroll
             for (int k = 0; k < C; ++k)
 #pragma unroll
-                for (int l = 0; l < D; ++l) x[i][j][k][l] = 0.0;
+                for (int l = 0; l < D; ++l) x[i][j][k][l] = T(0);
 }
-template <int A, int B, int C>
-__device__ __forceinline__ void zero3(double (&x)[A][B][C]) {
+template <int A, int B, int C, typename T>
+__device__ __forceinline__ void zero3(T (&x)[A][B][C]) {
 #pragma unroll
     for (int i = 0; i < A; ++i)
 #pragma unroll
         for (int j = 0; j < B; ++j)
 #pragma unroll
-            for (int k = 0; k < C; ++k) x[i][j][k] = 0.0;
+            for (int k = 0; k < C; ++k) x[i][j][k] = T(0);
 }
 
-// Store a (rows x d pairs) C-fragment accumulator times `mul` to global memory: the lane's row 8h + g
-// of the tile (if row_ok[h]), columns d = 16 (p0 + p) + 4t + {0,1} and + {2,3} (two 16-byte chunks,
-// each stored if it starts below head_dim).
-template <int DPN, int R8>
-__device__ __forceinline__ void store_c_pairs(double* tile, i64 row_stride, const double (&acc)[DPN][2][R8][2],
-                                              double mul, int p0, int rows_valid, int head_dim, int row0, int g,
-                                              int t) {
+// Store a (rows x d groups) C-fragment accumulator times `mul` to global memory: the lane's row 8h + g
+// of the tile (if row_ok[h]), columns d = 8 CE (p0 + p) + CE (2t + e) + x, x < CE: one 16-byte chunk
+// per (p, e), stored if it starts below head_dim.
+template <int DPN, int R8, typename T>
+__device__ __forceinline__ void store_c_pairs(T* tile, i64 row_stride, const T (&acc)[DPN][DmmaElem<T>::CE][R8][2],
+                                              T mul, int p0, int rows_valid, int head_dim, int row0, int g, int t) {
+    constexpr int CE = DmmaElem<T>::CE;
 #pragma unroll
     for (int h = 0; h < R8; ++h) {
         const int row = row0 + 8 * h + g;
@@ -220,12 +288,12 @@ __device__ __forceinline__ void store_c_pairs(double* tile, i64 row_stride, cons
         for (int p = 0; p < DPN; ++p)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int col = 16 * (p0 + p) + 4 * t + 2 * e;
+                const int col = 8 * CE * (p0 + p) + CE * (2 * t + e);
                 if (col >= head_dim) continue;
-                Chunk<double> c;
-                c.e[0] = acc[p][0][h][e] * mul;
-                c.e[1] = acc[p][1][h][e] * mul;
-                *reinterpret_cast<Chunk<double>*>(tile + row * row_stride + col) = c;
+                Chunk<T> c;
+#pragma unroll
+                for (int i = 0; i < CE; ++i) c.e[i] = acc[p][i][h][e] * mul;
+                *reinterpret_cast<Chunk<T>*>(tile + row * row_stride + col) = c;
             }
     }
 }

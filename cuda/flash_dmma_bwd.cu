@@ -1,7 +1,9 @@
-// flash_dmma_bwd.cu: FlashAttention-2 backward in float64 on the FP64 tensor cores (mma.sync .f64).
+// flash_dmma_bwd.cu: FlashAttention-2 backward in float64 on the FP64 tensor cores (mma.sync .f64), and
+// in float32 on the TF32 tensor cores (mma.sync m16n8k8 .tf32: the allow_tf32 path), one template over
+// the element type T (float: operands rounded to TF32, float32 accumulation, softmax in base 2).
 //
-// Two kernels after flash_simt_bwd_preprocess_kernel<double> (D = rowsum(dO o O), LSE with -inf ->
-// +inf, in flash_simt_bwd.cu):
+// Two kernels after flash_simt_bwd_preprocess_kernel<T> (D = rowsum(dO o O), LSE in the exp base with
+// -inf -> +inf, in flash_simt_bwd.cu):
 //   flash_dmma_bwd_kv_kernel   one CTA per (key tile of BLOCK_N keys, column split, query head,
 //                              batch); each warp owns 8 R8 keys and keeps its rows of dK, dV in
 //                              registers; the loop runs over query tiles Q_i, dO_i of BLOCK_M rows
@@ -25,10 +27,13 @@
 // Versions (numbers in bench/NOTES.md, "fp64 on the FP64 tensor cores (DMMA)"):
 //   v1  KV kernel + dQ kernel, swizzled smem, P / dS in registers, Q/dO double-buffered.
 //   v1.1 KV kernel: STAGES = 1 (single-buffered Q/dO) option, for 2 CTAs per SM at hd128.
+//   v2  templated over T: float = TF32 m16n8k8 (16-key / 16-row warps), 4 floats per 16-byte chunk.
 #include "flash_dmma.cuh"
 
-template <int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int D_SPLIT_, int KATOM_, int STAGES_>
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int D_SPLIT_, int KATOM_, int STAGES_>
 struct DmmaBwdKvTraits {
+    using T = T_;  // double (DMMA) or float (TF32)
+    static constexpr int CE = DmmaElem<T>::CE;
     static constexpr int HEAD_DIM = HEAD_DIM_;
     static constexpr int BLOCK_M = BLOCK_M_;  // query rows per step
     static constexpr int BLOCK_N = BLOCK_N_;  // keys per CTA
@@ -43,16 +48,18 @@ struct DmmaBwdKvTraits {
     static constexpr int WARP_N = BLOCK_N / NWARPS;  // keys per warp
     static constexpr int R8 = WARP_N / 8;
     static constexpr int NT = BLOCK_M / 8;            // query n8 tiles of S^T
-    static constexpr int DPS = HEAD_DIM / 16 / D_SPLIT;  // column pairs of dK, dV per CTA
+    static constexpr int DPS = HEAD_DIM / (8 * CE) / D_SPLIT;  // column groups of dK, dV per CTA
     // K, V (BLOCK_N, HEAD_DIM); Q, dO STAGES x (BLOCK_M, HEAD_DIM)
-    static constexpr int SMEM_BYTES = (2 * BLOCK_N + 2 * STAGES * BLOCK_M) * HEAD_DIM * 8;
+    static constexpr int SMEM_BYTES = (2 * BLOCK_N + 2 * STAGES * BLOCK_M) * HEAD_DIM * (int)sizeof(T);
     static_assert(WARP_N == 8 || WARP_N == 16, "a warp owns 8 or 16 keys");
     static_assert(STAGES == 1 || STAGES == 2, "single- or double-buffered Q_i, dO_i");
-    static_assert(BLOCK_M % 16 == 0 && HEAD_DIM % (16 * D_SPLIT) == 0, "k16 steps; whole column pairs per split");
+    static_assert(BLOCK_M % 16 == 0 && HEAD_DIM % (8 * CE * D_SPLIT) == 0, "k16 steps; whole column groups per split");
 };
 
-template <int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int KATOM_>
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int KATOM_>
 struct DmmaBwdDqTraits {
+    using T = T_;
+    static constexpr int CE = DmmaElem<T>::CE;
     static constexpr int HEAD_DIM = HEAD_DIM_;
     static constexpr int BLOCK_M = BLOCK_M_;  // query rows per CTA
     static constexpr int BLOCK_N = BLOCK_N_;  // keys per step
@@ -62,39 +69,41 @@ struct DmmaBwdDqTraits {
     static constexpr int WARP_M = BLOCK_M / NWARPS;
     static constexpr int R8 = WARP_M / 8;
     static constexpr int NT = BLOCK_N / 8;
-    static constexpr int DP = HEAD_DIM / 16;
+    static constexpr int DP = HEAD_DIM / (8 * CE);
     // Q, dO (BLOCK_M, HEAD_DIM); K, V (BLOCK_N, HEAD_DIM)
-    static constexpr int SMEM_BYTES = (2 * BLOCK_M + 2 * BLOCK_N) * HEAD_DIM * 8;
+    static constexpr int SMEM_BYTES = (2 * BLOCK_M + 2 * BLOCK_N) * HEAD_DIM * (int)sizeof(T);
     static_assert(WARP_M == 8 || WARP_M == 16, "a warp owns 8 or 16 rows");
-    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps");
+    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % (8 * CE) == 0, "k16 steps");
 };
 
 // q, dout: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
 // dk, dv: (batch, seqlen_k, nheads, head_dim), this query head's part (rows < seqlen_k, columns <
 // head_dim written). lse_exp, delta: (batch, nheads, seqlen_q) contiguous (preprocess kernel; LSE
 // +inf on rows with no visible key). Strides in elements; last dimension contiguous; rows 16-byte
-// aligned; head_dim a multiple of 8. scale_exp == softmax_scale. causal: 0 or 1.
-template <typename Tr>
+// aligned; head_dim a multiple of 8. scale_exp: softmax_scale (double) or softmax_scale log2 e (float).
+// causal: 0 or 1.
+template <typename Tr, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
-flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict__ k, const double* __restrict__ v,
-                         const double* __restrict__ dout, const double* __restrict__ lse_exp,
-                         const double* __restrict__ delta, double* __restrict__ dk, double* __restrict__ dv,
+flash_dmma_bwd_kv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                         const T* __restrict__ dout, const T* __restrict__ lse_exp,
+                         const T* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
                          i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
                          i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
                          i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                          i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
                          i64 dk_batch_stride, i64 dk_row_stride, i64 dk_head_stride,
                          int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                         double softmax_scale, double scale_exp, int causal) {
+                         T softmax_scale, T scale_exp, int causal) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
     constexpr int R8 = Tr::R8, NT = Tr::NT, DPS = Tr::DPS, WARP_N = Tr::WARP_N, KATOM = Tr::KATOM;
-    const double inf = Simt<double>::inf();
+    constexpr int CE = Tr::CE;
+    const T inf = Simt<T>::inf();
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    double* s_k = reinterpret_cast<double*>(smem_raw);  // (BLOCK_N, HEAD_DIM) swizzled
-    double* s_v = s_k + BLOCK_N * HEAD_DIM;              // (BLOCK_N, HEAD_DIM)
-    double* s_q = s_v + BLOCK_N * HEAD_DIM;              // STAGES x (BLOCK_M, HEAD_DIM)
-    double* s_do = s_q + Tr::STAGES * BLOCK_M * HEAD_DIM;  // STAGES x (BLOCK_M, HEAD_DIM)
+    T* s_k = reinterpret_cast<T*>(smem_raw);          // (BLOCK_N, HEAD_DIM) swizzled
+    T* s_v = s_k + BLOCK_N * HEAD_DIM;                 // (BLOCK_N, HEAD_DIM)
+    T* s_q = s_v + BLOCK_N * HEAD_DIM;                 // STAGES x (BLOCK_M, HEAD_DIM)
+    T* s_do = s_q + Tr::STAGES * BLOCK_M * HEAD_DIM;   // STAGES x (BLOCK_M, HEAD_DIM)
 
     const int n_block = blockIdx.x / Tr::D_SPLIT, p0 = (blockIdx.x % Tr::D_SPLIT) * DPS;
     const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
@@ -103,10 +112,10 @@ flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict_
     const int warp_key0 = warp * WARP_N;  // first key of this warp in the tile
     const int causal_offset = seqlen_k - seqlen_q;
 
-    const double* q_head = q + batch * q_batch_stride + head * q_head_stride;
-    const double* do_head = dout + batch * do_batch_stride + head * do_head_stride;
-    const double* lse_head = lse_exp + ((i64)batch * nheads + head) * seqlen_q;
-    const double* delta_head = delta + ((i64)batch * nheads + head) * seqlen_q;
+    const T* q_head = q + batch * q_batch_stride + head * q_head_stride;
+    const T* do_head = dout + batch * do_batch_stride + head * do_head_stride;
+    const T* lse_head = lse_exp + ((i64)batch * nheads + head) * seqlen_q;
+    const T* delta_head = delta + ((i64)batch * nheads + head) * seqlen_q;
 
     load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(
         s_k, k + batch * k_batch_stride + head_k * k_head_stride + n0 * k_row_stride, k_row_stride, seqlen_k - n0,
@@ -128,8 +137,8 @@ flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict_
     }
     cp_async_commit();
 
-    // acc_dv[p][x][h][e] = dV[key warp_key0 + 8h + g][16 (p0 + p) + 4t + 2e + x]; acc_dk likewise.
-    double acc_dk[DPS][2][R8][2], acc_dv[DPS][2][R8][2];
+    // acc_dv[p][x][h][e] = dV[key warp_key0 + 8h + g][8 CE (p0 + p) + CE (2t + e) + x]; acc_dk likewise.
+    T acc_dk[DPS][CE][R8][2], acc_dv[DPS][CE][R8][2];
     zero4(acc_dk);
     zero4(acc_dv);
 
@@ -155,25 +164,25 @@ flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict_
                                                         head_dim);
             cp_async_commit();
         }
-        const double* sq = s_q + buf * BLOCK_M * HEAD_DIM;
-        const double* sdo = s_do + buf * BLOCK_M * HEAD_DIM;
+        const T* sq = s_q + buf * BLOCK_M * HEAD_DIM;
+        const T* sdo = s_do + buf * BLOCK_M * HEAD_DIM;
 
         // Causal: the tile's last query sees none of this warp's keys -> nothing to add (warp-uniform).
         if (causal && m0 + BLOCK_M - 1 + causal_offset < n0 + warp_key0) continue;
 
         // LSE and D of the lane's query columns m0 + 8 jn + 2t + e (+inf / 0 past seqlen_q: P = 0 there).
-        double lse_c[NT][2], dlt_c[NT][2];
+        T lse_c[NT][2], dlt_c[NT][2];
 #pragma unroll
         for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int qi = m0 + 8 * jn + 2 * t + e;
                 lse_c[jn][e] = qi < seqlen_q ? lse_head[qi] : inf;
-                dlt_c[jn][e] = qi < seqlen_q ? delta_head[qi] : 0.0;
+                dlt_c[jn][e] = qi < seqlen_q ? delta_head[qi] : T(0);
             }
 
         // S^T = K Q_i^T, dP^T = V dO_i^T: (keys of the warp, BLOCK_M queries)
-        double acc_s[NT][R8][2], acc_dp[NT][R8][2];
+        T acc_s[NT][R8][2], acc_dp[NT][R8][2];
         zero3(acc_s);
         zero3(acc_dp);
         dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_s, s_k, warp_key0, sq, g, t);
@@ -188,9 +197,9 @@ flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict_
             for (int h = 0; h < R8; ++h)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    double p = ::exp(fma(acc_s[jn][h][e], scale_exp, -lse_c[jn][e]));
+                    T p = Simt<T>::exp_base(fmadd(acc_s[jn][h][e], scale_exp, -lse_c[jn][e]));
                     // select, not multiply: a masked score may overflow exp (its row's LSE excludes it)
-                    if (need_mask && n0 + warp_key0 + 8 * h + g > m0 + 8 * jn + 2 * t + e + causal_offset) p = 0.0;
+                    if (need_mask && n0 + warp_key0 + 8 * h + g > m0 + 8 * jn + 2 * t + e + causal_offset) p = T(0);
                     acc_s[jn][h][e] = p;
                     acc_dp[jn][h][e] = p * (acc_dp[jn][h][e] - dlt_c[jn][e]);
                 }
@@ -204,33 +213,34 @@ flash_dmma_bwd_kv_kernel(const double* __restrict__ q, const double* __restrict_
     const i64 tile_off = batch * dk_batch_stride + head * dk_head_stride + n0 * dk_row_stride;
     store_c_pairs<DPS, R8>(dk + tile_off, dk_row_stride, acc_dk, softmax_scale, p0, seqlen_k - n0, head_dim,
                            warp_key0, g, t);
-    store_c_pairs<DPS, R8>(dv + tile_off, dk_row_stride, acc_dv, 1.0, p0, seqlen_k - n0, head_dim, warp_key0, g, t);
+    store_c_pairs<DPS, R8>(dv + tile_off, dk_row_stride, acc_dv, T(1), p0, seqlen_k - n0, head_dim, warp_key0, g, t);
 }
 
 // dQ: one CTA per (query tile, head, batch), looping over the key tiles.
 // dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
-// Same arguments as flash_simt_bwd_q_kernel<double>.
-template <typename Tr>
+// Same arguments as flash_simt_bwd_q_kernel<T>.
+template <typename Tr, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
-flash_dmma_bwd_dq_kernel(const double* __restrict__ q, const double* __restrict__ k, const double* __restrict__ v,
-                         const double* __restrict__ dout, const double* __restrict__ lse_exp,
-                         const double* __restrict__ delta, double* __restrict__ dq,
+flash_dmma_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                         const T* __restrict__ dout, const T* __restrict__ lse_exp,
+                         const T* __restrict__ delta, T* __restrict__ dq,
                          i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
                          i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
                          i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                          i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
                          i64 dq_batch_stride, i64 dq_row_stride, i64 dq_head_stride,
                          int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                         double softmax_scale, double scale_exp, int causal) {
+                         T softmax_scale, T scale_exp, int causal) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
     constexpr int R8 = Tr::R8, NT = Tr::NT, DP = Tr::DP, WARP_M = Tr::WARP_M, KATOM = Tr::KATOM;
-    const double inf = Simt<double>::inf();
+    constexpr int CE = Tr::CE;
+    const T inf = Simt<T>::inf();
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    double* s_q = reinterpret_cast<double*>(smem_raw);  // (BLOCK_M, HEAD_DIM) swizzled
-    double* s_do = s_q + BLOCK_M * HEAD_DIM;             // (BLOCK_M, HEAD_DIM)
-    double* s_k = s_do + BLOCK_M * HEAD_DIM;             // (BLOCK_N, HEAD_DIM)
-    double* s_v = s_k + BLOCK_N * HEAD_DIM;              // (BLOCK_N, HEAD_DIM)
+    T* s_q = reinterpret_cast<T*>(smem_raw);  // (BLOCK_M, HEAD_DIM) swizzled
+    T* s_do = s_q + BLOCK_M * HEAD_DIM;        // (BLOCK_M, HEAD_DIM)
+    T* s_k = s_do + BLOCK_M * HEAD_DIM;        // (BLOCK_N, HEAD_DIM)
+    T* s_v = s_k + BLOCK_N * HEAD_DIM;         // (BLOCK_N, HEAD_DIM)
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
     const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
@@ -239,21 +249,21 @@ flash_dmma_bwd_dq_kernel(const double* __restrict__ q, const double* __restrict_
     const int warp_row0 = warp * WARP_M;
     const int causal_offset = seqlen_k - seqlen_q;
 
-    const double* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
-    const double* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
+    const T* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
+    const T* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
 
     int n_blocks = cdiv(seqlen_k, BLOCK_N);
     if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
     const int warp_last_key = m0 + warp_row0 + WARP_M - 1 + causal_offset;
 
     // LSE and D of the lane's rows (+inf / 0 past seqlen_q).
-    double lse_r[R8], dlt_r[R8];
+    T lse_r[R8], dlt_r[R8];
 #pragma unroll
     for (int h = 0; h < R8; ++h) {
         const int row = m0 + warp_row0 + 8 * h + g;
         const i64 idx = ((i64)batch * nheads + head) * seqlen_q + row;
         lse_r[h] = row < seqlen_q ? lse_exp[idx] : inf;
-        dlt_r[h] = row < seqlen_q ? delta[idx] : 0.0;
+        dlt_r[h] = row < seqlen_q ? delta[idx] : T(0);
     }
 
     if (n_blocks > 0) {  // committed and waited for with K_0, V_0
@@ -268,7 +278,7 @@ flash_dmma_bwd_dq_kernel(const double* __restrict__ q, const double* __restrict_
         cp_async_commit();
     }
 
-    double acc_dq[DP][2][R8][2];  // dQ[row warp_row0 + 8h + g][16p + 4t + 2e + x]
+    T acc_dq[DP][CE][R8][2];  // dQ[row warp_row0 + 8h + g][8 CE p + CE (2t + e) + x]
     zero4(acc_dq);
     for (int j = 0; j < n_blocks; ++j) {
         const int n0 = j * BLOCK_N;
@@ -276,7 +286,7 @@ flash_dmma_bwd_dq_kernel(const double* __restrict__ q, const double* __restrict_
         __syncthreads();  // K_j, V_j (and Q, dO) are in shared memory
 
         const bool warp_active = !causal || n0 <= warp_last_key;
-        double acc_s[NT][R8][2], acc_dp[NT][R8][2];  // S -> P, dP -> dS: (row 8h + g, key n0 + 8 jn + 2t + e)
+        T acc_s[NT][R8][2], acc_dp[NT][R8][2];  // S -> P, dP -> dS: (row 8h + g, key n0 + 8 jn + 2t + e)
         if (warp_active) {
             zero3(acc_s);
             zero3(acc_dp);
@@ -291,8 +301,8 @@ flash_dmma_bwd_dq_kernel(const double* __restrict__ q, const double* __restrict_
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const int row = m0 + warp_row0 + 8 * h + g, col = n0 + 8 * jn + 2 * t + e;
-                        double p = ::exp(fma(acc_s[jn][h][e], scale_exp, -lse_r[h]));
-                        if (need_mask && (col >= seqlen_k || (causal && col > row + causal_offset))) p = 0.0;
+                        T p = Simt<T>::exp_base(fmadd(acc_s[jn][h][e], scale_exp, -lse_r[h]));
+                        if (need_mask && (col >= seqlen_k || (causal && col > row + causal_offset))) p = T(0);
                         acc_dp[jn][h][e] = p * (acc_dp[jn][h][e] - dlt_r[h]);
                     }
         }
@@ -312,6 +322,6 @@ flash_dmma_bwd_dq_kernel(const double* __restrict__ q, const double* __restrict_
         }
     }
 
-    double* dq_tile = dq + batch * dq_batch_stride + head * dq_head_stride + m0 * dq_row_stride;
+    T* dq_tile = dq + batch * dq_batch_stride + head * dq_head_stride + m0 * dq_row_stride;
     store_c_pairs<DP, R8>(dq_tile, dq_row_stride, acc_dq, softmax_scale, 0, seqlen_q - m0, head_dim, warp_row0, g, t);
 }

@@ -1,4 +1,6 @@
-// flash_dmma_fwd.cu: FlashAttention-2 forward in float64 on the FP64 tensor cores (mma.sync .f64).
+// flash_dmma_fwd.cu: FlashAttention-2 forward in float64 on the FP64 tensor cores (mma.sync .f64), and
+// in float32 on the TF32 tensor cores (mma.sync m16n8k8 .tf32: the allow_tf32 path), one template over
+// the element type T.
 //
 // One CTA per (query tile of BLOCK_M rows, head, batch); each warp owns WARP_M = 8 R8 consecutive
 // query rows (R8 = 1 or 2), so the online softmax needs no inter-warp reduction (FA2, arXiv
@@ -10,54 +12,61 @@
 // K_j and V_j stream through shared memory with cp.async: V_j loads while S = Q K_j^T runs, K_{j+1}
 // while the softmax and O += P V_j run (as flash_simt_fwd.cu and flash_fwd.cu).
 //
-// Numerics: every product is a float64 tensor-core FMA (round to nearest); softmax with the CUDA
-// math library's exp() (<= 1 ulp), float64 LSE in natural log. Same arguments and results as
+// Numerics: T = double: every product is a float64 tensor-core FMA (round to nearest); softmax with
+// the CUDA math library's exp() (<= 1 ulp), float64 LSE in natural log. Same arguments and results as
 // flash_simt_fwd_kernel<double> (scale_exp = softmax_scale), which runs where DMMA does not exist.
+// T = float: Q, K, V and P rounded to TF32 (cvt.rna) before the products, float32 accumulation, softmax
+// in float32 base 2 (ex2.approx; scale_exp = softmax_scale log2 e), float32 LSE in natural log.
 //
 // Versions (numbers in bench/NOTES.md, "fp64 on the FP64 tensor cores (DMMA)"):
 //   v1  FA2 structure, m8n8k4 fragments (sm_90: m16n8k16 / m16n8k8 by KATOM), swizzled smem,
 //       P in registers, single-buffered K/V.
+//   v2  templated over T: float = TF32 m16n8k8 (16-row warps), 4 floats per 16-byte chunk.
 #include "flash_dmma.cuh"
 
-template <int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int KATOM_>
+template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int KATOM_>
 struct DmmaFwdTraits {
+    using T = T_;                               // double (DMMA) or float (TF32)
     static constexpr int HEAD_DIM = HEAD_DIM_;  // head_dim bucket; the runtime head_dim may be smaller
     static constexpr int BLOCK_M = BLOCK_M_;    // query rows per CTA
     static constexpr int BLOCK_N = BLOCK_N_;    // keys per pipeline step
     static constexpr int NWARPS = NWARPS_;
-    static constexpr int KATOM = KATOM_;        // 4: m8n8k4; 8 / 16: m16n8k8 / m16n8k16 on sm_90
+    static constexpr int KATOM = KATOM_;        // double: 4 m8n8k4, 8 / 16 m16n8k8 / m16n8k16 on sm_90; float: 8
+    static constexpr int CE = DmmaElem<T>::CE;  // elements per 16-byte chunk
     static constexpr int NTHREADS = NWARPS * 32;
     static constexpr int WARP_M = BLOCK_M / NWARPS;  // query rows per warp
     static constexpr int R8 = WARP_M / 8;            // 8-row groups per warp
     static constexpr int NT = BLOCK_N / 8;           // n8 tiles of S per warp
-    static constexpr int DP = HEAD_DIM / 16;         // pairs of n8 tiles of O per warp
-    static constexpr int SMEM_BYTES = (BLOCK_M + 2 * BLOCK_N) * HEAD_DIM * 8;
+    static constexpr int DP = HEAD_DIM / (8 * CE);   // groups of CE n8 tiles of O per warp
+    static constexpr int SMEM_BYTES = (BLOCK_M + 2 * BLOCK_N) * HEAD_DIM * (int)sizeof(T);
     static_assert(WARP_M == 8 || WARP_M == 16, "a warp owns 8 or 16 rows");
-    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps over keys and over d");
+    static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % (8 * CE) == 0, "k16 steps over keys, whole chunk groups over d");
 };
 
 // q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim); lse:
 // (batch, nheads, seqlen_q) contiguous. Strides in elements, the last dimension contiguous, rows
 // 16-byte aligned, head_dim a multiple of 8 (columns past it zero-filled, never stored).
-// scale_exp == softmax_scale (float64 works in base e). causal: 0 or 1 (run-time, uniform branches).
-template <typename Tr>
+// scale_exp: softmax_scale (double, base e) or softmax_scale log2 e (float, base 2). causal: 0 or 1
+// (run-time, uniform branches).
+template <typename Tr, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
-flash_dmma_fwd_kernel(const double* __restrict__ q, const double* __restrict__ k, const double* __restrict__ v,
-                      double* __restrict__ o, double* __restrict__ lse,
+flash_dmma_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                      T* __restrict__ o, T* __restrict__ lse,
                       i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
                       i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
                       i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
                       i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
                       int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                      double softmax_scale, double scale_exp, int causal) {
+                      T softmax_scale, T scale_exp, int causal) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
     constexpr int R8 = Tr::R8, NT = Tr::NT, DP = Tr::DP, WARP_M = Tr::WARP_M, KATOM = Tr::KATOM;
-    const double inf = Simt<double>::inf();
+    constexpr int CE = Tr::CE;
+    const T inf = Simt<T>::inf();
 
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    double* s_q = reinterpret_cast<double*>(smem_raw);  // (BLOCK_M, HEAD_DIM) swizzled
-    double* s_k = s_q + BLOCK_M * HEAD_DIM;              // (BLOCK_N, HEAD_DIM) swizzled
-    double* s_v = s_k + BLOCK_N * HEAD_DIM;              // (BLOCK_N, HEAD_DIM) swizzled
+    T* s_q = reinterpret_cast<T*>(smem_raw);  // (BLOCK_M, HEAD_DIM) swizzled
+    T* s_k = s_q + BLOCK_M * HEAD_DIM;         // (BLOCK_N, HEAD_DIM) swizzled
+    T* s_v = s_k + BLOCK_N * HEAD_DIM;         // (BLOCK_N, HEAD_DIM) swizzled
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
     const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
@@ -66,20 +75,20 @@ flash_dmma_fwd_kernel(const double* __restrict__ q, const double* __restrict__ k
     const int warp_row0 = warp * WARP_M;            // first row of this warp in the tile
     const int causal_offset = seqlen_k - seqlen_q;  // bottom-right: key j visible iff j <= i + offset
 
-    const double* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
-    const double* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
-    const double* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
-    double* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
-    double* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
+    const T* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
+    const T* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
+    const T* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
+    T* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
+    T* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
 
     int n_blocks = cdiv(seqlen_k, BLOCK_N);
     if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
     const int warp_last_key = m0 + warp_row0 + WARP_M - 1 + causal_offset;  // warp-uniform
 
     // Per owned row h (tile row warp_row0 + 8h + g): running max of the raw scores, this lane's part
-    // of the running sum, and O's C fragments: acc_o[p][x][h][e] = O[row][16p + 4t + 2e + x].
-    double row_max[R8], row_sum[R8];
-    double acc_o[DP][2][R8][2];
+    // of the running sum, and O's C fragments: acc_o[p][x][h][e] = O[row][8 CE p + CE (2t + e) + x].
+    T row_max[R8], row_sum[R8];
+    T acc_o[DP][CE][R8][2];
 #pragma unroll
     for (int h = 0; h < R8; ++h) row_max[h] = -inf, row_sum[h] = 0.0;
     zero4(acc_o);
@@ -100,7 +109,7 @@ flash_dmma_fwd_kernel(const double* __restrict__ q, const double* __restrict__ k
 
         // Causal: a tile whose first key is after this warp's last visible key adds nothing.
         const bool warp_active = !causal || n0 <= warp_last_key;
-        double acc_s[NT][R8][2];  // S, then P: acc_s[jn][h][e] = (row 8h + g, key n0 + 8 jn + 2t + e)
+        T acc_s[NT][R8][2];  // S, then P: acc_s[jn][h][e] = (row 8h + g, key n0 + 8 jn + 2t + e)
         if (warp_active) {
             zero3(acc_s);
             dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_s, s_q, warp_row0, s_k, g, t);
@@ -124,20 +133,21 @@ flash_dmma_fwd_kernel(const double* __restrict__ q, const double* __restrict__ k
             // alpha = exp(m c - m_new c), c = softmax_scale.
 #pragma unroll
             for (int h = 0; h < R8; ++h) {
-                double mx = row_max[h];
+                T mx = row_max[h];
 #pragma unroll
-                for (int jn = 0; jn < NT; ++jn) mx = fmax(mx, fmax(acc_s[jn][h][0], acc_s[jn][h][1]));
-                mx = quad_max_f64(mx);
+                for (int jn = 0; jn < NT; ++jn)
+                    mx = Simt<T>::max(mx, Simt<T>::max(acc_s[jn][h][0], acc_s[jn][h][1]));
+                mx = quad_max(mx);
                 // A row with no visible key so far keeps max -inf; subtract 0 so exp stays 0, not NaN.
-                const double mx_scaled = mx == -inf ? 0.0 : mx * scale_exp;
-                const double alpha = ::exp(row_max[h] * scale_exp - mx_scaled);
+                const T mx_scaled = mx == -inf ? T(0) : mx * scale_exp;
+                const T alpha = Simt<T>::exp_base(row_max[h] * scale_exp - mx_scaled);
                 row_max[h] = mx;
-                double sum = 0.0;
+                T sum = 0;
 #pragma unroll
                 for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const double p = ::exp(fma(acc_s[jn][h][e], scale_exp, -mx_scaled));
+                        const T p = Simt<T>::exp_base(fmadd(acc_s[jn][h][e], scale_exp, -mx_scaled));
                         acc_s[jn][h][e] = p;
                         sum += p;
                     }
@@ -145,7 +155,7 @@ flash_dmma_fwd_kernel(const double* __restrict__ q, const double* __restrict__ k
 #pragma unroll
                 for (int p = 0; p < DP; ++p)
 #pragma unroll
-                    for (int x = 0; x < 2; ++x) acc_o[p][x][h][0] *= alpha, acc_o[p][x][h][1] *= alpha;
+                    for (int x = 0; x < CE; ++x) acc_o[p][x][h][0] *= alpha, acc_o[p][x][h][1] *= alpha;
             }
         }
 
@@ -162,17 +172,18 @@ flash_dmma_fwd_kernel(const double* __restrict__ q, const double* __restrict__ k
     }
 
     // Epilogue: O /= l, LSE = m * scale + ln(l); rows with l == 0 (no visible key): O = 0, LSE = -inf.
-    double inv_l[R8];
+    T inv_l[R8];
 #pragma unroll
     for (int h = 0; h < R8; ++h) {
-        const double l = quad_sum_f64(row_sum[h]);
-        inv_l[h] = l > 0.0 ? 1.0 / l : 0.0;
+        const T l = quad_sum(row_sum[h]);
+        inv_l[h] = l > T(0) ? T(1) / l : T(0);
         const int row = warp_row0 + 8 * h + g;
-        if (t == 0 && m0 + row < seqlen_q) lse_tile[row] = l > 0.0 ? row_max[h] * softmax_scale + ::log(l) : -inf;
+        if (t == 0 && m0 + row < seqlen_q)
+            lse_tile[row] = l > T(0) ? row_max[h] * softmax_scale + Simt<T>::log(l) : -inf;
 #pragma unroll
         for (int p = 0; p < DP; ++p)
 #pragma unroll
-            for (int x = 0; x < 2; ++x) acc_o[p][x][h][0] *= inv_l[h], acc_o[p][x][h][1] *= inv_l[h];
+            for (int x = 0; x < CE; ++x) acc_o[p][x][h][0] *= inv_l[h], acc_o[p][x][h][1] *= inv_l[h];
     }
-    store_c_pairs<DP, R8>(o_tile, o_row_stride, acc_o, 1.0, 0, seqlen_q - m0, head_dim, warp_row0, g, t);
+    store_c_pairs<DP, R8>(o_tile, o_row_stride, acc_o, T(1), 0, seqlen_q - m0, head_dim, warp_row0, g, t);
 }

@@ -382,9 +382,13 @@ def all_simt_bwd_specializations():
 
 # ---------------------------------------------------------------------------------------------------
 # float64 on the FP64 tensor cores (DMMA, mma.sync .f64, sm_80+: cuda/flash_dmma_fwd.cu,
-# cuda/flash_dmma_bwd.cu). float_fwd_config / float_bwd_config choose between them and the SIMT kernels.
+# cuda/flash_dmma_bwd.cu), and float32 with allow_tf32 on the TF32 tensor cores (the same kernel
+# templates with elem "float": mma.sync m16n8k8 .tf32, 16-row warps, katom 8). float_fwd_config /
+# float_bwd_config choose between them and the SIMT kernels.
 
 DMMA_KATOMS = (4, 8, 16)  # 4: m8n8k4 (sm_80+); 8 / 16: m16n8k8 / m16n8k16 (sm_90, 16-row warps only)
+TF32_KATOM = 8  # mma.sync m16n8k8 .tf32 (sm_80+)
+_ELEM_BYTES = {"double": 8, "float": 4}
 
 
 @dataclass(frozen=True)
@@ -395,10 +399,10 @@ class DmmaFwdConfig:
     block_m: int  # query rows per CTA (8 or 16 per warp)
     block_n: int  # keys per pipeline step
     nwarps: int
-    katom: int  # DMMA_KATOMS (8 / 16 need 16 rows per warp)
+    katom: int  # DMMA_KATOMS (8 / 16 need 16 rows per warp); TF32_KATOM for elem "float"
+    elem: str = "double"  # "double": FP64 tensor cores; "float": TF32 tensor cores (16 rows per warp)
 
     source = "flash_dmma_fwd.cu"
-    elem = "double"
 
     @property
     def nthreads(self) -> int:
@@ -406,10 +410,11 @@ class DmmaFwdConfig:
 
     @property
     def smem_bytes(self) -> int:
-        return (self.block_m + 2 * self.block_n) * self.head_dim * 8
+        return (self.block_m + 2 * self.block_n) * self.head_dim * _ELEM_BYTES[self.elem]
 
     def kernel_name(self) -> str:
-        traits = f"DmmaFwdTraits<{self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}, {self.katom}>"
+        traits = (f"DmmaFwdTraits<{self.elem}, {self.head_dim}, {self.block_m}, {self.block_n}, {self.nwarps}, "
+                  f"{self.katom}>")
         return f"flash_dmma_fwd_kernel<{traits}>"
 
 
@@ -428,9 +433,9 @@ class DmmaBwdConfig:
     kv_katom: int  # DMMA_KATOMS (8 / 16 need 16 keys per warp)
     dq_katom: int  # (8 / 16 need 16 rows per warp)
     kv_stages: int = 2  # KV kernel: Q_i, dO_i buffers (2: prefetch under compute; 1: less smem, more CTAs)
+    elem: str = "double"  # "double": FP64 tensor cores; "float": TF32 tensor cores (16 rows / keys per warp)
 
     source = "flash_dmma_bwd.cu"
-    elem = "double"
     dq_kernel_always = True  # no atomics: always the dQ kernel (bitwise reproducible)
 
     @property
@@ -443,11 +448,11 @@ class DmmaBwdConfig:
 
     @property
     def kv_smem_bytes(self) -> int:
-        return (2 * self.kv_block_n + 2 * self.kv_stages * self.kv_block_m) * self.head_dim * 8
+        return (2 * self.kv_block_n + 2 * self.kv_stages * self.kv_block_m) * self.head_dim * _ELEM_BYTES[self.elem]
 
     @property
     def dq_smem_bytes(self) -> int:
-        return (2 * self.dq_block_m + 2 * self.dq_block_n) * self.head_dim * 8
+        return (2 * self.dq_block_m + 2 * self.dq_block_n) * self.head_dim * _ELEM_BYTES[self.elem]
 
     def kv_grid_x(self, seqlen_k: int) -> int:
         return -(-seqlen_k // self.kv_block_n) * self.d_split
@@ -456,17 +461,17 @@ class DmmaBwdConfig:
         return -(-seqlen_q // self.dq_block_m)
 
     def kv_kernel_name(self) -> str:
-        traits = (f"DmmaBwdKvTraits<{self.head_dim}, {self.kv_block_m}, {self.kv_block_n}, {self.kv_nwarps}, "
+        traits = (f"DmmaBwdKvTraits<{self.elem}, {self.head_dim}, {self.kv_block_m}, {self.kv_block_n}, {self.kv_nwarps}, "
                   f"{self.d_split}, {self.kv_katom}, {self.kv_stages}>")
         return f"flash_dmma_bwd_kv_kernel<{traits}>"
 
     def dq_kernel_name(self) -> str:
-        traits = (f"DmmaBwdDqTraits<{self.head_dim}, {self.dq_block_m}, {self.dq_block_n}, {self.dq_nwarps}, "
+        traits = (f"DmmaBwdDqTraits<{self.elem}, {self.head_dim}, {self.dq_block_m}, {self.dq_block_n}, {self.dq_nwarps}, "
                   f"{self.dq_katom}>")
         return f"flash_dmma_bwd_dq_kernel<{traits}>"
 
     def preprocess_kernel_name(self) -> str:
-        return "flash_simt_bwd_preprocess_kernel<double>"  # in flash_simt_bwd.cu
+        return f"flash_simt_bwd_preprocess_kernel<{self.elem}>"  # in flash_simt_bwd.cu
 
 
 # bucket -> (block_m, block_n, nwarps), reason. Warps of 16 rows run katom 16 on sm_90 (one m16n8k16
@@ -519,20 +524,71 @@ def dmma_bwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaBwdConfi
                          dmma_katom(kbn // knw, arch), dmma_katom(qbm // qnw, arch), kv_stages=stages)
 
 
-def float_fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80):
+# TF32 (float32 with allow_tf32): bucket -> (block_m, block_n, nwarps), reason. 16 rows per warp (the
+# m16n8k8 .tf32 shape); O holds head_dim / 2 floats per lane, S block_n / 2. First choices from ptxas
+# and shared memory (<= 163 KB, sm_80's limit), not yet from measurements.
+_TF32_FWD_TABLE = {
+    32: ((64, 64, 4), "16 rows per warp, 64-key steps: 24 KB smem"),
+    64: ((64, 64, 4), "16 rows per warp, 64-key steps: 48 KB smem, O 32 floats per lane"),
+    96: ((64, 64, 4), "as hd64: 72 KB"),
+    128: ((64, 64, 4), "96 KB smem: 2 CTAs per SM; O 64 floats per lane"),
+    160: ((64, 32, 4), "32-key steps: 80 KB"),
+    192: ((64, 32, 4), "32-key steps: 96 KB"),
+    224: ((64, 32, 4), "32-key steps: 112 KB"),
+    256: ((64, 32, 4), "32-key steps: 128 KB; O 128 floats per lane"),
+}
+
+# TF32 backward: bucket -> (kernel bucket, kv_block_m, kv_block_n, kv_nwarps, d_split, dq_block_m, dq_block_n,
+# dq_nwarps, kv_stages), reason. 16 keys (KV) / 16 rows (dQ) per warp. A CTA's dK + dV hold
+# head_dim / d_split floats per lane; d_split must leave whole 32-column groups, so buckets 160 and 224
+# run the 192 / 256 kernels (their extra columns are zero-filled, never stored).
+_TF32_BWD_TABLE = {
+    32: ((32, 32, 64, 4, 1, 64, 64, 4, 2), "KV 32 KB, dQ 32 KB"),
+    64: ((64, 32, 64, 4, 1, 64, 64, 4, 2), "KV 64 KB (dK + dV 64 floats per lane), dQ 64 KB"),
+    96: ((96, 32, 64, 4, 1, 64, 32, 4, 2), "KV 96 KB, dQ 72 KB"),
+    128: ((128, 32, 64, 4, 1, 64, 32, 4, 1), "single-buffered Q/dO: KV 96 KB and dQ 96 KB, 2 CTAs per SM"),
+    160: ((192, 32, 64, 4, 2, 64, 32, 4, 1), "the 192 kernel"),
+    192: ((192, 32, 64, 4, 2, 64, 32, 4, 1), "dK, dV columns split over 2 CTAs: KV 144 KB; dQ 144 KB"),
+    224: ((256, 32, 32, 2, 2, 32, 32, 2, 1), "the 256 kernel"),
+    256: ((256, 32, 32, 2, 2, 32, 32, 2, 1), "2-warp CTAs under sm_80's 163 KB: KV 128 KB, dQ 128 KB; d_split 2"),
+}
+
+
+def tf32_fwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaFwdConfig:
+    """The float32 TF32 tensor-core forward configuration (allow_tf32). Pure."""
+    del causal, arch  # one table serves both masks; m16n8k8 .tf32 exists from sm_80
+    bucket = head_dim_bucket(head_dim)
+    (bm, bn, nw), _reason = _TF32_FWD_TABLE[bucket]
+    return DmmaFwdConfig(bucket, bm, bn, nw, TF32_KATOM, elem="float")
+
+
+def tf32_bwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaBwdConfig:
+    """The float32 TF32 tensor-core backward configuration (allow_tf32; KV and dQ kernels). Pure."""
+    del causal, arch
+    (kb, kbm, kbn, knw, split, qbm, qbn, qnw, stages), _reason = _TF32_BWD_TABLE[head_dim_bucket(head_dim)]
+    return DmmaBwdConfig(kb, kbm, kbn, knw, split, qbm, qbn, qnw, TF32_KATOM, TF32_KATOM, kv_stages=stages,
+                         elem="float")
+
+
+def float_fwd_config(head_dim: int, dtype, causal: bool, arch: int = 80, allow_tf32: bool = False):
     """float32 / float64 forward: the kernel family and its configuration. Pure.
     float64 on sm_80+ runs on the FP64 tensor cores (DMMA: 2x the DFMA peak on A100 / H100 / H200);
-    float32 and older GPUs on CUDA cores (SIMT)."""
+    float32 with allow_tf32 on sm_80+ on the TF32 tensor cores; other float32 and older GPUs on CUDA
+    cores (SIMT, exact FFMA)."""
     if simt_elem(dtype) == "double" and arch >= 80:
         return dmma_fwd_config(head_dim, causal, arch)
+    if simt_elem(dtype) == "float" and allow_tf32 and arch >= 80:
+        return tf32_fwd_config(head_dim, causal, arch)
     return simt_fwd_config(head_dim, dtype, causal, arch)
 
 
-def float_bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80):
+def float_bwd_config(head_dim: int, dtype, causal: bool, arch: int = 80, allow_tf32: bool = False):
     """float32 / float64 backward: the kernel family and its configuration. Pure (as float_fwd_config;
     float64 head dims above 160 run the DFMA kernels: see _DMMA_BWD_TABLE)."""
     if simt_elem(dtype) == "double" and arch >= 80 and head_dim_bucket(head_dim) in _DMMA_BWD_TABLE:
         return dmma_bwd_config(head_dim, causal, arch)
+    if simt_elem(dtype) == "float" and allow_tf32 and arch >= 80:
+        return tf32_bwd_config(head_dim, causal, arch)
     return simt_bwd_config(head_dim, dtype, causal, arch)
 
 
@@ -556,3 +612,13 @@ def all_dmma_bwd_specializations():
             if cfg not in seen:
                 seen.append(cfg)
                 yield cfg
+
+
+def all_tf32_fwd_specializations():
+    """Every distinct TF32 forward config (the same on sm_80 and sm_90): CI compiles each."""
+    return list(dict.fromkeys(tf32_fwd_config(bucket, False) for bucket in HEAD_DIM_BUCKETS))
+
+
+def all_tf32_bwd_specializations():
+    """Every distinct TF32 backward config: CI compiles its KV and dQ kernels and its preprocess kernel."""
+    return list(dict.fromkeys(tf32_bwd_config(bucket, False) for bucket in HEAD_DIM_BUCKETS))

@@ -1,12 +1,13 @@
 """Launch code of the float32 / float64 kernels: on CUDA cores (cuda/flash_simt_fwd.cu,
-cuda/flash_simt_bwd.cu) and, float64 on sm_80+, on the FP64 tensor cores (cuda/flash_dmma_fwd.cu,
-cuda/flash_dmma_bwd.cu): argument preparation, grids, launches. flashcupy._configs.float_fwd_config /
-float_bwd_config choose the family and the tiles.
+cuda/flash_simt_bwd.cu) and, on sm_80+, float64 on the FP64 tensor cores and float32 with allow_tf32
+on the TF32 tensor cores (cuda/flash_dmma_fwd.cu, cuda/flash_dmma_bwd.cu): argument preparation,
+grids, launches. flashcupy._configs.float_fwd_config / float_bwd_config choose the family and the tiles.
 
 Inputs are CuPy arrays already validated by flashcupy._validate (float32 or float64, head_dim <= 256).
 Launches go to CuPy's current stream and nothing here synchronises with the host (CUDA-graph
-capture works). Exact arithmetic in the input precision: FFMA / DFMA, no TF32 (allow_tf32 is not
-implemented). LSE is float32 for float32 inputs and float64 for float64 (flashcupy._arrays.lse_dtype).
+capture works). Exact arithmetic in the input precision (FFMA / DFMA / DMMA) unless allow_tf32 is
+given for float32: then the products take TF32 operands (10-bit mantissa, float32 accumulation).
+LSE is float32 for float32 inputs and float64 for float64 (flashcupy._arrays.lse_dtype).
 
 Array creation goes through _xp(), launches through _launch() and the device's architecture comes
 from _arch(), so the same glue can be driven by another array module and launcher (a CPU emulator
@@ -44,12 +45,14 @@ def _launch(filename: str, name: str, smem_bytes: int, grid, block, args) -> Non
     kernel(grid, block, args, shared_mem=smem_bytes)
 
 
-def path_name(dtype, head_dim: int) -> str:
+def path_name(dtype, head_dim: int, allow_tf32: bool = False) -> str:
     """The forward's kernel family on the current GPU, as flashcupy.interface.kernel_path names it."""
     from ._configs import DmmaFwdConfig
 
-    dmma = isinstance(float_fwd_config(head_dim, dtype, False, _arch()), DmmaFwdConfig)
-    return "fused fp64 (FP64 tensor cores)" if dmma else "fused fp32/fp64 (CUDA cores)"
+    cfg = float_fwd_config(head_dim, dtype, False, _arch(), allow_tf32)
+    if not isinstance(cfg, DmmaFwdConfig):
+        return "fused fp32/fp64 (CUDA cores)"
+    return "fused fp32 (TF32 tensor cores)" if cfg.elem == "float" else "fused fp64 (FP64 tensor cores)"
 
 
 def _scalar_type(dtype):
@@ -61,8 +64,9 @@ def _scale_exp(dtype, scale: float) -> float:
     return scale if np.dtype(dtype) == np.float64 else scale * math.log2(math.e)
 
 
-def forward(q, k, v, shape, *, causal: bool, config=None):
-    """Fused float32 / float64 forward. Returns (out like q, lse (batch, nheads, seqlen_q) of q's dtype)."""
+def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=None):
+    """Fused float32 / float64 forward. Returns (out like q, lse (batch, nheads, seqlen_q) of q's dtype).
+    allow_tf32: float32 on sm_80+ runs on the TF32 tensor cores; config overrides the chooser."""
     xp = _xp()
     _check_grid(shape)
     d8 = -(-shape.head_dim // 8) * 8
@@ -71,7 +75,7 @@ def forward(q, k, v, shape, *, causal: bool, config=None):
         # All scores are 0: feed zeros with scale 1, so masked scores stay -inf (0 * -inf would be NaN).
         q, scale = xp.zeros(q.shape, dtype=q.dtype), 1.0
     q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
-    cfg = config or float_fwd_config(shape.head_dim, q.dtype, causal, _arch())
+    cfg = config or float_fwd_config(shape.head_dim, q.dtype, causal, _arch(), allow_tf32)
     debug(f"fp32/fp64 fwd {shape} -> {cfg}")
     f = _scalar_type(q.dtype)
     out = xp.empty(q.shape, dtype=q.dtype)
@@ -86,13 +90,15 @@ def forward(q, k, v, shape, *, causal: bool, config=None):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, config=None):
+def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, allow_tf32: bool = False,
+             config=None):
     """Fused float32 / float64 backward. Returns (dq, dk, dv) like q, k, v; dk, dv summed over GQA groups.
 
     SIMT: deterministic=False accumulates dQ with atomicAdd inside the key/value kernel (summation
     order varies run to run); deterministic=True computes dQ in a second, query-outer kernel instead
-    (bitwise reproducible; recomputes S and dP, 7 instead of 5 matrix products). DMMA (float64 on
-    sm_80+) always takes the second way: bitwise reproducible either way.
+    (bitwise reproducible; recomputes S and dP, 7 instead of 5 matrix products). The tensor-core
+    kernels (float64 on sm_80+, float32 with allow_tf32 on sm_80+) always take the second way:
+    bitwise reproducible either way.
     """
     xp = _xp()
     _check_grid(shape)
@@ -101,7 +107,7 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     dtype = q.dtype
     q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
     lse = xp.ascontiguousarray(lse)
-    cfg = config or float_bwd_config(shape.head_dim, dtype, causal, _arch())
+    cfg = config or float_bwd_config(shape.head_dim, dtype, causal, _arch(), allow_tf32)
     debug(f"fp32/fp64 bwd {shape} deterministic={deterministic} -> {cfg}")
     dq_kernel = deterministic or cfg.dq_kernel_always
     f = _scalar_type(dtype)

@@ -8,10 +8,11 @@ Where a call runs:
 - CuPy inputs, and any GPU array with __dlpack__ / __cuda_array_interface__ (torch, JAX; converted
   zero-copy by cupy.from_dlpack), run on the current CuPy device and stream and return CuPy arrays.
   float16 / bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/; dropout and
-  block masks fused too). float32 runs fused kernels on CUDA cores (exact FFMA, no TF32) and float64
-  on the FP64 tensor cores on sm_80+ (mma.sync .f64; CUDA cores before sm_80 and for the backward
-  above head_dim 160): flashcupy._gpu_simt. float32 / float64 with dropout or a block mask, and
-  head_dim > 256, run the chunked path on the GPU (exact, O(N) memory, not fused).
+  block masks fused too). float32 runs fused kernels on CUDA cores (exact FFMA, no TF32), or with
+  allow_tf32=True on sm_80+ on the TF32 tensor cores (mma.sync m16n8k8 .tf32); float64 runs on the
+  FP64 tensor cores on sm_80+ (mma.sync .f64; CUDA cores before sm_80 and for the backward above
+  head_dim 160): flashcupy._gpu_simt. float32 / float64 with dropout or a block mask, and
+  head_dim > 256, run the chunked path on the GPU (exact, O(N) memory, not fused; allow_tf32 unused).
 No call synchronises with the host, so GPU calls can be captured into a CUDA graph.
 """
 
@@ -54,10 +55,12 @@ def _numpy_float64_to_gpu(xp, dtype, shape: AttnShape) -> bool:
             and shape.head_dim <= MAX_KERNEL_HEAD_DIM and gpu_available())
 
 
-def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, block_mask=None) -> str:
+def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, block_mask=None,
+                allow_tf32: bool = False) -> str:
     """Which implementation a call runs: "fused fp16/bf16 (tensor cores)", "fused fp32/fp64 (CUDA cores)",
-    "NumPy chunked path" or "chunked path on the GPU". NumPy float64 inputs count as on_gpu=False here;
-    with a usable GPU they run the float64 kernel (NUMPY_FLOAT64_ON_GPU)."""
+    "fused fp64 (FP64 tensor cores)", "fused fp32 (TF32 tensor cores)", "NumPy chunked path" or
+    "chunked path on the GPU". NumPy float64 inputs count as on_gpu=False here; with a usable GPU they
+    run the float64 kernel (NUMPY_FLOAT64_ON_GPU)."""
     xp = (cupy_or_none() or np) if on_gpu else np
     shape = AttnShape(1, 1, 1, 1, 1, int(head_dim), 1.0)
     if on_gpu and _use_kernels(xp, dtype, shape):
@@ -65,7 +68,7 @@ def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, b
     if on_gpu and _use_simt(xp, dtype, shape) and not dropout_p and block_mask is None:
         from . import _gpu_simt
 
-        return _gpu_simt.path_name(dtype, head_dim)  # float64 on sm_80+: "fused fp64 (FP64 tensor cores)"
+        return _gpu_simt.path_name(dtype, head_dim, check_bool("allow_tf32", allow_tf32))
     return "chunked path on the GPU" if on_gpu else "NumPy chunked path"
 
 
@@ -101,7 +104,7 @@ def _visible_fn(xp, shape, block_mask):
 
 
 def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False, seed=None,
-                       block_mask=None) -> AttnForward:
+                       block_mask=None, allow_tf32=False) -> AttnForward:
     """Attention forward returning the output and the logsumexp the backward needs.
 
     Args:
@@ -120,6 +123,12 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
         block_mask: a flashcupy.blocksparse.BlockMask: only its active (query block, key block)
             tiles are computed (FlashAttention Sec. 3.3); combines with causal and dropout. Rows whose
             blocks are all inactive give out 0 and lse -inf.
+        allow_tf32: float32 on the GPU only (other dtypes and the CPU ignore it): True lets the
+            products q k^T and P v run on the TF32 tensor cores (sm_80+, head_dim <= 256, no
+            dropout, no block mask; elsewhere the exact path runs). Their operands are rounded to
+            TF32 (10-bit mantissa, round to nearest, ties away), so out carries relative errors of
+            ~1e-3 (float16's order) instead of float32's ~1e-7; accumulation and softmax stay in
+            float32. Several times faster than the exact float32 kernel. Default False: exact FFMA.
 
     Returns:
         AttnForward(out, lse, rng_state): out like q; lse (batch, nheads, seqlen_q) natural-log
@@ -135,6 +144,7 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
     xp, (q, k, v) = array_module(q=q, k=k, v=v)
     shape = check_qkv(q, k, v, softmax_scale, dropout_p)
     causal = check_bool("causal", causal)
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
     block_mask = _check_block_mask(block_mask, shape)
     dropout_p = float(dropout_p)
     rng_state = None
@@ -157,7 +167,7 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
     elif _use_simt(xp, q.dtype, shape) and dropout_p == 0 and block_mask is None:
         from . import _gpu_simt
 
-        out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal)
+        out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal, allow_tf32=allow_tf32)
     else:
         keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
         out, lse = _chunked.forward(q, k, v, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
@@ -166,7 +176,7 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 
 def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
-                        rng_state=None, deterministic=False, block_mask=None):
+                        rng_state=None, deterministic=False, block_mask=None, allow_tf32=False):
     """Gradients of attention with respect to q, k and v, recomputing P from lse.
 
     Args:
@@ -175,6 +185,8 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
         dropout_p, softmax_scale, causal, block_mask: as given to the forward.
         rng_state: the forward's rng_state (dropout only).
         deterministic: bitwise-reproducible gradients on the GPU (the CPU path always is).
+        allow_tf32: as flash_attn_forward: float32 gradients from the TF32 tensor cores (all five
+            products take TF32 operands; relative errors ~1e-3). Always bitwise reproducible there.
 
     Returns:
         (dq, dk, dv) shaped and typed like q, k, v; dk and dv are summed over the query heads of a
@@ -192,6 +204,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
     check_lse(lse, shape, lse_dtype(q.dtype))
     causal = check_bool("causal", causal)
     deterministic = check_bool("deterministic", deterministic)
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
     block_mask = _check_block_mask(block_mask, shape)
     dropout_p = float(dropout_p)
     if dropout_p > 0:
@@ -214,14 +227,15 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
     if _use_simt(xp, q.dtype, shape) and dropout_p == 0 and block_mask is None:
         from . import _gpu_simt
 
-        return _gpu_simt.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic)
+        return _gpu_simt.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
+                                  allow_tf32=allow_tf32)
     keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
     return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
                              keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, deterministic=False,
-                    return_lse=False, seed=None, block_mask=None):
+                    return_lse=False, seed=None, block_mask=None, allow_tf32=False):
     """Exact attention softmax(q k^T * softmax_scale) v, computed without storing the attention matrix.
 
     q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim). Arguments
@@ -231,5 +245,5 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *,
     """
     check_bool("deterministic", deterministic)
     res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed,
-                             block_mask=block_mask)
+                             block_mask=block_mask, allow_tf32=allow_tf32)
     return (res.out, res.lse) if return_lse else res.out

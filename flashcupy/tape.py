@@ -583,7 +583,7 @@ def _attention_dtype(q, dtype):
 
 
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0, seed=None,
-                    block_mask=None, deterministic=False):
+                    block_mask=None, deterministic=False, allow_tf32=False):
     """Attention through flashcupy's flash_attn_forward / flash_attn_backward (O(N) memory).
 
     q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k, head_dim), nheads a multiple of
@@ -591,7 +591,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     dtype: the dtype attention runs in (default q's); q, k, v and the incoming gradient are cast to it,
         and dq, dk, dv are cast back to each input's dtype. On the GPU, bfloat16 / float16 run the
         fused kernels.
-    causal, softmax_scale, dropout_p, seed, deterministic: as flashcupy.flash_attn_forward / _backward
+    causal, softmax_scale, dropout_p, seed, deterministic, allow_tf32: as flashcupy.flash_attn_forward / _backward
         (causal is aligned bottom-right when seqlen_q != seqlen_k; with dropout, seed picks the
         keep-mask, default the next state of flashcupy.dropout's generator, and the backward reuses it).
     block_mask: a flashcupy.blocksparse.BlockMask, passed through to flashcupy (NotImplementedError
@@ -605,6 +605,8 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
         if "block_mask" not in _FLASH_KEYWORDS:
             raise NotImplementedError("block_mask: flashcupy's attention has no block-sparse mask yet")
         extra["block_mask"] = block_mask
+    if allow_tf32:
+        extra["allow_tf32"] = True
     qd, kd, vd = (t.data.astype(run, copy=False) for t in (q, k, v))
     fwd = flash_attn_forward(qd, kd, vd, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed,
                              **extra)

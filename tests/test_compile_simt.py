@@ -1,5 +1,5 @@
-"""Compile every float32 / float64 kernel specialization (cuda/flash_simt_*.cu, and the float64
-tensor-core kernels cuda/flash_dmma_*.cu) with bare NVRTC for sm_80 and sm_90a (no GPU needed) and
+"""Compile every float32 / float64 kernel specialization (cuda/flash_simt_*.cu, and the float64 and
+TF32 tensor-core kernels cuda/flash_dmma_*.cu) with bare NVRTC for sm_80 and sm_90a (no GPU needed) and
 check the ptxas report: no error, no spill. Prints the register report (pytest -s, or on failure).
 The eight programs (4 sources x 2 archs) compile two at a time."""
 
@@ -36,9 +36,11 @@ def kernel_names(source: str):
     if kind == "fwd":
         return sorted({cfg.kernel_name() for cfg in [*_configs.all_simt_fwd_specializations(), *sweep_fwd]})
     if kind == "dmma_fwd":
-        return sorted({cfg.kernel_name() for cfg in _with_katom8(_configs.all_dmma_fwd_specializations(), ["katom"])})
+        cfgs = _with_katom8(_configs.all_dmma_fwd_specializations(), ["katom"]) + _configs.all_tf32_fwd_specializations()
+        return sorted({cfg.kernel_name() for cfg in cfgs})
     if kind == "dmma_bwd":
         cfgs = _with_katom8(_configs.all_dmma_bwd_specializations(), ["kv_katom", "dq_katom"]) + sweep_dmma_bwd
+        cfgs += _configs.all_tf32_bwd_specializations()
         return sorted({n for cfg in cfgs for n in (cfg.kv_kernel_name(), cfg.dq_kernel_name())})
     names = set()
     for cfg in _configs.all_simt_bwd_specializations():

@@ -37,8 +37,8 @@ def source(filename):
         return re.sub(r'^\s*#\s*include\s+"([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
     src = expand(filename)
     src = src.replace("extern __shared__ __align__(16) unsigned char smem_raw[];", "unsigned char* smem_raw = emu_smem;")
-    src = re.sub(r"(?<![A-Za-z_])::exp\(", "std::exp(", src)
-    src = re.sub(r"(?<![A-Za-z_])::log\(", "std::log(", src)
+    src = re.sub(r"(?<![A-Za-z_>])::exp\(", "std::exp(", src)
+    src = re.sub(r"(?<![A-Za-z_>])::log\(", "std::log(", src)
     return src
 
 _libs = {}

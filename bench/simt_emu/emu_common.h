@@ -99,7 +99,7 @@ template <typename T> inline T __shfl_xor_sync(unsigned, T x, int m) {
 // A[g][t] and B[t][g] come from lane 4 g + t; lane 4 g + t gets D[g][2t + e] = C + sum_k A[g][k] B[k][2t + e].
 // The 4 products are summed in k order with fused multiply-adds (the hardware's order and
 // rounding inside one instruction are not specified: any float64 order is within the tests' bound).
-extern double emu_mma_a[32][32], emu_mma_b[32][32];  // [warp][lane]
+extern double emu_mma_a[32][32], emu_mma_a1[32][32], emu_mma_b[32][32];  // [warp][lane]
 inline void dmma_m8n8k4(double (&c)[2], double a, double b) {
     const int w = emu_tid / 32, l = emu_tid % 32, g = l / 4, t = l % 4;
     emu_mma_a[w][l] = a;
@@ -111,6 +111,35 @@ inline void dmma_m8n8k4(double (&c)[2], double a, double b) {
         for (int k = 0; k < 4; ++k) acc = std::fma(emu_mma_a[w][4 * g + k], emu_mma_b[w][4 * n + k], acc);
         c[e] = acc;
     }
+    emu_warp_sync();
+}
+
+// TF32 (allow_tf32): cvt.rna.tf32.f32 = round to 10 explicit mantissa bits, nearest, ties away from
+// zero (add half of the dropped 13 bits to the magnitude, then clear them; inf / NaN unchanged).
+inline float tf32_round(float x) {
+    u32 u; std::memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+    float y; std::memcpy(&y, &u, 4); return y;
+}
+inline float __uint_as_float(u32 u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline u32 __float_as_uint(float f) { u32 u; std::memcpy(&u, &f, 4); return u; }
+// mma.sync.aligned.m16n8k4.row.col.f32.tf32.tf32.f32 as the PTX ISA defines its fragments: lane 4g + t
+// holds A[g][t] (a0), A[g + 8][t] (a1), B[t][g]; gets D[g + 8h][2t + e] (c[h][e]). Products of TF32
+// values are exact in float32; summed in k order with float fused multiply-adds.
+inline void tf32_m16n8k4(float (&c)[2][2], float a0, float a1, float b) {
+    const int w = emu_tid / 32, l = emu_tid % 32, g = l / 4, t = l % 4;
+    emu_mma_a[w][l] = a0;
+    emu_mma_a1[w][l] = a1;
+    emu_mma_b[w][l] = b;
+    emu_warp_sync();
+    for (int h = 0; h < 2; ++h)
+        for (int e = 0; e < 2; ++e) {
+            const int n = 2 * t + e;
+            float acc = c[h][e];
+            for (int k = 0; k < 4; ++k)
+                acc = std::fmaf((float)(h ? emu_mma_a1 : emu_mma_a)[w][4 * g + k], (float)emu_mma_b[w][4 * n + k], acc);
+            c[h][e] = acc;
+        }
     emu_warp_sync();
 }
 

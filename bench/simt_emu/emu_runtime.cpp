@@ -7,7 +7,7 @@ size_t emu_smem_bytes = 0;
 thread_local int emu_tid = 0;
 thread_local std::vector<EmuCopy> emu_pending;
 unsigned long long emu_warp_slot[32][32];
-double emu_mma_a[32][32], emu_mma_b[32][32];
+double emu_mma_a[32][32], emu_mma_a1[32][32], emu_mma_b[32][32];
 static std::unique_ptr<std::barrier<std::function<void()>>> g_block_bar;
 static std::vector<std::unique_ptr<std::barrier<>>> g_warp_bars;
 static std::atomic<int> g_epoch{0};
