@@ -319,7 +319,7 @@ _SIMT_FWD_TABLE = {
 # in layout B (dK, dV) with BLOCK_N = 32.
 _SIMT_BWD_TABLE = {
     ("float", 32): ((32, 64, 64, 4), "KV kernel 168 regs, dQ kernel 168"),
-    ("float", 64): ((64, 32, 64, 4), "KV 168 regs (3 CTAs/SM, 71 KB smem); 64x64 needs 254 regs; dQ 128"),
+    ("float", 64): ((64, 64, 64, 4), "H200: 33.5 vs 29.6 TFLOP/s for 32x64/4 (254 regs, no spill; 107 KB smem)"),
     ("float", 96): ((128, 32, 32, 4), "runs the hd128 kernel (layout B)"),
     ("float", 128): ((128, 32, 32, 4), "KV 168 regs, dQ 128"),
     ("float", 160): ((192, 16, 32, 4), "runs the hd192 kernel (layout B)"),
@@ -525,13 +525,13 @@ def dmma_bwd_config(head_dim: int, causal: bool, arch: int = 90) -> DmmaBwdConfi
 
 
 # TF32 (float32 with allow_tf32): bucket -> (block_m, block_n, nwarps), reason. 16 rows per warp (the
-# m16n8k8 .tf32 shape); O holds head_dim / 2 floats per lane, S block_n / 2. First choices from ptxas
-# and shared memory (<= 163 KB, sm_80's limit), not yet from measurements.
+# m16n8k8 .tf32 shape); O holds head_dim / 2 floats per lane, S block_n / 2. hd64 and hd128 from the
+# H200 sweep (bench/NOTES.md); the others first choices from ptxas and shared memory (<= 163 KB).
 _TF32_FWD_TABLE = {
     32: ((64, 64, 4), "16 rows per warp, 64-key steps: 24 KB smem"),
-    64: ((64, 64, 4), "16 rows per warp, 64-key steps: 48 KB smem, O 32 floats per lane"),
+    64: ((64, 128, 4), "H200: 85.2 vs 82.5 TFLOP/s for 64x64/4 (128-key steps: 80 KB smem, 178-180 regs)"),
     96: ((64, 64, 4), "as hd64: 72 KB"),
-    128: ((64, 64, 4), "96 KB smem: 2 CTAs per SM; O 64 floats per lane"),
+    128: ((128, 64, 8), "H200: 86.5 vs 83.6 TFLOP/s for 64x64/4 (128 KB smem, 174-186 regs)"),
     160: ((64, 32, 4), "32-key steps: 80 KB"),
     192: ((64, 32, 4), "32-key steps: 96 KB"),
     224: ((64, 32, 4), "32-key steps: 112 KB"),
@@ -544,7 +544,7 @@ _TF32_FWD_TABLE = {
 # run the 192 / 256 kernels (their extra columns are zero-filled, never stored).
 _TF32_BWD_TABLE = {
     32: ((32, 32, 64, 4, 1, 64, 64, 4, 2), "KV 32 KB, dQ 32 KB"),
-    64: ((64, 32, 64, 4, 1, 64, 64, 4, 2), "KV 64 KB (dK + dV 64 floats per lane), dQ 64 KB"),
+    64: ((64, 64, 64, 4, 1, 64, 64, 4, 2), "H200: 61.2 vs 57.2 TFLOP/s for KV 32-row steps (KV 96 KB, 230-238 regs)"),
     96: ((96, 32, 64, 4, 1, 64, 32, 4, 2), "KV 96 KB, dQ 72 KB"),
     128: ((128, 32, 64, 4, 1, 64, 32, 4, 1), "single-buffered Q/dO: KV 96 KB and dQ 96 KB, 2 CTAs per SM"),
     160: ((192, 32, 64, 4, 2, 64, 32, 4, 1), "the 192 kernel"),
