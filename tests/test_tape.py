@@ -527,3 +527,38 @@ def test_gpu_same_code_path_as_numpy(rng):
 
     for got, want in zip(loss_and_grads(cp), loss_and_grads(np)):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_flash_op_allow_tf32_is_ignored_on_the_cpu(rng):
+    """allow_tf32 reaches flashcupy; NumPy float32 runs the exact CPU path either way (same bits)."""
+    import helpers
+
+    q, k, v, dout = helpers.random_inputs(rng, 1, 33, 47, 2, 1, 32, np.float32, grad=True)
+    grads = []
+    for allow in (False, True):
+        ts = [Tensor(x.copy(), requires_grad=True) for x in (q, k, v)]
+        out = T.flash_attention(*ts, causal=True, allow_tf32=allow)
+        out.backward(dout)
+        grads.append([out.data] + [t.grad for t in ts])
+    assert all(np.array_equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.gpu
+def test_gpu_flash_op_passes_allow_tf32(rng):
+    """On CuPy float32, flash_attention(allow_tf32=True) is flash_attn_forward / _backward with allow_tf32=True
+    (bitwise: the TF32 backward has no atomics), and differs from the exact path."""
+    cp = _cupy()
+    import helpers
+
+    import flashcupy
+
+    q, k, v, dout = (cp.asarray(x) for x in helpers.random_inputs(rng, 2, 100, 130, 4, 2, 64, np.float32, grad=True))
+    ts = [Tensor(x, requires_grad=True) for x in (q, k, v)]
+    out = T.flash_attention(*ts, causal=True, allow_tf32=True)
+    out.backward(dout)
+    res = flashcupy.flash_attn_forward(q, k, v, causal=True, allow_tf32=True)
+    want = flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=True, allow_tf32=True)
+    assert bool(cp.array_equal(out.data, res.out))
+    assert all(bool(cp.array_equal(t.grad, g)) for t, g in zip(ts, want))
+    exact = flashcupy.flash_attn_func(q, k, v, causal=True)
+    assert not bool(cp.array_equal(out.data, exact))
