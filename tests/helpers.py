@@ -19,6 +19,20 @@ every matmul reads T operands, accumulates in float32 (float64 for float64) and 
 to T; the softmax reads T scores, computes in float32 and rounds P to T; q is scaled in T before
 q k^T. Its backward is autograd through those same ops.
 
+TF32 (flash_attn_*(..., allow_tf32=True) on float32 inputs): T is float32 with TF32 products, what
+torch computes with allow_tf32. naive_forward / naive_backward(..., tf32=True) round both operands of
+every matmul to TF32 (tf32_round: 10 explicit mantissa bits, round to nearest with ties away from
+zero, as PTX cvt.rna.tf32.f32), multiply exactly and accumulate in float32; everything else (the
+softmax, dS, the scaling, every stored tensor) stays float32. With float32 products the choice of
+where q is scaled and P normalised is lost in the floor; with TF32 products it decides which values
+get rounded, so two equally naive evaluations carry independent TF32 errors, and a maximum over a
+few values (one LSE per row; a problem with one query row) of one can be more than twice the
+other's. assert_forward_rule / assert_backward_rule(..., tf32=True) therefore take err_naive as the
+larger of the two naive orders: flash-attn's attention_ref (order="torch": q scaled before q k^T,
+P normalised before P V) and DESIGN.md's equations (order="design": S = softmax_scale * Q K^T,
+O = exp(S - m) V / l, dK = softmax_scale * dS^T Q). The floor stays in float32 ulps except the
+gradients' stored-output term, which uses TF32's eps (see rule_bound).
+
 Every function accepts NumPy arrays or anything with .get() (CuPy), so GPU tests can use them too:
     from helpers import assert_forward_rule, assert_backward_rule, random_inputs
 """
@@ -32,6 +46,8 @@ from flashcupy._arrays import bfloat16, dtype_name, lse_dtype
 
 FLOOR_ULPS = 4  # "a few ulps of T at the output's magnitude"
 FLOAT64_RTOL = 1e-12
+TF32_MANTISSA_BITS = 10  # explicit mantissa bits of TF32 (float32 has 23)
+TF32_EPS = 2.0**-TF32_MANTISSA_BITS  # its machine epsilon; unit roundoff TF32_EPS / 2 = 2^-11
 OUT_FACTOR = 2
 GRAD_FACTOR = 3
 
@@ -91,20 +107,42 @@ def random_inputs(rng, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dt
 # naive attention computed in dtype T
 
 
+def tf32_round(x):
+    """float32 -> the nearest TF32 value, as a float32 array (what PTX cvt.rna.tf32.f32 feeds an
+    mma.sync .tf32): keep the sign, the 8 exponent bits and the top 10 of the 23 mantissa bits; round
+    the 13 dropped bits to nearest, ties away from zero (add half of the kept ulp, 0x1000, to the
+    magnitude's bits, then clear the 13 low bits; a carry moves into the exponent, so the largest
+    finite floats round to inf). Relative error <= 2^-11 for normal numbers; values already
+    representable are returned unchanged; inf and NaN are kept as they are.
+    """
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"tf32_round: expected float32, got {x.dtype}")
+    bits = x.view(np.uint32)
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(np.isfinite(x), rounded, x)
+
+
 def _round(x, dtype):
     """Round x to dtype T and return it in T's accumulation dtype (the value a T tensor holds)."""
     return np.asarray(x).astype(dtype).astype(accum_dtype(dtype))
 
 
-def _mm(a, b, dtype):
-    """a @ b with T operands, accumulation in float32 (float64 for float64), result rounded to T."""
+def _mm(a, b, dtype, tf32=False):
+    """a @ b with T operands, accumulation in float32 (float64 for float64), result rounded to T.
+    tf32 (float32 only): both operands rounded to TF32 first (tf32_round), products accumulated in float32."""
     acc = accum_dtype(dtype)
-    return _round(np.matmul(a.astype(acc), b.astype(acc)), dtype)
+    a, b = a.astype(acc), b.astype(acc)
+    if tf32:
+        a, b = tf32_round(a), tf32_round(b)
+    return _round(np.matmul(a, b), dtype)
 
 
-def _naive_setup(q, k, v, dtype, softmax_scale):
+def _naive_setup(q, k, v, dtype, softmax_scale, tf32=False):
     q, k, v = (to_numpy(x) for x in (q, k, v))
     dtype = np.dtype(q.dtype if dtype is None else dtype)
+    if tf32 and dtype != np.float32:
+        raise ValueError(f"tf32: naive attention with TF32 products needs float32, got {dtype_name(dtype)}")
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     group = q.shape[2] // k.shape[2]
@@ -115,11 +153,22 @@ def _naive_setup(q, k, v, dtype, softmax_scale):
     return qh, kh, vh, dtype, scale, group
 
 
-def _naive_probs(qh, kh, dtype, scale, causal, mask):
+ORDERS = ("torch", "design")
+
+
+def _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"):
+    """(qs, p, lse, e, denom): the q the scores were formed from (scaled in T for "torch"), P in T,
+    the LSE, exp(S - rowmax) in T and its row sums (1 on rows with no visible key)."""
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
     batch, nheads, seqlen_q, _ = qh.shape
     seqlen_k = kh.shape[2]
-    qs = _round(qh * scale, dtype)  # flash-attn's reference scales q in T first
-    s = _mm(qs, kh.swapaxes(-1, -2), dtype)  # (B, H, Sq, Sk) in T
+    if order == "torch":
+        qs = _round(qh * scale, dtype)  # flash-attn's reference scales q in T first
+        s = _mm(qs, kh.swapaxes(-1, -2), dtype, tf32)  # (B, H, Sq, Sk) in T
+    else:  # DESIGN.md's S = softmax_scale * Q K^T: the scale after the product
+        qs = qh
+        s = _round(_mm(qh, kh.swapaxes(-1, -2), dtype, tf32) * scale, dtype)
     visible = reference.attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal,
                                        mask=None if mask is None else to_numpy(mask))
     s = np.where(visible, s, -np.inf)
@@ -131,31 +180,46 @@ def _naive_probs(qh, kh, dtype, scale, causal, mask):
     p = np.where(has_key, e / np.where(has_key, denom, 1.0), 0.0)
     with np.errstate(divide="ignore"):
         lse = np.where(has_key, np.log(np.where(has_key, denom, 1.0)) + m, -np.inf)[..., 0]
-    return qs, _round(p, dtype), lse.astype(lse_dtype(dtype))
+    return qs, _round(p, dtype), lse.astype(lse_dtype(dtype)), _round(e, dtype), np.where(has_key, denom, 1.0)
 
 
-def naive_forward(q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None):
+def _naive_probs(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"):
+    return _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32, order)[:3]
+
+
+def naive_forward(q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None, tf32=False, order="torch"):
     """Attention computed naively in dtype T (default: q's dtype). Returns (out (B, Sq, H, D) in T
-    held as float32/float64, lse (B, H, Sq) as float32/float64)."""
-    qh, kh, vh, dtype, scale, _ = _naive_setup(q, k, v, dtype, softmax_scale)
-    _, p, lse = _naive_probs(qh, kh, dtype, scale, causal, mask)
-    out = _mm(p, vh, dtype)
+    held as float32/float64, lse (B, H, Sq) as float32/float64).
+    tf32 (float32 only): q k^T and P V with TF32 operands (tf32_round), float32 accumulation.
+    order: "torch" (flash-attn's attention_ref: q scaled in T, out = P V with P normalised in T) or
+    "design" (DESIGN.md's equations: S = softmax_scale * (Q K^T), out = exp(S - m) V / l)."""
+    qh, kh, vh, dtype, scale, _ = _naive_setup(q, k, v, dtype, softmax_scale, tf32)
+    _, p, lse, e, denom = _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32, order)
+    if order == "torch":
+        out = _mm(p, vh, dtype, tf32)
+    else:  # rows with no visible key have e = 0: out 0
+        out = _round(_mm(e, vh, dtype, tf32) / denom, dtype)
     return out.transpose(0, 2, 1, 3), lse
 
 
-def naive_backward(dout, q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None):
-    """Autograd of naive_forward, each op in dtype T. Returns (dq, dk, dv) shaped like q, k, v."""
-    qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, dtype, softmax_scale)
+def naive_backward(dout, q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None, tf32=False,
+                   order="torch"):
+    """Autograd of naive_forward, each op in dtype T. Returns (dq, dk, dv) shaped like q, k, v.
+    tf32 (float32 only): every matmul (the forward's two and dV, dP, dQ, dK) with TF32 operands.
+    order "design": dK = softmax_scale * (dS^T Q), the scale after the product as for dQ."""
+    qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, dtype, softmax_scale, tf32)
     do = _round(to_numpy(dout).transpose(0, 2, 1, 3), dtype)
-    qs, p, _ = _naive_probs(qh, kh, dtype, scale, causal, mask)
+    qs, p, _ = _naive_probs(qh, kh, dtype, scale, causal, mask, tf32, order)
     acc = accum_dtype(dtype)
-    dv = _mm(p.swapaxes(-1, -2), do, dtype)
-    dp = _mm(do, vh.swapaxes(-1, -2), dtype)
+    dv = _mm(p.swapaxes(-1, -2), do, dtype, tf32)
+    dp = _mm(do, vh.swapaxes(-1, -2), dtype, tf32)
     # softmax backward, computed in the accumulation dtype and rounded to T (as torch does)
     ds = _round(p * (dp - (p * dp).sum(axis=-1, keepdims=True, dtype=acc)), dtype)
-    dqs = _mm(ds, kh, dtype)
+    dqs = _mm(ds, kh, dtype, tf32)
     dq = _round(dqs * scale, dtype)
-    dk = _mm(ds.swapaxes(-1, -2), qs, dtype)
+    dk = _mm(ds.swapaxes(-1, -2), qs, dtype, tf32)
+    if order == "design":  # qs is the unscaled q
+        dk = _round(dk * scale, dtype)
     batch, nheads, seqlen_k, head_dim = dk.shape
 
     def ungroup(x):  # the backward of repeat: sum over the query heads of a group, rounded to T
@@ -196,7 +260,7 @@ def magnitude_of(*arrays) -> float:
 
 
 def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, score_magnitude=0.0,
-               stored_magnitude=0.0):
+               stored_magnitude=0.0, tf32=False):
     """The largest err_kernel DESIGN.md's rule allows for input dtype T:
 
         factor * err_naive + FLOOR_ULPS * eps(T) * magnitude + eps(A) * (1 + sigma) * terms
@@ -214,29 +278,43 @@ def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, 
     forms D = rowsum(dO o O) from it, so dq and dk carry eps(T) * scale * rowsum(|dO| o |O|) (P |K|)
     even where the exact gradient cancels to 0 (see Magnitudes.dq_stored).
     float64 inputs: err_kernel <= 1e-12 * max(magnitude, terms).
+    tf32 (float32 inputs, TF32 products; err_naive from naive attention with tf32=True): the same
+    bound, except that the stored term takes TF32_EPS instead of eps(float32). The backward's
+    dP = dO V^T reads dO and V rounded to TF32, while D = rowsum(dO o O) reads dO as stored and an O
+    whose every product had TF32 operands, so dP - D, and with it dq and dk, keeps TF32-sized noise
+    even where the exact gradient cancels to 0 (a row with one visible key), where the naive
+    attention, whose D is rowsum(P o dP) of its own dP, gives exactly 0.
     """
     dtype = np.dtype(dtype)
     terms = magnitude if term_magnitude is None else term_magnitude
     if dtype == np.float64:
         return FLOAT64_RTOL * max(magnitude, terms)
     factor = GRAD_FACTOR if grad else OUT_FACTOR
+    stored_eps = TF32_EPS if tf32 else eps(dtype)
     return (factor * err_naive + FLOOR_ULPS * eps(dtype) * magnitude
-            + eps(accum_dtype(dtype)) * (1.0 + score_magnitude) * terms + eps(dtype) * stored_magnitude)
+            + eps(accum_dtype(dtype)) * (1.0 + score_magnitude) * terms + stored_eps * stored_magnitude)
 
 
 def check_rule(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
-               score_magnitude=0.0, stored_magnitude=0.0):
-    """Assert DESIGN.md's rule (see rule_bound) for one tensor; naive may be None for float64.
+               score_magnitude=0.0, stored_magnitude=0.0, tf32=False):
+    """Assert DESIGN.md's rule (see rule_bound) for one tensor; naive may be None for float64, or a
+    list of naive results (evaluation orders): err_naive is then the largest of their errors.
 
-    magnitude defaults to max|oracle|. Returns (err_kernel, bound).
+    magnitude defaults to max|oracle|. tf32: naive has TF32 products (see rule_bound). Returns (err_kernel, bound).
     """
     dtype = np.dtype(dtype)
     err = max_abs_err(got, oracle)
     mag = magnitude_of(oracle) if magnitude is None else magnitude
-    err_naive = 0.0 if dtype == np.float64 else max_abs_err(naive, oracle)
+    if dtype == np.float64:
+        err_naive = 0.0
+    elif isinstance(naive, list):
+        err_naive = max(max_abs_err(x, oracle) for x in naive)
+    else:
+        err_naive = max_abs_err(naive, oracle)
     bound = rule_bound(dtype, err_naive, mag, grad=grad, term_magnitude=term_magnitude,
-                       score_magnitude=score_magnitude, stored_magnitude=stored_magnitude)
-    assert err <= bound, (f"{name} ({dtype_name(dtype)}): err_kernel {err:.3e} > bound {bound:.3e} "
+                       score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32)
+    what = dtype_name(dtype) + (", TF32 products" if tf32 else "")
+    assert err <= bound, (f"{name} ({what}): err_kernel {err:.3e} > bound {bound:.3e} "
                           f"(err_naive {err_naive:.3e}, magnitude {mag:.3e}, terms {term_magnitude}, "
                           f"scores {score_magnitude:.3g}, stored {stored_magnitude:.3g}, "
                           f"{'gradient' if grad else 'output'} rule)")
@@ -289,36 +367,54 @@ class Magnitudes:
         self.dv_stored = 0.0
 
 
-def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, mask=None):
+def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
     """Check a kernel's (out, lse) for inputs q, k, v against the oracle by DESIGN.md's rule.
 
     lse may be None. The dtype T is q's. Accepts NumPy or CuPy arrays.
+    tf32: for float32 inputs, T is float32 with TF32 products (allow_tf32=True): err_naive is the
+    larger error of naive_forward(..., tf32=True) in the "torch" and the "design" order (see the
+    module docstring). Other dtypes ignore it (as allow_tf32 does) and take their own rule.
     """
     q, k, v = (to_numpy(x) for x in (q, k, v))
     dtype = q.dtype
+    tf32 = bool(tf32) and dtype == np.float32
     kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask)
     ref_out, ref_lse = reference.attention_forward(q, k, v, **kw)
-    nv_out, nv_lse = (None, None) if dtype == np.float64 else naive_forward(q, k, v, **kw)
+    if dtype == np.float64:
+        nv_out, nv_lse = None, None
+    elif tf32:
+        orders = [naive_forward(q, k, v, **kw, tf32=True, order=order) for order in ORDERS]
+        nv_out, nv_lse = [o for o, _ in orders], [lse for _, lse in orders]
+    else:
+        nv_out, nv_lse = naive_forward(q, k, v, **kw)
     mags = Magnitudes(q, k, v, **kw)
-    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out, score_magnitude=mags.sigma)
+    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out, score_magnitude=mags.sigma, tf32=tf32)
     if lse is not None:
         lse = to_numpy(lse)
         assert lse.dtype == lse_dtype(dtype), f"lse dtype {lse.dtype}, expected {lse_dtype(dtype)}"
         # lse = m + log(l): its terms are of size 1 around the scores' own magnitude sigma
-        check_rule("lse", lse, ref_lse, nv_lse, dtype, term_magnitude=1.0, score_magnitude=mags.sigma)
+        check_rule("lse", lse, ref_lse, nv_lse, dtype, term_magnitude=1.0, score_magnitude=mags.sigma, tf32=tf32)
 
 
-def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=False, mask=None):
-    """Check a kernel's (dq, dk, dv) against the oracle's gradients by DESIGN.md's rule."""
+def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """Check a kernel's (dq, dk, dv) against the oracle's gradients by DESIGN.md's rule.
+    tf32: as assert_forward_rule (err_naive from naive_backward(..., tf32=True), both orders)."""
     dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
     dtype = q.dtype
+    tf32 = bool(tf32) and dtype == np.float32
     kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask)
     refs = reference.attention_backward(dout, q, k, v, **kw)
-    naives = (None,) * 3 if dtype == np.float64 else naive_backward(dout, q, k, v, **kw)
+    if dtype == np.float64:
+        naives = (None,) * 3
+    elif tf32:
+        naives = list(zip(*(naive_backward(dout, q, k, v, **kw, tf32=True, order=order) for order in ORDERS)))
+        naives = [list(x) for x in naives]  # per gradient: [torch order, design order]
+    else:
+        naives = naive_backward(dout, q, k, v, **kw)
     mags = Magnitudes(q, k, v, dout, **kw)
     for name, got, ref, nv in zip(("dq", "dk", "dv"), grads, refs, naives):
         check_rule(name, got, ref, nv, dtype, grad=True, term_magnitude=getattr(mags, name),
-                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"))
+                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"), tf32=tf32)
 
 
 # ---------------------------------------------------------------------------------------------------

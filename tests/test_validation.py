@@ -240,6 +240,34 @@ def test_deterministic_not_bool(call, value):
         call(*qkv(), deterministic=value)
 
 
+@entry_points
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+@pytest.mark.parametrize("value", [1, 0, "yes", None, 1.0, np.float32(1)])
+def test_allow_tf32_not_bool(call, dtype, value):
+    # validated for every dtype, though only float32 on the GPU uses it
+    with pytest.raises(TypeError, match=msg("allow_tf32: expected a bool", f"got {type(value).__name__}")):
+        call(*qkv(dtype), allow_tf32=value)
+
+
+def test_allow_tf32_is_ignored_on_the_cpu():
+    """NumPy float32 runs the exact CPU path: allow_tf32 (a bool or a NumPy bool) changes no bit."""
+    q, k, v = qkv()
+    want = flash_attn_forward(q, k, v, causal=True)
+    dout = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+    want_grads = flash_attn_backward(dout, q, k, v, want.out, want.lse, causal=True)
+
+    def same_bits(a, b):
+        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+    for flag in (True, np.bool_(True), False):
+        got = flash_attn_forward(q, k, v, causal=True, allow_tf32=flag)
+        assert same_bits(got.out, want.out) and same_bits(got.lse, want.lse)
+        grads = flash_attn_backward(dout, q, k, v, got.out, got.lse, causal=True, allow_tf32=flag)
+        assert all(same_bits(g, w) for g, w in zip(grads, want_grads))
+        assert same_bits(flash_attn_func(q, k, v, causal=True, allow_tf32=flag), want.out)
+
+
 @pytest.mark.parametrize("call", [ENTRY_POINTS["func"], ENTRY_POINTS["forward"]], ids=["func", "forward"])
 @pytest.mark.parametrize("seed", ["1", 1.5, (1, 2, 3), (1, "2"), True, [1.0, 0]])
 def test_dropout_seed_type(call, seed):
@@ -338,3 +366,4 @@ def test_valid_inputs_pass():
     for call in ENTRY_POINTS.values():
         call(*qkv())
         call(*qkv(np.float64), softmax_scale=0.0, causal=True, dropout_p=0.0)
+        call(*qkv(), allow_tf32=True)
