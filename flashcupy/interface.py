@@ -61,6 +61,7 @@ def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, b
     "fused fp64 (FP64 tensor cores)", "fused fp32 (TF32 tensor cores)", "NumPy chunked path" or
     "chunked path on the GPU". NumPy float64 inputs count as on_gpu=False here; with a usable GPU they
     run the float64 kernel (NUMPY_FLOAT64_ON_GPU)."""
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
     xp = (cupy_or_none() or np) if on_gpu else np
     shape = AttnShape(1, 1, 1, 1, 1, int(head_dim), 1.0)
     if on_gpu and _use_kernels(xp, dtype, shape):
@@ -68,7 +69,7 @@ def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, b
     if on_gpu and _use_simt(xp, dtype, shape) and not dropout_p and block_mask is None:
         from . import _gpu_simt
 
-        return _gpu_simt.path_name(dtype, head_dim, check_bool("allow_tf32", allow_tf32))
+        return _gpu_simt.path_name(dtype, head_dim, allow_tf32)
     return "chunked path on the GPU" if on_gpu else "NumPy chunked path"
 
 
@@ -157,7 +158,8 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
     if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernel -> NumPy
         cp = cupy_or_none()
         res = flash_attn_forward(*(cp.asarray(x) for x in (q, k, v)), dropout_p=dropout_p,
-                                 softmax_scale=softmax_scale, causal=causal, seed=rng_state, block_mask=block_mask)
+                                 softmax_scale=softmax_scale, causal=causal, seed=rng_state, block_mask=block_mask,
+                                 allow_tf32=allow_tf32)
         return AttnForward(res.out.get(), res.lse.get(), res.rng_state)
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
@@ -217,7 +219,7 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
         cp = cupy_or_none()
         grads = flash_attn_backward(*(cp.asarray(x) for x in (dout, q, k, v, out, lse)), dropout_p=dropout_p,
                                     softmax_scale=softmax_scale, causal=causal, rng_state=rng_state,
-                                    deterministic=deterministic, block_mask=block_mask)
+                                    deterministic=deterministic, block_mask=block_mask, allow_tf32=allow_tf32)
         return tuple(g.get() for g in grads)
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu

@@ -367,3 +367,14 @@ def test_valid_inputs_pass():
         call(*qkv())
         call(*qkv(np.float64), softmax_scale=0.0, causal=True, dropout_p=0.0)
         call(*qkv(), allow_tf32=True)
+
+
+def test_kernel_path_validates_allow_tf32_everywhere():
+    """kernel_path checks allow_tf32 whichever branch it takes (CPU, half precision, dropout)."""
+    from flashcupy.interface import kernel_path
+
+    for kw in (dict(dtype=np.float16, on_gpu=False), dict(dtype=np.float32, on_gpu=False),
+               dict(dtype=np.float32, on_gpu=True, dropout_p=0.1)):
+        with pytest.raises(TypeError, match="allow_tf32"):
+            kernel_path(head_dim=64, allow_tf32="yes", **kw)
+    assert kernel_path(np.float32, 64, on_gpu=False, allow_tf32=True) == "NumPy chunked path"
