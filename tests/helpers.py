@@ -474,6 +474,49 @@ def to_gpu(*xs):
     return [cupy.asarray(x) for x in xs]
 
 
+def same_bits(a, b) -> bool:
+    """a and b (both NumPy or both CuPy) have the same dtype, shape and bytes."""
+    xp = np if isinstance(a, np.ndarray) else __import__("cupy")
+    a, b = xp.ascontiguousarray(a), xp.ascontiguousarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and bool(xp.array_equal(a.view(xp.uint8), b.view(xp.uint8)))
+
+
+def nan_padded(x):
+    """A CuPy view of the 4-D NumPy array x inside a larger NaN-filled buffer (offset in every dimension,
+    extra rows and 56 extra columns after it): a kernel reading outside the view reads NaN."""
+    import cupy
+
+    big = np.full((x.shape[0] + 1, x.shape[1] + 37, x.shape[2] + 1, x.shape[3] + 64), np.nan, dtype=x.dtype)
+    view = (slice(0, x.shape[0]), slice(5, 5 + x.shape[1]), slice(0, x.shape[2]), slice(8, 8 + x.shape[3]))
+    big[view] = x
+    return cupy.asarray(big)[view]
+
+
+def assert_no_out_of_bounds_reads(q, k, v, dout, *, causal, fwd_kw=None, bwd_kw=None):
+    """Forward and backward on NaN-padded views of q, k, v, dout, out (and an lse view inside a NaN
+    buffer) give no NaN and the same bits as on compact copies. The backward must be reproducible
+    under bwd_kw. Returns the compact run's (AttnForward, (dq, dk, dv))."""
+    import cupy
+
+    import flashcupy
+
+    fwd_kw, bwd_kw = fwd_kw or {}, bwd_kw or {}
+    ref = flashcupy.flash_attn_forward(*to_gpu(q, k, v), causal=causal, **fwd_kw)
+    res = flashcupy.flash_attn_forward(*(nan_padded(x) for x in (q, k, v)), causal=causal, **fwd_kw)
+    assert not cupy.isnan(res.out).any()
+    assert same_bits(res.out, ref.out) and same_bits(res.lse, ref.lse)
+    ref_g = flashcupy.flash_attn_backward(*to_gpu(dout, q, k, v), ref.out, ref.lse, causal=causal, **bwd_kw)
+    b, h, sq = ref.lse.shape
+    big_lse = cupy.full((b, h + 1, sq + 9), cupy.nan, dtype=ref.lse.dtype)
+    big_lse[:, :h, 3 : 3 + sq] = ref.lse
+    got_g = flashcupy.flash_attn_backward(*(nan_padded(x) for x in (dout, q, k, v)), nan_padded(to_numpy(ref.out)),
+                                          big_lse[:, :h, 3 : 3 + sq], causal=causal, **bwd_kw)
+    for got, want in zip(got_g, ref_g):
+        assert not cupy.isnan(got).any()
+        assert same_bits(got, want)
+    return ref, ref_g
+
+
 def bhsd_view(x):
     """A BSHD-shaped view of a BHSD-contiguous copy (strides permuted, last dim contiguous)."""
     import cupy

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_backward_rule, random_inputs, to_numpy
+from helpers import assert_backward_rule, nan_padded, random_inputs, to_numpy
 
 import flashcupy
 from flashcupy._arrays import bfloat16
@@ -108,11 +108,6 @@ def test_no_out_of_bounds_reads(rng, dtype):
     bitwise equal to the run on compact copies (dq up to atomic-order rounding; deterministic: exact)."""
     cp = _cp()
     q, k, v, do = random_inputs(rng, 2, 131, 77, 4, 2, 64, dtype, grad=True)
-
-    def nan_padded(x):
-        big = np.full((x.shape[0] + 1, x.shape[1] + 37, x.shape[2] + 1, x.shape[3] + 64), np.nan, dtype=dtype)
-        big[:-1, 5:-32, :-1, 8:-56] = x
-        return cp.asarray(big)[:-1, 5:-32, :-1, 8:-56]
 
     for causal in (False, True):
         qg, kg, vg, dog = (cp.asarray(x) for x in (q, k, v, do))

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_forward_rule, bhsd_view, random_inputs, to_gpu, to_numpy
+from helpers import assert_forward_rule, bhsd_view, nan_padded, random_inputs, to_gpu, to_numpy
 
 import flashcupy
 from flashcupy._arrays import bfloat16
@@ -102,11 +102,6 @@ def test_no_out_of_bounds_reads(rng, dtype):
     cp = _cp()
     b, sq, sk, h, hk, d = 2, 131, 77, 4, 2, 64
     q, k, v = random_inputs(rng, b, sq, sk, h, hk, d, dtype)
-
-    def nan_padded(x):
-        big = np.full((x.shape[0] + 1, x.shape[1] + 37, x.shape[2] + 1, x.shape[3] + 64), np.nan, dtype=dtype)
-        big[: x.shape[0], 5 : 5 + x.shape[1], : x.shape[2], 8 : 8 + x.shape[3]] = x
-        return cp.asarray(big)[: x.shape[0], 5 : 5 + x.shape[1], : x.shape[2], 8 : 8 + x.shape[3]]
 
     for causal in (False, True):
         ref_out, ref_lse, _ = flashcupy.flash_attn_forward(*to_gpu(q, k, v), causal=causal)

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import (assert_backward_rule, assert_forward_rule, bhsd_view, random_inputs, sweep_candidates, to_gpu,
-                     to_numpy)
+from helpers import (assert_backward_rule, assert_forward_rule, assert_no_out_of_bounds_reads, bhsd_view, random_inputs,
+                     same_bits, sweep_candidates, to_gpu, to_numpy)
 
 import flashcupy
 from flashcupy._configs import HEAD_DIM_BUCKETS
@@ -35,11 +35,6 @@ def fwd_bwd(q, k, v, dout, *, causal, deterministic=False, softmax_scale=None):
     grads = flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=causal,
                                           deterministic=deterministic, softmax_scale=softmax_scale)
     return res.out, res.lse, grads
-
-
-def same_bits(a, b):
-    cp = _cp()
-    return a.dtype == b.dtype and a.shape == b.shape and bool(cp.array_equal(a.view(cp.uint8), b.view(cp.uint8)))
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
@@ -133,30 +128,9 @@ def test_softmax_scale_zero_is_mean_of_visible_values(rng, dtype):
 def test_no_out_of_bounds_reads(rng, dtype):
     """q, k, v, dout, out, lse are views into larger NaN-filled buffers: no NaN may leak into any
     result, which must be bitwise equal to the run on compact copies (deterministic backward)."""
-    cp = _cp()
-    b, sq, sk, h, hk, d = 2, 131, 77, 4, 2, 64
-    q, k, v, dout = random_inputs(rng, b, sq, sk, h, hk, d, dtype, grad=True)
-
-    def nan_padded(x):
-        big = np.full((x.shape[0] + 1, x.shape[1] + 37, x.shape[2] + 1, x.shape[3] + 64), np.nan, dtype=dtype)
-        big[: x.shape[0], 5 : 5 + x.shape[1], : x.shape[2], 8 : 8 + x.shape[3]] = x
-        return cp.asarray(big)[: x.shape[0], 5 : 5 + x.shape[1], : x.shape[2], 8 : 8 + x.shape[3]]
-
+    q, k, v, dout = random_inputs(rng, 2, 131, 77, 4, 2, 64, dtype, grad=True)
     for causal in (False, True):
-        ref = flashcupy.flash_attn_forward(*to_gpu(q, k, v), causal=causal)
-        res = flashcupy.flash_attn_forward(*(nan_padded(x) for x in (q, k, v)), causal=causal)
-        assert not cp.isnan(res.out).any()
-        assert same_bits(res.out, ref.out) and same_bits(res.lse, ref.lse)
-        ref_g = flashcupy.flash_attn_backward(*to_gpu(dout, q, k, v), ref.out, ref.lse, causal=causal,
-                                              deterministic=True)
-        padded_out = nan_padded(to_numpy(ref.out))
-        big_lse = cp.full((b, h + 1, sq + 9), cp.nan, dtype=dtype)
-        big_lse[:, :h, 3 : 3 + sq] = ref.lse
-        got_g = flashcupy.flash_attn_backward(*(nan_padded(x) for x in (dout, q, k, v)), padded_out,
-                                              big_lse[:, :h, 3 : 3 + sq], causal=causal, deterministic=True)
-        for got, want in zip(got_g, ref_g):
-            assert not cp.isnan(got).any()
-            assert same_bits(got, want)
+        assert_no_out_of_bounds_reads(q, k, v, dout, causal=causal, bwd_kw=dict(deterministic=True))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import (assert_backward_rule, assert_dropout_rule, assert_forward_rule, bhsd_view, max_abs_err,
-                     random_inputs, to_gpu, to_numpy)
+from helpers import (assert_backward_rule, assert_dropout_rule, assert_forward_rule, assert_no_out_of_bounds_reads,
+                     bhsd_view, max_abs_err, random_inputs, same_bits, to_gpu, to_numpy)
 
 import flashcupy
 from flashcupy._arrays import bfloat16
@@ -51,11 +51,6 @@ def fwd_bwd(q, k, v, dout, *, causal, deterministic=False, softmax_scale=None, a
     grads = flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=causal, deterministic=deterministic,
                                           softmax_scale=softmax_scale, allow_tf32=allow_tf32)
     return res.out, res.lse, grads
-
-
-def same_bits(a, b):
-    cp = _cp()
-    return a.dtype == b.dtype and a.shape == b.shape and bool(cp.array_equal(a.view(cp.uint8), b.view(cp.uint8)))
 
 
 def assert_tf32_rule(out, lse, grads, dout, q, k, v, **kw):
@@ -172,30 +167,10 @@ def test_no_out_of_bounds_reads(rng, head_dim):
     result, which must be bitwise equal to the run on compact copies (the TF32 backward has no
     atomics, so deterministic=False too)."""
     _needs_tf32_cores()
-    cp = _cp()
-    b, sq, sk, h, hk, d = 2, 131, 77, 4, 2, head_dim
-    q, k, v, dout = random_inputs(rng, b, sq, sk, h, hk, d, F32, grad=True)
-
-    def nan_padded(x):
-        big = np.full((x.shape[0] + 1, x.shape[1] + 37, x.shape[2] + 1, x.shape[3] + 64), np.nan, dtype=F32)
-        big[: x.shape[0], 5 : 5 + x.shape[1], : x.shape[2], 8 : 8 + x.shape[3]] = x
-        return cp.asarray(big)[: x.shape[0], 5 : 5 + x.shape[1], : x.shape[2], 8 : 8 + x.shape[3]]
-
+    q, k, v, dout = random_inputs(rng, 2, 131, 77, 4, 2, head_dim, F32, grad=True)
+    tf32 = dict(allow_tf32=True)
     for causal in (False, True):
-        ref = flashcupy.flash_attn_forward(*to_gpu(q, k, v), causal=causal, allow_tf32=True)
-        res = flashcupy.flash_attn_forward(*(nan_padded(x) for x in (q, k, v)), causal=causal, allow_tf32=True)
-        assert not cp.isnan(res.out).any()
-        assert same_bits(res.out, ref.out) and same_bits(res.lse, ref.lse)
-        ref_g = flashcupy.flash_attn_backward(*to_gpu(dout, q, k, v), ref.out, ref.lse, causal=causal,
-                                              allow_tf32=True)
-        padded_out = nan_padded(to_numpy(ref.out))
-        big_lse = cp.full((b, h + 1, sq + 9), cp.nan, dtype=F32)
-        big_lse[:, :h, 3 : 3 + sq] = ref.lse
-        got_g = flashcupy.flash_attn_backward(*(nan_padded(x) for x in (dout, q, k, v)), padded_out,
-                                              big_lse[:, :h, 3 : 3 + sq], causal=causal, allow_tf32=True)
-        for got, want in zip(got_g, ref_g):
-            assert not cp.isnan(got).any()
-            assert same_bits(got, want)
+        ref, ref_g = assert_no_out_of_bounds_reads(q, k, v, dout, causal=causal, fwd_kw=tf32, bwd_kw=tf32)
         assert_tf32_rule(ref.out, ref.lse, ref_g, dout, q, k, v, causal=causal)
 
 

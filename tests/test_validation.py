@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from helpers import same_bits
 
 from flashcupy import flash_attn_backward, flash_attn_forward, flash_attn_func
 from flashcupy._arrays import bfloat16
@@ -255,10 +256,6 @@ def test_allow_tf32_is_ignored_on_the_cpu():
     want = flash_attn_forward(q, k, v, causal=True)
     dout = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
     want_grads = flash_attn_backward(dout, q, k, v, want.out, want.lse, causal=True)
-
-    def same_bits(a, b):
-        a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-        return a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8))
 
     for flag in (True, np.bool_(True), False):
         got = flash_attn_forward(q, k, v, causal=True, allow_tf32=flag)
