@@ -86,6 +86,11 @@ def flops(batch, nheads, seqlen, head_dim, causal, mode):
     return {"fwd": 1.0, "bwd": 2.5}[mode] * f
 
 
+def is_tf32(provider: str) -> bool:
+    """The allow_tf32 rows: the default ("flashcupy-tf32") and the TF32 sweep ("tf32-...")."""
+    return provider == "flashcupy-tf32" or provider.startswith("tf32-")
+
+
 def summary(rows):
     """Per case and mode: the default (flashcupy), the best swept config, naive and SDPA, with ratios."""
     cases = {}
@@ -98,8 +103,7 @@ def summary(rows):
         by = {r["provider"]: r["tflops"] for r in rs}
         fc = by.get("flashcupy")
         best = max((r for r in rs if r["provider"] not in ("naive", "sdpa-efficient", "flashcupy-det")
-                    and not r["provider"].startswith("tf32") and r["provider"] != "flashcupy-tf32"),
-                   key=lambda r: r["tflops"])
+                    and not is_tf32(r["provider"])), key=lambda r: r["tflops"])
         nv, sd = by.get("naive"), by.get("sdpa-efficient")
 
         def f(x):
@@ -109,7 +113,7 @@ def summary(rows):
             return "-" if a is None or b is None else f"{a / b:.2f}"
 
         tf = by.get("flashcupy-tf32")
-        tfs = [r for r in rs if r["provider"].startswith("tf32") or r["provider"] == "flashcupy-tf32"]
+        tfs = [r for r in rs if is_tf32(r["provider"])]
         best_tf = max(tfs, key=lambda r: r["tflops"]) if tfs else None
         best_tf = "-" if best_tf is None else f"{best_tf['provider']} ({best_tf['tflops']:.2f})"
         print(f"| {dt} | {mode} | {hd} | {s} | {'yes' if c else 'no'} | {f(fc)} | {best['provider']} "

@@ -1,7 +1,9 @@
-"""float64 DMMA kernels on the emulator: every case of the list below (or those given as
-dtype-free case strings batch,seqlen_q,seqlen_k,nheads,nheads_k,head_dim,causal,bhsd[,scale0]),
-forward + backward, against the oracle (DESIGN.md's rule: relative error <= 1e-12), plus the
-worst relative error seen. EMU_ARCH=80 or 90 (default) picks that GPU's configs. See README.md."""
+"""The tensor-core kernels (cuda/flash_dmma_*.cu) on the emulator: float64 (DMMA) by default, float32 with
+allow_tf32 (TF32) with --tf32. Every case of the list below (or dtype-free case strings
+batch,seqlen_q,seqlen_k,nheads,nheads_k,head_dim,causal,bhsd[,scale0]), forward + backward, against the
+oracle by DESIGN.md's rule (float64: relative error <= 1e-12; TF32: the TF32 naive reference of
+tests/helpers.py, tf32=True), plus the worst relative error seen. EMU_ARCH=80 or 90 (default) picks
+that GPU's configs. See README.md."""
 import os, sys
 import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -15,9 +17,11 @@ from helpers import assert_forward_rule, assert_backward_rule, random_inputs
 CASES = [
     "1,37,45,2,1,64,0,0", "1,37,45,2,1,64,1,0", "2,70,30,4,2,64,1,1",   # Sq > Sk: empty causal rows
     "1,1,77,2,2,64,1,0", "1,33,100,3,3,32,1,0", "1,50,50,2,1,40,0,1",    # seqlen_q 1, hd32, hd40 (bucket 64)
-    "1,45,61,2,1,128,1,0", "1,20,33,2,2,96,0,0", "1,24,40,2,1,256,1,0",  # 8-row warps, d_split 2
+    "1,45,61,2,1,128,1,0", "1,20,33,2,2,96,0,0", "1,24,40,2,1,256,1,0",  # 8-row warps (fp64), d_split 2
     "1,19,23,2,1,200,0,0", "1,65,65,2,2,64,1,0,1",                       # hd200 (bucket 224), scale 0
 ]
+TF32_CASES = ["1,29,70,2,1,160,1,0",    # the 192 backward (d_split 2)
+              "1,130,150,1,1,128,0,0"]  # several query and key tiles
 
 
 def bhsd(x):
@@ -31,21 +35,25 @@ def rel_err(got, want):
     return float(np.abs(got[fin] - want[fin]).max() / max(np.abs(want[fin]).max(), 1e-300))
 
 
+args = sys.argv[1:]
+tf32 = "--tf32" in args
+args = [a for a in args if a != "--tf32"]
+dtype = np.float32 if tf32 else np.float64
 rng = np.random.default_rng(0)
 worst = 0.0
-for spec in sys.argv[1:] or CASES:
+for spec in args or CASES + (TF32_CASES if tf32 else []):
     a = [int(x) for x in spec.split(",")]
     b, sq, sk, h, hk, d, causal, view = a[:8]
     scale = 0.0 if len(a) > 8 and a[8] else None
     causal = bool(causal)
-    q, k, v, do = random_inputs(rng, b, sq, sk, h, hk, d, np.float64, grad=True)
+    q, k, v, do = random_inputs(rng, b, sq, sk, h, hk, d, dtype, grad=True)
     xs = [bhsd(x) for x in (q, k, v, do)] if view else [q, k, v, do]
     shape = check_qkv(*xs[:3], softmax_scale=scale)
     emu.launches.clear()
-    out, lse = g.forward(*xs[:3], shape, causal=causal)
-    assert_forward_rule(out, lse, q, k, v, causal=causal, softmax_scale=scale)
-    grads = g.backward(xs[3], *xs[:3], out, lse, shape, causal=causal, deterministic=False)
-    assert_backward_rule(grads, do, q, k, v, causal=causal, softmax_scale=scale)
+    out, lse = g.forward(*xs[:3], shape, causal=causal, allow_tf32=tf32)
+    assert_forward_rule(out, lse, q, k, v, causal=causal, softmax_scale=scale, tf32=tf32)
+    grads = g.backward(xs[3], *xs[:3], out, lse, shape, causal=causal, deterministic=False, allow_tf32=tf32)
+    assert_backward_rule(grads, do, q, k, v, causal=causal, softmax_scale=scale, tf32=tf32)
     ref = reference.attention_forward(q, k, v, causal=causal, softmax_scale=scale)
     rg = reference.attention_backward(do, q, k, v, causal=causal, softmax_scale=scale)
     errs = [rel_err(out, ref[0]), rel_err(lse, ref[1])] + [rel_err(x, y) for x, y in zip(grads, rg)]
