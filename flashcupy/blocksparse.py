@@ -9,18 +9,25 @@ Supported block sizes: powers of two >= 64 in each direction (64, 128, 256, ...)
 tiles (64 or 128 query rows, 32-128 keys) divide them, so a kernel tile never straddles two mask
 blocks; time falls with the fraction of active blocks (density).
 
-The mask is built once and reused by every call (every layer of a model): the per-row lists of
-active key blocks (forward, dQ) and per-column lists of active query blocks (backward) are computed
-on the device on first use, with no host synchronisation, and cached on the object.
+A BlockMask is a value: it copies the caller's mask at construction (later writes to that array
+change nothing) and holds it read-only. The per-row lists of active key blocks (forward, dQ) and
+per-column lists of active query blocks (backward) are computed once, on the host, at construction.
+Their device copies are made per GPU outside the attention call: at construction on the current
+device when a GPU is usable, with BlockMask.prepare(device) for another one; the copy is waited
+for, so any stream may use them at once. A call that needs them on a device that has none while
+the current stream is capturing a CUDA graph raises RuntimeError (a copy cannot be captured), never
+a wrong answer. Keep the mask alive as long as any work that uses it, a captured graph included:
+the graph holds the device lists' addresses.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
-from ._arrays import cupy_or_none
+from ._arrays import cupy_or_none, gpu_available
 
 __all__ = ["BlockMask", "local", "causal_local", "butterfly", "bigbird", "from_element_mask"]
 
@@ -29,33 +36,106 @@ def _is_pow2_at_least_64(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool) and x >= 64 and (x & (x - 1)) == 0
 
 
+def _host_copy(mask) -> np.ndarray:
+    """A new NumPy array with the values of mask (NumPy, CuPy, or anything with __dlpack__)."""
+    if isinstance(mask, np.ma.MaskedArray):
+        raise TypeError("mask: expected a boolean array, got a numpy.ma.MaskedArray (its mask would be ignored)")
+    if isinstance(mask, np.ndarray):
+        return np.array(mask, copy=True)
+    cp = cupy_or_none()
+    if cp is not None and isinstance(mask, cp.ndarray):
+        return mask.get()  # waits for the current stream: the values the caller wrote on it
+    if hasattr(mask, "__dlpack__"):
+        dev = mask.__dlpack_device__()[0] if hasattr(mask, "__dlpack_device__") else None
+        if dev == 1 or cp is None:  # kDLCPU
+            return np.array(np.from_dlpack(mask), copy=True)
+        return cp.from_dlpack(mask).get()
+    return np.array(mask, copy=True)
+
+
+def _active_lists(m: np.ndarray):
+    """Along the last axis of bool m (..., n): (count (...,) int32, index (..., n) int32); index holds the
+    active positions first, ascending, then n as padding."""
+    n = m.shape[-1]
+    pos = np.where(m, np.arange(n, dtype=np.int32), np.int32(n))
+    count = np.ascontiguousarray(m.sum(axis=-1, dtype=np.int32))
+    index = np.ascontiguousarray(np.sort(pos, axis=-1).astype(np.int32))
+    return count, index
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
 class BlockMask:
-    """A boolean block mask and its block size.
+    """A boolean block mask and its block size; an immutable value.
 
     Args:
         mask: bool array (nblocks_q, nblocks_k), (nheads | 1, nblocks_q, nblocks_k) or
-            (batch | 1, nheads | 1, nblocks_q, nblocks_k); NumPy or CuPy. Leading 1s broadcast.
+            (batch | 1, nheads | 1, nblocks_q, nblocks_k); NumPy, CuPy or any __dlpack__ array. Leading
+            1s broadcast. It is copied (a CuPy mask waits for the current stream): writing to it
+            afterwards changes nothing.
         block_q, block_k: rows and keys per block; powers of two >= 64 (default 128).
 
+    Attributes: mask (batch | 1, nheads | 1, nblocks_q, nblocks_k), a read-only NumPy copy; block_q,
+    block_k. Two BlockMasks are equal (and hash equal) when their masks and block sizes are.
+
+    When a GPU is usable, construction also copies the block lists to the current CuPy device and
+    waits for that copy (this is not the attention call path; CuPy masks already synchronise to be
+    read). Use prepare(device) before using the mask on another device inside CUDA-graph capture.
+
     Raises:
-        TypeError: mask not a boolean array.
+        TypeError: mask not a boolean array (a numpy.ma.MaskedArray is refused too).
         ValueError: rank not 2..4, or block sizes not powers of two >= 64.
     """
 
     def __init__(self, mask, block_q: int = 128, block_k: int = 128):
         if not hasattr(mask, "shape") or not hasattr(mask, "dtype"):
             raise TypeError(f"mask: expected a boolean array, got {type(mask).__name__}")
-        if mask.dtype != np.bool_:
-            raise TypeError(f"mask: expected dtype bool, got {mask.dtype}")
-        if not 2 <= mask.ndim <= 4:
+        host = _host_copy(mask)
+        if host.dtype != np.bool_:
+            raise TypeError(f"mask: expected dtype bool, got {host.dtype}")
+        if not 2 <= host.ndim <= 4:
             raise ValueError(f"mask: expected shape (nblocks_q, nblocks_k) with up to two leading "
-                             f"(batch, nheads) dims, got {tuple(mask.shape)}")
+                             f"(batch, nheads) dims, got {tuple(host.shape)}")
         for name, b in (("block_q", block_q), ("block_k", block_k)):
             if not _is_pow2_at_least_64(b):
                 raise ValueError(f"{name}: expected a power of two >= 64, got {b!r}")
-        self.mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))
-        self.block_q, self.block_k = int(block_q), int(block_k)
-        self._lists = {}
+        host = _read_only(np.ascontiguousarray(host.reshape((1,) * (4 - host.ndim) + tuple(host.shape))))
+        kv_count, kv_index = _active_lists(host)
+        q_count, q_index = _active_lists(host.transpose(0, 1, 3, 2))
+        fields = dict(
+            mask=host, block_q=int(block_q), block_k=int(block_k),
+            _lists=tuple(_read_only(a) for a in (kv_count, kv_index, q_count, q_index)),
+            _device={},  # CuPy device id -> (mask, kv_count, kv_index, q_count, q_index) on that device
+            _lock=threading.Lock(),
+            _hash=hash((host.shape, int(block_q), int(block_k), host.tobytes())),
+        )
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+        if gpu_available():
+            self._upload_eagerly()
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"BlockMask is immutable: cannot set {name!r}; build a new BlockMask")
+
+    def __delattr__(self, name):
+        raise AttributeError(f"BlockMask is immutable: cannot delete {name!r}")
+
+    def __reduce__(self):  # pickle / copy: rebuild from the mask (device copies are made again)
+        return BlockMask, (self.mask, self.block_q, self.block_k)
+
+    def __eq__(self, other):
+        if self is other:
+            return True
+        if not isinstance(other, BlockMask):
+            return NotImplemented
+        return (self.block_q == other.block_q and self.block_k == other.block_k
+                and self.mask.shape == other.mask.shape and bool(np.array_equal(self.mask, other.mask)))
+
+    def __hash__(self):
+        return self._hash
 
     @property
     def nblocks_q(self) -> int:
@@ -87,32 +167,80 @@ class BlockMask:
                              f"got ({b}, {h})")
 
     def element_mask(self, seqlen_q: int, seqlen_k: int, rows=None, xp=np):
-        """bool (batch | 1, nheads | 1, rows, seqlen_k): the mask expanded to elements; rows = (i0, i1)."""
+        """bool (batch | 1, nheads | 1, rows, seqlen_k): the mask expanded to elements; rows = (i0, i1).
+        With xp = cupy it is computed on the current device from the mask's device copy."""
         i0, i1 = (0, seqlen_q) if rows is None else rows
-        m = xp.asarray(self.mask)
+        m = self.mask if xp is np else self._on_device(xp)[0]
         ri = xp.arange(i0, i1) // self.block_q
         ci = xp.arange(seqlen_k) // self.block_k
         return m[:, :, ri][:, :, :, ci]
 
     def lists(self, xp):
-        """(kv_count, kv_index, q_count, q_index) int32 on xp's device (cached).
+        """(kv_count, kv_index, q_count, q_index) int32: NumPy (read-only) for xp = numpy, else CuPy
+        arrays on the current device (made once per device; do not write to them).
 
-        kv_index[b, h, r, :kv_count[b, h, r]]: active key blocks of query block r, ascending;
-        q_index[b, h, c, :q_count[b, h, c]]: active query blocks of key block c, ascending.
+        kv_count (b | 1, h | 1, nblocks_q), kv_index (b | 1, h | 1, nblocks_q, nblocks_k):
+        kv_index[b, h, r, :kv_count[b, h, r]] are the active key blocks of query block r, ascending;
+        q_count (b | 1, h | 1, nblocks_k), q_index (b | 1, h | 1, nblocks_k, nblocks_q):
+        q_index[b, h, c, :q_count[b, h, c]] are the active query blocks of key block c, ascending.
+        The rest of each index row is padding (nblocks_k, resp. nblocks_q). All C-contiguous.
+
+        Raises RuntimeError when the current device has no copy yet and the current stream is capturing
+        a CUDA graph (call prepare() on that device before the capture).
         """
-        key = (xp.__name__, xp.cuda.Device().id if xp is not np else None)
-        if key not in self._lists:
-            m = xp.asarray(self.mask)
+        return self._lists if xp is np else self._on_device(xp)[1:]
 
-            def active_lists(m):  # along the last axis: active positions first, ascending
-                n = m.shape[-1]
-                pos = xp.where(m, xp.arange(n, dtype=xp.int32), xp.int32(n))
-                return m.sum(axis=-1, dtype=xp.int32), xp.ascontiguousarray(xp.sort(pos, axis=-1).astype(xp.int32))
+    def prepare(self, device=None) -> "BlockMask":
+        """Copy the mask and its block lists to a CuPy device (default: the current one), if not there yet,
+        and wait for the copy. Call it before using the mask inside CUDA-graph capture on a device other
+        than the one current at construction. Returns self. Raises RuntimeError while the current stream
+        of that device is capturing, or without cupy."""
+        cp = cupy_or_none()
+        if cp is None:
+            raise RuntimeError("BlockMask.prepare: cupy is not installed: pip install 'flashcupy[cuda13]'")
+        if device is None:
+            self._on_device(cp)
+        else:
+            with cp.cuda.Device(device):
+                self._on_device(cp)
+        return self
 
-            kv_count, kv_index = active_lists(m)
-            q_count, q_index = active_lists(m.transpose(0, 1, 3, 2))
-            self._lists[key] = (xp.ascontiguousarray(kv_count), kv_index, xp.ascontiguousarray(q_count), q_index)
-        return self._lists[key]
+    def _upload_eagerly(self):
+        """At construction: copy to the current device unless its current stream is capturing (then the
+        first use on that device, outside capture, or prepare() makes the copy)."""
+        cp = cupy_or_none()
+        if not _capturing(cp):
+            self._on_device(cp)
+
+    def _on_device(self, cp):
+        """(mask, kv_count, kv_index, q_count, q_index) on the current CuPy device, copied there on first
+        use (outside CUDA-graph capture only) and waited for: the copies are complete before this
+        returns, so kernels on any stream of that device can read them."""
+        dev = cp.cuda.runtime.getDevice()
+        arrays = self._device.get(dev)
+        if arrays is not None:
+            return arrays
+        if _capturing(cp):
+            raise RuntimeError(
+                f"block_mask: this BlockMask has no copy on device {dev} yet and the current stream is "
+                f"capturing a CUDA graph (a host-to-device copy cannot be captured); build the mask with "
+                f"device {dev} current, or call mask.prepare() on it, before the capture")
+        with self._lock:
+            arrays = self._device.get(dev)
+            if arrays is None:
+                stream = cp.cuda.get_current_stream()
+                arrays = tuple(cp.asarray(a) for a in (self.mask,) + self._lists)
+                stream.synchronize()  # the copies are done before any stream reads them
+                self._device[dev] = arrays
+        return arrays
+
+
+def _capturing(cp) -> bool:
+    """Whether the current CuPy stream is capturing a CUDA graph (an error asking counts as yes)."""
+    try:
+        return bool(cp.cuda.get_current_stream().is_capturing())
+    except Exception:  # e.g. the legacy stream while another stream captures in global mode
+        return True
 
 
 # ------------------------------------------------------------------------------------------------
