@@ -2,22 +2,28 @@
 
 Public API:
     flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, deterministic=False,
-                    return_lse=False)
-    flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False) -> AttnForward
-    flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
-                        rng_state=None, deterministic=False) -> (dq, dk, dv)
+                    return_lse=False, seed=None, block_mask=None, allow_tf32=False) -> out | (out, lse)
+    flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False, seed=None,
+                       block_mask=None, allow_tf32=False) -> AttnForward(out, lse, rng_state) (+ .options)
+    flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p, softmax_scale, causal, rng_state,
+                        deterministic=False, block_mask, allow_tf32, forward=None) -> (dq, dk, dv)
+        forward=fwd (the AttnForward) repeats the forward's options and checks every one given
+        explicitly; without it the options default to 0.0, None, False, None, None, False as in flash-attn.
+    AttnOptions: the forward's options the backward repeats (AttnForward.options).
+    BlockMask (flashcupy.blocksparse): an immutable block-sparse mask.
     flashcupy.reference: the NumPy float64 oracle (the specification).
 Layout BSHD; see README.md for the conventions.
 """
 
 from . import blocksparse, dropout, reference
 from .blocksparse import BlockMask
-from .interface import AttnForward, flash_attn_backward, flash_attn_forward, flash_attn_func
+from .interface import AttnForward, AttnOptions, flash_attn_backward, flash_attn_forward, flash_attn_func
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttnForward",
+    "AttnOptions",
     "BlockMask",
     "blocksparse",
     "dropout",

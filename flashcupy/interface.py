@@ -4,7 +4,8 @@ Where a call runs:
 - NumPy inputs run on the CPU (the chunked exact path) and return NumPy. float32 and float64
   compute in their own precision; float16 and bfloat16 compute in float32 and return their own
   dtype. Exception: NumPy float64 with head_dim <= 256 runs the fused float64 kernel when a GPU is
-  usable (copied there and back; NUMPY_FLOAT64_ON_GPU = False keeps it on the CPU).
+  usable (copied there and back; NUMPY_FLOAT64_ON_GPU = False keeps it on the CPU). Host tensors
+  with __dlpack__ (torch / JAX on the CPU) are read through np.from_dlpack and count as NumPy.
 - CuPy inputs, and any GPU array with __dlpack__ / __cuda_array_interface__ (torch, JAX; converted
   zero-copy by cupy.from_dlpack), run on the current CuPy device and stream and return CuPy arrays.
   float16 / bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/; dropout and
@@ -14,10 +15,14 @@ Where a call runs:
   head_dim 160): flashcupy._gpu_simt. float32 / float64 with dropout or a block mask, and
   head_dim > 256, run the chunked path on the GPU (exact, O(N) memory, not fused; allow_tf32 unused).
 No call synchronises with the host, so GPU calls can be captured into a CUDA graph.
+
+flash_attn_forward returns AttnForward (a 3-tuple out, lse, rng_state, plus .options, an AttnOptions);
+flash_attn_backward(dout, q, k, v, forward=fwd) repeats and checks the forward's options.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -27,12 +32,71 @@ from ._arrays import array_module, cupy_or_none, gpu_available, is_half, lse_dty
 from ._validate import AttnShape, check_bool, check_like, check_lse, check_qkv
 
 
-class AttnForward(NamedTuple):
-    """What flash_attn_forward returns: everything flash_attn_backward needs besides q, k, v."""
+@dataclass(frozen=True)
+class AttnOptions:
+    """The options of one flash_attn_forward call that its backward must repeat (AttnForward.options).
 
+    flash_attn_backward(..., forward=fwd) takes them from here and raises ValueError when an option it
+    is given explicitly differs. Options the forward gains later (window_size, softcap, ...) join here.
+    """
+
+    causal: bool
+    softmax_scale: float  # as resolved: head_dim ** -0.5 when the forward was given None
+    dropout_p: float  # as given (the keep-mask rounds it to a multiple of 2^-16)
+    block_mask: object  # flashcupy.blocksparse.BlockMask or None (compared by value)
+    allow_tf32: bool  # as given; compared only where it changes the result (float32 on the GPU)
+
+
+class _AttnForwardTuple(NamedTuple):
     out: object  # (batch, seqlen_q, nheads, head_dim), dtype of q
     lse: object  # (batch, nheads, seqlen_q), float32 (float64 for float64 inputs); -inf on empty rows
     rng_state: object  # dropout (seed, offset), or None without dropout
+
+
+class AttnForward(_AttnForwardTuple):
+    """What flash_attn_forward returns: the 3-tuple (out, lse, rng_state), and .options (AttnOptions).
+
+    `out, lse, rng_state = flash_attn_forward(...)` unpacks as always; options is an attribute, not a
+    fourth item. Give the whole record to the backward, flash_attn_backward(dout, q, k, v, forward=fwd),
+    and it repeats the forward's options and checks that out, lse and rng_state are the forward's.
+    Immutable. A record built by hand, or by _replace / _make, has options None and cannot be passed
+    as forward=.
+    """
+
+    options = None  # AttnOptions on records made by flash_attn_forward (set per instance in __new__)
+
+    def __new__(cls, out, lse, rng_state, options: AttnOptions | None = None):
+        self = super().__new__(cls, out, lse, rng_state)
+        self.__dict__["options"] = options
+        return self
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"AttnForward is immutable: cannot set {name!r}")
+
+    def __reduce__(self):
+        return AttnForward, (self.out, self.lse, self.rng_state, self.options)
+
+    def __repr__(self):
+        return (f"AttnForward(out={self.out!r}, lse={self.lse!r}, rng_state={self.rng_state!r}, "
+                f"options={self.options!r})")
+
+
+class _FromForward:
+    """The default of flash_attn_backward's options: the forward's value when forward= is given, else
+    the plain default (causal False, softmax_scale head_dim ** -0.5, dropout_p 0, no rng_state, no
+    block_mask, allow_tf32 False)."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "FROM_FORWARD"
+
+    def __reduce__(self):
+        return "FROM_FORWARD"
+
+
+FROM_FORWARD = _FromForward()
+_PLAIN_DEFAULTS = dict(causal=False, softmax_scale=None, dropout_p=0.0, block_mask=None, allow_tf32=False)
 
 
 MAX_KERNEL_HEAD_DIM = 256
@@ -86,7 +150,7 @@ def _chunked_dropout(xp, shape, dropout_p, rng_state):
     return keep_fn, dropout.effective_dropout_p(dropout_p)
 
 
-def _check_block_mask(block_mask, shape):
+def _check_block_mask(block_mask, shape, xp=np):
     if block_mask is None:
         return None
     from .blocksparse import BlockMask
@@ -94,6 +158,8 @@ def _check_block_mask(block_mask, shape):
     if not isinstance(block_mask, BlockMask):
         raise TypeError(f"block_mask: expected a flashcupy.blocksparse.BlockMask or None, got {type(block_mask).__name__}")
     block_mask.check(shape.batch, shape.nheads, shape.seqlen_q, shape.seqlen_k)
+    if xp is not np:
+        block_mask.lists(xp)  # its device copy exists before any work is queued (RuntimeError under capture if not)
     return block_mask
 
 
@@ -102,6 +168,43 @@ def _visible_fn(xp, shape, block_mask):
     if block_mask is None:
         return None
     return lambda i0, i1: block_mask.element_mask(shape.seqlen_q, shape.seqlen_k, rows=(i0, i1), xp=xp)
+
+
+def _address(x) -> int:
+    """Data pointer of a NumPy or CuPy array."""
+    return int(x.__array_interface__["data"][0]) if isinstance(x, np.ndarray) else int(x.data.ptr)
+
+
+def _same_array(a, b) -> bool:
+    """a is b, or the same memory seen the same way (kind, data pointer, shape, strides, dtype). Never
+    compares values (that would synchronise with the GPU)."""
+    return a is b or (type(a) is type(b) and tuple(a.shape) == tuple(b.shape) and tuple(a.strides) == tuple(b.strides)
+                      and a.dtype == b.dtype and _address(a) == _address(b))
+
+
+def _check_matches_forward(forward, xp, dtype, shape, *, out, lse, causal, softmax_scale, dropout_p, block_mask,
+                           allow_tf32):
+    """ValueError naming the first of the backward's options and arrays that is not the forward's."""
+    opts = forward.options
+    if causal != opts.causal:
+        raise ValueError(f"causal: expected the forward's causal={opts.causal}, got {causal}")
+    if shape.softmax_scale != opts.softmax_scale:
+        got = f"None, i.e. head_dim ** -0.5 = {shape.softmax_scale!r}" if softmax_scale is None else repr(softmax_scale)
+        raise ValueError(f"softmax_scale: expected the forward's softmax_scale={opts.softmax_scale!r} (as resolved), "
+                         f"got {got}")
+    if dropout_p != opts.dropout_p:
+        raise ValueError(f"dropout_p: expected the forward's dropout_p={opts.dropout_p!r}, got {dropout_p!r}")
+    if not (block_mask is opts.block_mask or (block_mask is not None and block_mask == opts.block_mask)):
+        raise ValueError(f"block_mask: expected the forward's block_mask (an equal mask with the same blocks) "
+                         f"{opts.block_mask!r}, got {block_mask!r}")
+    if xp is not np and np.dtype(dtype) == np.float32 and allow_tf32 != opts.allow_tf32:
+        raise ValueError(f"allow_tf32: expected the forward's allow_tf32={opts.allow_tf32} (float32 on the GPU: "
+                         f"it changes the result), got {allow_tf32}")
+    for name, got, want in (("out", out, forward.out), ("lse", lse, forward.lse)):
+        if not _same_array(got, want):
+            raise ValueError(f"{name}: expected the forward's {name} (forward.{name}: the same array by data pointer, "
+                             f"shape and strides; values are not compared), got a different "
+                             f"{type(got).__name__} of shape {tuple(got.shape)}")
 
 
 def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False, seed=None,
@@ -120,7 +223,8 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
             flash-attn >= 2.1): query i sees key j iff j <= i + seqlen_k - seqlen_q. Rows that see
             no key (i < seqlen_q - seqlen_k) give out 0 and lse -inf.
         seed: dropout only: an int seed (offset 0) or a (seed, offset) pair; default: the library
-            generator's next state (flashcupy.dropout.manual_seed makes runs reproducible).
+            generator's next state (flashcupy.dropout.manual_seed makes runs reproducible). With
+            dropout_p=0 it is ignored (not even validated) and rng_state is None.
         block_mask: a flashcupy.blocksparse.BlockMask: only its active (query block, key block)
             tiles are computed (FlashAttention Sec. 3.3); combines with causal and dropout. Rows whose
             blocks are all inactive give out 0 and lse -inf.
@@ -132,13 +236,40 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
             float32. Several times faster than the exact float32 kernel. Default False: exact FFMA.
 
     Returns:
-        AttnForward(out, lse, rng_state): out like q; lse (batch, nheads, seqlen_q) natural-log
-        logsumexp of the scaled scores (of the softmax before dropout), float32 (float64 for float64
-        inputs); rng_state the dropout (seed, offset) to give the backward, None without dropout.
+        AttnForward(out, lse, rng_state), a 3-tuple: out like q; lse (batch, nheads, seqlen_q)
+        natural-log logsumexp of the scaled scores (of the softmax before dropout), float32 (float64
+        for float64 inputs); rng_state the dropout (seed, offset) to give the backward, None without
+        dropout. Its attribute options (AttnOptions: causal, softmax_scale as resolved, dropout_p,
+        block_mask, allow_tf32) is what flash_attn_backward(dout, q, k, v, forward=fwd) repeats and checks.
+
+    Non-finite and huge inputs are not checked; what they give (measured on the CPU path):
+        - a NaN in row i of q, or a +inf score in it (an inf in q or k of the right sign): out row i
+          is NaN and its lse is -inf (as an empty row's: test out, not lse, for NaN); a -inf score
+          just hides that key;
+        - a NaN in key j of k: every row that sees key j is NaN, lse -inf;
+        - a NaN in v[b, j, hk, d] makes out[b, :, h, d] NaN for every query head h of group hk, in
+          every row, even rows that cannot see key j (their weight 0 times NaN is NaN); an inf there
+          gives inf where key j has weight and NaN elsewhere; lse stays finite;
+        - overflow: scores are (q k^T) * softmax_scale in the compute dtype (float32 for float16,
+          bfloat16 and float32 inputs, float64 for float64); once |q . k| passes its maximum
+          (3.4e38: e.g. float32 entries ~1e20 at head_dim 8, or the ~1e30 of a diverging model) the
+          scores overflow to +-inf and every row with a +inf score comes out all NaN, lse -inf (in
+          practice all of them). Below that, out and lse stay finite (lse ~ the largest score).
+          float16 inputs cannot overflow (65504**2 * head_dim < 3.4e38); float64 overflows past
+          ~1e154 entries.
+        The GPU kernels' behaviour on such inputs is not specified (not measured).
+        NumPy emits RuntimeWarnings ("invalid value", "overflow") in these cases. In the backward any
+        NaN or inf spreads (0 * inf, 0 * NaN) through most of dq, dk and dv.
 
     Raises:
-        TypeError: non-array inputs, unsupported or mismatched dtypes, host and device arrays mixed.
+        TypeError: non-array inputs (a numpy.ma.MaskedArray too: its mask would be ignored), a host
+            __dlpack__ array NumPy cannot import, unsupported or mismatched dtypes, host and device
+            arrays mixed, non-bool flags.
         ValueError: wrong ranks or shapes, nheads not a multiple of nheads_k, bad scalars.
+        RuntimeError: a block_mask with no copy on the current device while the stream is capturing
+            a CUDA graph (BlockMask.prepare).
+
+    Host arrays with __dlpack__ (torch / JAX CPU tensors) run on the CPU path and return NumPy.
 
     Source: FlashAttention-2 forward (arXiv 2307.08691, Algorithm 1); see flashcupy.reference.
     """
@@ -146,21 +277,22 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
     shape = check_qkv(q, k, v, softmax_scale, dropout_p)
     causal = check_bool("causal", causal)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
-    block_mask = _check_block_mask(block_mask, shape)
+    block_mask = _check_block_mask(block_mask, shape, xp)
     dropout_p = float(dropout_p)
+    options = AttnOptions(causal, shape.softmax_scale, dropout_p, block_mask, allow_tf32)
     rng_state = None
     if dropout_p > 0:
         rng_state = dropout.default_generator.next_state() if seed is None else dropout.check_rng_state("seed", seed)
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
         out = xp.zeros(q.shape, dtype=q.dtype)
         lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, dtype=lse_dtype(q.dtype))
-        return AttnForward(out, lse, rng_state)
+        return AttnForward(out, lse, rng_state, options)
     if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernel -> NumPy
         cp = cupy_or_none()
         res = flash_attn_forward(*(cp.asarray(x) for x in (q, k, v)), dropout_p=dropout_p,
                                  softmax_scale=softmax_scale, causal=causal, seed=rng_state, block_mask=block_mask,
                                  allow_tf32=allow_tf32)
-        return AttnForward(res.out.get(), res.lse.get(), res.rng_state)
+        return AttnForward(res.out.get(), res.lse.get(), res.rng_state, options)
     if _use_kernels(xp, q.dtype, shape):
         from . import _gpu
 
@@ -174,31 +306,66 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
         keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
         out, lse = _chunked.forward(q, k, v, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
                                     keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
-    return AttnForward(out, lse, rng_state)
+    return AttnForward(out, lse, rng_state, options)
 
 
-def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale=None, causal=False,
-                        rng_state=None, deterministic=False, block_mask=None, allow_tf32=False):
+def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FORWARD, softmax_scale=FROM_FORWARD,
+                        causal=FROM_FORWARD, rng_state=FROM_FORWARD, deterministic=False, block_mask=FROM_FORWARD,
+                        allow_tf32=FROM_FORWARD, forward=None):
     """Gradients of attention with respect to q, k and v, recomputing P from lse.
+
+    Two ways to call it:
+        fwd = flash_attn_forward(q, k, v, causal=True, ...)
+        dq, dk, dv = flash_attn_backward(dout, q, k, v, forward=fwd)           # options from fwd, checked
+        dq, dk, dv = flash_attn_backward(dout, q, k, v, fwd.out, fwd.lse, causal=True, ...)  # flash-attn style
 
     Args:
         dout: gradient of the loss with respect to out, shape and dtype of q; any strides.
-        q, k, v, out, lse: the forward's inputs and outputs (see flash_attn_forward).
-        dropout_p, softmax_scale, causal, block_mask: as given to the forward.
-        rng_state: the forward's rng_state (dropout only).
+        q, k, v: the forward's inputs.
+        out, lse: the forward's outputs; optional with forward= (then they must be forward.out and
+            forward.lse themselves: the same arrays by data pointer, shape and strides; values are
+            never compared, so the check costs no host synchronisation).
+        forward: the AttnForward flash_attn_forward returned. The options below then default to the
+            forward's (AttnForward.options), and one given explicitly must equal it.
+        dropout_p, softmax_scale, causal, block_mask: as given to the forward (softmax_scale is compared
+            as resolved: None means head_dim ** -0.5; a block_mask by value). Without forward= they
+            default to 0.0, None, False, None.
+        rng_state: the forward's rng_state (dropout only; with forward=, forward.rng_state). An
+            rng_state with dropout_p=0 raises ValueError: it means the forward had dropout.
         deterministic: bitwise-reproducible gradients on the GPU (the CPU path always is).
         allow_tf32: as flash_attn_forward: float32 gradients from the TF32 tensor cores (all five
             products take TF32 operands; relative errors ~1e-3). Always bitwise reproducible there.
+            With forward=, compared only for float32 on the GPU (elsewhere it changes nothing).
 
     Returns:
         (dq, dk, dv) shaped and typed like q, k, v; dk and dv are summed over the query heads of a
         group (MQA/GQA). Rows with no visible key contribute nothing.
 
     Raises: as flash_attn_forward, plus ValueError/TypeError for a dout, out or lse that does not
-    match the forward.
+    match the forward; TypeError for a forward that is not flash_attn_forward's AttnForward; ValueError
+    naming the argument for any option, out, lse or rng_state that differs from forward's.
 
     Source: FlashAttention backward (arXiv 2205.14135, Algorithm 4; arXiv 2307.08691, Algorithm 2).
     """
+    if forward is not None and not (isinstance(forward, AttnForward) and forward.options is not None):
+        got = ("an AttnForward without options (built by hand or by _replace)" if isinstance(forward, AttnForward)
+               else type(forward).__name__)
+        raise TypeError(f"forward: expected the AttnForward returned by flash_attn_forward, got {got}")
+    opts = None if forward is None else forward.options
+    if forward is not None:
+        out = forward.out if out is None else out
+        lse = forward.lse if lse is None else lse
+    for name, x in (("out", out), ("lse", lse)):
+        if x is None:
+            raise TypeError(f"{name}: expected the forward's {name} (or forward=, the AttnForward of "
+                            f"flash_attn_forward), got None")
+    given = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, block_mask=block_mask,
+                 allow_tf32=allow_tf32)
+    causal, softmax_scale, dropout_p, block_mask, allow_tf32 = (
+        (_PLAIN_DEFAULTS[n] if opts is None else getattr(opts, n)) if given[n] is FROM_FORWARD else given[n]
+        for n in ("causal", "softmax_scale", "dropout_p", "block_mask", "allow_tf32"))
+    if rng_state is FROM_FORWARD:
+        rng_state = None if forward is None else forward.rng_state
     xp, (dout, q, k, v, out, lse) = array_module(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
     shape = check_qkv(q, k, v, softmax_scale, dropout_p)
     check_like("dout", dout, q.shape, q.dtype, "q")
@@ -207,12 +374,22 @@ def flash_attn_backward(dout, q, k, v, out, lse, *, dropout_p=0.0, softmax_scale
     causal = check_bool("causal", causal)
     deterministic = check_bool("deterministic", deterministic)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
-    block_mask = _check_block_mask(block_mask, shape)
+    block_mask = _check_block_mask(block_mask, shape, xp)
     dropout_p = float(dropout_p)
+    if opts is not None:
+        _check_matches_forward(forward, xp, q.dtype, shape, out=out, lse=lse, causal=causal,
+                               softmax_scale=given["softmax_scale"], dropout_p=dropout_p, block_mask=block_mask,
+                               allow_tf32=allow_tf32)
     if dropout_p > 0:
         if rng_state is None:
             raise ValueError("rng_state: expected the forward's rng_state (seed, offset) when dropout_p > 0, got None")
         rng_state = dropout.check_rng_state("rng_state", rng_state)
+        if forward is not None and rng_state != forward.rng_state:
+            raise ValueError(f"rng_state: expected the forward's rng_state {forward.rng_state!r}, got {rng_state!r}")
+    elif rng_state is not None:
+        raise ValueError(f"rng_state: expected None with dropout_p=0 (an rng_state comes from a forward with "
+                         f"dropout: give the backward its dropout_p too), got {rng_state!r}")
+    softmax_scale = shape.softmax_scale
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
         return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
     if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernels -> NumPy
@@ -240,12 +417,16 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *,
                     return_lse=False, seed=None, block_mask=None, allow_tf32=False):
     """Exact attention softmax(q k^T * softmax_scale) v, computed without storing the attention matrix.
 
-    q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim). Arguments
-    and errors as flash_attn_forward. Returns out (like q), or (out, lse) when return_lse is True.
+    q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim). Arguments,
+    errors and the behaviour on NaN, inf and overflow as flash_attn_forward (seed is ignored when
+    dropout_p is 0). Returns out (like q), or (out, lse) when return_lse is True; return_lse and
+    deterministic must be bools (deterministic only concerns a backward: validated, unused here).
     For gradients use flash_attn_forward / flash_attn_backward, or the tape (flashcupy.tape).
-    NumPy in -> NumPy out (CPU); CuPy / __dlpack__ in -> CuPy out (GPU), on the current stream.
+    NumPy (and host __dlpack__) in -> NumPy out (CPU); CuPy / GPU __dlpack__ in -> CuPy out (GPU), on
+    the current stream.
     """
     check_bool("deterministic", deterministic)
+    return_lse = check_bool("return_lse", return_lse)
     res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed,
                              block_mask=block_mask, allow_tf32=allow_tf32)
     return (res.out, res.lse) if return_lse else res.out

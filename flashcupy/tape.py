@@ -612,9 +612,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
                              **extra)
 
     def backward(g):
-        dq, dk, dv = flash_attn_backward(g.astype(run, copy=False), qd, kd, vd, fwd.out, fwd.lse,
-                                         dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
-                                         rng_state=fwd.rng_state, deterministic=deterministic, **extra)
+        # forward=fwd: the backward repeats the forward's options and rng_state and checks out, lse are its own
+        dq, dk, dv = flash_attn_backward(g.astype(run, copy=False), qd, kd, vd, forward=fwd,
+                                         deterministic=deterministic)
         _accumulate(q, dq)
         _accumulate(k, dk)
         _accumulate(v, dv)

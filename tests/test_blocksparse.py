@@ -1,12 +1,16 @@
 """Block-sparse attention: the BlockMask type and its builders, the CPU path and (GPU) the kernels,
 against the oracle with the mask expanded to elements (DESIGN.md's rule)."""
 
+import pickle
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from helpers import assert_backward_rule, assert_dropout_rule, assert_forward_rule, random_inputs, to_numpy
+from helpers import (assert_backward_rule, assert_dropout_rule, assert_forward_rule, random_inputs, same_bits,
+                     to_numpy)
 
 import flashcupy
 from flashcupy import blocksparse as bs
@@ -47,6 +51,147 @@ def test_lists_are_ascending_active_blocks():
                 want = np.flatnonzero(m[b, h, :, c])
                 assert q_count[b, h, c] == len(want) and (q_index[b, h, c, : len(want)] == want).all()
     assert mask.lists(np) is mask.lists(np)  # built once, reused
+
+
+def _brute_force_lists(m):
+    """(kv_count, kv_index, q_count, q_index) of a (b, h, nbq, nbk) bool mask, one block at a time."""
+    b, h, nbq, nbk = m.shape
+    kv_count, q_count = np.zeros((b, h, nbq), np.int32), np.zeros((b, h, nbk), np.int32)
+    kv_index, q_index = np.full((b, h, nbq, nbk), nbk, np.int32), np.full((b, h, nbk, nbq), nbq, np.int32)
+    for i in range(b):
+        for j in range(h):
+            for r in range(nbq):
+                for c in range(nbk):
+                    if m[i, j, r, c]:
+                        kv_index[i, j, r, kv_count[i, j, r]] = c
+                        kv_count[i, j, r] += 1
+            for c in range(nbk):
+                for r in range(nbq):
+                    if m[i, j, r, c]:
+                        q_index[i, j, c, q_count[i, j, c]] = r
+                        q_count[i, j, c] += 1
+    return kv_count, kv_index, q_count, q_index
+
+
+@settings(max_examples=40, deadline=None)
+@given(lead=st.sampled_from([(), (3,), (1, 2), (2, 1), (2, 3)]), nbq=st.integers(1, 9), nbk=st.integers(1, 9),
+       kind=st.sampled_from(["random", "holes", "single", "all"]), seed=st.integers(0, 2**32 - 1))
+def test_lists_equal_a_brute_force_computation(lead, nbq, nbk, kind, seed):
+    """Every list, its padding (nblocks) included, and the layout _gpu.py reads: int32, C-contiguous,
+    (b | 1, h | 1, nblocks, nblocks) indices and (b | 1, h | 1, nblocks) counts."""
+    m = _random_block_mask(np.random.default_rng(seed), lead, nbq, nbk, kind)
+    mask = bs.BlockMask(m, 64, 64)
+    m4 = m.reshape((1,) * (2 - len(lead)) + m.shape)
+    for got, want in zip(mask.lists(np), _brute_force_lists(m4)):
+        assert got.dtype == np.int32 and got.flags.c_contiguous and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_mutating_the_callers_array_changes_nothing():
+    """The mask is copied at construction: writing to the array it came from afterwards changes neither
+    the mask, nor its lists, nor a result."""
+    rng = np.random.default_rng(0)
+    m = _random_block_mask(rng, (2,), 3, 2, "holes")
+    original = m.copy()
+    mask = bs.BlockMask(m, 64, 64)
+    q, k, v, do = random_inputs(rng, 1, 150, 100, 2, 1, 8, np.float64, grad=True)
+    before = flashcupy.flash_attn_forward(q, k, v, block_mask=mask)
+    m[...] = ~m  # the caller reuses its array
+    assert np.array_equal(mask.mask[0], original)
+    for got, want in zip(mask.lists(np), _brute_force_lists(original[None])):
+        np.testing.assert_array_equal(got, want)
+    after = flashcupy.flash_attn_forward(q, k, v, block_mask=mask)
+    fresh = flashcupy.flash_attn_forward(q, k, v, block_mask=bs.BlockMask(original, 64, 64))
+    assert same_bits(after.out, before.out) and same_bits(after.out, fresh.out) and same_bits(after.lse, fresh.lse)
+    grads = flashcupy.flash_attn_backward(do, q, k, v, forward=after)
+    want = flashcupy.flash_attn_backward(do, q, k, v, forward=fresh)
+    assert all(same_bits(a, b) for a, b in zip(grads, want))
+
+
+def test_block_mask_is_read_only():
+    mask = bs.BlockMask(np.eye(3, dtype=bool), 64, 128)
+    with pytest.raises(ValueError, match="read-only"):
+        mask.mask[0, 0, 0, 1] = True
+    for a in mask.lists(np):
+        with pytest.raises(ValueError, match="read-only"):
+            a[(0,) * a.ndim] = 1
+    for name, value in (("mask", np.ones((3, 3), bool)), ("block_q", 128), ("_lists", None)):
+        with pytest.raises(AttributeError, match=f"BlockMask is immutable: cannot set '{name}'"):
+            setattr(mask, name, value)
+    with pytest.raises(AttributeError, match="BlockMask is immutable"):
+        del mask.block_k
+    assert mask.block_q == 64 and mask.block_k == 128 and np.array_equal(mask.mask[0, 0], np.eye(3, dtype=bool))
+
+
+def test_block_mask_is_a_value():
+    """Equal masks and block sizes compare and hash equal; pickling and copying rebuild an equal mask."""
+    import copy
+
+    m = np.random.default_rng(1).random((2, 4, 3)) < 0.5
+    a, b = bs.BlockMask(m, 64, 128), bs.BlockMask(m.copy(), 64, 128)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != bs.BlockMask(m, 128, 128) and a != bs.BlockMask(~m, 64, 128) and a != "mask"
+    for c in (pickle.loads(pickle.dumps(a)), copy.copy(a), copy.deepcopy(a)):
+        assert c == a and c is not a and not c.mask.flags.writeable
+
+
+def test_block_mask_inputs():
+    """Host __dlpack__ arrays are read through NumPy; masked arrays and lists are refused."""
+
+    class HostDLPack:  # a torch / JAX CPU tensor, as flashcupy sees one
+        def __init__(self, a):
+            self._a, self.shape, self.dtype = a, a.shape, a.dtype
+
+        def __dlpack__(self, *args, **kwargs):
+            return self._a.__dlpack__(*args, **kwargs)
+
+        def __dlpack_device__(self):
+            return (1, 0)  # kDLCPU
+
+    m = np.random.default_rng(2).random((3, 2)) < 0.5
+    assert bs.BlockMask(HostDLPack(m), 64, 64) == bs.BlockMask(m, 64, 64)
+    with pytest.raises(TypeError, match="mask: expected a boolean array, got a numpy.ma.MaskedArray"):
+        bs.BlockMask(np.ma.MaskedArray(m, mask=~m), 64, 64)
+    with pytest.raises(TypeError, match="mask: expected a boolean array, got list"):
+        bs.BlockMask(m.tolist(), 64, 64)
+
+
+class _FakeStream:
+    def __init__(self, capturing):
+        self.capturing, self.synchronized = capturing, 0
+
+    def is_capturing(self):
+        return self.capturing
+
+    def synchronize(self):
+        self.synchronized += 1
+
+
+def _fake_cupy(stream, device=3):
+    """Just enough of the cupy module for BlockMask's device cache: 'device' copies are NumPy copies."""
+    cuda = SimpleNamespace(runtime=SimpleNamespace(getDevice=lambda: device), get_current_stream=lambda: stream)
+    return SimpleNamespace(cuda=cuda, asarray=lambda a: np.array(a, copy=True))
+
+
+def test_device_lists_are_copied_once_outside_capture_and_refused_inside():
+    """The device cache's logic, with a stand-in for cupy: under capture a device without a copy raises the
+    error that tells the user what to do; outside capture the copy is made once, waited for, and reused
+    (also under capture)."""
+    mask = bs.BlockMask(np.random.default_rng(3).random((2, 3, 4)) < 0.5, 64, 64)
+    capturing = _FakeStream(capturing=True)
+    with pytest.raises(RuntimeError, match=r"block_mask: .*no copy on device 3 yet.*capturing a CUDA graph.*"
+                                           r"mask.prepare\(\)"):
+        mask.lists(_fake_cupy(capturing))
+    eager = _FakeStream(capturing=False)
+    lists = mask.lists(_fake_cupy(eager))
+    assert eager.synchronized == 1  # the copy is complete before any stream reads it
+    for got, want in zip(lists, mask.lists(np)):
+        np.testing.assert_array_equal(got, want)
+    assert all(a is b for a, b in zip(mask.lists(_fake_cupy(capturing)), lists))  # cached per device
+    assert eager.synchronized == 1
+    assert mask.element_mask(150, 256, xp=np).shape == (1, 2, 150, 256)
+    with pytest.raises(RuntimeError, match="no copy on device 4 yet"):  # another device: its own copy
+        mask.lists(_fake_cupy(capturing, device=4))
 
 
 def test_validation_errors():
@@ -200,3 +345,151 @@ def test_gpu_block_mask_with_dropout_and_causal(rng, dtype):
     keep = flashcupy.dropout.keep_mask(*state, 2, 4, 300, 300, p)
     assert_dropout_rule(res.out, grads, do, q, k, v, keep, flashcupy.dropout.effective_dropout_p(p), causal=True,
                         mask=mask.element_mask(300, 300))
+
+
+# GPU: the BlockMask is a value on the device too (issue 13, item 6). Before, its device lists were made
+# on first use and cached: first used inside CUDA-graph capture they were allocated but only filled at
+# replay, and a later eager call read garbage (max error 0.91 on an H200); a mutated caller array left
+# the kernels on stale lists; first use on one stream raced a second stream.
+
+_SEQ, _HEADS, _HEAD_DIM, _BLOCKS = 256, 2, 64, (64, 128)
+
+
+def _mask_and_inputs(rng):
+    """A (nheads, 4, 2) block mask with an empty query-block row, and fp16 CuPy q, k, v, dout (1, 256, 2, 64)."""
+    cp = _cp()
+    m = _random_block_mask(rng, (_HEADS,), _SEQ // _BLOCKS[0], _SEQ // _BLOCKS[1], "random")
+    m[0, 1, :] = False  # head 0, query block 1 sees nothing: out 0, lse -inf there
+    m[1, :, 0] = True
+    xs = [cp.asarray(x) for x in random_inputs(rng, 1, _SEQ, _SEQ, _HEADS, _HEADS, _HEAD_DIM, np.float16, grad=True)]
+    cp.cuda.Device().synchronize()
+    return m, xs
+
+
+def _fwd_bwd(xs, mask, causal):
+    """(out, lse, dq, dk, dv) on the current stream; the backward deterministic, so bits are comparable."""
+    q, k, v, do = xs
+    res = flashcupy.flash_attn_forward(q, k, v, causal=causal, block_mask=mask)
+    grads = flashcupy.flash_attn_backward(do, q, k, v, forward=res, deterministic=True)
+    return (res.out, res.lse, *grads)
+
+
+def _assert_same_bits(got, want):
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert same_bits(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_first_use_inside_graph_capture(rng, causal):
+    """A mask built outside capture and first used inside it: the graph's replay and a later eager call
+    give the bits of a fresh mask's eager call."""
+    cp = _cp()
+    m, xs = _mask_and_inputs(rng)
+    want = _fwd_bwd(xs, bs.BlockMask(m, *_BLOCKS), causal)  # also compiles every kernel outside the capture
+    mask = bs.BlockMask(m, *_BLOCKS)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            got = _fwd_bwd(xs, mask, causal)
+        finally:
+            graph = stream.end_capture()
+        for x in got:
+            x.fill(0)
+        graph.launch(stream)
+    stream.synchronize()
+    _assert_same_bits(got, want)
+    _assert_same_bits(_fwd_bwd(xs, mask, causal), want)  # the bug: this eager call was off by up to 0.91
+    cp.cuda.Device().synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_mask_without_device_copy_raises_under_capture_then_prepare_works(rng):
+    """A mask with no copy on the device (here: built while a capture was running, which skips the eager
+    copy) raises RuntimeError naming block_mask and prepare() under capture, and queues nothing; after
+    prepare() the same capture works and replays to a fresh mask's bits."""
+    cp = _cp()
+    m, xs = _mask_and_inputs(rng)
+    want = _fwd_bwd(xs, bs.BlockMask(m, *_BLOCKS), True)
+    scratch = cp.zeros(1, dtype=cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        try:
+            scratch += 1  # the graph is not empty
+            mask = bs.BlockMask(m, *_BLOCKS)  # construction under capture: no device copy
+            with pytest.raises(RuntimeError, match=r"block_mask: .*no copy on device \d+ yet.*capturing.*prepare"):
+                flashcupy.flash_attn_forward(*xs[:3], causal=True, block_mask=mask)
+        finally:
+            stream.end_capture()
+    stream.synchronize()
+    assert mask.prepare() is mask
+    with stream:
+        stream.begin_capture()
+        try:
+            got = _fwd_bwd(xs, mask, True)
+        finally:
+            graph = stream.end_capture()
+        for x in got:
+            x.fill(0)
+        graph.launch(stream)
+    stream.synchronize()
+    _assert_same_bits(got, want)
+    _assert_same_bits(_fwd_bwd(xs, mask, True), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["cupy", "numpy"])
+def test_gpu_mutating_the_callers_array_changes_no_result(rng, source):
+    """Writing to the array a mask was built from, before or after its first use, changes no bit of the
+    fused forward or backward."""
+    cp = _cp()
+    m, xs = _mask_and_inputs(rng)
+    want = _fwd_bwd(xs, bs.BlockMask(m, *_BLOCKS), True)
+    arr = cp.asarray(m) if source == "cupy" else m.copy()
+    early = bs.BlockMask(arr, *_BLOCKS)
+    arr[...] = ~arr  # before the first use
+    late = bs.BlockMask(~arr, *_BLOCKS)
+    _assert_same_bits(_fwd_bwd(xs, early, True), want)
+    _assert_same_bits(_fwd_bwd(xs, late, True), want)
+    arr[...] = True  # after the first use
+    _assert_same_bits(_fwd_bwd(xs, early, True), want)
+    _assert_same_bits(_fwd_bwd(xs, late, True), want)
+    other = _fwd_bwd(xs, bs.BlockMask(arr, *_BLOCKS), True)  # the mutated array is a different mask
+    assert not same_bits(other[0], want[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prepared", ["at construction", "on first use"])
+def test_gpu_first_use_on_one_stream_then_another(rng, prepared):
+    """First use on a non-default stream, then at once (no synchronisation between) on another: both give
+    a fresh mask's bits. 'on first use': the mask was built with no device copy (under a capture), so the
+    first call makes it, on stream A."""
+    cp = _cp()
+    m, xs = _mask_and_inputs(rng)
+    want = _fwd_bwd(xs, bs.BlockMask(m, *_BLOCKS), True)
+    cp.cuda.Device().synchronize()
+    stream_a, stream_b = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    if prepared == "at construction":
+        with stream_a:
+            mask = bs.BlockMask(cp.asarray(m), *_BLOCKS)
+    else:
+        capture = cp.cuda.Stream(non_blocking=True)
+        scratch = cp.zeros(1, dtype=cp.float32)
+        with capture:
+            capture.begin_capture()
+            try:
+                scratch += 1
+                mask = bs.BlockMask(m, *_BLOCKS)
+            finally:
+                capture.end_capture()
+        capture.synchronize()
+    with stream_a:
+        got_a = _fwd_bwd(xs, mask, True)
+    with stream_b:
+        got_b = _fwd_bwd(xs, mask, True)
+    stream_a.synchronize()
+    stream_b.synchronize()
+    _assert_same_bits(got_a, want)
+    _assert_same_bits(got_b, want)

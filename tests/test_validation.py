@@ -173,6 +173,77 @@ def test_host_device_mix(call):
         call(q, FakeDeviceArray(), v)
 
 
+class HostDLPack:
+    """A host tensor with __dlpack__ (torch / JAX on the CPU, as flashcupy sees one), wrapping a NumPy array."""
+
+    def __init__(self, a, refuse=False):
+        self._a, self._refuse = a, refuse
+        self.shape, self.dtype = a.shape, a.dtype
+
+    def __dlpack__(self, *args, **kwargs):
+        if self._refuse:  # as torch for a tensor that requires grad
+            raise BufferError("cannot export this tensor")
+        return self._a.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return (1, 0)  # kDLCPU
+
+
+@pytest.mark.parametrize("wrap", ["q", "k", "qkv"])
+def test_host_dlpack_arrays_run_on_the_cpu_and_return_numpy(wrap):
+    """Host __dlpack__ inputs (any of them; mixed with NumPy too) are taken through np.from_dlpack: same
+    bits as the NumPy call, NumPy out, for every entry point."""
+    q, k, v = qkv()
+    dout = np.random.default_rng(1).standard_normal(q.shape).astype(np.float32)
+    args = {n: (HostDLPack(x) if n in wrap else x) for n, x in zip("qkv", (q, k, v))}
+    want = flash_attn_forward(q, k, v, causal=True)
+    got = flash_attn_forward(**args, causal=True)
+    assert isinstance(got.out, np.ndarray) and same_bits(got.out, want.out) and same_bits(got.lse, want.lse)
+    assert same_bits(flash_attn_func(**args, causal=True), want.out)
+    want_g = flash_attn_backward(dout, q, k, v, want.out, want.lse, causal=True)
+    got_g = flash_attn_backward(HostDLPack(dout), *args.values(), HostDLPack(got.out), HostDLPack(got.lse), causal=True)
+    assert all(isinstance(g, np.ndarray) and same_bits(g, w) for g, w in zip(got_g, want_g))
+
+
+@entry_points
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_host_dlpack_numpy_cannot_import(call, name):
+    arrays = dict(zip("qkv", qkv()))
+    arrays[name] = HostDLPack(arrays[name], refuse=True)
+    with pytest.raises(TypeError, match=msg(f"{name}: expected a host __dlpack__ array NumPy can import",
+                                            "got HostDLPack", "BufferError: cannot export")):
+        call(**arrays)
+
+
+@entry_points
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_masked_array_refused(call, name):
+    """numpy.ma.MaskedArray inputs would run with their mask ignored: refused, naming the argument."""
+    arrays = dict(zip("qkv", qkv()))
+    arrays[name] = np.ma.MaskedArray(arrays[name], mask=arrays[name] > 1)
+    with pytest.raises(TypeError, match=msg(f"{name}: expected a plain NumPy array, got a numpy.ma.MaskedArray",
+                                            "ignore")):
+        call(**arrays)
+
+
+@pytest.mark.parametrize("name", ["dout", "out", "lse"])
+def test_backward_masked_array_refused(name):
+    args = grad_inputs()
+    args[name] = np.ma.MaskedArray(args[name])  # even with nothing masked: not a plain array
+    with pytest.raises(TypeError, match=msg(f"{name}: expected a plain NumPy array, got a numpy.ma.MaskedArray")):
+        flash_attn_backward(**args)
+
+
+@pytest.mark.parametrize("call, names", [(flash_attn_func, "q, k, v"), (flash_attn_forward, "q, k, v"),
+                                         (flash_attn_backward, "dout, q, k, v, out, lse")], ids=list(ENTRY_POINTS))
+def test_gpu_arrays_without_cupy_name_the_arguments(call, names, monkeypatch):
+    from flashcupy import _arrays
+
+    monkeypatch.setattr(_arrays, "cupy_or_none", lambda: None)
+    with pytest.raises(TypeError, match=msg(f"{names}: got GPU arrays", "cupy is not installed")):
+        call(**{n: FakeDeviceArray() for n in names.split(", ")})
+
+
 @pytest.mark.gpu
 def test_host_device_mix_with_cupy():
     cp = pytest.importorskip("cupy")
@@ -239,6 +310,28 @@ def test_causal_accepts_numpy_bool():
 def test_deterministic_not_bool(call, value):
     with pytest.raises(TypeError, match=msg("deterministic: expected a bool", f"got {type(value).__name__}")):
         call(*qkv(), deterministic=value)
+
+
+@pytest.mark.parametrize("value", [1, 0, "no", None, 1.0, "yes"])
+def test_return_lse_not_bool(value):
+    with pytest.raises(TypeError, match=msg("return_lse: expected a bool", f"got {type(value).__name__}")):
+        flash_attn_func(*qkv(), return_lse=value)
+
+
+def test_return_lse_accepts_numpy_bool():
+    q, k, v = qkv()
+    out, lse = flash_attn_func(q, k, v, return_lse=np.bool_(True))
+    assert lse.shape == (B, H, SQ)
+    assert isinstance(flash_attn_func(q, k, v, return_lse=np.bool_(False)), np.ndarray)
+
+
+def test_seed_is_ignored_without_dropout():
+    """Documented: seed only matters with dropout_p > 0; with dropout_p = 0 it is not even validated."""
+    q, k, v = qkv()
+    want = flash_attn_forward(q, k, v)
+    for seed in (7, (1, 2), "not a seed"):
+        got = flash_attn_forward(q, k, v, seed=seed)
+        assert got.rng_state is None and same_bits(got.out, want.out)
 
 
 @entry_points
@@ -375,3 +468,43 @@ def test_kernel_path_validates_allow_tf32_everywhere():
         with pytest.raises(TypeError, match="allow_tf32"):
             kernel_path(head_dim=64, allow_tf32="yes", **kw)
     assert kernel_path(np.float32, 64, on_gpu=False, allow_tf32=True) == "NumPy chunked path"
+
+
+# ---------------------------------------------------------------------------------------------------
+# not validated: non-finite and huge values (what flash_attn_forward's docstring says they give)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_inputs_give_nan_rows_with_lse_minus_inf(dtype):
+    q, k, v = qkv(dtype, b=1, h=1, hk=1, sk=SQ)
+    q[0, 1, 0, 0] = np.nan  # query row 1
+    res = flash_attn_forward(q, k, v)
+    assert np.isnan(res.out[0, 1]).all() and res.lse[0, 0, 1] == -np.inf
+    assert np.isfinite(np.delete(res.out, 1, axis=1)).all() and np.isfinite(np.delete(res.lse, 1, axis=2)).all()
+    q, k, v = qkv(dtype, b=1, h=1, hk=1, sk=SQ)
+    k[0, 2, 0, 0] = np.nan  # key 2: causal rows >= 2 see it
+    res = flash_attn_forward(q, k, v, causal=True)
+    assert np.isfinite(res.out[0, :2]).all() and np.isnan(res.out[0, 2:]).all()
+    assert (res.lse[0, 0, 2:] == -np.inf).all() and np.isfinite(res.lse[0, 0, :2]).all()
+    q, k, v = qkv(dtype, b=1, h=1, hk=1, sk=SQ)
+    v[0, 2, 0, 0] = np.nan  # a value: column 0 of out is NaN in every row, even those that cannot see key 2
+    res = flash_attn_forward(q, k, v, causal=True)  # (their weight of key 2 is 0, and 0 * NaN is NaN)
+    assert np.isnan(res.out[0, :, 0, 0]).all() and np.isfinite(res.out[..., 1:]).all() and np.isfinite(res.lse).all()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype, finite, overflows", [(np.float32, 1e15, 1e30), (np.float16, 200.0, None),
+                                                      (np.float64, 1e30, 1e160)])
+def test_overflowing_scores_give_all_nan(dtype, finite, overflows):
+    """Scores are q k^T in the compute dtype (float32 for float16 and float32): past its maximum they are
+    inf and the rows are NaN with lse -inf; below it out and lse are finite."""
+    q, k, v = qkv(np.float64)
+    for amp, ok in ((finite, True), (overflows, False)):
+        if amp is None:
+            continue
+        res = flash_attn_forward(*(x.astype(dtype) for x in (q * amp, k * amp, v)))
+        if ok:
+            assert np.isfinite(res.out).all() and np.isfinite(res.lse).all()
+        else:
+            assert np.isnan(res.out).all() and (res.lse == -np.inf).all()
