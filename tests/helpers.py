@@ -39,17 +39,22 @@ Every function accepts NumPy arrays or anything with .get() (CuPy), so GPU tests
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from flashcupy import reference
 from flashcupy._arrays import bfloat16, dtype_name, lse_dtype
 
-FLOOR_ULPS = 4  # "a few ulps of T at the output's magnitude"
 FLOAT64_RTOL = 1e-12
 TF32_MANTISSA_BITS = 10  # explicit mantissa bits of TF32 (float32 has 23)
 TF32_EPS = 2.0**-TF32_MANTISSA_BITS  # its machine epsilon; unit roundoff TF32_EPS / 2 = 2^-11
-OUT_FACTOR = 2
-GRAD_FACTOR = 3
+OUT_FACTOR = 2  # criterion 1: err_kernel <= 2 err_naive + floor, outputs
+GRAD_FACTOR = 2  # and gradients
+ULP_OFFSET = 0.3  # criterion 1's floor: one ulp of T at |oracle| + 0.3 (flash-attn's)
+RMS_FACTOR = 1.5  # criterion 2: rms(err_kernel) <= 1.5 rms(err_naive) + floor (why: statistics_bounds)
+BIAS_FACTOR = 2  # criterion 2: |bias(err_kernel)| <= 2 |bias(err_naive)| + NOISE_Z standard errors + floor
+NOISE_Z = 4  # standard errors of random rounding a statistic of criterion 2 may sit away from 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -259,25 +264,38 @@ def magnitude_of(*arrays) -> float:
     return m
 
 
+def ulp(x, dtype):
+    """One ulp of dtype T at |x| (elementwise, float64): the spacing 2^floor(log2 |x|) * eps(T) of the
+    T values around |x|. For |x| >= T's smallest normal number (the rule takes it at |x| + 0.3)."""
+    _, exponent = np.frexp(np.abs(np.asarray(x, dtype=np.float64)))  # |x| = m 2^exponent, 0.5 <= m < 1
+    return np.ldexp(eps(dtype), exponent - 1)
+
+
 def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, score_magnitude=0.0,
                stored_magnitude=0.0, tf32=False):
-    """The largest err_kernel DESIGN.md's rule allows for input dtype T:
+    """Criterion 1 of DESIGN.md's rule (module docstring): the largest |kernel - oracle| allowed at an
+    element whose oracle value has magnitude `magnitude` (a scalar or an array: elementwise), for input
+    dtype T:
 
-        factor * err_naive + FLOOR_ULPS * eps(T) * magnitude + eps(A) * (1 + sigma) * terms
-                           + eps(T) * stored
+        FACTOR * err_naive + ulp_T(magnitude + ULP_OFFSET) + eps(A) * (1 + sigma) * terms + eps(T) * stored
 
-    with factor 2 (outputs) or 3 (gradients) and A the accumulation dtype (float32; float64 for
-    float64). The last term is one ulp of A at the magnitude of the summed terms (`terms`, e.g.
+    FACTOR = 2 for outputs and gradients (OUT_FACTOR, GRAD_FACTOR), err_naive = max|naive in T - oracle|
+    over the tensor, A the accumulation dtype (float32; float64 for float64).
+    ulp_T(|oracle| + 0.3): flash-attn's floor (2 * the rounding error of oracle + 0.3 in T, i.e. up to
+    one ulp), taken at each element's own magnitude: what storing a result in T may cost, with 0.3 (the
+    scale of attention outputs and gradients of unit-normal inputs) keeping the floor of elements that
+    cancel to ~0 at the ulp of a typical value rather than at the ulp of 0.
+    eps(A) * (1 + sigma) * terms: one ulp of A at the magnitude of the summed terms (`terms`, e.g.
     max(P |V|) for out), amplified by exp(): a score s of size sigma carries an absolute rounding
     error ~eps(A) * sigma in any evaluation in A, which exp() turns into a relative error of P, and
     so does an LSE of size sigma stored in A (DESIGN.md: float32). For float16 / bfloat16 inputs it is
     negligible (eps(float32) = eps(float16) / 8192); for float32 inputs, whose naive attention runs in
     the kernel's own precision, it is what float32 arithmetic can promise.
-    The last term is one ulp of T at the magnitude `stored` of what the rounding of a tensor stored
+    eps(T) * stored: one ulp of T at the magnitude `stored` of what the rounding of a tensor stored
     in T and read back can move: the backward reads out in T (half an ulp off the exact output) and
     forms D = rowsum(dO o O) from it, so dq and dk carry eps(T) * scale * rowsum(|dO| o |O|) (P |K|)
     even where the exact gradient cancels to 0 (see Magnitudes.dq_stored).
-    float64 inputs: err_kernel <= 1e-12 * max(magnitude, terms).
+    float64 inputs: err_kernel <= 1e-12 * max(magnitude, terms), magnitude = max|oracle|.
     tf32 (float32 inputs, TF32 products; err_naive from naive attention with tf32=True): the same
     bound, except that the stored term takes TF32_EPS instead of eps(float32). The backward's
     dP = dO V^T reads dO and V rounded to TF32, while D = rowsum(dO o O) reads dO as stored and an O
@@ -288,41 +306,211 @@ def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, 
     dtype = np.dtype(dtype)
     terms = magnitude if term_magnitude is None else term_magnitude
     if dtype == np.float64:
-        return FLOAT64_RTOL * max(magnitude, terms)
+        return FLOAT64_RTOL * np.maximum(magnitude, terms)
     factor = GRAD_FACTOR if grad else OUT_FACTOR
     stored_eps = TF32_EPS if tf32 else eps(dtype)
-    return (factor * err_naive + FLOOR_ULPS * eps(dtype) * magnitude
-            + eps(accum_dtype(dtype)) * (1.0 + score_magnitude) * terms + stored_eps * stored_magnitude)
+    return (factor * err_naive + ulp(np.asarray(magnitude, dtype=np.float64) + ULP_OFFSET, dtype)
+            + accum_floor(dtype, terms, score_magnitude) + stored_eps * stored_magnitude)
+
+
+def accum_floor(dtype, term_magnitude, score_magnitude=0.0):
+    """eps(A) * (1 + sigma) * terms (see rule_bound): what arithmetic in the accumulation dtype A can
+    promise; the one floor of the rule that may be systematic (a bias), so criterion 2 takes it whole."""
+    return eps(accum_dtype(dtype)) * (1.0 + score_magnitude) * term_magnitude
+
+
+class RuleRatios(NamedTuple):
+    """err / bound of each criterion of the rule for one tensor (<= 1 passes): max (criterion 1, the
+    worst element), rms and bias (criterion 2; bias: the worse of the mean and the oracle-direction
+    bias). worst: the largest of the three."""
+
+    max: float
+    rms: float
+    bias: float
+
+    @property
+    def worst(self) -> float:
+        return max(self.max, self.rms, self.bias)
+
+
+def _ratio(err, bound):
+    err, bound = float(err), float(bound)
+    if err <= bound:
+        return err / bound if bound > 0 else 0.0
+    return err / bound if bound > 0 else float("inf")
+
+
+class _Rows:
+    """The rows of a tensor for criterion 2's statistics: the last axis of a 4-D (B, S, H, D) tensor (one
+    query's or key's head_dim values, whose rounding errors share that row's P, dS and D), each element
+    on its own otherwise (the LSE). Rows whose oracle values are identical (softmax_scale 0 without a
+    mask, one visible key: the same computation on the same inputs) carry the same rounding errors, so
+    the statistics count them as one row (their errors summed)."""
+
+    def __init__(self, oracle, finite):
+        d = oracle.shape[-1] if oracle.ndim == 4 else 1
+        rows = np.where(finite, oracle, np.inf).reshape(-1, d)
+        self.d = d
+        if len(np.unique(rows @ np.sin(np.arange(1.0, d + 1.0)))) == len(rows):  # cheap: no two rows alike
+            self.inverse, self.n_rows, self.n = None, len(rows), max(int(finite.sum()), 1)
+            return
+        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        self.inverse, self.n_rows = inverse.reshape(-1), len(first)
+        self.n = max(int(finite.reshape(-1, d)[first].sum()), 1)  # finite elements of the distinct rows
+
+    def merged(self, x):
+        """x (shaped like the oracle) summed over identical rows: (distinct rows, d)."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1, self.d)
+        if self.inverse is None:
+            return x
+        acc = np.zeros((self.n_rows, self.d))
+        np.add.at(acc, self.inverse, x)
+        return acc
+
+    def bias(self, e, u):
+        """(b, se): the bias of the error e along the direction u, b = sum(e u) / sum(u^2) (the mean error
+        for u = 1; for u = oracle, b is the relative error of a kernel computing (1 + b) * oracle), and its
+        standard error if the rows' errors were independent and zero-mean,
+        se = sqrt(sum over rows of (sum_row e u)^2) / sum(u^2)."""
+        w = float((u * u).sum())
+        r = self.merged(e * u).sum(axis=1)
+        return float(r.sum()) / w, float(np.sqrt((r * r).sum())) / w
+
+    def independent_se(self, h, u):
+        """sqrt(sum (h u)^2) / sum(u^2): the standard error of bias() for errors of size h independent
+        across a row's elements (still identical across identical rows)."""
+        return float(np.sqrt((self.merged(h * u) ** 2).sum())) / float((u * u).sum())
+
+
+def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
+                score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
+                stored_dtype=None) -> RuleRatios:
+    """err / bound of DESIGN.md's rule for one tensor, by criterion (module docstring; rule_bound,
+    statistics_bounds). naive: the naive result in T, a list of them (evaluation orders: err_naive and
+    the naive statistics are then the largest over the list), or None for float64.
+
+    magnitude: None (default) takes criterion 1's floor at each element's own |oracle| (float64: at
+    max|oracle|); a number takes it there for every element. term_magnitude, score_magnitude,
+    stored_magnitude: the scalar floors of rule_bound. terms, stored: elementwise magnitudes shaped like
+    the oracle for criterion 2 (Magnitudes: what the kernel rounds to T in the last product, and the
+    stored-output mismatch); None: 0, and the scalar stored_magnitude for stored. stored_dtype: the
+    dtype the result is stored in (the LSE: float32), default T.
+    """
+    dtype = np.dtype(dtype)
+    got = to_numpy(got).astype(np.float64)
+    oracle = to_numpy(oracle).astype(np.float64)
+    err = max_abs_err(got, oracle)
+    if dtype == np.float64:
+        mag = magnitude_of(oracle) if magnitude is None else magnitude
+        return RuleRatios(_ratio(err, rule_bound(dtype, 0.0, mag, term_magnitude=term_magnitude)), 0.0, 0.0)
+    naives = [to_numpy(x).astype(np.float64) for x in (naive if isinstance(naive, list) else [naive])]
+    if not np.isfinite(err):
+        return RuleRatios(float("inf"), float("inf"), float("inf"))
+    finite = np.isfinite(oracle)  # -inf (LSE of a row with no visible key) coincides, as err checked
+    o = np.where(finite, oracle, 0.0)
+    e = np.where(finite, got - o, 0.0)
+    ens = [np.where(finite, x - o, 0.0) for x in naives]
+    err_naive = max(max_abs_err(x, oracle) for x in naives)
+    kw = dict(grad=grad, term_magnitude=magnitude_of(oracle) if term_magnitude is None else term_magnitude,
+              score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32)
+    bound = rule_bound(dtype, err_naive, np.abs(o) if magnitude is None else magnitude, **kw)
+    ratio_max = float((np.abs(e) / bound).max()) if e.size else 0.0
+    rms_bound, bias_bounds = statistics_bounds(o, ens, dtype, finite=finite, terms=terms, stored=stored,
+                                               stored_dtype=stored_dtype, **kw)
+    ratio_rms = _ratio(np.sqrt(np.mean(e * e)) if e.size else 0.0, rms_bound)
+    rows = _Rows(o, finite)
+    ratio_bias = 0.0
+    for u, bias_bound in zip((np.where(finite, 1.0, 0.0), o), bias_bounds):
+        if bias_bound is not None:
+            ratio_bias = max(ratio_bias, _ratio(abs(rows.bias(e, u)[0]), bias_bound))
+    return RuleRatios(ratio_max, ratio_rms, ratio_bias)
+
+
+def statistics_bounds(oracle, naive_errors, dtype, *, finite=None, grad=False, term_magnitude=0.0,
+                      score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
+                      stored_dtype=None):
+    """Criterion 2 of DESIGN.md's rule (module docstring) for one tensor of N finite elements:
+    (rms bound, (bias bound along 1, bias bound along oracle)); a bias bound is None where its
+    direction is 0 (an all-zero oracle).
+
+        rms(err)             <= RMS_FACTOR * rms(err_naive) + eps(T) * rms(stored) + accum
+                                + NOISE_Z * rms(h) / sqrt(N)
+        |bias_u(err)|        <= BIAS_FACTOR * |bias_u(err_naive)| + NOISE_Z * sqrt(se_u(err_naive)^2 + se_u(h)^2)
+                                + accum * sum|u| / sum(u^2)
+
+    for the directions u = 1 (the mean error) and u = oracle (a relative error common to the tensor,
+    out * 1.01). bias_u(e) = sum(e u) / sum(u^2); se_u(e) = sqrt(sum over rows of (sum_row e u)^2) / sum(u^2)
+    is its standard error if the rows' errors were independent and zero-mean (a row: one query's or
+    key's head_dim values, which share that row's P, dS and D; each LSE value alone); se_u(h) takes
+    every element's error at its bound h with the sign of u (correlated within a row, independent
+    across rows).
+
+    h = u(S) |oracle| + u(T) terms + eps(T) stored, elementwise: a kernel that follows DESIGN.md's
+    equations rounds its result to the dtype S it is stored in (half an ulp, unit roundoff u = eps / 2)
+    and the A operand of its last product to T (P before P V, dS before dS K and dS^T Q: `terms` is that
+    product's sum of absolute values, Magnitudes.*_terms), and reads back the stored output (`stored`,
+    Magnitudes.*_stored_elem); everything else it does in float32 (accum). tf32: u(T) is TF32's unit
+    roundoff and eps(T) TF32_EPS. Rounding errors are random: they enter the statistics divided by
+    sqrt(N) (or through se_u), so h sets the floor of small problems (a few rows, where naive attention's
+    own statistics are a handful of random draws) and fades on large ones, where err_naive's decide;
+    accum, the one floor that may be systematic, enters whole.
+    """
+    dtype = np.dtype(dtype)
+    o = np.asarray(oracle, dtype=np.float64)
+    finite = np.ones(o.shape, dtype=bool) if finite is None else finite
+    o = np.where(finite, o, 0.0)
+    n = max(int(finite.sum()), 1)
+    rows = _Rows(o, finite)
+    stored_eps = TF32_EPS if tf32 else eps(dtype)
+    u_op = TF32_EPS / 2 if tf32 else eps(dtype) / 2
+    u_store = eps(dtype if stored_dtype is None else stored_dtype) / 2
+    accum = accum_floor(dtype, term_magnitude, score_magnitude)
+    if stored is None:
+        stored_rms, stored_arr = stored_magnitude, 0.0
+    else:
+        stored_arr = np.where(finite, np.asarray(stored, dtype=np.float64), 0.0)
+        stored_rms = float(np.sqrt(np.sum(stored_arr**2) / n))
+    terms_arr = 0.0 if terms is None else np.where(finite, np.asarray(terms, dtype=np.float64), 0.0)
+    h = np.where(finite, u_store * np.abs(o) + u_op * terms_arr, 0.0)  # independent per element
+    h_row = np.where(finite, stored_eps * stored_arr, 0.0)  # one D per row: common to a row's elements
+
+    def rms(x):
+        return float(np.sqrt(np.sum(x * x) / n))
+
+    rms_bound = (RMS_FACTOR * max(rms(x) for x in naive_errors) + stored_eps * stored_rms + accum
+                 + NOISE_Z * float(np.hypot(rms(h), rms(h_row))) / np.sqrt(rows.n))
+    bias_bounds = []
+    for u in (np.where(finite, 1.0, 0.0), o):
+        w = float((u * u).sum())
+        if w == 0.0:
+            bias_bounds.append(None)
+            continue
+        naive_bias = max(abs(rows.bias(x, u)[0]) for x in naive_errors)
+        naive_se = max(rows.bias(x, u)[1] for x in naive_errors)
+        h_se = float(np.hypot(rows.independent_se(h, np.abs(u)), rows.bias(h_row, np.abs(u))[1]))
+        bias_bounds.append(BIAS_FACTOR * naive_bias + NOISE_Z * float(np.hypot(naive_se, h_se))
+                           + accum * float(np.abs(u).sum()) / w)
+    return rms_bound, tuple(bias_bounds)
 
 
 def check_rule(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
-               score_magnitude=0.0, stored_magnitude=0.0, tf32=False):
-    """Assert DESIGN.md's rule (see rule_bound) for one tensor; naive may be None for float64, or a
-    list of naive results (evaluation orders): err_naive is then the largest of their errors.
-
-    magnitude defaults to max|oracle|. tf32: naive has TF32 products (see rule_bound). Returns (err_kernel, bound).
-    """
-    dtype = np.dtype(dtype)
-    err = max_abs_err(got, oracle)
-    mag = magnitude_of(oracle) if magnitude is None else magnitude
-    if dtype == np.float64:
-        err_naive = 0.0
-    elif isinstance(naive, list):
-        err_naive = max(max_abs_err(x, oracle) for x in naive)
-    else:
-        err_naive = max_abs_err(naive, oracle)
-    bound = rule_bound(dtype, err_naive, mag, grad=grad, term_magnitude=term_magnitude,
-                       score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32)
-    what = dtype_name(dtype) + (", TF32 products" if tf32 else "")
-    assert err <= bound, (f"{name} ({what}): err_kernel {err:.3e} > bound {bound:.3e} "
-                          f"(err_naive {err_naive:.3e}, magnitude {mag:.3e}, terms {term_magnitude}, "
-                          f"scores {score_magnitude:.3g}, stored {stored_magnitude:.3g}, "
-                          f"{'gradient' if grad else 'output'} rule)")
-    return err, bound
+               score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
+               stored_dtype=None) -> RuleRatios:
+    """Assert DESIGN.md's rule (module docstring) for one tensor: both criteria, by rule_ratios (see
+    there for the arguments). Returns the RuleRatios (each <= 1)."""
+    r = rule_ratios(name, got, oracle, naive, dtype, grad=grad, magnitude=magnitude, term_magnitude=term_magnitude,
+                    score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32, terms=terms,
+                    stored=stored, stored_dtype=stored_dtype)
+    what = dtype_name(np.dtype(dtype)) + (", TF32 products" if tf32 else "")
+    assert r.worst <= 1.0, (f"{name} ({what}): err_kernel / bound = {r.max:.3g} (max, criterion 1), "
+                            f"{r.rms:.3g} (rms), {r.bias:.3g} (bias, criterion 2); "
+                            f"{'gradient' if grad else 'output'} rule, err_kernel {max_abs_err(got, oracle):.3e}")
+    return r
 
 
 class Magnitudes:
-    """Term magnitudes of one attention problem, in float64 from the oracle's P (see rule_bound).
+    """Term magnitudes of one attention problem, in float64 from the oracle's P (see rule_bound and
+    statistics_bounds). Scalars (criterion 1's floors):
 
     sigma: largest |scaled score| a visible entry can carry, scale * (|q| |k|^T), or |LSE| if larger.
     out:   max(P |V|).
@@ -333,9 +521,20 @@ class Magnitudes:
     (D = rowsum(dO o O), as the flash backward computes it) still leaves noise of the terms' size.
     dq_stored, dk_stored: what an O off by |O| (a relative error of 1) moves dq and dk by through
     D = rowsum(dO o O): scale * rowsum(|dO| o |O|) (P |K|), and its transpose with |Q|.
+
+    Elementwise (BSHD like the tensor; criterion 2's h):
+    out_terms: P |V|, the terms of O = P V, whose A operand P a kernel rounds to T.
+    dq_terms, dk_terms, dv_terms: scale * |dS| |K|, scale * |dS|^T |Q|, P^T |dO| (group sums), with the
+           exact dS = P o (dP - D): the products whose A operand (dS, P) a kernel rounds to T.
+    dq_stored_elem, dk_stored_elem, dv_stored_elem: what D = rowsum(dO o O) read from an O off by
+           |O| moves each element by: dq through dS = P (dP - D): scale * rowsum(|dO| o |O|) |P K|;
+           dk: scale * sqrt(P^2^T (rowsum(|dO| o |O|)^2 |Q|^2)) (one such error per query row, random
+           across rows, added in quadrature); dv: 0.
+    keep, p_eff (dropout): the elementwise arrays are those of the dropped problem (P o Z / (1 - p_eff)
+    in O and dV, dP o Z / (1 - p_eff) in dS); the scalars stay the undropped problem's.
     """
 
-    def __init__(self, q, k, v, dout=None, *, softmax_scale=None, causal=False, mask=None):
+    def __init__(self, q, k, v, dout=None, *, softmax_scale=None, causal=False, mask=None, keep=None, p_eff=0.0):
         q, k, v = (to_numpy(x).astype(np.float64) for x in (q, k, v))
         batch, seqlen_q, nheads, head_dim = q.shape
         seqlen_k, nheads_k = k.shape[1], k.shape[2]
@@ -350,31 +549,46 @@ class Magnitudes:
         self.sigma = max(magnitude_of(s_abs), magnitude_of(lse))
         pv = p @ va  # (B, H, Sq, D)
         self.out = magnitude_of(pv)
-        if dout is None:
-            return
-        doa = np.abs(to_numpy(dout).astype(np.float64)).transpose(0, 2, 1, 3)
-        terms = p * (doa @ va.swapaxes(-1, -2) + (doa * pv).sum(axis=-1, keepdims=True))
+        z = 1.0 if keep is None else to_numpy(keep).astype(np.float64) / (1.0 - p_eff)
+        pz = p * z  # P o Z / (1 - p): what multiplies V and dO
+        bshd = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
 
         def group_sum(x):
             return x.reshape(batch, nheads_k, group, seqlen_k, head_dim).sum(axis=2)
 
+        self.out_terms = bshd(np.sqrt(pz**2 @ va**2))
+        if dout is None:
+            return
+        do = to_numpy(dout).astype(np.float64).transpose(0, 2, 1, 3)
+        doa = np.abs(do)
+        terms = p * (doa @ va.swapaxes(-1, -2) + (doa * pv).sum(axis=-1, keepdims=True))
         self.dq = scale * magnitude_of(terms @ ka)
         self.dk = scale * magnitude_of(group_sum(terms.swapaxes(-1, -2) @ qa))
         self.dv = magnitude_of(group_sum(p.swapaxes(-1, -2) @ doa))
-        d_abs = (doa * np.abs(p @ np.repeat(v.transpose(0, 2, 1, 3), group, axis=1))).sum(axis=-1, keepdims=True)
+        kh = np.repeat(k.transpose(0, 2, 1, 3), group, axis=1)
+        vh = np.repeat(v.transpose(0, 2, 1, 3), group, axis=1)
+        d_abs = (doa * np.abs(p @ vh)).sum(axis=-1, keepdims=True)
         self.dq_stored = scale * magnitude_of(d_abs * (p @ ka))
         self.dk_stored = scale * magnitude_of(group_sum(p.swapaxes(-1, -2) @ (d_abs * qa)))
         self.dv_stored = 0.0
+        # elementwise, of the (dropped) problem: exact dS, its terms and the stored-output mismatch, each a
+        # sum of independent rounding errors: added in quadrature
+        o_z = pz @ vh
+        dp = (do @ vh.swapaxes(-1, -2)) * z
+        ds = p * (dp - (do * o_z).sum(axis=-1, keepdims=True))
+        self.dq_terms = scale * bshd(np.sqrt(ds**2 @ ka**2))
+        self.dk_terms = scale * bshd(np.sqrt(group_sum((ds**2).swapaxes(-1, -2) @ qa**2)))
+        self.dv_terms = bshd(np.sqrt(group_sum((pz**2).swapaxes(-1, -2) @ doa**2)))
+        d_q = np.sqrt(((do * o_z) ** 2).sum(axis=-1, keepdims=True))  # (B, H, Sq, 1)
+        self.dq_stored_elem = scale * bshd(d_q * np.abs(p @ kh))
+        self.dk_stored_elem = scale * bshd(np.sqrt(group_sum((p * p).swapaxes(-1, -2) @ (d_q**2 * qa**2))))
+        self.dv_stored_elem = np.zeros_like(self.dv_terms)
 
 
-def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
-    """Check a kernel's (out, lse) for inputs q, k, v against the oracle by DESIGN.md's rule.
-
-    lse may be None. The dtype T is q's. Accepts NumPy or CuPy arrays.
-    tf32: for float32 inputs, T is float32 with TF32 products (allow_tf32=True): err_naive is the
-    larger error of naive_forward(..., tf32=True) in the "torch" and the "design" order (see the
-    module docstring). Other dtypes ignore it (as allow_tf32 does) and take their own rule.
-    """
+def forward_rule_inputs(q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """{"out": kwargs, "lse": kwargs}: what check_rule needs besides (name, got) for a forward on
+    q, k, v (oracle, naive, dtype and the floors); the work of assert_forward_rule that does not depend
+    on the kernel's result, so several results can be checked against one problem."""
     q, k, v = (to_numpy(x) for x in (q, k, v))
     dtype = q.dtype
     tf32 = bool(tf32) and dtype == np.float32
@@ -388,17 +602,15 @@ def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, 
     else:
         nv_out, nv_lse = naive_forward(q, k, v, **kw)
     mags = Magnitudes(q, k, v, **kw)
-    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out, score_magnitude=mags.sigma, tf32=tf32)
-    if lse is not None:
-        lse = to_numpy(lse)
-        assert lse.dtype == lse_dtype(dtype), f"lse dtype {lse.dtype}, expected {lse_dtype(dtype)}"
-        # lse = m + log(l): its terms are of size 1 around the scores' own magnitude sigma
-        check_rule("lse", lse, ref_lse, nv_lse, dtype, term_magnitude=1.0, score_magnitude=mags.sigma, tf32=tf32)
+    common = dict(dtype=dtype, score_magnitude=mags.sigma, tf32=tf32)
+    return {"out": dict(oracle=ref_out, naive=nv_out, term_magnitude=mags.out, terms=mags.out_terms, **common),
+            # lse = m + log(l): its terms are of size 1 around the scores' own magnitude sigma; it is
+            # stored in float32 and no T rounding enters it (l sums the unrounded P)
+            "lse": dict(oracle=ref_lse, naive=nv_lse, term_magnitude=1.0, stored_dtype=lse_dtype(dtype), **common)}
 
 
-def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
-    """Check a kernel's (dq, dk, dv) against the oracle's gradients by DESIGN.md's rule.
-    tf32: as assert_forward_rule (err_naive from naive_backward(..., tf32=True), both orders)."""
+def backward_rule_inputs(dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """{"dq": kwargs, "dk": ..., "dv": ...}: as forward_rule_inputs, for check_rule on the gradients."""
     dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
     dtype = q.dtype
     tf32 = bool(tf32) and dtype == np.float32
@@ -412,9 +624,36 @@ def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=Fal
     else:
         naives = naive_backward(dout, q, k, v, **kw)
     mags = Magnitudes(q, k, v, dout, **kw)
-    for name, got, ref, nv in zip(("dq", "dk", "dv"), grads, refs, naives):
-        check_rule(name, got, ref, nv, dtype, grad=True, term_magnitude=getattr(mags, name),
-                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"), tf32=tf32)
+    return {name: dict(oracle=ref, naive=nv, dtype=dtype, grad=True, term_magnitude=getattr(mags, name),
+                       score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"), tf32=tf32,
+                       terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"))
+            for name, ref, nv in zip(("dq", "dk", "dv"), refs, naives)}
+
+
+def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """Check a kernel's (out, lse) for inputs q, k, v against the oracle by DESIGN.md's rule (both
+    criteria, module docstring). Returns {"out": RuleRatios, "lse": RuleRatios}.
+
+    lse may be None. The dtype T is q's. Accepts NumPy or CuPy arrays.
+    tf32: for float32 inputs, T is float32 with TF32 products (allow_tf32=True): err_naive is the
+    larger error of naive_forward(..., tf32=True) in the "torch" and the "design" order (see the
+    module docstring). Other dtypes ignore it (as allow_tf32 does) and take their own rule.
+    """
+    if lse is not None:
+        lse_np = to_numpy(lse)
+        want = lse_dtype(to_numpy(q).dtype)
+        assert lse_np.dtype == want, f"lse dtype {lse_np.dtype}, expected {want}"
+    inputs = forward_rule_inputs(q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32)
+    got = {"out": out, "lse": lse}
+    return {name: check_rule(name, got[name], **kw) for name, kw in inputs.items() if got[name] is not None}
+
+
+def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """Check a kernel's (dq, dk, dv) against the oracle's gradients by DESIGN.md's rule (both criteria).
+    tf32: as assert_forward_rule (err_naive from naive_backward(..., tf32=True), both orders).
+    Returns {"dq": RuleRatios, "dk": ..., "dv": ...}."""
+    inputs = backward_rule_inputs(dout, q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32)
+    return {name: check_rule(name, g, **kw) for g, (name, kw) in zip(grads, inputs.items())}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -446,21 +685,24 @@ def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None):
 
 def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False, mask=None):
     """DESIGN.md's rule for a dropout run against the oracle given the regenerated keep-mask: err_naive
-    from naive attention in T with the same mask; term magnitudes of the undropped problem times
-    1 / (1 - p_eff) (an upper bound of the dropped terms). grads may be None."""
+    from naive attention in T with the same mask; criterion 1's term magnitudes of the undropped problem
+    times 1 / (1 - p_eff) (an upper bound of the dropped terms), criterion 2's elementwise ones of the
+    dropped problem. grads may be None."""
     dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
     dtype = q.dtype
     inv = 1.0 / (1.0 - p_eff)
-    mags = Magnitudes(q, k, v, dout, causal=causal, mask=mask)
+    mags = Magnitudes(q, k, v, dout, causal=causal, mask=mask, keep=keep, p_eff=p_eff)
     nv_out, nv_grads = naive_with_dropout(q, k, v, dout, keep, p_eff, causal=causal, mask=mask)
     ref_out, _ = reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff)
-    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out * inv, score_magnitude=mags.sigma)
+    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out * inv, score_magnitude=mags.sigma,
+               terms=mags.out_terms)
     if grads is None:
         return
     refs = reference.attention_backward(dout, q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff)
     for name, g, r, nv in zip(("dq", "dk", "dv"), grads, refs, nv_grads):
         check_rule(name, g, r, nv, dtype, grad=True, term_magnitude=getattr(mags, name) * inv,
-                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv)
+                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv,
+                   terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"))
 
 
 # ---------------------------------------------------------------------------------------------------
