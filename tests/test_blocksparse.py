@@ -379,16 +379,8 @@ def _assert_same_bits(got, want):
         assert same_bits(a, b), name
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
-def test_gpu_first_use_inside_graph_capture(rng, causal):
-    """A mask built outside capture and first used inside it: the graph's replay and a later eager call
-    give the bits of a fresh mask's eager call."""
-    cp = _cp()
-    m, xs = _mask_and_inputs(rng)
-    want = _fwd_bwd(xs, bs.BlockMask(m, *_BLOCKS), causal)  # also compiles every kernel outside the capture
-    mask = bs.BlockMask(m, *_BLOCKS)
-    stream = cp.cuda.Stream(non_blocking=True)
+def _captured_then_replayed(xs, mask, causal, stream):
+    """_fwd_bwd captured into a CUDA graph on stream, its outputs zeroed, then the graph replayed."""
     with stream:
         stream.begin_capture()
         try:
@@ -399,7 +391,19 @@ def test_gpu_first_use_inside_graph_capture(rng, causal):
             x.fill(0)
         graph.launch(stream)
     stream.synchronize()
-    _assert_same_bits(got, want)
+    return got
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_first_use_inside_graph_capture(rng, causal):
+    """A mask built outside capture and first used inside it: the graph's replay and a later eager call
+    give the bits of a fresh mask's eager call."""
+    cp = _cp()
+    m, xs = _mask_and_inputs(rng)
+    want = _fwd_bwd(xs, bs.BlockMask(m, *_BLOCKS), causal)  # also compiles every kernel outside the capture
+    mask = bs.BlockMask(m, *_BLOCKS)
+    _assert_same_bits(_captured_then_replayed(xs, mask, causal, cp.cuda.Stream(non_blocking=True)), want)
     _assert_same_bits(_fwd_bwd(xs, mask, causal), want)  # the bug: this eager call was off by up to 0.91
     cp.cuda.Device().synchronize()
 
@@ -425,17 +429,7 @@ def test_gpu_mask_without_device_copy_raises_under_capture_then_prepare_works(rn
             stream.end_capture()
     stream.synchronize()
     assert mask.prepare() is mask
-    with stream:
-        stream.begin_capture()
-        try:
-            got = _fwd_bwd(xs, mask, True)
-        finally:
-            graph = stream.end_capture()
-        for x in got:
-            x.fill(0)
-        graph.launch(stream)
-    stream.synchronize()
-    _assert_same_bits(got, want)
+    _assert_same_bits(_captured_then_replayed(xs, mask, True, stream), want)
     _assert_same_bits(_fwd_bwd(xs, mask, True), want)
 
 
