@@ -20,6 +20,7 @@
 //   v1  the above; Q_i, dO_i double-buffered with cp.async; K_j, V_j read from shared memory.
 //   v1.1 fused dropout: the forward's keep-mask regenerated from (seed, offset) with Philox.
 //   v1.2 block-sparse: query tiles (main kernel) / key tiles (dQ kernel) from the block mask's lists.
+//   v1.3 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
 #include "flash_common.cuh"
 
 template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int D_SPLIT_>
@@ -46,20 +47,17 @@ struct BwdTraits {
     static_assert(NWARPS % WARPS_M == 0 && DQ_NT * WARPS_N * 8 == D_OUT, "dQ warp grid");
 };
 
-// D = rowsum(dO o O): one warp per row, 8 elements per lane per step. delta: (batch, nheads, seqlen_q).
+// D = rowsum(dO o O): one warp per row, 8 elements per lane per step. p.delta: (batch, nheads, seqlen_q).
 template <typename Elem>
 __global__ void __launch_bounds__(128)
-flash_bwd_preprocess_kernel(const u16* __restrict__ dout, const u16* __restrict__ out, float* __restrict__ delta,
-                            i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
-                            i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
-                            int seqlen_q, int nheads, int head_dim) {
+flash_bwd_preprocess_kernel(const __grid_constant__ AttnParams p) {
     const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
     const int head = blockIdx.y, batch = blockIdx.z;
-    if (row >= seqlen_q) return;
-    const u16* a = dout + batch * do_batch_stride + head * do_head_stride + row * do_row_stride;
-    const u16* b = out + batch * o_batch_stride + head * o_head_stride + row * o_row_stride;
+    if (row >= p.seqlen_q) return;
+    const u16* a = p.dout.ptr<const u16>(batch, head, row);
+    const u16* b = p.out.ptr<const u16>(batch, head, row);
     float sum = 0.f;
-    for (int c = lane * 8; c < head_dim; c += 256) {
+    for (int c = lane * 8; c < p.head_dim; c += 256) {
         const uint4 x = *reinterpret_cast<const uint4*>(a + c), y = *reinterpret_cast<const uint4*>(b + c);
         const u16* xs = reinterpret_cast<const u16*>(&x);
         const u16* ys = reinterpret_cast<const u16*>(&y);
@@ -68,7 +66,7 @@ flash_bwd_preprocess_kernel(const u16* __restrict__ dout, const u16* __restrict_
     }
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) delta[((i64)batch * nheads + head) * seqlen_q + row] = sum;
+    if (lane == 0) static_cast<float*>(p.delta)[stats_index(p, batch, head, row)] = sum;
 }
 
 // Per-row softmax statistics of a query block, staged in shared memory: lse * log2(e) (+inf for rows
@@ -82,21 +80,13 @@ __device__ __forceinline__ void load_row_stats(float* s_lse_log2, float* s_delta
     }
 }
 
-// q, dout: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
-// lse, delta: (batch, nheads, seqlen_q) float32; dq_accum: (batch, seqlen_q, nheads, head_dim)
-// float32, zeroed (unscaled dS K is added); dk, dv: (batch, seqlen_k, nheads, head_dim) rows, written
-// as Elem (dkv_fp32 == 0) or float32 (GQA: summed over the group afterwards). dk is scaled here.
+// p.q, p.dout: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim);
+// p.lse, p.delta: (batch, nheads, seqlen_q) float32; p.dq_accum: (batch, seqlen_q, nheads, head_dim)
+// float32, zeroed (unscaled dS K is added); p.dk, p.dv: (batch, seqlen_k, nheads, head_dim) rows, written
+// as Elem (p.dkv_fp32 == 0) or float32 (GQA: summed over the group afterwards). dk is scaled here.
 template <typename Tr, bool CAUSAL, bool WRITE_DQ, bool DROPOUT>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
-flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                 const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                 float* __restrict__ dq_accum, void* __restrict__ dk, void* __restrict__ dv,
-                 i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                 i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                 i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                 i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
-                 int seqlen_q, int seqlen_k, int nheads, int group, int head_dim, int dkv_fp32,
-                 float softmax_scale_log2, float grad_scale, DropoutParams dropout, SparseList sparse) {
+flash_bwd_kernel(const __grid_constant__ AttnParams p) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, D_OUT = Tr::D_OUT;
     constexpr int MQ = Tr::MQ, PITCH = Tr::PITCH, DS_PITCH = Tr::DS_PITCH, NTHREADS = Tr::NTHREADS;
@@ -111,22 +101,30 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     float* s_delta = s_lse + 2 * BLOCK_M;                                // 2 x BLOCK_M
 
     const int n_block = blockIdx.x / Tr::D_SPLIT, d_base = (blockIdx.x % Tr::D_SPLIT) * D_OUT;
-    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int n0 = n_block * BLOCK_N;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 q_row_stride = p.q.row_stride, do_row_stride = p.dout.row_stride;
+    const float softmax_scale_log2 = p.scale_log2_f;
+    const int nheads = p.nheads, dkv_fp32 = p.dkv_fp32;
+    const float grad_scale = p.grad_scale_f;
+    const DropoutParams dropout = p.dropout;  // p read at entry only (see flash_fwd_kernel)
+    void* const dk = p.dk.data;
+    void* const dv = p.dv.data;
+    const Tensor4 tk = p.k, tv = p.v;
+    const Mask mask(p, CAUSAL);
 
-    const u16* q_head = q + batch * q_batch_stride + head * q_head_stride;
-    const u16* do_head = dout + batch * do_batch_stride + head * do_head_stride;
-    const float* lse_head = lse + ((i64)batch * nheads + head) * seqlen_q;
-    const float* delta_head = delta + ((i64)batch * nheads + head) * seqlen_q;
+    const u16* __restrict__ q_head = p.q.ptr<const u16>(batch, head);
+    const u16* __restrict__ do_head = p.dout.ptr<const u16>(batch, head);
+    const float* __restrict__ lse_head = static_cast<const float*>(p.lse) + stats_index(p, batch, head, 0);
+    const float* __restrict__ delta_head = static_cast<const float*>(p.delta) + stats_index(p, batch, head, 0);
+    float* __restrict__ dq_accum = p.dq_accum;
 
-    // Query tiles that see any key of this block (causal: query i sees key j iff j <= i + offset, so
-    // tiles ending before n0 - offset see none), or only those of the active query blocks of this key
-    // block's block-mask column.
-    TileWalk<BLOCK_M> rows{nullptr, 0, 0, seqlen_q};
-    sparse.attach(rows, batch, head, n0);
-    int m0 = rows.first(CAUSAL ? n0 - causal_offset : 0);
+    // Query tiles that see any key of this block, or only those of the active query blocks of this
+    // key block's block-mask column.
+    TileWalk<BLOCK_M> rows(mask.query_end(n0 + BLOCK_N - 1), p.mask.q_list, batch, head, n0);
+    int m0 = rows.first(mask.query_begin(n0));
 
     float acc_dv[D_OUT / 8][4], acc_dk[D_OUT / 8][4];  // (16 keys, D_OUT) per warp
 #pragma unroll
@@ -135,10 +133,10 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         for (int e = 0; e < 4; ++e) acc_dv[t][e] = 0.f, acc_dk[t][e] = 0.f;
 
     if (m0 >= 0) {
-        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k + batch * k_batch_stride + head_k * k_head_stride +
-                                                     n0 * k_row_stride, k_row_stride, seqlen_k - n0, head_dim);
-        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v + batch * v_batch_stride + head_k * v_head_stride +
-                                                     n0 * v_row_stride, v_row_stride, seqlen_k - n0, head_dim);
+        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, tk.ptr<const u16>(batch, head_k, n0), tk.row_stride,
+                                                     seqlen_k - n0, head_dim);
+        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, tv.ptr<const u16>(batch, head_k, n0), tv.row_stride,
+                                                     seqlen_k - n0, head_dim);
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_head + m0 * q_row_stride, q_row_stride, seqlen_q - m0, head_dim);
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_do, do_head + m0 * do_row_stride, do_row_stride, seqlen_q - m0, head_dim);
         cp_async_commit();
@@ -198,21 +196,31 @@ flash_bwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
 
         // P^T = 2^(S^T c - lse_log2[query]) (0 where masked); dS^T = P^T o (dP^T - D[query]).
         // With dropout (Z = keep / (1 - p)): dV uses P^T o Z, and dS^T = P^T o (dP^T o Z - D).
-        const bool need_mask = CAUSAL && n0 + BLOCK_N - 1 > m0 + causal_offset;
+        // Keys past seqlen_k need no mask: K, V rows there are zero-filled (dS K adds 0 to dQ) and
+        // reach only their own rows of dK, dV, which are not stored.
+        if constexpr (ScoreMod::ACTIVE) {
+            const ScoreMod mod(p, batch, head);
+#pragma unroll
+            for (int t = 0; t < MQ; ++t)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    acc_s[t][e] = mod.apply(acc_s[t][e], m0 + t * 8 + (lane % 4) * 2 + (e % 2), n0 + warp * 16 + lane / 4 + (e / 2) * 8);
+        }
+        const bool need_mask = mask.partial<false>(m0, BLOCK_M, n0, BLOCK_N);
 #pragma unroll
         for (int t = 0; t < MQ; ++t)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int qi = t * 8 + (lane % 4) * 2 + (e % 2);  // query within the block
                 const int kj = n0 + warp * 16 + lane / 4 + (e / 2) * 8;
-                float p = fast_exp2(fmaf(acc_s[t][e], softmax_scale_log2, -lse_log2[qi]));
-                if (need_mask && kj > m0 + qi + causal_offset) p = 0.f;
-                acc_s[t][e] = p;
+                float pr = fast_exp2(fmaf(acc_s[t][e], softmax_scale_log2, -lse_log2[qi]));
+                if (need_mask && !mask.visible<false>(m0 + qi, kj)) pr = 0.f;
+                acc_s[t][e] = pr;
             }
         if constexpr (DROPOUT) {
             // This thread holds keys {g, g + 8} x queries {2t, 2t+1} of each query n8 tile: rows
             // (queries) 2t + e2 and 2t + e2 + 8 of a 16-query block share one Philox call.
-            const u32 bh = (u32)(batch * nheads + head);
+            const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
 #pragma unroll
             for (int q2 = 0; q2 < MQ / 2; ++q2)
 #pragma unroll
@@ -366,15 +374,7 @@ struct BwdDqTraits {
 
 template <typename Tr, bool CAUSAL, bool DROPOUT>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
-flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                    const u16* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,
-                    u16* __restrict__ dq,
-                    i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                    i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                    i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                    i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
-                    int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                    float softmax_scale_log2, float grad_scale, DropoutParams dropout, SparseList sparse) {
+flash_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, PITCH = Tr::PITCH, NTHREADS = Tr::NTHREADS;
@@ -386,17 +386,25 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
     u16* s_v = s_k + BLOCK_N * PITCH;              // (BLOCK_N, PITCH)
 
     const int m_block = gridDim.x - 1 - blockIdx.x;
-    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int m0 = m_block * BLOCK_M;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int warp_row0 = warp * MT * 16;
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
+    const float softmax_scale_log2 = p.scale_log2_f, grad_scale = p.grad_scale_f;
+    const int nheads = p.nheads;
+    const DropoutParams dropout = p.dropout;  // p read at entry only (see flash_fwd_kernel)
+    const i64 dq_row_stride = p.dq.row_stride;
+    const Tensor4 tq = p.q, tdo = p.dout;
+    const float* const lse = static_cast<const float*>(p.lse);
+    const float* const delta = static_cast<const float*>(p.delta);
+    const Mask mask(p, CAUSAL);
 
-    const u16* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
-    const u16* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
-    TileWalk<BLOCK_N> keys{nullptr, 0, 0, CAUSAL ? min(seqlen_k, m0 + BLOCK_M + causal_offset) : seqlen_k};
-    sparse.attach(keys, batch, head, m0);
-    int n0 = keys.first(0);
+    const u16* k_head = p.k.ptr<const u16>(batch, head_k);
+    const u16* v_head = p.v.ptr<const u16>(batch, head_k);
+    TileWalk<BLOCK_N> keys(mask.key_end(m0 + BLOCK_M - 1), p.mask.kv_list, batch, head, m0);
+    int n0 = keys.first(mask.key_begin(m0));
 
     // Row statistics of the owned rows: lse * log2(e) (+inf: P = 0) and D.
     float lse_log2[MT][2], dlt[MT][2];
@@ -405,7 +413,7 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int row = m0 + warp_row0 + mt * 16 + lane / 4 + r * 8;
-            const i64 idx = ((i64)batch * nheads + head) * seqlen_q + row;
+            const i64 idx = stats_index(p, batch, head, row);
             const float l = row < seqlen_q ? lse[idx] : -FC_INF;
             lse_log2[mt][r] = l == -FC_INF ? FC_INF : l * FC_LOG2E;
             dlt[mt][r] = row < seqlen_q ? delta[idx] : 0.f;
@@ -419,10 +427,10 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
             for (int e = 0; e < 4; ++e) acc_dq[mt][dt][e] = 0.f;
 
     if (n0 >= 0) {
-        load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q + batch * q_batch_stride + head * q_head_stride +
-                                                     m0 * q_row_stride, q_row_stride, seqlen_q - m0, head_dim);
-        load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_do, dout + batch * do_batch_stride + head * do_head_stride +
-                                                     m0 * do_row_stride, do_row_stride, seqlen_q - m0, head_dim);
+        load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, tq.ptr<const u16>(batch, head, m0), tq.row_stride,
+                                                     seqlen_q - m0, head_dim);
+        load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_do, tdo.ptr<const u16>(batch, head, m0), tdo.row_stride,
+                                                     seqlen_q - m0, head_dim);
         cp_async_commit();
     }
     const u32 q_lane = smem_u32(s_q) + ((warp_row0 + lane % 16) * PITCH + (lane / 16) * 8) * 2;
@@ -467,7 +475,18 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
                 }
             }
         }
-        const bool need_mask = n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + causal_offset);
+        if constexpr (ScoreMod::ACTIVE) {
+            const ScoreMod mod(p, batch, head);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc_s[mt][nt][e] = mod.apply(acc_s[mt][nt][e], m0 + warp_row0 + mt * 16 + lane / 4 + (e / 2) * 8,
+                                                     n0 + nt * 8 + (lane % 4) * 2 + (e % 2));
+        }
+        const bool need_mask = mask.partial(m0, BLOCK_M, n0, BLOCK_N);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -476,13 +495,13 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
                 for (int e = 0; e < 4; ++e) {
                     const int row = m0 + warp_row0 + mt * 16 + lane / 4 + (e / 2) * 8;
                     const int col = n0 + nt * 8 + (lane % 4) * 2 + (e % 2);
-                    float p = fast_exp2(fmaf(acc_s[mt][nt][e], softmax_scale_log2, -lse_log2[mt][e / 2]));
-                    if (need_mask && (col >= seqlen_k || (CAUSAL && col > row + causal_offset))) p = 0.f;
-                    acc_s[mt][nt][e] = p;
+                    float pr = fast_exp2(fmaf(acc_s[mt][nt][e], softmax_scale_log2, -lse_log2[mt][e / 2]));
+                    if (need_mask && !mask.visible(row, col)) pr = 0.f;
+                    acc_s[mt][nt][e] = pr;
                 }
         // dS = P o (dP o Z - D), Z = keep / (1 - p) with dropout (the forward's mask, same layout).
         if constexpr (DROPOUT) {
-            const u32 bh = (u32)(batch * nheads + head);
+            const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -541,22 +560,33 @@ flash_bwd_dq_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const 
         }
     __syncwarp();
     constexpr int CHUNKS = SmemRow<HEAD_DIM>::CHUNKS;
-    u16* dq_tile = dq + (((i64)batch * seqlen_q + m0) * nheads + head) * head_dim;
+    u16* dq_tile = p.dq.ptr<u16>(batch, head, m0);
     for (int c = lane; c < MT * 16 * CHUNKS; c += 32) {
         const int row = warp_row0 + c / CHUNKS, col = (c % CHUNKS) * 8;
         if (m0 + row < seqlen_q && col < head_dim)
-            *reinterpret_cast<uint4*>(dq_tile + (i64)row * nheads * head_dim + col) =
+            *reinterpret_cast<uint4*>(dq_tile + row * dq_row_stride + col) =
                 *reinterpret_cast<const uint4*>(&s_q[row * PITCH + col]);
     }
 }
 
 // out[b, s, hk, c] = scale * sum_{g < group} in[b, s, hk * group + g, c]; in float32 (rows, nheads,
 // head_dim) contiguous, out Elem (rows, nheads / group, head_dim) contiguous. rows = batch * seqlen.
+struct ConvertParams {
+    const float* in;
+    u16* out;
+    i64 rows;
+    int nheads_out, group, head_dim;
+    float scale;
+};
+
 template <typename Elem>
 __global__ void __launch_bounds__(256)
-flash_bwd_convert_kernel(const float* __restrict__ in, u16* __restrict__ out, i64 rows, int nheads_out,
-                         int group, int head_dim, float scale) {
-    const i64 n = rows * nheads_out * (head_dim / 2);
+flash_bwd_convert_kernel(const __grid_constant__ ConvertParams c) {
+    const float* __restrict__ in = c.in;
+    u16* __restrict__ out = c.out;
+    const int group = c.group, head_dim = c.head_dim;
+    const float scale = c.scale;
+    const i64 n = c.rows * c.nheads_out * (head_dim / 2);
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         const int c = (int)(i % (head_dim / 2)) * 2;
         const i64 rh = i / (head_dim / 2);  // row * nheads_out + hk

@@ -5,10 +5,7 @@
 // and converted with PTX. Tensor-core instructions are the sm_80 set (mma.sync m16n8k16,
 // ldmatrix, cp.async), which also runs on sm_90.
 #pragma once
-
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
+#include "flash_mask.cuh"
 
 #define FC_INF __int_as_float(0x7f800000)
 #define FC_LOG2E 1.4426950408889634f
@@ -91,8 +88,6 @@ __device__ __forceinline__ float fast_exp2(float x) {
     return y;
 }
 
-__device__ __forceinline__ int cdiv(int a, int b) { return (a + b - 1) / b; }
-
 // ---------------------------------------------------------------------------------------------
 // Tiles in shared memory: row-major, each row padded by 8 elements (16 bytes) so that the 8 row
 // addresses of an ldmatrix phase fall in distinct bank groups for every head dim we build
@@ -140,12 +135,7 @@ __device__ __forceinline__ void load_tile_async(u16* smem, const u16* gmem, i64 
 // Dropout: Philox4x32-10 (Salmon et al., SC 2011); the element -> (counter, word, half) map is
 // documented in flashcupy/dropout.py, which computes the same bits on the host.
 // ---------------------------------------------------------------------------------------------
-struct DropoutParams {
-    u32 seed_lo, seed_hi, offset;
-    u32 keep_threshold;  // keep iff a 16-bit uniform < keep_threshold (1..65536)
-    float scale;         // 65536 / keep_threshold = 1 / (1 - p_eff)
-};
-
+// (DropoutParams: flash_params.cuh.)
 __device__ __forceinline__ void philox4x32_10(u32 (&r)[4], u32 c0, u32 c1, u32 c2, u32 c3, u32 k0, u32 k1) {
 #pragma unroll
     for (int round = 0; round < 10; ++round) {
@@ -167,54 +157,6 @@ __device__ __forceinline__ void dropout_words(u32 (&r)[4], const DropoutParams& 
 __device__ __forceinline__ bool dropout_keep(const u32 (&r)[4], int rh, int ch, int par, u32 threshold) {
     return ((r[2 * rh + ch] >> (16 * par)) & 0xFFFFu) < threshold;
 }
-
-// ---------------------------------------------------------------------------------------------
-// Which tiles a CTA visits along one sequence, in ascending order: every tile (index == nullptr,
-// dense) or the tiles of the active blocks of one block-mask row or column (block-sparse; index
-// holds count block numbers, ascending; a block is 2^block_shift tiles). Tiles that end at or before
-// first()'s `start` are skipped; the walk ends at the first tile starting at or after `limit`.
-// ---------------------------------------------------------------------------------------------
-template <int TILE>
-struct TileWalk {
-    const int* index;  // nullptr: dense
-    int count;         // active blocks (sparse)
-    int block_shift;   // log2(tiles per block) (sparse; blocks are power-of-two multiples of TILE)
-    int limit;
-    int pos = 0;       // dense: tile number; sparse: active block * tiles per block + tile within it
-
-    __device__ __forceinline__ int current() const {
-        if (index == nullptr) return pos * TILE < limit ? pos * TILE : -1;
-        if ((pos >> block_shift) >= count) return -1;
-        const int r0 = ((__ldg(index + (pos >> block_shift)) << block_shift) + (pos & ((1 << block_shift) - 1))) * TILE;
-        return r0 < limit ? r0 : -1;
-    }
-    __device__ __forceinline__ int next() { ++pos; return current(); }
-    __device__ __forceinline__ int first(int start) {
-        pos = index == nullptr ? max(start, 0) / TILE : 0;
-        int r0 = current();
-        while (r0 >= 0 && r0 + TILE <= start) r0 = next();
-        return r0;
-    }
-};
-
-// A block-mask row's (or column's) active list: count at counts[off], blocks at index[off * nblocks].
-struct SparseList {
-    const int* counts;
-    const int* index;
-    i64 batch_stride, head_stride;  // 0 where the mask broadcasts over batch / heads
-    int nblocks;                     // length of one list
-    int block;                       // rows per block along the listed dimension (the other side's)
-    int rows_per_entry;              // rows per block along this CTA's own dimension
-
-    // The walk over the listed dimension for this CTA's list entry (batch, head, own row r0).
-    template <int TILE>
-    __device__ __forceinline__ void attach(TileWalk<TILE>& walk, int batch, int head, int r0) const {
-        if (index == nullptr) return;
-        const i64 off = batch * batch_stride + head * head_stride + r0 / rows_per_entry;
-        walk.index = index + off * nblocks, walk.count = __ldg(counts + off);
-        walk.block_shift = 31 - __clz(block / TILE);
-    }
-};
 
 // Quad reductions: the four lanes that hold one accumulator row (lane / 4 equal).
 __device__ __forceinline__ float quad_max(float x) {

@@ -11,12 +11,12 @@
 //   v1  FA2 structure, padded smem rows, single-buffered K/V, Q re-read from smem by ldmatrix.
 //   v1.1 fused dropout (Philox4x32-10, one call per 8 elements of a thread's fragment).
 //   v1.2 block-sparse: key tiles from a block-mask row's active list (TileWalk), same inner loop.
+//   v1.3 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
 #include "flash_common.cuh"
 
-template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, bool Q_IN_REGS_ = false>
+template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_>
 struct FwdTraits {
     using Elem = Elem_;
-    static constexpr bool Q_IN_REGS = Q_IN_REGS_;  // Q's A fragments kept in registers for the whole CTA
     static constexpr int HEAD_DIM = HEAD_DIM_;  // head_dim bucket; the runtime head_dim may be smaller
     static constexpr int BLOCK_M = BLOCK_M_;    // query rows per CTA
     static constexpr int BLOCK_N = BLOCK_N_;    // key rows per pipeline step
@@ -31,18 +31,11 @@ struct FwdTraits {
     static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % 16 == 0, "k16 steps");
 };
 
-// q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
-// strides in elements, the last dimension contiguous. lse: (batch, nheads, seqlen_q) contiguous.
+// p.q, p.out: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim);
+// p.lse: (batch, nheads, seqlen_q) float32. Mask, dropout and block-sparse lists from p (flash_mask.cuh).
 template <typename Tr, bool CAUSAL, bool DROPOUT>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
-flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                 u16* __restrict__ o, float* __restrict__ lse,
-                 i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                 i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                 i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                 i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
-                 int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                 float softmax_scale, float softmax_scale_log2, DropoutParams dropout, SparseList sparse) {
+flash_fwd_kernel(const __grid_constant__ AttnParams p) {
     using Elem = typename Tr::Elem;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM;
     constexpr int MT = Tr::MT, NT = Tr::NT, DT = Tr::DT, PITCH = Tr::PITCH, NTHREADS = Tr::NTHREADS;
@@ -53,23 +46,29 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     u16* s_v = s_k + BLOCK_N * PITCH;              // (BLOCK_N, PITCH)
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
-    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int m0 = m_block * BLOCK_M;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int warp_row0 = warp * MT * 16;  // first row of this warp in the tile
-    const int causal_offset = seqlen_k - seqlen_q;  // bottom-right: key j visible iff j <= i + offset
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 q_row_stride = p.q.row_stride, k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
+    const i64 o_row_stride = p.out.row_stride;
+    const float softmax_scale_log2 = p.scale_log2_f, softmax_scale = p.scale_f;
+    const int nheads = p.nheads;
+    const DropoutParams dropout = p.dropout;  // fields of p are read here, at entry: a read of p inside a
+                                              // loop addresses it through a register (more live registers)
+    const Mask mask(p, CAUSAL);
 
-    const u16* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
-    const u16* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
-    const u16* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
-    u16* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
-    float* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
+    const u16* q_tile = p.q.ptr<const u16>(batch, head, m0);
+    const u16* k_head = p.k.ptr<const u16>(batch, head_k);
+    const u16* v_head = p.v.ptr<const u16>(batch, head_k);
+    u16* o_tile = p.out.ptr<u16>(batch, head, m0);
+    float* lse_tile = static_cast<float*>(p.lse) + stats_index(p, batch, head, m0);
 
-    // Key tiles to visit: all below seqlen_k (causal: below the last row's diagonal), or only those
-    // of the active key blocks of this tile's block-mask row.
-    TileWalk<BLOCK_N> keys{nullptr, 0, 0, CAUSAL ? min(seqlen_k, m0 + BLOCK_M + causal_offset) : seqlen_k};
-    sparse.attach(keys, batch, head, m0);
-    int n0 = keys.first(0);
+    // Key tiles to visit: those the mask lets some row of this tile see, or only those of the active
+    // key blocks of this tile's block-mask row.
+    TileWalk<BLOCK_N> keys(mask.key_end(m0 + BLOCK_M - 1), p.mask.kv_list, batch, head, m0);
+    int n0 = keys.first(mask.key_begin(m0));
 
     // Running softmax state per owned row: rows (lane / 4) and (lane / 4 + 8) of each m16 tile.
     float row_max[MT][2], row_sum[MT][2];
@@ -99,19 +98,6 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
     const u32 k_lane = smem_u32(s_k) + (((lane / 16) * 8 + lane % 8) * PITCH + ((lane / 8) % 2) * 8) * 2;
     const u32 v_lane = smem_u32(s_v) + ((((lane / 8) % 2) * 8 + lane % 8) * PITCH + (lane / 16) * 8) * 2;
 
-    // Q_IN_REGS: this warp's Q fragments, loaded once (only the warp itself reads its Q rows).
-    u32 q_frag[Tr::Q_IN_REGS ? MT : 1][Tr::Q_IN_REGS ? HEAD_DIM / 16 : 1][4];
-    if constexpr (Tr::Q_IN_REGS) {
-        if (n0 >= 0) {
-            cp_async_wait<1>();  // the Q group has landed (K_0 may still be in flight)
-            __syncthreads();
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int kk = 0; kk < HEAD_DIM / 16; ++kk) ldmatrix_x4(q_frag[mt][kk], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
-        }
-    }
-
     while (n0 >= 0) {
         const int n_next = keys.next();
         cp_async_wait<0>();
@@ -132,14 +118,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
             u32 a[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                if constexpr (Tr::Q_IN_REGS) {
-#pragma unroll
-                    for (int r = 0; r < 4; ++r) a[mt][r] = q_frag[mt][kk][r];
-                } else {
-                    ldmatrix_x4(a[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
-                }
-            }
+            for (int mt = 0; mt < MT; ++mt) ldmatrix_x4(a[mt], q_lane + (mt * 16 * PITCH + kk * 16) * 2);
 #pragma unroll
             for (int np = 0; np < NT / 2; ++np) {
                 u32 b[4];
@@ -152,9 +131,19 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
             }
         }
 
-        // Mask keys past seqlen_k and, for causal, keys after the diagonal; only tiles that need it.
-        const bool need_mask = n0 + BLOCK_N > seqlen_k || (CAUSAL && n0 + BLOCK_N - 1 > m0 + causal_offset);
-        if (need_mask) {
+        // The score modifier, then -inf on masked elements; only tiles that need it.
+        if constexpr (ScoreMod::ACTIVE) {
+            const ScoreMod mod(p, batch, head);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc_s[mt][nt][e] = mod.apply(acc_s[mt][nt][e], m0 + warp_row0 + mt * 16 + lane / 4 + (e / 2) * 8,
+                                                     n0 + nt * 8 + (lane % 4) * 2 + (e % 2));
+        }
+        if (mask.partial(m0, BLOCK_M, n0, BLOCK_N)) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -163,7 +152,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
                     for (int e = 0; e < 4; ++e) {
                         const int row = m0 + warp_row0 + mt * 16 + lane / 4 + (e / 2) * 8;
                         const int col = n0 + nt * 8 + (lane % 4) * 2 + (e % 2);
-                        if (col >= seqlen_k || (CAUSAL && col > row + causal_offset)) acc_s[mt][nt][e] = -FC_INF;
+                        if (!mask.visible(row, col)) acc_s[mt][nt][e] = -FC_INF;
                     }
         }
 
@@ -205,7 +194,7 @@ flash_fwd_kernel(const u16* __restrict__ q, const u16* __restrict__ k, const u16
         // Dropout: zero the dropped entries of P (l keeps the undropped sum: the LSE is the softmax's);
         // the 1 / (1 - p) scale is applied to O once, in the epilogue.
         if constexpr (DROPOUT) {
-            const u32 bh = (u32)(batch * nheads + head);
+            const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _mask
 from ._arrays import lse_dtype
 
 # Bytes of float temporaries a chunk may hold (about four (B, H, chunk, Sk) arrays live at once).
@@ -46,9 +47,7 @@ def _visible(xp, shape, i0, i1, causal, visible_fn):
     """Boolean visibility of rows [i0, i1) against all keys, broadcastable to (B, Hk, G, c, Sk); None if all."""
     vis = None
     if causal:
-        i = xp.arange(i0, i1)[:, None]
-        j = xp.arange(shape.seqlen_k)[None, :]
-        vis = j <= i + (shape.seqlen_k - shape.seqlen_q)
+        vis = _mask.visible(xp, xp.arange(i0, i1), xp.arange(shape.seqlen_k), shape.seqlen_q, shape.seqlen_k, causal)
     if visible_fn is not None:
         m = visible_fn(i0, i1)  # broadcastable to (B, H, c, Sk)
         m = xp.broadcast_to(m, (m.shape[0], shape.nheads, i1 - i0, shape.seqlen_k))

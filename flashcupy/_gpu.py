@@ -12,6 +12,7 @@ import numpy as np
 
 from ._build import debug, get_kernel
 from ._configs import bwd_config, elem_name, fwd_config
+from ._params import attn_params, convert_params, data_ptr
 
 MAX_GRID_YZ = 65535
 
@@ -24,12 +25,6 @@ def _cp():
 
 def _device_arch() -> int:
     return int(_cp().cuda.Device().compute_capability)
-
-
-def data_ptr(x) -> int:
-    """Device address of a CuPy array (host address of a NumPy one: the SIMT kernels' CPU emulator)."""
-    ptr = getattr(x.data, "ptr", None)
-    return int(ptr) if ptr is not None else int(x.ctypes.data)
 
 
 def kernel_ready(x, head_dim_padded: int):
@@ -53,7 +48,8 @@ def kernel_ready(x, head_dim_padded: int):
 
 
 def _strides(x):
-    """(batch, row, head) strides in elements, as int64."""
+    """(batch, row, head) strides in elements, as int64 (the float families' launch code until it
+    moves to AttnParams)."""
     it = x.dtype.itemsize
     return [np.int64(s // it) for s in x.strides[:3]]
 
@@ -62,41 +58,6 @@ def _check_grid(shape):
     if shape.nheads > MAX_GRID_YZ or shape.batch > MAX_GRID_YZ:
         raise ValueError(f"q: expected batch and nheads <= {MAX_GRID_YZ} for the GPU kernels, "
                          f"got batch={shape.batch}, nheads={shape.nheads}")
-
-
-_DROPOUT_PARAMS = np.dtype([("seed_lo", "<u4"), ("seed_hi", "<u4"), ("offset", "<u4"),
-                            ("keep_threshold", "<u4"), ("scale", "<f4")])  # DropoutParams in flash_common.cuh
-
-
-def dropout_params(dropout):
-    """The DropoutParams struct, by value: dropout = (dropout_p, (seed, offset)) or None."""
-    from .dropout import keep_threshold
-
-    rec = np.zeros((), dtype=_DROPOUT_PARAMS)
-    if dropout is not None:
-        p, (seed, offset) = dropout
-        thr = keep_threshold(p)
-        rec[()] = (seed & 0xFFFFFFFF, seed >> 32, offset, thr, 65536.0 / thr)
-    return rec.reshape(1).view(np.dtype((np.void, _DROPOUT_PARAMS.itemsize)))[0]
-
-
-_SPARSE_LIST = np.dtype([("counts", "<u8"), ("index", "<u8"), ("batch_stride", "<i8"), ("head_stride", "<i8"),
-                         ("nblocks", "<i4"), ("block", "<i4"), ("rows_per_entry", "<i4")], align=True)  # SparseList
-
-
-def sparse_list(block_mask, direction: str):
-    """The SparseList struct, by value: the block mask's per-row key-block lists (direction "kv": forward
-    and dQ kernels) or per-column query-block lists ("q": backward main kernel); zeros = dense."""
-    rec = np.zeros((), dtype=_SPARSE_LIST)
-    if block_mask is not None:
-        kv_count, kv_index, q_count, q_index = block_mask.lists(_cp())
-        counts, index = (kv_count, kv_index) if direction == "kv" else (q_count, q_index)
-        bm, hm, rows, nblocks = index.shape
-        block, own = ((block_mask.block_k, block_mask.block_q) if direction == "kv"
-                      else (block_mask.block_q, block_mask.block_k))
-        rec[()] = (counts.data.ptr, index.data.ptr, 0 if bm == 1 else hm * rows, 0 if hm == 1 else rows,
-                   nblocks, block, own)
-    return rec.reshape(1).view(np.dtype((np.void, _SPARSE_LIST.itemsize)))[0]
 
 
 def _sparse_blocks(block_mask):
@@ -122,11 +83,9 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
     out = cp.empty(q.shape, dtype=q.dtype)
     lse = cp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=cp.float32)
     grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            np.int32(shape.seqlen_q), np.int32(shape.seqlen_k), np.int32(shape.nheads),
-            np.int32(shape.group), np.int32(d8), np.float32(scale), np.float32(scale * math.log2(math.e)),
-            dropout_params(dropout), sparse_list(block_mask, "kv"))
-    kernel(grid, (cfg.nthreads, 1, 1), args, shared_mem=cfg.smem_bytes)
+    p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, dropout=dropout, block_mask=block_mask,
+                    q=q, k=k, v=v, out=out, lse=lse)
+    kernel(grid, (cfg.nthreads, 1, 1), (p,), shared_mem=cfg.smem_bytes)
     if d8 != shape.head_dim:
         out = cp.ascontiguousarray(out[..., : shape.head_dim])
     return out, lse
@@ -138,8 +97,7 @@ def _launch_convert(src, dst, rows: int, group: int, scale: float):
     kernel = get_kernel("flash_bwd.cu", f"flash_bwd_convert_kernel<{elem}>", 0)
     n = dst.size // 2
     blocks = max(1, min(-(-n // 256), 4096))
-    kernel((blocks,), (256,), (src, dst, np.int64(rows), np.int32(dst.shape[2]), np.int32(group),
-                               np.int32(dst.shape[3]), np.float32(scale)))
+    kernel((blocks,), (256,), (convert_params(src, dst, rows, group, scale),))
 
 
 def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, dropout=None, block_mask=None,
@@ -159,36 +117,26 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     b, sq, sk, h, g = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.nheads, shape.group
 
     delta = cp.empty((b, h, sq), dtype=cp.float32)
-    pre = get_kernel("flash_bwd.cu", f"flash_bwd_preprocess_kernel<{elem}>", 0)
-    pre((math.ceil(sq / 4), h, b), (128, 1, 1),
-        (dout, out, delta, *_strides(dout), *_strides(out), np.int32(sq), np.int32(h), np.int32(d8)))
-
     write_dq = cfg.dq_atomic and not deterministic
     dq_accum = cp.zeros((b, sq, h, d8), dtype=cp.float32) if write_dq else None
     kv_dtype = q.dtype if g == 1 else cp.float32  # GQA: per-query-head rows, summed below
     dk_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
     dv_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
-    scale_log2 = np.float32(score_scale * math.log2(math.e))
-    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
+    dq = cp.empty((b, sq, h, d8), dtype=q.dtype)
     drop = dropout is not None
-    dp_arg = dropout_params(dropout)
-    kernel = get_kernel("flash_bwd.cu", cfg.kernel_name(elem, causal, write_dq, drop), cfg.smem_bytes)
-    grid = (math.ceil(sk / cfg.block_n) * cfg.d_split, h, b)
-    kernel(grid, (cfg.nthreads, 1, 1),
-           (q, k, v, dout, lse, delta, dq_accum if write_dq else np.uint64(0), dk_rows, dv_rows, *common,
-            np.int32(sq), np.int32(sk), np.int32(h), np.int32(g), np.int32(d8), np.int32(g != 1),
-            scale_log2, np.float32(grad_scale), dp_arg, sparse_list(block_mask, "q")),
-           shared_mem=cfg.smem_bytes)
+    p = attn_params(shape, head_dim=d8, scale=score_scale, grad_scale=grad_scale, causal=causal, dropout=dropout,
+                    block_mask=block_mask, dkv_fp32=g != 1, dq_atomic=write_dq, q=q, k=k, v=v, out=out, dout=dout,
+                    dq=dq, dk=dk_rows, dv=dv_rows, lse=lse, delta=delta, dq_accum=dq_accum)
 
+    pre = get_kernel("flash_bwd.cu", f"flash_bwd_preprocess_kernel<{elem}>", 0)
+    pre((math.ceil(sq / 4), h, b), (128, 1, 1), (p,))
+    kernel = get_kernel("flash_bwd.cu", cfg.kernel_name(elem, causal, write_dq, drop), cfg.smem_bytes)
+    kernel((math.ceil(sk / cfg.block_n) * cfg.d_split, h, b), (cfg.nthreads, 1, 1), (p,), shared_mem=cfg.smem_bytes)
     if write_dq:
-        dq = cp.empty((b, sq, h, d8), dtype=q.dtype)
         _launch_convert(dq_accum, dq, b * sq, 1, grad_scale)
     else:
-        dq = cp.empty((b, sq, h, d8), dtype=q.dtype)
         dq_kernel = get_kernel("flash_bwd.cu", cfg.dq_kernel_name(elem, causal, drop), cfg.dq_smem_bytes)
-        dq_kernel((math.ceil(sq / cfg.dq_block_m), h, b), (cfg.dq_nthreads, 1, 1),
-                  (q, k, v, dout, lse, delta, dq, *common, np.int32(sq), np.int32(sk), np.int32(h), np.int32(g),
-                   np.int32(d8), scale_log2, np.float32(grad_scale), dp_arg, sparse_list(block_mask, "kv")),
+        dq_kernel((math.ceil(sq / cfg.dq_block_m), h, b), (cfg.dq_nthreads, 1, 1), (p,),
                   shared_mem=cfg.dq_smem_bytes)
     if g == 1:
         dk, dv = dk_rows, dv_rows

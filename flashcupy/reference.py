@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _mask
+
 __all__ = [
     "causal_mask",
     "attention_mask",
@@ -40,9 +42,7 @@ __all__ = [
 
 def causal_mask(seqlen_q: int, seqlen_k: int) -> np.ndarray:
     """Bottom-right causal mask, bool (seqlen_q, seqlen_k): True where key j <= i + seqlen_k - seqlen_q."""
-    i = np.arange(seqlen_q)[:, None]
-    j = np.arange(seqlen_k)[None, :]
-    return j <= i + (seqlen_k - seqlen_q)
+    return _mask.visible(np, np.arange(seqlen_q), np.arange(seqlen_k), seqlen_q, seqlen_k, causal=True)
 
 
 def attention_mask(batch, nheads, seqlen_q, seqlen_k, *, causal=False, mask=None) -> np.ndarray:
