@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One device session for a kernel-architecture change: GPU tests, GPU tests under the 99 KB
+# shared-memory cap, and an A/B benchmark of this tree against a base tree in the same run.
+#   bash bench/device_ab.sh tests        # GPU suite, then the suite with FLASHCUPY_SMEM_LIMIT_KB=99
+#   bash bench/device_ab.sh bench        # flashcupy bench --quick and bench_simt, base then new then base
+# The base tree is bench/ab/base (flashcupy/, cuda/, bench/ of the commit before the change, made by
+# `bash bench/device_ab.sh make-base <commit>` here; untracked, carried to the device with the tree).
+# Logs and JSON go to $OUT (the device tool brings them back) or ./runs/ab. The short table prints last.
+set -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-runs/ab}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stage=${1:-tests}; shift || true
+case $stage in
+make-base)
+  rm -rf bench/ab/base && mkdir -p bench/ab/base
+  git archive "${1:?commit}" flashcupy cuda bench/bench_simt.py | tar -x -C bench/ab/base
+  echo "bench/ab/base = $1"; exit 0 ;;
+tests)
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/device.txt"
+  export PYTHONPATH=$ROOT CUPY_CACHE_DIR=/tmp/cupy-cache-new
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 -x "$@" 2>&1 | tee "$OUT/pytest.log" | tail -15
+  FLASHCUPY_SMEM_LIMIT_KB=99 python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 "$@" 2>&1 \
+    | tee "$OUT/pytest-99kb.log" | tail -15
+  echo "== full:  $(tail -1 "$OUT/pytest.log")"; echo "== 99 KB: $(tail -1 "$OUT/pytest-99kb.log")" ;;
+bench)
+  run() {  # run TAG TREE: the quick sweep (our kernels only) and the fp32/fp64 kernels of TREE
+    local tag=$1 tree=$2
+    (cd "$tree" && PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 -m flashcupy bench --quick \
+        --providers flashcupy --no-accuracy --no-plots --plain --json "$ROOT/$OUT/quick-$tag.json" > "$ROOT/$OUT/quick-$tag.log" 2>&1)
+    (cd "$tree" && PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 bench/bench_simt.py --dtypes float32 float64 \
+        --head-dims 64 128 --seqlens 1024 4096 --json "$ROOT/$OUT/simt-$tag.json" > "$ROOT/$OUT/simt-$tag.log" 2>&1)
+    echo "$tag done"
+  }
+  run base1 "$ROOT/bench/ab/base"; run new "$ROOT"; run base2 "$ROOT/bench/ab/base"
+  python3 bench/ab_table.py "$OUT" ;;
+esac
