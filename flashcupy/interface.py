@@ -3,17 +3,22 @@
 Where a call runs:
 - NumPy inputs run on the CPU (the chunked exact path) and return NumPy. float32 and float64
   compute in their own precision; float16 and bfloat16 compute in float32 and return their own
-  dtype. Exception: NumPy float64 with head_dim <= 256 runs the fused float64 kernel when a GPU is
-  usable (copied there and back; NUMPY_FLOAT64_ON_GPU = False keeps it on the CPU). Host tensors
-  with __dlpack__ (torch / JAX on the CPU) are read through np.from_dlpack and count as NumPy.
+  dtype. Exception: NumPy float64 runs the fused float64 kernels when a GPU is usable and has one
+  for the problem (copied there and back; NUMPY_FLOAT64_ON_GPU = False keeps it on the CPU). Host
+  tensors with __dlpack__ (torch / JAX on the CPU) are read through np.from_dlpack and count as NumPy.
 - CuPy inputs, and any GPU array with __dlpack__ / __cuda_array_interface__ (torch, JAX; converted
   zero-copy by cupy.from_dlpack), run on the current CuPy device and stream and return CuPy arrays.
-  float16 / bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/; dropout and
-  block masks fused too). float32 runs fused kernels on CUDA cores (exact FFMA, no TF32), or with
-  allow_tf32=True on sm_80+ on the TF32 tensor cores (mma.sync m16n8k8 .tf32); float64 runs on the
-  FP64 tensor cores on sm_80+ (mma.sync .f64; CUDA cores before sm_80 and for the backward above
-  head_dim 160): flashcupy._gpu_simt. float32 / float64 with dropout or a block mask, and
-  head_dim > 256, run the chunked path on the GPU (exact, O(N) memory, not fused; allow_tf32 unused).
+  flashcupy._dispatch plans each direction from (dtype, head_dim, dropout, block mask, allow_tf32)
+  and the device (flashcupy._device.current_device_info(): compute capability, opt-in shared memory
+  per block, with the FLASHCUPY_SMEM_LIMIT_KB / FLASHCUPY_FORCE_CC overrides): on sm_80+, float16 /
+  bfloat16 with head_dim <= 256 run the fused FlashAttention-2 kernels (cuda/; dropout and block
+  masks fused too); float32 runs fused kernels on CUDA cores (exact FFMA, no TF32), or with
+  allow_tf32=True on the TF32 tensor cores (mma.sync m16n8k8 .tf32); float64 runs on the FP64 tensor
+  cores (mma.sync .f64; the backward above head_dim 160 on CUDA cores): flashcupy._gpu_simt. The
+  chunked path on the GPU (exact, O(N) memory, not fused; allow_tf32 unused) runs everything else:
+  float32 / float64 with dropout or a block mask, head_dim > 256, every call on GPUs before sm_80
+  (the kernels load tiles with cp.async), and a direction whose kernels do not fit the device's
+  shared memory (on the 99 KB parts: the float64 backward at head_dim > 224). kernel_path says which.
 No call synchronises with the host, so GPU calls can be captured into a CUDA graph.
 
 flash_attn_forward returns AttnForward (a 3-tuple out, lse, rng_state, plus .options, an AttnOptions);
@@ -27,8 +32,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _chunked, dropout
-from ._arrays import array_module, cupy_or_none, gpu_available, is_half, lse_dtype
+from . import _build, _chunked, _device, _dispatch, dropout
+from ._arrays import array_module, cupy_or_none, gpu_available, lse_dtype
 from ._validate import AttnShape, check_bool, check_like, check_lse, check_qkv
 
 
@@ -99,42 +104,76 @@ FROM_FORWARD = _FromForward()
 _PLAIN_DEFAULTS = dict(causal=False, softmax_scale=None, dropout_p=0.0, block_mask=None, allow_tf32=False)
 
 
-MAX_KERNEL_HEAD_DIM = 256
-
-
-def _use_kernels(xp, dtype, shape: AttnShape) -> bool:
-    return xp is not np and is_half(dtype) and shape.head_dim <= MAX_KERNEL_HEAD_DIM
-
-
-# NumPy float64 inputs run the fused float64 kernel when a GPU is usable; False keeps them on the CPU.
+# NumPy float64 inputs run the fused float64 kernels when a GPU is usable; False keeps them on the CPU.
 NUMPY_FLOAT64_ON_GPU = True
 
-
-def _use_simt(xp, dtype, shape: AttnShape) -> bool:
-    return xp is not np and np.dtype(dtype) in (np.float32, np.float64) and shape.head_dim <= MAX_KERNEL_HEAD_DIM
+NUMPY_PATH = "NumPy chunked path"
 
 
-def _numpy_float64_to_gpu(xp, dtype, shape: AttnShape) -> bool:
-    return (xp is np and NUMPY_FLOAT64_ON_GPU and np.dtype(dtype) == np.float64
-            and shape.head_dim <= MAX_KERNEL_HEAD_DIM and gpu_available())
+def _plan(direction: str, dtype, shape: AttnShape, causal: bool, dropout_p: float, block_mask, allow_tf32: bool,
+          device=None):
+    """The fused kernel a GPU call runs (flashcupy._dispatch.Plan), or None for the chunked path on the
+    GPU. device: a DeviceInfo or an int compute capability; default the current CuPy device."""
+    if device is None:
+        device = _device.current_device_info()
+    sparse = None if block_mask is None else (block_mask.block_q, block_mask.block_k)
+    plan_fn = _dispatch.forward_plan if direction == "fwd" else _dispatch.backward_plan
+    plan = plan_fn(dtype, shape.head_dim, causal, device, dropout=dropout_p > 0, sparse_blocks=sparse,
+                   allow_tf32=allow_tf32)
+    if _build.DEBUG:
+        _build.debug(f"{direction} {shape} causal={causal} dropout_p={dropout_p} block_mask={sparse} allow_tf32={allow_tf32} "
+                     f"on {device} -> {_dispatch.path_name(plan)}: {None if plan is None else plan.config}")
+    return plan
+
+
+def _numpy_float64_to_gpu(xp, dtype, shape: AttnShape, direction: str, causal, dropout_p, block_mask,
+                          allow_tf32) -> bool:
+    """NumPy float64 goes to the GPU only where a fused kernel runs there for this direction."""
+    return (xp is np and NUMPY_FLOAT64_ON_GPU and np.dtype(dtype) == np.float64 and gpu_available()
+            and _plan(direction, dtype, shape, causal, dropout_p, block_mask, allow_tf32) is not None)
 
 
 def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, block_mask=None,
-                allow_tf32: bool = False) -> str:
+                allow_tf32: bool = False, backward: bool = False, device=None) -> str:
     """Which implementation a call runs: "fused fp16/bf16 (tensor cores)", "fused fp32/fp64 (CUDA cores)",
     "fused fp64 (FP64 tensor cores)", "fused fp32 (TF32 tensor cores)", "NumPy chunked path" or
-    "chunked path on the GPU". NumPy float64 inputs count as on_gpu=False here; with a usable GPU they
-    run the float64 kernel (NUMPY_FLOAT64_ON_GPU)."""
-    allow_tf32 = check_bool("allow_tf32", allow_tf32)
-    xp = (cupy_or_none() or np) if on_gpu else np
-    shape = AttnShape(1, 1, 1, 1, 1, int(head_dim), 1.0)
-    if on_gpu and _use_kernels(xp, dtype, shape):
-        return "fused fp16/bf16 (tensor cores)"
-    if on_gpu and _use_simt(xp, dtype, shape) and not dropout_p and block_mask is None:
-        from . import _gpu_simt
+    "chunked path on the GPU".
 
-        return _gpu_simt.path_name(dtype, head_dim, allow_tf32)
-    return "chunked path on the GPU" if on_gpu else "NumPy chunked path"
+    The forward's path, or the backward's with backward=True (they differ for float64 above head_dim
+    160: CUDA cores; and where only one direction's kernels fit the device). on_gpu=True describes
+    the current CuPy device (with the FLASHCUPY_SMEM_LIMIT_KB / FLASHCUPY_FORCE_CC overrides,
+    flashcupy._device), or device= (a flashcupy._device.DeviceInfo, or an int compute capability
+    such as 86 for that class's shared memory) without a GPU. NumPy float64 inputs count as
+    on_gpu=False here; with a usable GPU they run the float64 kernels (NUMPY_FLOAT64_ON_GPU)."""
+    allow_tf32 = check_bool("allow_tf32", allow_tf32)
+    backward = check_bool("backward", backward)
+    on_gpu = check_bool("on_gpu", on_gpu)
+    if block_mask is not None:
+        from .blocksparse import BlockMask
+
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask: expected a flashcupy.blocksparse.BlockMask or None, "
+                            f"got {type(block_mask).__name__}")
+    if not on_gpu:
+        return NUMPY_PATH
+    if device is None and not gpu_available():
+        raise RuntimeError("kernel_path: on_gpu=True needs a usable CUDA GPU (CuPy found none); give device= "
+                           "(a flashcupy._device.DeviceInfo or a compute capability such as 86) to ask about one")
+    shape = AttnShape(1, 1, 1, 1, 1, int(head_dim), 1.0)
+    plan = _plan("bwd" if backward else "fwd", dtype, shape, False, float(dropout_p), block_mask, allow_tf32, device)
+    return _dispatch.path_name(plan)
+
+
+def _chunked_forward(xp, q, k, v, shape, causal, dropout_p, rng_state, block_mask):
+    keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
+    return _chunked.forward(q, k, v, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
+                            keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
+
+
+def _chunked_backward(xp, dout, q, k, v, out, lse, shape, causal, dropout_p, rng_state, block_mask):
+    keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
+    return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
+                             keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
 
 
 def _chunked_dropout(xp, shape, dropout_p, rng_state):
@@ -287,25 +326,24 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
         out = xp.zeros(q.shape, dtype=q.dtype)
         lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, dtype=lse_dtype(q.dtype))
         return AttnForward(out, lse, rng_state, options)
-    if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernel -> NumPy
-        cp = cupy_or_none()
+    if _numpy_float64_to_gpu(xp, q.dtype, shape, "fwd", causal, dropout_p, block_mask, allow_tf32):
+        cp = cupy_or_none()  # NumPy float64 -> float64 kernel -> NumPy
         res = flash_attn_forward(*(cp.asarray(x) for x in (q, k, v)), dropout_p=dropout_p,
                                  softmax_scale=softmax_scale, causal=causal, seed=rng_state, block_mask=block_mask,
                                  allow_tf32=allow_tf32)
         return AttnForward(res.out.get(), res.lse.get(), res.rng_state, options)
-    if _use_kernels(xp, q.dtype, shape):
+    plan = None if xp is np else _plan("fwd", q.dtype, shape, causal, dropout_p, block_mask, allow_tf32)
+    if plan is not None and plan.family == _dispatch.MMA16:
         from . import _gpu
 
         out, lse = _gpu.forward(q, k, v, shape, causal=causal, block_mask=block_mask,
-                                dropout=(dropout_p, rng_state) if dropout_p > 0 else None)
-    elif _use_simt(xp, q.dtype, shape) and dropout_p == 0 and block_mask is None:
+                                dropout=(dropout_p, rng_state) if dropout_p > 0 else None, config=plan.config)
+    elif plan is not None:
         from . import _gpu_simt
 
-        out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal, allow_tf32=allow_tf32)
+        out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal, allow_tf32=allow_tf32, config=plan.config)
     else:
-        keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
-        out, lse = _chunked.forward(q, k, v, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
-                                    keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
+        out, lse = _chunked_forward(xp, q, k, v, shape, causal, dropout_p, rng_state, block_mask)
     return AttnForward(out, lse, rng_state, options)
 
 
@@ -392,26 +430,25 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
     softmax_scale = shape.softmax_scale
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
         return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
-    if _numpy_float64_to_gpu(xp, q.dtype, shape):  # NumPy float64 -> float64 kernels -> NumPy
-        cp = cupy_or_none()
+    if _numpy_float64_to_gpu(xp, q.dtype, shape, "bwd", causal, dropout_p, block_mask, allow_tf32):
+        cp = cupy_or_none()  # NumPy float64 -> float64 kernels -> NumPy
         grads = flash_attn_backward(*(cp.asarray(x) for x in (dout, q, k, v, out, lse)), dropout_p=dropout_p,
                                     softmax_scale=softmax_scale, causal=causal, rng_state=rng_state,
                                     deterministic=deterministic, block_mask=block_mask, allow_tf32=allow_tf32)
         return tuple(g.get() for g in grads)
-    if _use_kernels(xp, q.dtype, shape):
+    plan = None if xp is np else _plan("bwd", q.dtype, shape, causal, dropout_p, block_mask, allow_tf32)
+    if plan is not None and plan.family == _dispatch.MMA16:
         from . import _gpu
 
         return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
-                             dropout=(dropout_p, rng_state) if dropout_p > 0 else None, block_mask=block_mask)
-    if _use_simt(xp, q.dtype, shape) and dropout_p == 0 and block_mask is None:
+                             dropout=(dropout_p, rng_state) if dropout_p > 0 else None, block_mask=block_mask,
+                             config=plan.config)
+    if plan is not None:
         from . import _gpu_simt
 
         return _gpu_simt.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
-                                  allow_tf32=allow_tf32)
-    keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
-    return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
-                             keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
-
+                                  allow_tf32=allow_tf32, config=plan.config)
+    return _chunked_backward(xp, dout, q, k, v, out, lse, shape, causal, dropout_p, rng_state, block_mask)
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, deterministic=False,
                     return_lse=False, seed=None, block_mask=None, allow_tf32=False):

@@ -1,68 +1,102 @@
 """Compile every float32 / float64 kernel specialization (cuda/flash_simt_*.cu, and the float64 and
-TF32 tensor-core kernels cuda/flash_dmma_*.cu) with bare NVRTC for sm_80 and sm_90a (no GPU needed) and
-check the ptxas report: no error, no spill. Prints the register report (pytest -s, or on failure).
-The eight programs (4 sources x 2 archs) compile two at a time."""
+TF32 tensor-core kernels cuda/flash_dmma_*.cu) with bare NVRTC for sm_80, sm_86 and sm_90a (no GPU
+needed) and check the ptxas report: no error, no spill. Check that every configuration
+float_fwd_config / float_bwd_config return for each arch's devices fits its shared memory (sm_86:
+99 KB). Prints the register report (pytest -s, or on failure).
 
-from concurrent.futures import ThreadPoolExecutor
+What each arch compiles (as tests/test_compile.py): sm_80 and sm_90a every configuration the
+choosers return for any device of flashcupy._configs.ARCH_DEVICES (both DMMA instruction shapes:
+FLASHCUPY_FORCE_CC=86 runs m8n8k4 on an H200) plus the candidates bench/bench_simt.py --sweep
+times and the m16n8k8 variants it benchmarks; sm_86 only the configurations sm_86 chooses that
+sm_80 at its full 163 KB does not (the 99 KB candidates). The NVRTC programs run in parallel
+processes (cuda-bindings holds the GIL while NVRTC compiles)."""
+
+import dataclasses
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
 from helpers import sweep_candidates
 
 from flashcupy import _build, _configs
+from flashcupy._device import DeviceInfo
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
 
-ARCHS = ("sm_80", "sm_90a")
-SOURCES = {"flash_simt_fwd.cu": "fwd", "flash_simt_bwd.cu": "bwd", "flash_dmma_fwd.cu": "dmma_fwd",
-           "flash_dmma_bwd.cu": "dmma_bwd"}
+ARCHS = ("sm_80", "sm_86", "sm_90a")
+SOURCES = ("flash_simt_fwd.cu", "flash_simt_bwd.cu", "flash_dmma_fwd.cu", "flash_dmma_bwd.cu")
 
 
-def _with_katom8(configs, fields):
-    """The configs and, where a kernel runs m16n8k16 (katom 16), its m16n8k8 variant (benchmarked)."""
-    import dataclasses
-
-    out = []
-    for cfg in configs:
-        out.append(cfg)
-        out += [dataclasses.replace(cfg, **{f: 8}) for f in fields if getattr(cfg, f) == 16]
+def chosen(devices, head_dims=_configs.HEAD_DIM_BUCKETS):
+    """{config: None} of every float_fwd_config / float_bwd_config output for devices."""
+    out = {}
+    for device in devices:
+        for bucket in head_dims:
+            for dtype in (np.float32, np.float64):
+                for tf32 in (False, True):
+                    for fn in (_configs.float_fwd_config, _configs.float_bwd_config):
+                        cfg = fn(bucket, dtype, False, device, tf32)
+                        if cfg is not None:
+                            out[cfg] = None
     return out
 
 
-def kernel_names(source: str):
-    """Every specialization the library launches, and the candidates bench/bench_simt.py --sweep times."""
-    kind = SOURCES[source]
+def _with_katom8(configs):
+    """The configs and, where a kernel runs m16n8k16 (katom 16), its m16n8k8 variant (benchmarked)."""
+    out = []
+    for cfg in configs:
+        out.append(cfg)
+        if isinstance(cfg, (_configs.DmmaFwdConfig, _configs.DmmaBwdConfig)) and cfg.elem == "double":
+            fields = ["katom"] if isinstance(cfg, _configs.DmmaFwdConfig) else ["kv_katom", "dq_katom"]
+            out += [dataclasses.replace(cfg, **{f: 8}) for f in fields if getattr(cfg, f) == 16]
+    return out
+
+
+def configs_for(arch: str):
+    """The configurations CI compiles for arch (module docstring)."""
+    if arch == "sm_86":
+        full_80 = chosen([DeviceInfo.for_cc(80)])
+        return [c for c in chosen(_configs.ARCH_DEVICES["sm_86"]) if c not in full_80]
     sweep_fwd, sweep_dmma_bwd = sweep_candidates()
-    if kind == "fwd":
-        return sorted({cfg.kernel_name() for cfg in [*_configs.all_simt_fwd_specializations(), *sweep_fwd]})
-    if kind == "dmma_fwd":
-        cfgs = _with_katom8(_configs.all_dmma_fwd_specializations(), ["katom"]) + _configs.all_tf32_fwd_specializations()
-        return sorted({cfg.kernel_name() for cfg in cfgs})
-    if kind == "dmma_bwd":
-        cfgs = _with_katom8(_configs.all_dmma_bwd_specializations(), ["kv_katom", "dq_katom"]) + sweep_dmma_bwd
-        cfgs += _configs.all_tf32_bwd_specializations()
-        return sorted({n for cfg in cfgs for n in (cfg.kv_kernel_name(), cfg.dq_kernel_name())})
+    every = chosen([d for a in ("sm_80", "sm_90a") for d in _configs.ARCH_DEVICES[a]])
+    return list(dict.fromkeys([*_with_katom8(every), *sweep_fwd, *sweep_dmma_bwd]))
+
+
+def kernel_names(source: str, arch: str):
+    """Every kernel of source that the configurations of arch launch (every backward family's
+    preprocess kernel lives in flash_simt_bwd.cu)."""
     names = set()
-    for cfg in _configs.all_simt_bwd_specializations():
-        names |= {cfg.kv_kernel_name(), cfg.dq_kernel_name(), cfg.preprocess_kernel_name()}
+    for cfg in configs_for(arch):
+        if cfg.source == source:
+            names |= {cfg.kernel_name()} if hasattr(cfg, "kernel_name") else {cfg.kv_kernel_name(), cfg.dq_kernel_name()}
+        if source == "flash_simt_bwd.cu" and hasattr(cfg, "preprocess_kernel_name"):
+            names.add(cfg.preprocess_kernel_name())
     return sorted(names)
+
+
+def _jobs():
+    jobs = [(src, arch, kernel_names(src, arch)) for src in SOURCES for arch in ARCHS]
+    return sorted([j for j in jobs if j[2]], key=lambda j: -len(j[2]))  # longest first
 
 
 @pytest.fixture(scope="module")
 def compiled():
-    jobs = [(src, arch) for src in SOURCES for arch in ARCHS]
-    with ThreadPoolExecutor(2) as ex:
-        results = ex.map(lambda job: _build.nvrtc_compile(job[0], kernel_names(job[0]), job[1]), jobs)
-        return dict(zip(jobs, results))
+    jobs = _jobs()
+    with ProcessPoolExecutor(max(2, os.cpu_count() or 2)) as ex:
+        results = list(ex.map(_build.nvrtc_compile, *zip(*[(src, names, arch) for src, arch, names in jobs])))
+    return {(src, arch): res for (src, arch, _), res in zip(jobs, results)}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("source", SOURCES)
 def test_specializations_compile_without_spills(compiled, source, arch):
+    names = kernel_names(source, arch)
+    if not names:
+        pytest.skip(f"no {source} configuration of {arch} differs from sm_80's")
     ok, log, lowered = compiled[source, arch]
     assert ok, log
     report = _build.ptxas_report(log)
-    names = kernel_names(source)
     lines, spilled = [], []
     for name in names:
         r = report[lowered[name]]
@@ -74,6 +108,31 @@ def test_specializations_compile_without_spills(compiled, source, arch):
     assert not spilled, "spills:\n" + "\n".join(spilled)
 
 
+def test_sm86_compiles_the_99kb_configs():
+    extra = configs_for("sm_86")
+    assert extra and all(c.max_smem_bytes <= _configs.SMEM_99KB for c in extra)
+    assert {type(c).__name__ for c in extra} == {"SimtFwdConfig", "SimtBwdConfig", "DmmaFwdConfig", "DmmaBwdConfig"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_chosen_config_fits_its_budget(arch):
+    """Every configuration the float choosers return for the arch's devices (every head dim the
+    kernels take, both dtypes, allow_tf32 either way) fits that device's opt-in shared memory."""
+    devices = _configs.ARCH_DEVICES[arch]
+    for device in devices:
+        for head_dim in range(8, 257, 8):
+            for dtype in (np.float32, np.float64):
+                for tf32 in (False, True):
+                    for fn in (_configs.float_fwd_config, _configs.float_bwd_config):
+                        cfg = fn(head_dim, dtype, True, device, tf32)
+                        if cfg is None:  # the chunked path; only the float64 backward above 224 at 99 KB
+                            assert (fn, dtype, device.smem_optin) == (_configs.float_bwd_config, np.float64,
+                                                                      _configs.SMEM_99KB) and head_dim > 224
+                            continue
+                        assert cfg.max_smem_bytes <= device.smem_optin, (arch, device, head_dim, dtype, tf32, cfg)
+                        assert cfg.head_dim >= head_dim
+
+
 def test_sources_inline_every_local_header():
     for source in SOURCES:
         src = _build.load_source(source)
@@ -82,40 +141,45 @@ def test_sources_inline_every_local_header():
     assert "mma.sync.aligned.m8n8k4.row.col.f64" in _build.load_source("flash_dmma_fwd.cu")
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_config_tables_cover_every_bucket(dtype):
+def test_simt_config_tables_cover_every_bucket():
     for bucket in _configs.HEAD_DIM_BUCKETS:
         for causal in (False, True):
-            f = _configs.simt_fwd_config(bucket, dtype, causal)
-            b = _configs.simt_bwd_config(bucket, dtype, causal)
+            f = _configs.simt_fwd_config(bucket, np.float32, causal)
+            b = _configs.simt_bwd_config(bucket, np.float32, causal)
             assert f.head_dim == bucket and b.head_dim >= bucket
             assert f.block_m % (4 * f.nwarps) == 0 and f.block_n % 8 == 0
             assert b.block_n % (8 * b.vec) == 0 and b.block_m % 4 == 0
-            # fits sm_80's opt-in shared memory (163 KB) as well as sm_90's (227 KB)
-            assert f.smem_bytes <= 163 * 1024 and b.smem_bytes <= 163 * 1024
+            if bucket > 160:  # float64 on CUDA cores: the backward above the DMMA backward's 160 only
+                d = _configs.simt_bwd_config(bucket, np.float64, causal)
+                assert d.head_dim == bucket and d.block_n % (8 * d.vec) == 0
     for d in (1, 8, 33, 100, 255):
-        assert _configs.simt_fwd_config(d, dtype, True).head_dim >= d
-        assert _configs.simt_bwd_config(d, dtype, True).head_dim >= d
+        assert _configs.simt_fwd_config(d, np.float32, True).head_dim >= d
+        assert _configs.simt_bwd_config(d, np.float32, True).head_dim >= d
     with pytest.raises(ValueError, match="head_dim"):
-        _configs.simt_fwd_config(264, dtype, False)
+        _configs.simt_fwd_config(264, np.float32, False)
     with pytest.raises(TypeError):
         _configs.simt_fwd_config(64, np.float16, False)
 
 
-@pytest.mark.parametrize("arch", [75, 80, 90])
+@pytest.mark.parametrize("arch", [75, 80, 86, 90])
 def test_float64_chooser_picks_dmma_from_sm80(arch):
     for bucket in _configs.HEAD_DIM_BUCKETS:
         for causal in (False, True):
             f = _configs.float_fwd_config(bucket, np.float64, causal, arch)
             b = _configs.float_bwd_config(bucket, np.float64, causal, arch)
-            assert isinstance(f, _configs.DmmaFwdConfig) == (arch >= 80)
-            assert isinstance(b, _configs.DmmaBwdConfig) == (arch >= 80 and bucket <= 160)
+            if arch < 80:  # no cp.async: every family is out, the chunked path runs
+                assert f is None and b is None
+                assert _configs.float_fwd_config(bucket, np.float32, causal, arch) is None
+                continue
+            assert isinstance(f, _configs.DmmaFwdConfig)
+            assert isinstance(b, _configs.DmmaBwdConfig) == (bucket <= 160)
+            assert b is not None or (arch == 86 and bucket == 256)
             # float32 stays on CUDA cores
             assert isinstance(_configs.float_fwd_config(bucket, np.float32, causal, arch), _configs.SimtFwdConfig)
             assert isinstance(_configs.float_bwd_config(bucket, np.float32, causal, arch), _configs.SimtBwdConfig)
 
 
-@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("arch", [80, 86, 90])
 def test_dmma_config_tables(arch):
     for bucket in _configs.HEAD_DIM_BUCKETS:
         f = _configs.dmma_fwd_config(bucket, False, arch)
@@ -127,5 +191,5 @@ def test_dmma_config_tables(arch):
             assert katom == (16 if arch >= 90 and rows == 16 else 4)  # m16 shapes: sm_90, 16-row warps
         assert f.block_n % 16 == 0 and b.kv_block_m % 16 == 0 and b.dq_block_n % 16 == 0
         assert (bucket // 16) % b.d_split == 0
-        # fits sm_80's opt-in shared memory (163 KB) as well as sm_90's (227 KB)
-        assert max(f.smem_bytes, b.kv_smem_bytes, b.dq_smem_bytes) <= 163 * 1024
+        assert max(f.smem_bytes, b.kv_smem_bytes, b.dq_smem_bytes) <= DeviceInfo.for_cc(arch).smem_optin
+    assert _configs.dmma_bwd_config(192, False, arch) is None  # no DMMA backward above 160
