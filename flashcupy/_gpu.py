@@ -76,6 +76,14 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
         # All scores are 0: feed zeros with scale 1, so masked scores stay -inf (0 * -inf would be NaN).
         q, scale = cp.zeros(q.shape, dtype=q.dtype), 1.0
     q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
+    from . import _gpu_sm90
+
+    if isinstance(config, _gpu_sm90.Sm90FwdConfig) or (config is None and _gpu_sm90.supports(
+            shape, q.dtype, cc=_device_arch(), dropout=dropout, block_mask=block_mask)):
+        out, lse = _gpu_sm90.forward(q, k, v, shape, causal=causal, scale=scale, config=config)
+        if d8 != shape.head_dim:
+            out = cp.ascontiguousarray(out[..., : shape.head_dim])
+        return out, lse
     cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     name = cfg.kernel_name(elem_name(q.dtype), causal, dropout is not None)
     debug(f"fwd {shape} -> {cfg}")

@@ -1,0 +1,69 @@
+// flash_sm90.cuh: the Hopper (sm_90a) primitives of the wgmma family, as thin inline-PTX wrappers:
+// TMA tensor-map tile loads, raw mbarrier phase waits, warpgroup register reallocation, wgmma
+// fences and shared-memory matrix descriptors. PTX ISA 8.x sections: cp.async.bulk.tensor (9.7.9.25),
+// mbarrier (9.7.13.15), setmaxnreg (9.7.17.1), wgmma (9.7.15). Compiled only with -arch=sm_90a.
+#pragma once
+#include "flash_common.cuh"
+
+typedef unsigned long long u64;
+
+// A CUtensorMap (cuTensorMapEncodeTiled's 128 opaque bytes), passed by value inside a
+// __grid_constant__ kernel parameter so that its generic address can be handed to the TMA unit.
+struct alignas(64) TmaDesc {
+    u64 w[16];
+};
+
+__device__ __forceinline__ u64 tma_addr(const TmaDesc& d) { return reinterpret_cast<u64>(&d); }
+
+// ---- mbarrier (a 64-bit barrier in shared memory: an arrival count plus a transaction byte count) ----
+__device__ __forceinline__ void mbar_init(u32 bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+// Makes the initialised barriers visible to the async proxy (TMA) before anyone uses them.
+__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(u32 bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+// Wait until the phase of parity `parity` has completed (a fresh barrier is in phase 0, so waiting for
+// parity 1 returns at once: the producer's first pass over its empty barriers).
+__device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{\n.reg .pred P1;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+        "@P1 bra DONE;\nbra WAIT;\nDONE:\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+// ---- TMA: a 4-D box (d, head, row, batch) of a tensor map into shared memory, completing on bar ----
+__device__ __forceinline__ void tma_load_4d(u32 dst, const TmaDesc& map, u32 bar, int c0, int c1, int c2, int c3) {
+    asm volatile(
+        "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+        "l"(tma_addr(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+        : "memory");
+}
+
+// ---- warpgroup register reallocation (producer gives registers to the consumers) ----
+template <int REGS>
+__device__ __forceinline__ void regs_dealloc() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS)); }
+template <int REGS>
+__device__ __forceinline__ void regs_alloc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS)); }
+
+// ---- wgmma ordering ----
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+
+// A wgmma shared-memory matrix descriptor (PTX ISA 9.7.15.5.1) for the 128-byte swizzle that TMA's
+// CU_TENSOR_MAP_SWIZZLE_128B writes: start address, leading and stride byte offsets (16-byte units),
+// base offset 0 (atoms 1024-byte aligned), layout type 1 = 128B swizzle.
+//   K-major tile (rows of 64 16-bit elements = 128 B, 8-row atoms of 1024 B): lbo unused, sbo = 1024.
+//   MN-major tile (the same bytes read transposed): lbo = bytes between 64-column panels, sbo = 1024.
+__device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
+    return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32) |
+           (1ull << 62);
+}

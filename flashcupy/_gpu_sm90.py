@@ -1,0 +1,122 @@
+"""Launch code of the Hopper (sm_90a) forward, cuda/flash_fwd_sm90.cu: TMA tensor maps, the
+AttnParams record, grid, launch.
+
+`supports(...)` says whether a call can take this path (compute capability 9.0, fp16/bf16, head_dim
+<= 128, no dropout, no block mask; FLASHCUPY_SM90=0 turns it off); flashcupy._gpu.forward asks it
+first. Tensor maps are encoded per call with cuda-bindings' cuTensorMapEncodeTiled (about 2.4 us
+each, research/hopper.md 1.6) over (head_dim, nheads, seqlen, batch) views of q, k, v with a
+128-byte swizzle; boxes past a tensor's end are zero-filled by the TMA unit, so ragged seqlens and
+head dims below the tile's need no copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._build import debug, get_kernel
+from ._configs import elem_name
+from ._params import attn_params
+
+SOURCE = "flash_fwd_sm90.cu"
+
+
+@dataclass(frozen=True)
+class Sm90FwdConfig:
+    """Mirror of Sm90FwdTraits in cuda/flash_fwd_sm90.cu."""
+
+    head_dim: int  # 64 or 128: the tile's head dim (the caller's is <= it)
+    block_n: int = 128
+    stages: int = 2
+    consumers: int = 2
+
+    @property
+    def block_m(self) -> int:
+        return 64 * self.consumers
+
+    @property
+    def nthreads(self) -> int:
+        return 128 * (self.consumers + 1)
+
+    @property
+    def smem_bytes(self) -> int:
+        panels = self.head_dim // 64
+        return (panels * self.block_m * 128 + 2 * self.stages * panels * self.block_n * 128
+                + 8 * (1 + 2 * self.stages) + 1024)
+
+    def traits(self, elem: str) -> str:
+        return f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}>"
+
+    def kernel_name(self, elem: str, causal: bool) -> str:
+        return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}>"
+
+
+def config_for(head_dim: int) -> Sm90FwdConfig:
+    return Sm90FwdConfig(head_dim=64 if head_dim <= 64 else 128)
+
+
+def all_specializations():
+    """(elem, causal, config) of every kernel this path can launch (CI compiles each)."""
+    return [(elem, causal, Sm90FwdConfig(hd)) for elem in ("Fp16", "Bf16") for causal in (False, True)
+            for hd in (64, 128)]
+
+
+def enabled() -> bool:
+    return os.environ.get("FLASHCUPY_SM90", "1") not in ("0", "")
+
+
+def supports(shape, dtype, *, cc: int, dropout, block_mask) -> bool:
+    """Whether the sm_90a forward runs this call (else the mma.sync family does)."""
+    return (enabled() and cc == 90 and dropout is None and block_mask is None and shape.head_dim <= 128
+            and np.dtype(dtype).itemsize == 2)
+
+
+def _tma_desc(x, rows_box: int) -> bytes:
+    """128 bytes of a CUtensorMap over x (batch, seqlen, nheads, d) viewed as (d, nheads, seqlen, batch),
+    box (64, 1, rows_box, 1), 128-byte swizzle, zero fill past the edges."""
+    from cuda.bindings import driver
+
+    it = x.dtype.itemsize
+    dtype = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if x.dtype.name == "bfloat16"
+             else driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
+    b, s, h, d = x.shape
+    dims = [d, h, s, b]
+    strides = [x.strides[2], x.strides[1], x.strides[0]]  # bytes, dims 1..3
+    strides = [st if n > 1 else d * it for st, n in zip(strides, (h, s, b))]  # size-1 dims: any legal stride
+    err, tmap = driver.cuTensorMapEncodeTiled(
+        dtype, 4, x.data.ptr, [driver.cuuint64_t(v) for v in dims], [driver.cuuint64_t(v) for v in strides],
+        [driver.cuuint32_t(v) for v in (64, 1, rows_box, 1)], [driver.cuuint32_t(1)] * 4,
+        driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {x.shape}, strides {x.strides}")
+    return ctypes.string_at(tmap.getPtr(), 128)
+
+
+def forward(q, k, v, shape, *, causal: bool, scale: float, config=None):
+    """Hopper forward. q, k, v: kernel-ready CuPy arrays (16-byte aligned, head_dim padded to a multiple
+    of 8: flashcupy._gpu.kernel_ready); scale: the softmax scale the kernel applies (flashcupy._gpu.forward
+    passes 1 with a zeroed q for a caller's 0). Returns (out like q, lse (batch, nheads, seqlen_q) float32)."""
+    import cupy as cp
+
+    d8 = q.shape[3]
+    cfg = config or config_for(d8)
+    elem = elem_name(q.dtype)
+    name = cfg.kernel_name(elem, causal)
+    debug(f"sm90 fwd {shape} -> {cfg}")
+    kernel = get_kernel(SOURCE, name, cfg.smem_bytes)
+    out = cp.empty(q.shape, dtype=q.dtype)
+    lse = cp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=cp.float32)
+    p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, q=q, k=k, v=v, out=out, lse=lse)
+    tma = np.frombuffer(_tma_desc(q, cfg.block_m) + _tma_desc(k, cfg.block_n) + _tma_desc(v, cfg.block_n),
+                        dtype=np.uint8)
+    tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]
+    grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
+    kernel(grid, (cfg.nthreads, 1, 1), (p, tma_arg), shared_mem=cfg.smem_bytes)
+    return out, lse

@@ -1,0 +1,61 @@
+"""The Hopper forward (cuda/flash_fwd_sm90.cu) compiled with bare NVRTC for sm_90a (no GPU needed):
+every specialization builds, ptxas reports no spill, and the shared memory the launcher asks for is
+the traits' SMEM_BYTES (a static_assert per config) and fits the H100/H200 opt-in limit."""
+
+import pytest
+
+from flashcupy import _build, _gpu_sm90
+
+nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
+
+H100_SMEM_OPTIN = 232448  # bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin on sm_90
+
+
+def _names():
+    return sorted({cfg.kernel_name(elem, causal) for elem, causal, cfg in _gpu_sm90.all_specializations()})
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return _build.nvrtc_compile(_gpu_sm90.SOURCE, _names(), "sm_90a")
+
+
+def test_specializations_compile_without_spills(compiled):
+    ok, log, lowered = compiled
+    assert ok, log
+    report = _build.ptxas_report(log)
+    lines = [f"sm_90a {n}: {report[lowered[n]]}" for n in _names()]
+    print("\n".join(lines))
+    spilled = [ln for ln, n in zip(lines, _names()) if report[lowered[n]]["spill_stores"] or report[lowered[n]]["spill_loads"]]
+    assert not spilled, "spills:\n" + "\n".join(spilled)
+    assert "wgmma" not in log or "serialized" not in log, log  # ptxas: "wgmma.mma_async instructions are serialized"
+
+
+def test_smem_bytes_match_the_traits():
+    checks = [f'static_assert({cfg.traits(elem)}::SMEM_BYTES == {cfg.smem_bytes}, "{cfg.traits(elem)}");'
+              for elem, _, cfg in _gpu_sm90.all_specializations()]
+    src = _build.load_source(_gpu_sm90.SOURCE) + "\n" + "\n".join(checks) + "\n"
+    err, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"smem_check.cu", 0, [], [])
+    try:
+        opts = [o.encode() for o in _build.BASE_OPTIONS] + [b"-arch=sm_90a"]
+        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+    for _, _, cfg in _gpu_sm90.all_specializations():
+        assert cfg.smem_bytes <= H100_SMEM_OPTIN
+
+
+def test_generated_wgmma_header_is_current():
+    """cuda/flash_wgmma.cuh is tools/gen_wgmma.py's output (regenerate, never edit by hand)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    gen = subprocess.run([sys.executable, str(root / "tools" / "gen_wgmma.py")], capture_output=True, text=True,
+                         check=True).stdout
+    assert gen == (root / "cuda" / "flash_wgmma.cuh").read_text()

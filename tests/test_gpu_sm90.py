@@ -1,0 +1,104 @@
+"""The Hopper (sm_90a, wgmma + TMA) forward on a GPU of compute capability 9.0, against the float64
+oracle under DESIGN.md's rule; and the launcher's choice of it. Skipped on other GPUs."""
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_forward_rule, bhsd_view, random_inputs, to_gpu
+
+import flashcupy
+from flashcupy._arrays import bfloat16
+
+pytestmark = pytest.mark.gpu
+
+HALF_DTYPES = [np.dtype(np.float16)] + ([bfloat16()] if bfloat16() is not None else [])
+
+
+def _sm90():
+    import cupy
+
+    return int(cupy.cuda.Device().compute_capability) == 90
+
+
+@pytest.fixture(autouse=True)
+def _only_sm90():
+    if not _sm90():
+        pytest.skip("needs a GPU of compute capability 9.0 (H100/H200)")
+
+
+def _forward_sm90(q, k, v, **kw):
+    """flashcupy._gpu_sm90.forward through flashcupy._gpu.forward's preparation, forced."""
+    from flashcupy import _gpu, _gpu_sm90
+    from flashcupy._validate import check_qkv
+
+    shape = check_qkv(q, k, v, kw.pop("softmax_scale", None))
+    return _gpu.forward(q, k, v, shape, causal=kw.pop("causal", False), config=_gpu_sm90.config_for(shape.head_dim))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_every_specialization(rng, dtype, head_dim, causal):
+    q, k, v = random_inputs(rng, 2, 300, 421, 4, 2, head_dim, dtype)
+    out, lse = _forward_sm90(*to_gpu(q, k, v), causal=causal)
+    assert out.dtype == dtype and lse.dtype == np.float32
+    assert_forward_rule(out, lse, q, k, v, causal=causal)
+
+
+@given(
+    batch=st.integers(1, 2),
+    seqlen_q=st.sampled_from([1, 64, 127, 128, 129, 1000]) | st.integers(1, 400),
+    seqlen_k=st.sampled_from([1, 64, 127, 128, 129, 1000]) | st.integers(1, 400),
+    heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]),
+    head_dim=st.sampled_from([8, 32, 40, 64, 72, 96, 128]),
+    causal=st.booleans(),
+    bhsd=st.booleans(),
+    dtype=st.sampled_from(HALF_DTYPES),
+    seed=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=30, deadline=None)
+@example(batch=1, seqlen_q=1000, seqlen_k=129, heads=(2, 1), head_dim=128, causal=True, bhsd=False,
+         dtype=HALF_DTYPES[-1], seed=1)
+@example(batch=2, seqlen_q=1, seqlen_k=1000, heads=(4, 2), head_dim=40, causal=True, bhsd=True,
+         dtype=HALF_DTYPES[0], seed=2)
+def test_forward_matches_oracle(batch, seqlen_q, seqlen_k, heads, head_dim, causal, bhsd, dtype, seed):
+    rng = np.random.default_rng(seed)
+    nheads, nheads_k = heads
+    q, k, v = random_inputs(rng, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype)
+    qg, kg, vg = to_gpu(q, k, v)
+    if bhsd:
+        qg, kg, vg = (bhsd_view(x) for x in (qg, kg, vg))
+    out, lse = _forward_sm90(qg, kg, vg, causal=causal)
+    assert_forward_rule(out, lse, q, k, v, causal=causal)
+
+
+def test_public_forward_takes_the_sm90_path(rng, monkeypatch):
+    """flash_attn_forward on an H100/H200 runs the wgmma kernel for fp16/bf16 without dropout or a
+    block mask, and the same answer comes back with FLASHCUPY_SM90=0 (the mma.sync family) within the rule."""
+    from flashcupy import _gpu_sm90
+
+    calls = []
+    real = _gpu_sm90.forward
+    monkeypatch.setattr(_gpu_sm90, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = random_inputs(rng, 1, 257, 257, 2, 2, 128, HALF_DTYPES[-1])
+    out, lse, _ = flashcupy.flash_attn_forward(*to_gpu(q, k, v), causal=True)
+    assert calls, "the sm_90a forward was not used"
+    assert_forward_rule(out, lse, q, k, v, causal=True)
+    calls.clear()
+    monkeypatch.setenv("FLASHCUPY_SM90", "0")
+    out2, lse2, _ = flashcupy.flash_attn_forward(*to_gpu(q, k, v), causal=True)
+    assert not calls
+    assert_forward_rule(out2, lse2, q, k, v, causal=True)
+
+
+def test_zero_softmax_scale_and_empty_rows(rng):
+    """softmax_scale 0 (uniform weights) and causal rows with no visible key (seqlen_q > seqlen_k:
+    out 0, lse -inf), as the other families."""
+    q, k, v = random_inputs(rng, 1, 200, 70, 2, 2, 64, HALF_DTYPES[0])
+    out, lse = _forward_sm90(*to_gpu(q, k, v), causal=True)
+    assert_forward_rule(out, lse, q, k, v, causal=True)
+    assert np.isneginf(lse.get()[:, :, :130]).all() and not np.asarray(out.get()[:, :130]).any()
+    out, lse = _forward_sm90(*to_gpu(q, k, v), softmax_scale=0.0)
+    assert_forward_rule(out, lse, q, k, v, softmax_scale=0.0)
