@@ -18,6 +18,8 @@ others, which takes the config as is). None means no fused kernel: run the chunk
 chunked backward (or the reverse) is fine, both use the same out / LSE.
 
 Routing (today's rules, plus the device gates):
+- float16 / bfloat16 forward on compute capability 9.0, head_dim <= 128, no dropout, no block mask:
+  the Hopper family ("wgmma", flashcupy._gpu_sm90; FLASHCUPY_SM90=0 turns it off).
 - float16 / bfloat16, head_dim <= 256: the mma.sync family ("mma16"), with dropout and block masks
   fused; fwd_config / bwd_config pick the tiles.
 - float32 / float64, head_dim <= 256, no dropout, no block mask: float64 on the FP64 tensor cores
@@ -41,11 +43,12 @@ from ._device import as_device
 
 MAX_FUSED_HEAD_DIM = 256
 
-MMA16, SIMT, DMMA, TF32 = "mma16", "simt", "dmma", "tf32"
-FAMILIES = (MMA16, SIMT, DMMA, TF32)
+MMA16, SIMT, DMMA, TF32, WGMMA = "mma16", "simt", "dmma", "tf32", "wgmma"
+FAMILIES = (MMA16, SIMT, DMMA, TF32, WGMMA)
 
 PATH_NAMES = {
     MMA16: "fused fp16/bf16 (tensor cores)",
+    WGMMA: "fused fp16/bf16 (Hopper wgmma + TMA)",
     SIMT: "fused fp32/fp64 (CUDA cores)",
     DMMA: "fused fp64 (FP64 tensor cores)",
     TF32: "fused fp32 (TF32 tensor cores)",
@@ -75,6 +78,12 @@ def _plan(direction: str, dtype, head_dim: int, causal: bool, device, dropout, s
     if head_dim > MAX_FUSED_HEAD_DIM:
         return None
     if is_half(dtype):
+        if direction == "fwd":
+            from . import _gpu_sm90
+
+            cfg = _gpu_sm90.plan_config(head_dim, device, dropout=dropout, sparse_blocks=sparse_blocks)
+            if cfg is not None:
+                return Plan(WGMMA, cfg)
         choose = _configs.fwd_config if direction == "fwd" else _configs.bwd_config
         cfg = choose(head_dim, dtype, causal, device, sparse_blocks)
         return None if cfg is None else Plan(MMA16, cfg)

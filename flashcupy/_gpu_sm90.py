@@ -48,6 +48,11 @@ class Sm90FwdConfig:
         return (panels * self.block_m * 128 + 2 * self.stages * panels * self.block_n * 128
                 + 8 * (1 + 2 * self.stages) + 1024)
 
+    @property
+    def max_smem_bytes(self) -> int:
+        """The most shared memory one launch asks for (flashcupy._dispatch checks it against the budget)."""
+        return self.smem_bytes
+
     def traits(self, elem: str) -> str:
         return f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}>"
 
@@ -73,6 +78,16 @@ def supports(shape, dtype, *, cc: int, dropout, block_mask) -> bool:
     """Whether the sm_90a forward runs this call (else the mma.sync family does)."""
     return (enabled() and cc == 90 and dropout is None and block_mask is None and shape.head_dim <= 128
             and np.dtype(dtype).itemsize == 2)
+
+
+def plan_config(head_dim: int, device, *, dropout=False, sparse_blocks=None):
+    """The Sm90FwdConfig flashcupy._dispatch plans for a fp16/bf16 forward on device (a DeviceInfo), or
+    None where this family does not run it (not sm_90, dropout, a block mask, head_dim > 128, the
+    shared-memory budget, FLASHCUPY_SM90=0)."""
+    if not enabled() or device.cc != 90 or dropout or sparse_blocks is not None or head_dim > 128:
+        return None
+    cfg = config_for(head_dim)
+    return cfg if device.fits(cfg.smem_bytes) else None
 
 
 def _tma_desc(x, rows_box: int) -> bytes:

@@ -333,7 +333,7 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
                                  allow_tf32=allow_tf32)
         return AttnForward(res.out.get(), res.lse.get(), res.rng_state, options)
     plan = None if xp is np else _plan("fwd", q.dtype, shape, causal, dropout_p, block_mask, allow_tf32)
-    if plan is not None and plan.family == _dispatch.MMA16:
+    if plan is not None and plan.family in (_dispatch.MMA16, _dispatch.WGMMA):
         from . import _gpu
 
         out, lse = _gpu.forward(q, k, v, shape, causal=causal, block_mask=block_mask,

@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flashcupy import _configs, _device, _dispatch, interface
+from flashcupy import _configs, _device, _dispatch, _gpu_sm90, interface
 from flashcupy._arrays import bfloat16
 from flashcupy._device import DeviceInfo
 
@@ -169,7 +169,8 @@ def test_99kb_class_gets_fused_or_explicit_chunked(device):
                 assert plan is None, (dtype, direction, hd)
             else:
                 assert plan is not None, (dtype, direction, hd, causal, dropout, sparse, tf32)
-                assert plan.family == ref.family or (ref.family == _dispatch.DMMA and plan.family == _dispatch.SIMT)
+                assert (plan.family == ref.family or (ref.family == _dispatch.DMMA and plan.family == _dispatch.SIMT)
+                        or (ref.family == _dispatch.WGMMA and plan.family == _dispatch.MMA16))  # wgmma: sm_90 only
 
 
 def test_99kb_configs_exist_where_the_h200_ones_do_not_fit():
@@ -217,11 +218,14 @@ def test_sparse_tiles_divide_the_mask_blocks():
 
 # ------------------------------------------------------------------------------------------ routing
 
-def _today(dtype, head_dim, dropout, sparse, tf32):
-    """interface.kernel_path before devices were considered (sm_80+), as a path name."""
+def _today(dtype, head_dim, dropout, sparse, tf32, cc=80, direction="fwd"):
+    """interface.kernel_path before devices were considered (sm_80+), as a path name; plus the Hopper
+    forward (fp16/bf16, head_dim <= 128, no dropout, no block mask, on sm_90)."""
     if head_dim > 256:
         return "chunked path on the GPU"
     if dtype in (F16, np.dtype(BF16) if BF16 is not None else F16):
+        if cc == 90 and direction == "fwd" and head_dim <= 128 and not dropout and sparse is None:
+            return "fused fp16/bf16 (Hopper wgmma + TMA)"
         return "fused fp16/bf16 (tensor cores)"
     if dtype in (F32, F64) and not dropout and sparse is None:
         if dtype == F64:
@@ -234,9 +238,13 @@ def _today(dtype, head_dim, dropout, sparse, tf32):
 def test_routing_matches_today(cc):
     device = DEVICES[cc]
     for (dtype, hd, causal, dropout, sparse, tf32), (fwd, bwd) in _plans(device):
-        assert _dispatch.path_name(fwd) == _today(dtype, hd, dropout, sparse, tf32), (dtype, hd, dropout, sparse, tf32)
+        assert _dispatch.path_name(fwd) == _today(dtype, hd, dropout, sparse, tf32, cc), (dtype, hd, dropout, sparse, tf32)
+        if dtype not in (F32, F64):
+            assert _dispatch.path_name(bwd) == _today(dtype, hd, dropout, sparse, tf32, cc, "bwd")
         if fwd is None:
             assert bwd is None
+        elif fwd.family == _dispatch.WGMMA:  # the Hopper family has no backward yet (issue 15)
+            assert bwd.family == _dispatch.MMA16
         elif dtype == F64 and _configs.head_dim_bucket(hd) > 160:  # no DMMA backward there: DFMA
             assert bwd.family == _dispatch.SIMT and bwd.config.elem == "double"
         else:
@@ -343,7 +351,10 @@ def test_enumerators_cover_every_chooser_output():
             for _, plans in _plans(device):
                 for plan in plans:
                     if plan is not None:
-                        assert plan.config in (fp16 if plan.family == _dispatch.MMA16 else floats), (arch, plan)
+                        if plan.family == _dispatch.WGMMA:
+                            assert plan.config in {c for *_, c in _gpu_sm90.all_specializations()}, (arch, plan)
+                        else:
+                            assert plan.config in (fp16 if plan.family == _dispatch.MMA16 else floats), (arch, plan)
                         assert plan.config.max_smem_bytes <= device.smem_optin
 
 
@@ -357,9 +368,12 @@ def test_path_names():
     assert _dispatch.path_name(_dispatch.backward_plan(F64, 200, False, sm90)) == "fused fp32/fp64 (CUDA cores)"
     assert _dispatch.path_name(_dispatch.forward_plan(F32, 64, False, sm90, dropout=True)) == "chunked path on the GPU"
     assert _dispatch.path_name(_dispatch.forward_plan(F16, 264, False, sm90)) == "chunked path on the GPU"
+    assert _dispatch.path_name(_dispatch.forward_plan(F16, 128, True, sm90)) == "fused fp16/bf16 (Hopper wgmma + TMA)"
+    assert _dispatch.path_name(_dispatch.forward_plan(F16, 160, True, sm90)) == "fused fp16/bf16 (tensor cores)"
     assert _dispatch.path_name(_dispatch.backward_plan(F64, 256, False, DEVICES[86])) == "chunked path on the GPU"
-    plan = _dispatch.forward_plan(F16, 128, False, 90)  # an int compute capability works too
-    assert plan == _dispatch.Plan("mma16", _configs.fwd_config(128, F16, False, 90))
+    plan = _dispatch.forward_plan(F16, 128, False, 80)  # an int compute capability works too
+    assert plan == _dispatch.Plan("mma16", _configs.fwd_config(128, F16, False, 80))
+    assert _dispatch.forward_plan(F16, 128, False, 90) == _dispatch.Plan("wgmma", _gpu_sm90.config_for(128))
 
 
 # ------------------------------------------------------------------------------------ interface
