@@ -19,6 +19,7 @@ def main():
     ap.add_argument("--seqlens", nargs="+", type=int, default=[1024, 4096, 16384])
     ap.add_argument("--dtypes", nargs="+", default=["bf16"])
     ap.add_argument("--causal", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--sweep", action="store_true", help="also time every config of flashcupy._gpu_sm90.SWEEP")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -48,6 +49,15 @@ def main():
                             os.environ["FLASHCUPY_SM90"] = flag
                             return flashcupy.flash_attn_forward(q, k, v, causal=causal)
                         impls[name] = run
+                    if args.sweep:
+                        from flashcupy import _gpu, _gpu_sm90
+                        from flashcupy._validate import check_qkv
+
+                        shape = check_qkv(q, k, v)
+                        for cfg in _gpu_sm90.SWEEP:
+                            if cfg.head_dim == hd:
+                                tag = f"sm90-n{cfg.block_n}-s{cfg.stages}{'-ov' if cfg.overlap else ''}"
+                                impls[tag] = lambda cfg=cfg, shape=shape: _gpu.forward(q, k, v, shape, causal=causal, config=cfg)
                     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
                         def run_t(backend=backend):
                             with sdpa_kernel(backend):
@@ -58,8 +68,8 @@ def main():
                         try:
                             res = fn()
                             err = None
-                            if name.startswith("flashcupy"):
-                                out = torch.from_dlpack(res.out)
+                            if name.startswith(("flashcupy", "sm90")):
+                                out = torch.from_dlpack(res.out if hasattr(res, "out") else res[0])
                                 err = float((out.float() - ref.float()).abs().max())
                             ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                         except Exception as e:  # a backend that cannot run this case

@@ -8,6 +8,8 @@
 //   v0 one CTA = 128 query rows (64 per consumer warpgroup), key tiles of BLOCK_N, STAGES-deep K/V
 //      pipeline; no intra-warpgroup overlap, no ping-pong, no persistence; no dropout or block mask
 //      (flashcupy/_gpu_sm90.py sends those to the mma.sync family).
+//   v1 OVERLAP: intra-warpgroup overlap (FA3 Sec. 3.2): S_j = Q K_j^T is issued with O += P_{j-1} V_{j-1}
+//      and the softmax of S_j runs while the latter is in flight; STAGES 2 or 3.
 #include "flash_params.cuh"
 #include "flash_mask.cuh"
 #include "flash_common.cuh"
@@ -20,10 +22,11 @@ struct Sm90FwdTma {
     TmaDesc q, k, v;
 };
 
-template <typename Elem_, int HEAD_DIM_, int BLOCK_N_, int STAGES_>
+template <typename Elem_, int HEAD_DIM_, int BLOCK_N_, int STAGES_, bool OVERLAP_>
 struct Sm90FwdTraits {
     using Elem = Elem_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_N = BLOCK_N_, STAGES = STAGES_;
+    static constexpr bool OVERLAP = OVERLAP_;  // v1: the S GEMM of tile j overlaps the softmax / PV of j - 1
     static constexpr int CONSUMERS = 2, BLOCK_M = 64 * CONSUMERS, NTHREADS = 128 * (CONSUMERS + 1);
     static constexpr int PANELS = HEAD_DIM / 64;          // 64-column (128-byte) panels of a tile row
     static constexpr int Q_PANEL = BLOCK_M * 128, KV_PANEL = BLOCK_N * 128;  // bytes
@@ -103,85 +106,136 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     for (int i = 0; i < HEAD_DIM / 2; ++i) acc_o[i] = 0.f;
     float row_max[2] = {-FC_INF, -FC_INF}, row_sum[2] = {0.f, 0.f};
 
-    mbar_wait(q_full, 0);
-    TileWalk<BLOCK_N> keys(mask.key_end(m0 + BLOCK_M - 1), kv_list, batch, head, m0);
-    int i = 0;
-    for (int n0 = keys.first(mask.key_begin(m0)); n0 >= 0; n0 = keys.next(), ++i) {
-        const int s = i % STAGES;
-        mbar_wait(full(s), (i / STAGES) & 1);
-        const u32 k_tile = s_k + s * Tr::KV_BYTES, v_tile = s_v + s * Tr::KV_BYTES;
-
-        // S = Q_wg K_j^T: (64, BLOCK_N) fp32 per warpgroup; both operands K-major in shared memory.
-        float acc_s[BLOCK_N / 2];
-        wgmma_fence();
+    // S = Q_wg K^T of one key tile: (64, BLOCK_N) fp32 per warpgroup, both operands K-major in shared
+    // memory. acc[4 j + e]: row row_lo + 8 (e / 2), key n0 + 8 j + 2 (lane % 4) + e % 2.
+    auto issue_s = [&](float (&acc)[BLOCK_N / 2], u32 k_tile) {
 #pragma unroll
         for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
             const u32 koff = (kk % 4) * 32;  // bytes along K inside the 128-byte row of panel kk / 4
             const u64 da = smem_desc(s_q + (kk / 4) * Tr::Q_PANEL + wg * 64 * 128 + koff, 16, 1024);
             const u64 db = smem_desc(k_tile + (kk / 4) * Tr::KV_PANEL + koff, 16, 1024);
-            Wgmma<Elem, BLOCK_N, false>::template wgmma_ss<0>(acc_s, da, db, kk > 0);
+            Wgmma<Elem, BLOCK_N, false>::template wgmma_ss<0>(acc, da, db, kk > 0);
         }
-        wgmma_commit();
-        wgmma_wait<0>();
-
-        // The score modifier, then -inf on masked elements; only tiles that need it.
-        // acc_s[4 j + e]: row row_lo + 8 (e / 2), key n0 + 8 j + 2 (lane % 4) + e % 2.
+    };
+    // O += P V: P from registers (k-step kk = keys 16 kk ..), V MN-major in shared memory.
+    auto issue_pv = [&](const u32 (&pk)[BLOCK_N / 16][4], u32 v_tile) {
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+            Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc_o, pk[kk], smem_desc(v_tile + kk * 16 * 128, Tr::KV_PANEL, 1024), 1);
+    };
+    // The score modifier and the mask on S, then the online softmax (base 2, as flash_fwd_kernel):
+    // m_new = max(m, rowmax S), S <- P = 2^(S c - m_new c), l <- l alpha + rowsum P; returns alpha, the
+    // factor O must be rescaled by (the caller applies it once no wgmma still accumulates into O).
+    auto softmax = [&](float (&acc)[BLOCK_N / 2], int n0, float (&alpha)[2]) {
         if constexpr (ScoreMod::ACTIVE) {
             const ScoreMod mod(p, batch, head);
 #pragma unroll
             for (int j = 0; j < BLOCK_N / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    acc_s[4 * j + e] = mod.apply(acc_s[4 * j + e], row_lo + 8 * (e / 2), n0 + 8 * j + 2 * (lane % 4) + e % 2);
+                    acc[4 * j + e] = mod.apply(acc[4 * j + e], row_lo + 8 * (e / 2), n0 + 8 * j + 2 * (lane % 4) + e % 2);
         }
         if (mask.partial(wg_row0, 64, n0, BLOCK_N)) {
 #pragma unroll
             for (int j = 0; j < BLOCK_N / 8; ++j)
 #pragma unroll
                 for (int e = 0; e < 4; ++e)
-                    if (!mask.visible(row_lo + 8 * (e / 2), n0 + 8 * j + 2 * (lane % 4) + e % 2)) acc_s[4 * j + e] = -FC_INF;
+                    if (!mask.visible(row_lo + 8 * (e / 2), n0 + 8 * j + 2 * (lane % 4) + e % 2)) acc[4 * j + e] = -FC_INF;
         }
-
-        // Online softmax (base 2), as flash_fwd_kernel: m_new = max(m, rowmax S); P = 2^(S c - m_new c).
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float mx = row_max[r];
 #pragma unroll
-            for (int j = 0; j < BLOCK_N / 8; ++j) mx = fmaxf(mx, fmaxf(acc_s[4 * j + 2 * r], acc_s[4 * j + 2 * r + 1]));
+            for (int j = 0; j < BLOCK_N / 8; ++j) mx = fmaxf(mx, fmaxf(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]));
             mx = quad_max(mx);
             const float mx_scaled = mx == -FC_INF ? 0.f : mx * softmax_scale_log2;
-            const float alpha = fast_exp2(row_max[r] * softmax_scale_log2 - mx_scaled);
+            alpha[r] = fast_exp2(row_max[r] * softmax_scale_log2 - mx_scaled);
             row_max[r] = mx;
             float sum = 0.f;
 #pragma unroll
             for (int j = 0; j < BLOCK_N / 8; ++j)
 #pragma unroll
                 for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                    const float pr = fast_exp2(fmaf(acc_s[4 * j + e], softmax_scale_log2, -mx_scaled));
-                    acc_s[4 * j + e] = pr;
+                    const float pr = fast_exp2(fmaf(acc[4 * j + e], softmax_scale_log2, -mx_scaled));
+                    acc[4 * j + e] = pr;
                     sum += pr;
                 }
-            row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-            for (int j = 0; j < HEAD_DIM / 8; ++j) acc_o[4 * j + 2 * r] *= alpha, acc_o[4 * j + 2 * r + 1] *= alpha;
+            row_sum[r] = row_sum[r] * alpha[r] + sum;
         }
+    };
+    auto rescale_o = [&](const float (&alpha)[2]) {
+#pragma unroll
+        for (int j = 0; j < HEAD_DIM / 8; ++j)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) acc_o[4 * j + 2 * r] *= alpha[r], acc_o[4 * j + 2 * r + 1] *= alpha[r];
+    };
+    // The S accumulators of keys 16 kk .. 16 kk + 15 are the A fragment of k-step kk of P V.
+    auto pack_p = [&](const float (&acc)[BLOCK_N / 2], u32 (&pk)[BLOCK_N / 16][4]) {
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) pk[kk][h] = Elem::pack2(acc[8 * kk + 2 * h], acc[8 * kk + 2 * h + 1]);
+    };
 
-        // O += P V_j: P from registers (the S accumulators of keys 16 kk.. are the A fragment of k-step
-        // kk), V_j MN-major in shared memory (rows are keys = the K dimension).
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
-            u32 a[4];
-            a[0] = Elem::pack2(acc_s[8 * kk + 0], acc_s[8 * kk + 1]);
-            a[1] = Elem::pack2(acc_s[8 * kk + 2], acc_s[8 * kk + 3]);
-            a[2] = Elem::pack2(acc_s[8 * kk + 4], acc_s[8 * kk + 5]);
-            a[3] = Elem::pack2(acc_s[8 * kk + 6], acc_s[8 * kk + 7]);
-            const u64 db = smem_desc(v_tile + kk * 16 * 128, Tr::KV_PANEL, 1024);
-            Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc_o, a, db, 1);
+    mbar_wait(q_full, 0);
+    TileWalk<BLOCK_N> keys(mask.key_end(m0 + BLOCK_M - 1), kv_list, batch, head, m0);
+    float acc_s[BLOCK_N / 2];
+    u32 p_frag[BLOCK_N / 16][4];
+    float alpha[2];
+    if constexpr (!Tr::OVERLAP) {
+        // v0: per key tile, S GEMM, softmax, P V GEMM, in sequence.
+        int i = 0;
+        for (int n0 = keys.first(mask.key_begin(m0)); n0 >= 0; n0 = keys.next(), ++i) {
+            const int s = i % STAGES;
+            mbar_wait(full(s), (i / STAGES) & 1);
+            wgmma_fence();
+            issue_s(acc_s, s_k + s * Tr::KV_BYTES);
+            wgmma_commit();
+            wgmma_wait<0>();
+            softmax(acc_s, n0, alpha);
+            rescale_o(alpha);
+            pack_p(acc_s, p_frag);
+            wgmma_fence();
+            issue_pv(p_frag, s_v + s * Tr::KV_BYTES);
+            wgmma_commit();
+            wgmma_wait<0>();
+            mbar_arrive(empty(s));  // this thread is done with stage s (K_j and V_j)
         }
-        wgmma_commit();
-        wgmma_wait<0>();
-        mbar_arrive(empty(s));  // this thread is done with stage s (K_j and V_j)
+    } else {
+        // v1, intra-warpgroup overlap (FA3 Sec. 3.2): the S GEMM of tile j is issued together with the
+        // P V GEMM of tile j - 1, and the softmax of tile j runs while the latter is in flight.
+        int n0 = keys.first(mask.key_begin(m0));
+        if (n0 >= 0) {
+            mbar_wait(full(0), 0);
+            wgmma_fence();
+            issue_s(acc_s, s_k);
+            wgmma_commit();
+            wgmma_wait<0>();
+            softmax(acc_s, n0, alpha);  // O is 0: no rescale
+            pack_p(acc_s, p_frag);
+            int prev = 0, i = 0;
+            for (n0 = keys.next(); n0 >= 0; n0 = keys.next()) {
+                const int s = ++i % STAGES;
+                mbar_wait(full(s), (i / STAGES) & 1);
+                wgmma_fence();
+                issue_s(acc_s, s_k + s * Tr::KV_BYTES);
+                wgmma_commit();
+                issue_pv(p_frag, s_v + prev * Tr::KV_BYTES);
+                wgmma_commit();
+                wgmma_wait<1>();  // S of tile j has landed; P V of tile j - 1 may still run
+                softmax(acc_s, n0, alpha);
+                wgmma_wait<0>();
+                mbar_arrive(empty(prev));  // K and V of tile j - 1 are no longer read
+                rescale_o(alpha);
+                pack_p(acc_s, p_frag);
+                prev = s;
+            }
+            wgmma_fence();
+            issue_pv(p_frag, s_v + prev * Tr::KV_BYTES);
+            wgmma_commit();
+            wgmma_wait<0>();
+            mbar_arrive(empty(prev));
+        }
     }
 
     // Epilogue: O /= l, LSE = m * scale + ln(l); rows with l == 0 (no visible key): O = 0, LSE = -inf.

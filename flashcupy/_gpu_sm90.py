@@ -32,6 +32,7 @@ class Sm90FwdConfig:
     head_dim: int  # 64 or 128: the tile's head dim (the caller's is <= it)
     block_n: int = 128
     stages: int = 2
+    overlap: bool = False  # v1: intra-warpgroup overlap of the S GEMM with the softmax and the PV GEMM
     consumers: int = 2
 
     @property
@@ -54,7 +55,8 @@ class Sm90FwdConfig:
         return self.smem_bytes
 
     def traits(self, elem: str) -> str:
-        return f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}>"
+        return (f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}, "
+                f"{'true' if self.overlap else 'false'}>")
 
     def kernel_name(self, elem: str, causal: bool) -> str:
         return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}>"
@@ -64,10 +66,14 @@ def config_for(head_dim: int) -> Sm90FwdConfig:
     return Sm90FwdConfig(head_dim=64 if head_dim <= 64 else 128)
 
 
+# Candidates timed by bench/bench_sm90.py --sweep (bench/NOTES.md); config_for picks among them.
+SWEEP = tuple(Sm90FwdConfig(hd, 128, stages, overlap) for hd in (64, 128) for stages in (2, 3)
+              for overlap in (False, True))
+
+
 def all_specializations():
-    """(elem, causal, config) of every kernel this path can launch (CI compiles each)."""
-    return [(elem, causal, Sm90FwdConfig(hd)) for elem in ("Fp16", "Bf16") for causal in (False, True)
-            for hd in (64, 128)]
+    """(elem, causal, config) of every kernel this path can launch or sweep (CI compiles each)."""
+    return [(elem, causal, cfg) for elem in ("Fp16", "Bf16") for causal in (False, True) for cfg in SWEEP]
 
 
 def enabled() -> bool:

@@ -28,21 +28,28 @@ def _only_sm90():
         pytest.skip("needs a GPU of compute capability 9.0 (H100/H200)")
 
 
-def _forward_sm90(q, k, v, **kw):
+def _forward_sm90(q, k, v, config=None, **kw):
     """flashcupy._gpu_sm90.forward through flashcupy._gpu.forward's preparation, forced."""
     from flashcupy import _gpu, _gpu_sm90
     from flashcupy._validate import check_qkv
 
     shape = check_qkv(q, k, v, kw.pop("softmax_scale", None))
-    return _gpu.forward(q, k, v, shape, causal=kw.pop("causal", False), config=_gpu_sm90.config_for(shape.head_dim))
+    return _gpu.forward(q, k, v, shape, causal=kw.pop("causal", False),
+                        config=config or _gpu_sm90.config_for(shape.head_dim))
+
+
+def _sweep():
+    from flashcupy import _gpu_sm90
+
+    return _gpu_sm90.SWEEP
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("config", _sweep(), ids=str)
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_every_specialization(rng, dtype, head_dim, causal):
-    q, k, v = random_inputs(rng, 2, 300, 421, 4, 2, head_dim, dtype)
-    out, lse = _forward_sm90(*to_gpu(q, k, v), causal=causal)
+def test_every_specialization(rng, dtype, config, causal):
+    q, k, v = random_inputs(rng, 2, 300, 421, 4, 2, config.head_dim, dtype)
+    out, lse = _forward_sm90(*to_gpu(q, k, v), config=config, causal=causal)
     assert out.dtype == dtype and lse.dtype == np.float32
     assert_forward_rule(out, lse, q, k, v, causal=causal)
 
