@@ -8,9 +8,10 @@ return under any shared-memory budget, this compiles, with NVRTC, a copy of each
 (headers inlined, as the library builds it) followed by one
     static_assert(Traits::SMEM_BYTES == <Python's smem_bytes>) and (Traits::NTHREADS == <nthreads>)
 per traits struct. Instantiating a traits struct also runs its own static_asserts (tile shapes, warp
-grids), so a table entry the kernels cannot be built for fails here too. No kernel template is
-instantiated and the target is PTX only (compute_80), so the whole check takes seconds, not the
-minutes of tests/test_compile*.py.
+grids), so a table entry the kernels cannot be built for fails here too. The Hopper forward
+(flashcupy._gpu_sm90, its own config class) is checked the same way. No kernel template is
+instantiated and the target is PTX only (compute_80; compute_90a for the Hopper source), so the
+whole check takes seconds, not the minutes of tests/test_compile*.py.
 """
 
 import re
@@ -110,13 +111,32 @@ def _failures(log: str, checks) -> str:
     return "\n".join(dict.fromkeys(bad))
 
 
+def sm90_checks():
+    """{source: checks} of the Hopper forward (flashcupy._gpu_sm90: its own config class, planned by
+    flashcupy._dispatch on sm_90): every config plan_config returns and every sweep candidate."""
+    try:
+        from flashcupy import _gpu_sm90
+    except ImportError:
+        return {}
+    h100 = DeviceInfo.for_cc(90)
+    cfgs = dict.fromkeys([*(_gpu_sm90.plan_config(hd, h100) for hd in range(8, 129, 8)), *_gpu_sm90.SWEEP])
+    rows = {}
+    for cfg in cfgs:
+        if cfg is not None:
+            for elem in ("Fp16", "Bf16"):
+                rows[cfg.traits(elem), "SMEM_BYTES", cfg.smem_bytes] = None
+                rows[cfg.traits(elem), "NTHREADS", cfg.nthreads] = None
+    return {_gpu_sm90.SOURCE: list(rows)} if rows else {}
+
+
 REACHABLE = every_reachable_config()
-CHECKS = checks_by_source(REACHABLE)
+CHECKS = {**checks_by_source(REACHABLE), **sm90_checks()}
+TARGET = {"flash_fwd_sm90.cu": "compute_90a"}  # wgmma / TMA / setmaxnreg: sm_90a only; the rest compute_80
 
 
 def test_every_source_and_family_is_checked():
-    assert sorted(CHECKS) == sorted(["flash_fwd.cu", "flash_bwd.cu", "flash_simt_fwd.cu", "flash_simt_bwd.cu",
-                                     "flash_dmma_fwd.cu", "flash_dmma_bwd.cu"])
+    assert set(CHECKS) - {"flash_fwd_sm90.cu"} == {"flash_fwd.cu", "flash_bwd.cu", "flash_simt_fwd.cu",
+                                                    "flash_simt_bwd.cu", "flash_dmma_fwd.cu", "flash_dmma_bwd.cu"}
     kinds = {type(c).__name__ for c in REACHABLE}
     assert kinds == {"FwdConfig", "BwdConfig", "SimtFwdConfig", "SimtBwdConfig", "DmmaFwdConfig", "DmmaBwdConfig"}
     # every configuration CI compiles (and the library can launch on a class it knows) is among them
@@ -128,7 +148,7 @@ def test_every_source_and_family_is_checked():
 @pytest.mark.parametrize("source", sorted(CHECKS))
 def test_smem_bytes_and_nthreads_equal_the_traits(source):
     checks = CHECKS[source]
-    ok, log = nvrtc_check(_assert_program(source, checks), f"test_smem_{source}")
+    ok, log = nvrtc_check(_assert_program(source, checks), f"test_smem_{source}", TARGET.get(source, "compute_80"))
     assert ok, (f"{source}: the Python configs and the CUDA traits disagree (or the source does not "
                 f"compile):\n{_failures(log, checks) or log[-6000:]}")
 
