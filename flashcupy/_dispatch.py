@@ -81,7 +81,7 @@ def _plan(direction: str, dtype, head_dim: int, causal: bool, device, dropout, s
         if direction == "fwd":
             from . import _gpu_sm90
 
-            cfg = _gpu_sm90.plan_config(head_dim, device, dropout=dropout, sparse_blocks=sparse_blocks)
+            cfg = _gpu_sm90.plan_config(head_dim, device, causal=causal, dropout=dropout, sparse_blocks=sparse_blocks)
             if cfg is not None:
                 return Plan(WGMMA, cfg)
         choose = _configs.fwd_config if direction == "fwd" else _configs.bwd_config

@@ -23,8 +23,11 @@ def _cp():
     return cupy
 
 
-def _device_arch() -> int:
-    return int(_cp().cuda.Device().compute_capability)
+def _device_arch():
+    """The current device as the choosers see it (flashcupy._device.DeviceInfo)."""
+    from ._device import current_device_info
+
+    return current_device_info()
 
 
 def kernel_ready(x, head_dim_padded: int):
@@ -79,12 +82,14 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
     from . import _gpu_sm90
 
     if isinstance(config, _gpu_sm90.Sm90FwdConfig) or (config is None and _gpu_sm90.supports(
-            shape, q.dtype, cc=_device_arch(), dropout=dropout, block_mask=block_mask)):
+            shape, q.dtype, cc=_device_arch().cc, dropout=dropout, block_mask=block_mask)):
         out, lse = _gpu_sm90.forward(q, k, v, shape, causal=causal, scale=scale, config=config)
         if d8 != shape.head_dim:
             out = cp.ascontiguousarray(out[..., : shape.head_dim])
         return out, lse
     cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
+    if cfg is None:  # flashcupy.interface plans first and never gets here; direct callers may
+        raise RuntimeError(f"no fused fp16/bf16 forward fits {_device_arch()} for head_dim={shape.head_dim}")
     name = cfg.kernel_name(elem_name(q.dtype), causal, dropout is not None)
     debug(f"fwd {shape} -> {cfg}")
     kernel = get_kernel("flash_fwd.cu", name, cfg.smem_bytes)
@@ -120,6 +125,8 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
     lse = cp.ascontiguousarray(lse)
     cfg = config or bwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
+    if cfg is None:
+        raise RuntimeError(f"no fused fp16/bf16 backward fits {_device_arch()} for head_dim={shape.head_dim}")
     elem = elem_name(q.dtype)
     debug(f"bwd {shape} deterministic={deterministic} -> {cfg}")
     b, sq, sk, h, g = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.nheads, shape.group

@@ -62,8 +62,14 @@ class Sm90FwdConfig:
         return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}>"
 
 
-def config_for(head_dim: int) -> Sm90FwdConfig:
-    return Sm90FwdConfig(head_dim=64 if head_dim <= 64 else 128)
+def config_for(head_dim: int, causal: bool = False) -> Sm90FwdConfig:
+    """The tile for a head dim (<= 128). H200, bf16, FA shape, 4k and 16k (bench/results/
+    h200-sm90-fwd-sweep-v1.json): intra-warpgroup overlap with 3 stages is best or within 3% at hd128
+    (585 vs 539 TFLOP/s at 4k; 555 vs 564 at 16k non-causal), at hd64 overlap with 2 stages without
+    causal (426 / 444 vs 401 / 422) and 3 stages with it (393 / 448 vs 367 / 417)."""
+    if head_dim <= 64:
+        return Sm90FwdConfig(64, 128, 3 if causal else 2, True)
+    return Sm90FwdConfig(128, 128, 3, True)
 
 
 # Candidates timed by bench/bench_sm90.py --sweep (bench/NOTES.md); config_for picks among them.
@@ -86,13 +92,13 @@ def supports(shape, dtype, *, cc: int, dropout, block_mask) -> bool:
             and np.dtype(dtype).itemsize == 2)
 
 
-def plan_config(head_dim: int, device, *, dropout=False, sparse_blocks=None):
+def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, sparse_blocks=None):
     """The Sm90FwdConfig flashcupy._dispatch plans for a fp16/bf16 forward on device (a DeviceInfo), or
     None where this family does not run it (not sm_90, dropout, a block mask, head_dim > 128, the
     shared-memory budget, FLASHCUPY_SM90=0)."""
     if not enabled() or device.cc != 90 or dropout or sparse_blocks is not None or head_dim > 128:
         return None
-    cfg = config_for(head_dim)
+    cfg = config_for(head_dim, causal)
     return cfg if device.fits(cfg.smem_bytes) else None
 
 
@@ -127,7 +133,7 @@ def forward(q, k, v, shape, *, causal: bool, scale: float, config=None):
     import cupy as cp
 
     d8 = q.shape[3]
-    cfg = config or config_for(d8)
+    cfg = config or config_for(d8, causal)
     elem = elem_name(q.dtype)
     name = cfg.kernel_name(elem, causal)
     debug(f"sm90 fwd {shape} -> {cfg}")

@@ -34,8 +34,8 @@ def _forward_sm90(q, k, v, config=None, **kw):
     from flashcupy._validate import check_qkv
 
     shape = check_qkv(q, k, v, kw.pop("softmax_scale", None))
-    return _gpu.forward(q, k, v, shape, causal=kw.pop("causal", False),
-                        config=config or _gpu_sm90.config_for(shape.head_dim))
+    causal = kw.pop("causal", False)
+    return _gpu.forward(q, k, v, shape, causal=causal, config=config or _gpu_sm90.config_for(shape.head_dim, causal))
 
 
 def _sweep():
