@@ -10,6 +10,8 @@
 //      (flashcupy/_gpu_sm90.py sends those to the mma.sync family).
 //   v1 OVERLAP: intra-warpgroup overlap (FA3 Sec. 3.2): S_j = Q K_j^T is issued with O += P_{j-1} V_{j-1}
 //      and the softmax of S_j runs while the latter is in flight; STAGES 2 or 3.
+//   v2 PINGPONG (with OVERLAP): the two consumer warpgroups take turns issuing their GEMMs (named
+//      barriers 1 and 2, FA3 Sec. 3.1), so one's softmax runs under the other's GEMMs.
 #include "flash_params.cuh"
 #include "flash_mask.cuh"
 #include "flash_common.cuh"
@@ -22,11 +24,12 @@ struct Sm90FwdTma {
     TmaDesc q, k, v;
 };
 
-template <typename Elem_, int HEAD_DIM_, int BLOCK_N_, int STAGES_, bool OVERLAP_>
+template <typename Elem_, int HEAD_DIM_, int BLOCK_N_, int STAGES_, bool OVERLAP_, bool PINGPONG_ = false>
 struct Sm90FwdTraits {
     using Elem = Elem_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_N = BLOCK_N_, STAGES = STAGES_;
     static constexpr bool OVERLAP = OVERLAP_;  // v1: the S GEMM of tile j overlaps the softmax / PV of j - 1
+    static constexpr bool PINGPONG = PINGPONG_;  // v2: the consumers take turns issuing their GEMMs (OVERLAP only)
     static constexpr int CONSUMERS = 2, BLOCK_M = 64 * CONSUMERS, NTHREADS = 128 * (CONSUMERS + 1);
     static constexpr int PANELS = HEAD_DIM / 64;          // 64-column (128-byte) panels of a tile row
     static constexpr int Q_PANEL = BLOCK_M * 128, KV_PANEL = BLOCK_N * 128;  // bytes
@@ -177,6 +180,12 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             for (int h = 0; h < 4; ++h) pk[kk][h] = Elem::pack2(acc[8 * kk + 2 * h], acc[8 * kk + 2 * h + 1]);
     };
 
+    // Ping-pong: consumer wg waits on named barrier 1 + wg before issuing its GEMMs and then lets the
+    // other one go (arrive on 1 + (1 - wg)); 256 threads per barrier: 128 syncing, 128 arriving.
+    // Consumer 1 lets consumer 0 go first; it skips its very last arrive, which nobody would consume.
+    auto turn_wait = [&]() { if constexpr (Tr::PINGPONG) named_bar_sync(1 + wg, 256); };
+    auto turn_pass = [&](bool last) { if constexpr (Tr::PINGPONG) if (!(last && wg == 1)) named_bar_arrive(2 - wg, 256); };
+
     mbar_wait(q_full, 0);
     TileWalk<BLOCK_N> keys(mask.key_end(m0 + BLOCK_M - 1), kv_list, batch, head, m0);
     float acc_s[BLOCK_N / 2];
@@ -206,10 +215,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         // P V GEMM of tile j - 1, and the softmax of tile j runs while the latter is in flight.
         int n0 = keys.first(mask.key_begin(m0));
         if (n0 >= 0) {
+            if constexpr (Tr::PINGPONG) if (wg == 1) named_bar_arrive(1, 256);
             mbar_wait(full(0), 0);
+            turn_wait();
             wgmma_fence();
             issue_s(acc_s, s_k);
             wgmma_commit();
+            turn_pass(false);
             wgmma_wait<0>();
             softmax(acc_s, n0, alpha);  // O is 0: no rescale
             pack_p(acc_s, p_frag);
@@ -217,11 +229,13 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             for (n0 = keys.next(); n0 >= 0; n0 = keys.next()) {
                 const int s = ++i % STAGES;
                 mbar_wait(full(s), (i / STAGES) & 1);
+                turn_wait();
                 wgmma_fence();
                 issue_s(acc_s, s_k + s * Tr::KV_BYTES);
                 wgmma_commit();
                 issue_pv(p_frag, s_v + prev * Tr::KV_BYTES);
                 wgmma_commit();
+                turn_pass(false);
                 wgmma_wait<1>();  // S of tile j has landed; P V of tile j - 1 may still run
                 softmax(acc_s, n0, alpha);
                 wgmma_wait<0>();
@@ -230,9 +244,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                 pack_p(acc_s, p_frag);
                 prev = s;
             }
+            turn_wait();
             wgmma_fence();
             issue_pv(p_frag, s_v + prev * Tr::KV_BYTES);
             wgmma_commit();
+            turn_pass(true);
             wgmma_wait<0>();
             mbar_arrive(empty(prev));
         }

@@ -33,6 +33,7 @@ class Sm90FwdConfig:
     block_n: int = 128
     stages: int = 2
     overlap: bool = False  # v1: intra-warpgroup overlap of the S GEMM with the softmax and the PV GEMM
+    pingpong: bool = False  # v2: the consumer warpgroups take turns issuing GEMMs (needs overlap)
     consumers: int = 2
 
     @property
@@ -55,8 +56,8 @@ class Sm90FwdConfig:
         return self.smem_bytes
 
     def traits(self, elem: str) -> str:
-        return (f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}, "
-                f"{'true' if self.overlap else 'false'}>")
+        b = lambda x: "true" if x else "false"  # noqa: E731
+        return f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}, {b(self.overlap)}, {b(self.pingpong)}>"
 
     def kernel_name(self, elem: str, causal: bool) -> str:
         return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}>"
@@ -73,8 +74,8 @@ def config_for(head_dim: int, causal: bool = False) -> Sm90FwdConfig:
 
 
 # Candidates timed by bench/bench_sm90.py --sweep (bench/NOTES.md); config_for picks among them.
-SWEEP = tuple(Sm90FwdConfig(hd, 128, stages, overlap) for hd in (64, 128) for stages in (2, 3)
-              for overlap in (False, True))
+SWEEP = tuple(Sm90FwdConfig(hd, 128, stages, overlap, pingpong) for hd in (64, 128) for stages in (2, 3)
+              for overlap, pingpong in ((False, False), (True, False), (True, True)))
 
 
 def all_specializations():
