@@ -14,7 +14,7 @@ def rows(path: Path):
         return {}
     out = {}
     for r in json.loads(path.read_text())["rows"]:
-        if r.get("provider", "").startswith("flashcupy") and r.get("tflops") and r.get("status", "ok") == "ok":
+        if r.get("provider", "").startswith(("flashcupy", "fc-")) and r.get("tflops") and r.get("status", "ok") == "ok":
             key = (r["provider"], r["mode"], r["dtype"], r["head_dim"], r["seqlen"], bool(r["causal"]))
             out[key] = r["tflops"]
     return out
@@ -23,7 +23,7 @@ def rows(path: Path):
 def main(d: str) -> int:
     d = Path(d)
     lines, worst = [], []
-    for kind in ("quick", "simt"):
+    for kind in ("quick", "simt", "drop"):
         b1, new, b2 = (rows(d / f"{kind}-{t}.json") for t in ("base1", "new", "base2"))
         for key in sorted(set(new) | set(b1)):
             base = [x[key] for x in (b1, b2) if key in x]

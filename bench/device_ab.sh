@@ -15,7 +15,7 @@ stage=${1:-tests}; shift || true
 case $stage in
 make-base)
   rm -rf bench/ab/base && mkdir -p bench/ab/base
-  git archive "${1:?commit}" flashcupy cuda bench/bench_simt.py | tar -x -C bench/ab/base
+  git archive "${1:?commit}" flashcupy cuda bench/bench_simt.py bench/bench_kernels.py | tar -x -C bench/ab/base
   echo "bench/ab/base = $1"; exit 0 ;;
 tests)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/device.txt"
@@ -25,14 +25,26 @@ tests)
     | tee "$OUT/pytest-99kb.log" | tail -15
   echo "== full:  $(tail -1 "$OUT/pytest.log")"; echo "== 99 KB: $(tail -1 "$OUT/pytest-99kb.log")" ;;
 bench)
-  run() {  # run TAG TREE: the quick sweep (our kernels only) and the fp32/fp64 kernels of TREE
-    local tag=$1 tree=$2
-    (cd "$tree" && PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 -m flashcupy bench --quick \
-        --providers flashcupy --no-accuracy --no-plots --plain --json "$ROOT/$OUT/quick-$tag.json" > "$ROOT/$OUT/quick-$tag.log" 2>&1)
-    (cd "$tree" && PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 bench/bench_simt.py --dtypes float32 float64 \
-        --head-dims 64 128 --seqlens 1024 4096 --json "$ROOT/$OUT/simt-$tag.json" > "$ROOT/$OUT/simt-$tag.log" 2>&1)
-    echo "$tag done"
+  # The new tree runs with FLASHCUPY_SM90=0: this compares the same kernels (mma.sync, SIMT, DMMA/TF32)
+  # before and after; bench/bench_sm90.py measures the Hopper family against cuDNN.
+  run() {  # run TAG TREE WHAT...: the quick sweep (our kernels only), the fp32/fp64/TF32 kernels, dropout
+    local tag=$1 tree=$2; shift 2
+    for what in "$@"; do
+      case $what in
+      quick) (cd "$tree" && FLASHCUPY_SM90=0 PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 -m flashcupy bench \
+          --quick --providers flashcupy --no-accuracy --no-plots --plain --json "$ROOT/$OUT/quick-$tag.json" \
+          > "$ROOT/$OUT/quick-$tag.log" 2>&1) ;;
+      simt) (cd "$tree" && PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 bench/bench_simt.py \
+          --dtypes float32 float64 --head-dims 64 128 --seqlens 1024 4096 --tf32 --json "$ROOT/$OUT/simt-$tag.json" \
+          > "$ROOT/$OUT/simt-$tag.log" 2>&1) ;;
+      drop) (cd "$tree" && FLASHCUPY_SM90=0 PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 bench/bench_kernels.py \
+          --modes fwd+bwd --dtypes bf16 --head-dims 64 128 --seqlens 4096 16384 --providers flashcupy --dropout 0.1 \
+          --json "$ROOT/$OUT/drop-$tag.json" > "$ROOT/$OUT/drop-$tag.log" 2>&1) ;;
+      esac
+      echo "$tag $what done ($SECONDS s)"
+    done
   }
-  run base1 "$ROOT/bench/ab/base"; run new "$ROOT"; run base2 "$ROOT/bench/ab/base"
+  whats=${WHATS:-quick simt drop}
+  run base1 "$ROOT/bench/ab/base" $whats; run new "$ROOT" $whats; run base2 "$ROOT/bench/ab/base" $whats
   python3 bench/ab_table.py "$OUT" ;;
 esac
