@@ -75,7 +75,8 @@ def config_for(head_dim: int, causal: bool = False) -> Sm90FwdConfig:
 
 # Candidates timed by bench/bench_sm90.py --sweep (bench/NOTES.md); config_for picks among them.
 SWEEP = tuple(Sm90FwdConfig(hd, 128, stages, overlap, pingpong) for hd in (64, 128) for stages in (2, 3)
-              for overlap, pingpong in ((False, False), (True, False), (True, True)))
+              for overlap, pingpong in ((False, False), (True, False), (True, True))) + (
+    Sm90FwdConfig(128, 176, 2, True, False), Sm90FwdConfig(128, 176, 2, True, True))  # FA3's hd128 non-causal tile
 
 
 def all_specializations():
