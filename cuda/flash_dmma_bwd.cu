@@ -28,6 +28,7 @@
 //   v1  KV kernel + dQ kernel, swizzled smem, P / dS in registers, Q/dO double-buffered.
 //   v1.1 KV kernel: STAGES = 1 (single-buffered Q/dO) option, for 2 CTAs per SM at hd128.
 //   v2  templated over T: float = TF32 m16n8k8 (16-key / 16-row warps), 4 floats per 16-byte chunk.
+//   v2.1 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
 #include "flash_dmma.cuh"
 
 template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int D_SPLIT_, int KATOM_, int STAGES_>
@@ -76,24 +77,14 @@ struct DmmaBwdDqTraits {
     static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % (8 * CE) == 0, "k16 steps");
 };
 
-// q, dout: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
-// dk, dv: (batch, seqlen_k, nheads, head_dim), this query head's part (rows < seqlen_k, columns <
-// head_dim written). lse_exp, delta: (batch, nheads, seqlen_q) contiguous (preprocess kernel; LSE
-// +inf on rows with no visible key). Strides in elements; last dimension contiguous; rows 16-byte
-// aligned; head_dim a multiple of 8. scale_exp: softmax_scale (double) or softmax_scale log2 e (float).
-// causal: 0 or 1.
+// p.q, p.dout: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim);
+// p.dk, p.dv: (batch, seqlen_k, nheads, head_dim), this query head's part (rows < seqlen_k, columns <
+// head_dim written). p.lse_exp, p.delta: (batch, nheads, seqlen_q) (preprocess kernel; LSE +inf on
+// rows with no visible key). All of T; rows 16-byte aligned; head_dim a multiple of 8. Scores enter
+// the exp scaled by ScaleOf<T>::exp_scale; dK carries ScaleOf<T>::grad. p.mask.causal: run time.
 template <typename Tr, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
-flash_dmma_bwd_kv_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                         const T* __restrict__ dout, const T* __restrict__ lse_exp,
-                         const T* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
-                         i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                         i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                         i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                         i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
-                         i64 dk_batch_stride, i64 dk_row_stride, i64 dk_head_stride,
-                         int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                         T softmax_scale, T scale_exp, int causal) {
+flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
     constexpr int R8 = Tr::R8, NT = Tr::NT, DPS = Tr::DPS, WARP_N = Tr::WARP_N, KATOM = Tr::KATOM;
     constexpr int CE = Tr::CE;
@@ -106,28 +97,29 @@ flash_dmma_bwd_kv_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     T* s_do = s_q + Tr::STAGES * BLOCK_M * HEAD_DIM;   // STAGES x (BLOCK_M, HEAD_DIM)
 
     const int n_block = blockIdx.x / Tr::D_SPLIT, p0 = (blockIdx.x % Tr::D_SPLIT) * DPS;
-    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int n0 = n_block * BLOCK_N;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int warp_key0 = warp * WARP_N;  // first key of this warp in the tile
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 q_row_stride = p.q.row_stride, do_row_stride = p.dout.row_stride;
+    const T scale_exp = ScaleOf<T>::exp_scale(p);
 
-    const T* q_head = q + batch * q_batch_stride + head * q_head_stride;
-    const T* do_head = dout + batch * do_batch_stride + head * do_head_stride;
-    const T* lse_head = lse_exp + ((i64)batch * nheads + head) * seqlen_q;
-    const T* delta_head = delta + ((i64)batch * nheads + head) * seqlen_q;
+    const T* q_head = p.q.ptr<const T>(batch, head);
+    const T* do_head = p.dout.ptr<const T>(batch, head);
+    const T* lse_head = static_cast<const T*>(p.lse_exp) + stats_index(p, batch, head, 0);
+    const T* delta_head = static_cast<const T*>(p.delta) + stats_index(p, batch, head, 0);
 
-    load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(
-        s_k, k + batch * k_batch_stride + head_k * k_head_stride + n0 * k_row_stride, k_row_stride, seqlen_k - n0,
-        head_dim);
-    load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(
-        s_v, v + batch * v_batch_stride + head_k * v_head_stride + n0 * v_row_stride, v_row_stride, seqlen_k - n0,
-        head_dim);
+    load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, p.k.ptr<const T>(batch, head_k, n0), p.k.row_stride,
+                                                seqlen_k - n0, head_dim);
+    load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, p.v.ptr<const T>(batch, head_k, n0), p.v.row_stride,
+                                                seqlen_k - n0, head_dim);
 
-    // Causal: query rows before n0 - offset see none of these keys (and every key is visible to the
-    // last query row, so the loop is never empty for a key tile inside seqlen_k).
-    const int m_begin = causal ? max(0, n0 - causal_offset) / BLOCK_M : 0;
-    const int m_end = cdiv(seqlen_q, BLOCK_M);
+    // Query tiles m_begin .. m_end - 1 hold every row that sees a key of this tile (causal: every key
+    // inside seqlen_k is visible to the last query row, so the loop is never empty). The mask is built
+    // here, after the K, V loads: built first, the TF32 hd64 kernel spilled 8 B at sm_90a (255 registers).
+    const Mask mask(p, p.mask.causal != 0);
+    const int m_begin = mask.query_begin(n0) / BLOCK_M, m_end = cdiv(mask.query_end(n0 + BLOCK_N - 1), BLOCK_M);
     if (m_begin < m_end) {
         const int m0 = m_begin * BLOCK_M;
         load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_head + m0 * q_row_stride, q_row_stride, seqlen_q - m0,
@@ -167,18 +159,19 @@ flash_dmma_bwd_kv_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         const T* sq = s_q + buf * BLOCK_M * HEAD_DIM;
         const T* sdo = s_do + buf * BLOCK_M * HEAD_DIM;
 
-        // Causal: the tile's last query sees none of this warp's keys -> nothing to add (warp-uniform).
-        if (causal && m0 + BLOCK_M - 1 + causal_offset < n0 + warp_key0) continue;
+        // No row of the tile sees any of this warp's keys: nothing to add (warp-uniform).
+        if (!mask.any_visible(m0, BLOCK_M, n0 + warp_key0, WARP_N)) continue;
 
-        // LSE and D of the lane's query columns m0 + 8 jn + 2t + e (+inf / 0 past seqlen_q: P = 0 there).
+        // LSE and D of the lane's query columns m0 + 8 jn + 2t + e (+inf / 0 past seqlen_q: P = 0 there);
+        // __ldg: the read-only path (ld.global.nc), as the __restrict__ arguments before AttnParams.
         T lse_c[NT][2], dlt_c[NT][2];
 #pragma unroll
         for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int qi = m0 + 8 * jn + 2 * t + e;
-                lse_c[jn][e] = qi < seqlen_q ? lse_head[qi] : inf;
-                dlt_c[jn][e] = qi < seqlen_q ? delta_head[qi] : T(0);
+                lse_c[jn][e] = qi < seqlen_q ? __ldg(lse_head + qi) : inf;
+                dlt_c[jn][e] = qi < seqlen_q ? __ldg(delta_head + qi) : T(0);
             }
 
         // S^T = K Q_i^T, dP^T = V dO_i^T: (keys of the warp, BLOCK_M queries)
@@ -188,20 +181,29 @@ flash_dmma_bwd_kv_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_s, s_k, warp_key0, sq, g, t);
         dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_dp, s_v, warp_key0, sdo, g, t);
 
-        // P^T = exp(S^T c - LSE) (0 where causally masked), dS^T = P^T o (dP^T - D). Keys past
-        // seqlen_k need no mask: they only reach their own rows of dK, dV, which are not stored.
-        const bool need_mask = causal && n0 + warp_key0 + WARP_N - 1 > m0 + causal_offset;
+        // P^T = exp(S^T c - LSE) (0 where masked), dS^T = P^T o (dP^T - D) (times the score modifier's
+        // derivative when there is one). Keys past seqlen_k need no mask: they only reach their own
+        // rows of dK, dV, which are not stored.
+        const bool need_mask = mask.partial<false>(m0, BLOCK_M, n0 + warp_key0, WARP_N);
+        [[maybe_unused]] const ScoreMod mod(p, batch, head);
 #pragma unroll
         for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
             for (int h = 0; h < R8; ++h)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    T p = Simt<T>::exp_base(fmadd(acc_s[jn][h][e], scale_exp, -lse_c[jn][e]));
+                    const int qi = m0 + 8 * jn + 2 * t + e, kj = n0 + warp_key0 + 8 * h + g;
+                    T score = acc_s[jn][h][e], dmod = T(1);
+                    if constexpr (ScoreMod::ACTIVE) {
+                        dmod = mod.grad(score, qi, kj);
+                        score = mod.apply(score, qi, kj);
+                    }
+                    T pr = Simt<T>::exp_base(fmadd(score, scale_exp, -lse_c[jn][e]));
                     // select, not multiply: a masked score may overflow exp (its row's LSE excludes it)
-                    if (need_mask && n0 + warp_key0 + 8 * h + g > m0 + 8 * jn + 2 * t + e + causal_offset) p = T(0);
-                    acc_s[jn][h][e] = p;
-                    acc_dp[jn][h][e] = p * (acc_dp[jn][h][e] - dlt_c[jn][e]);
+                    if (need_mask && !mask.visible<false>(qi, kj)) pr = T(0);
+                    acc_s[jn][h][e] = pr;
+                    acc_dp[jn][h][e] = pr * (acc_dp[jn][h][e] - dlt_c[jn][e]);
+                    if constexpr (ScoreMod::ACTIVE) acc_dp[jn][h][e] *= dmod;
                 }
 
         // dV += P^T dO_i, dK += dS^T Q_i over this CTA's column pairs
@@ -210,27 +212,18 @@ flash_dmma_bwd_kv_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     }
 
     // dK = scale dS^T Q; rows past seqlen_k and columns past head_dim are not stored.
-    const i64 tile_off = batch * dk_batch_stride + head * dk_head_stride + n0 * dk_row_stride;
-    store_c_pairs<DPS, R8>(dk + tile_off, dk_row_stride, acc_dk, softmax_scale, p0, seqlen_k - n0, head_dim,
+    store_c_pairs<DPS, R8>(p.dk.ptr<T>(batch, head, n0), p.dk.row_stride, acc_dk, ScaleOf<T>::grad(p), p0,
+                           seqlen_k - n0, head_dim, warp_key0, g, t);
+    store_c_pairs<DPS, R8>(p.dv.ptr<T>(batch, head, n0), p.dv.row_stride, acc_dv, T(1), p0, seqlen_k - n0, head_dim,
                            warp_key0, g, t);
-    store_c_pairs<DPS, R8>(dv + tile_off, dk_row_stride, acc_dv, T(1), p0, seqlen_k - n0, head_dim, warp_key0, g, t);
 }
 
 // dQ: one CTA per (query tile, head, batch), looping over the key tiles.
-// dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
-// Same arguments as flash_simt_bwd_q_kernel<T>.
+// p.dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
+// Same record as flash_simt_bwd_q_kernel<T>.
 template <typename Tr, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
-flash_dmma_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                         const T* __restrict__ dout, const T* __restrict__ lse_exp,
-                         const T* __restrict__ delta, T* __restrict__ dq,
-                         i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                         i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                         i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                         i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
-                         i64 dq_batch_stride, i64 dq_row_stride, i64 dq_head_stride,
-                         int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                         T softmax_scale, T scale_exp, int causal) {
+flash_dmma_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
     constexpr int R8 = Tr::R8, NT = Tr::NT, DP = Tr::DP, WARP_M = Tr::WARP_M, KATOM = Tr::KATOM;
     constexpr int CE = Tr::CE;
@@ -243,57 +236,62 @@ flash_dmma_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const
     T* s_v = s_k + BLOCK_N * HEAD_DIM;         // (BLOCK_N, HEAD_DIM)
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
-    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int m0 = m_block * BLOCK_M;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int warp_row0 = warp * WARP_M;
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
+    const T scale_exp = ScaleOf<T>::exp_scale(p);
+    const Mask mask(p, p.mask.causal != 0);
 
-    const T* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
-    const T* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
+    const T* k_head = p.k.ptr<const T>(batch, head_k);
+    const T* v_head = p.v.ptr<const T>(batch, head_k);
 
-    int n_blocks = cdiv(seqlen_k, BLOCK_N);
-    if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
-    const int warp_last_key = m0 + warp_row0 + WARP_M - 1 + causal_offset;
+    // Key tiles n_begin + j BLOCK_N, j < n_blocks, hold every key some row of this tile sees.
+    const int n_begin = mask.key_begin(m0) / BLOCK_N * BLOCK_N;
+    const int n_blocks = max(0, cdiv(mask.key_end(m0 + BLOCK_M - 1) - n_begin, BLOCK_N));
 
     // LSE and D of the lane's rows (+inf / 0 past seqlen_q).
     T lse_r[R8], dlt_r[R8];
 #pragma unroll
     for (int h = 0; h < R8; ++h) {
         const int row = m0 + warp_row0 + 8 * h + g;
-        const i64 idx = ((i64)batch * nheads + head) * seqlen_q + row;
-        lse_r[h] = row < seqlen_q ? lse_exp[idx] : inf;
-        dlt_r[h] = row < seqlen_q ? delta[idx] : T(0);
+        const i64 idx = stats_index(p, batch, head, row);
+        lse_r[h] = row < seqlen_q ? __ldg(static_cast<const T*>(p.lse_exp) + idx) : inf;
+        dlt_r[h] = row < seqlen_q ? __ldg(static_cast<const T*>(p.delta) + idx) : T(0);
+
     }
 
-    if (n_blocks > 0) {  // committed and waited for with K_0, V_0
-        load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(
-            s_q, q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride, q_row_stride, seqlen_q - m0,
-            head_dim);
-        load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(
-            s_do, dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride, do_row_stride,
-            seqlen_q - m0, head_dim);
-        load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head, k_row_stride, seqlen_k, head_dim);
-        load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v_head, v_row_stride, seqlen_k, head_dim);
+    if (n_blocks > 0) {  // committed and waited for with the first K, V tiles
+        load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, p.q.ptr<const T>(batch, head, m0), p.q.row_stride,
+                                                    seqlen_q - m0, head_dim);
+        load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_do, p.dout.ptr<const T>(batch, head, m0), p.dout.row_stride,
+                                                    seqlen_q - m0, head_dim);
+        load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + n_begin * k_row_stride, k_row_stride,
+                                                    seqlen_k - n_begin, head_dim);
+        load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v_head + n_begin * v_row_stride, v_row_stride,
+                                                    seqlen_k - n_begin, head_dim);
         cp_async_commit();
     }
 
     T acc_dq[DP][CE][R8][2];  // dQ[row warp_row0 + 8h + g][8 CE p + CE (2t + e) + x]
     zero4(acc_dq);
     for (int j = 0; j < n_blocks; ++j) {
-        const int n0 = j * BLOCK_N;
+        const int n0 = n_begin + j * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K_j, V_j (and Q, dO) are in shared memory
 
-        const bool warp_active = !causal || n0 <= warp_last_key;
+        const bool warp_active = mask.any_visible(m0 + warp_row0, WARP_M, n0, BLOCK_N);
         T acc_s[NT][R8][2], acc_dp[NT][R8][2];  // S -> P, dP -> dS: (row 8h + g, key n0 + 8 jn + 2t + e)
         if (warp_active) {
+            // Before the products: fewer registers live (sm_90a hd128 spilled 4 B when it came after).
+            const bool need_mask = mask.partial(m0 + warp_row0, WARP_M, n0, BLOCK_N);
             zero3(acc_s);
             zero3(acc_dp);
             dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_s, s_q, warp_row0, s_k, g, t);
             dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_dp, s_do, warp_row0, s_v, g, t);
-            const bool need_mask = n0 + BLOCK_N > seqlen_k ||
-                                   (causal && n0 + BLOCK_N - 1 > m0 + warp_row0 + causal_offset);
+            [[maybe_unused]] const ScoreMod mod(p, batch, head);
 #pragma unroll
             for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
@@ -301,9 +299,15 @@ flash_dmma_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const int row = m0 + warp_row0 + 8 * h + g, col = n0 + 8 * jn + 2 * t + e;
-                        T p = Simt<T>::exp_base(fmadd(acc_s[jn][h][e], scale_exp, -lse_r[h]));
-                        if (need_mask && (col >= seqlen_k || (causal && col > row + causal_offset))) p = T(0);
-                        acc_dp[jn][h][e] = p * (acc_dp[jn][h][e] - dlt_r[h]);
+                        T score = acc_s[jn][h][e], dmod = T(1);
+                        if constexpr (ScoreMod::ACTIVE) {
+                            dmod = mod.grad(score, row, col);
+                            score = mod.apply(score, row, col);
+                        }
+                        T pr = Simt<T>::exp_base(fmadd(score, scale_exp, -lse_r[h]));
+                        if (need_mask && !mask.visible(row, col)) pr = T(0);
+                        acc_dp[jn][h][e] = pr * (acc_dp[jn][h][e] - dlt_r[h]);
+                        if constexpr (ScoreMod::ACTIVE) acc_dp[jn][h][e] *= dmod;
                     }
         }
         __syncthreads();  // every warp is done reading V_j
@@ -322,6 +326,6 @@ flash_dmma_bwd_dq_kernel(const T* __restrict__ q, const T* __restrict__ k, const
         }
     }
 
-    T* dq_tile = dq + batch * dq_batch_stride + head * dq_head_stride + m0 * dq_row_stride;
-    store_c_pairs<DP, R8>(dq_tile, dq_row_stride, acc_dq, softmax_scale, 0, seqlen_q - m0, head_dim, warp_row0, g, t);
+    store_c_pairs<DP, R8>(p.dq.ptr<T>(batch, head, m0), p.dq.row_stride, acc_dq, ScaleOf<T>::grad(p), 0, seqlen_q - m0,
+                          head_dim, warp_row0, g, t);
 }

@@ -13,15 +13,16 @@
 // while the softmax and O += P V_j run (as flash_simt_fwd.cu and flash_fwd.cu).
 //
 // Numerics: T = double: every product is a float64 tensor-core FMA (round to nearest); softmax with
-// the CUDA math library's exp() (<= 1 ulp), float64 LSE in natural log. Same arguments and results as
-// flash_simt_fwd_kernel<double> (scale_exp = softmax_scale), which runs where DMMA does not exist.
+// the CUDA math library's exp() (<= 1 ulp), float64 LSE in natural log (as flash_simt_fwd_kernel<double>).
 // T = float: Q, K, V and P rounded to TF32 (cvt.rna) before the products, float32 accumulation, softmax
-// in float32 base 2 (ex2.approx; scale_exp = softmax_scale log2 e), float32 LSE in natural log.
+// in float32 base 2 (ex2.approx; ScaleOf<float>::exp_scale = softmax_scale log2 e), float32 LSE in
+// natural log.
 //
 // Versions (numbers in bench/NOTES.md, "fp64 on the FP64 tensor cores (DMMA)"):
 //   v1  FA2 structure, m8n8k4 fragments (sm_90: m16n8k16 / m16n8k8 by KATOM), swizzled smem,
 //       P in registers, single-buffered K/V.
 //   v2  templated over T: float = TF32 m16n8k8 (16-row warps), 4 floats per 16-byte chunk.
+//   v2.1 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
 #include "flash_dmma.cuh"
 
 template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int KATOM_>
@@ -43,21 +44,13 @@ struct DmmaFwdTraits {
     static_assert(BLOCK_N % 16 == 0 && HEAD_DIM % (8 * CE) == 0, "k16 steps over keys, whole chunk groups over d");
 };
 
-// q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim); lse:
-// (batch, nheads, seqlen_q) contiguous. Strides in elements, the last dimension contiguous, rows
-// 16-byte aligned, head_dim a multiple of 8 (columns past it zero-filled, never stored).
-// scale_exp: softmax_scale (double, base e) or softmax_scale log2 e (float, base 2). causal: 0 or 1
-// (run-time, uniform branches).
+// p.q, p.out: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim);
+// p.lse: (batch, nheads, seqlen_q); all of T. Rows 16-byte aligned, head_dim a multiple of 8 (columns
+// past it zero-filled, never stored). Scores enter the exp scaled by ScaleOf<T>::exp_scale (base e
+// for double, base 2 for float). p.mask.causal is read at run time (uniform branches).
 template <typename Tr, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
-flash_dmma_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                      T* __restrict__ o, T* __restrict__ lse,
-                      i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                      i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                      i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                      i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
-                      int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                      T softmax_scale, T scale_exp, int causal) {
+flash_dmma_fwd_kernel(const __grid_constant__ AttnParams p) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
     constexpr int R8 = Tr::R8, NT = Tr::NT, DP = Tr::DP, WARP_M = Tr::WARP_M, KATOM = Tr::KATOM;
     constexpr int CE = Tr::CE;
@@ -69,21 +62,24 @@ flash_dmma_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
     T* s_v = s_k + BLOCK_N * HEAD_DIM;         // (BLOCK_N, HEAD_DIM) swizzled
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
-    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int m0 = m_block * BLOCK_M;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int warp_row0 = warp * WARP_M;            // first row of this warp in the tile
-    const int causal_offset = seqlen_k - seqlen_q;  // bottom-right: key j visible iff j <= i + offset
+    const int warp_row0 = warp * WARP_M;  // first row of this warp in the tile
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 q_row_stride = p.q.row_stride, k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
+    const T scale_exp = ScaleOf<T>::exp_scale(p);
+    const Mask mask(p, p.mask.causal != 0);
 
-    const T* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
-    const T* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
-    const T* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
-    T* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
-    T* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
+    const T* q_tile = p.q.ptr<const T>(batch, head, m0);
+    const T* k_head = p.k.ptr<const T>(batch, head_k);
+    const T* v_head = p.v.ptr<const T>(batch, head_k);
+    T* o_tile = p.out.ptr<T>(batch, head, m0);
+    T* lse_tile = static_cast<T*>(p.lse) + stats_index(p, batch, head, m0);
 
-    int n_blocks = cdiv(seqlen_k, BLOCK_N);
-    if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
-    const int warp_last_key = m0 + warp_row0 + WARP_M - 1 + causal_offset;  // warp-uniform
+    // Key tiles n_begin + j BLOCK_N, j < n_blocks, hold every key some row of this tile sees.
+    const int n_begin = mask.key_begin(m0) / BLOCK_N * BLOCK_N;
+    const int n_blocks = max(0, cdiv(mask.key_end(m0 + BLOCK_M - 1) - n_begin, BLOCK_N));
 
     // Per owned row h (tile row warp_row0 + 8h + g): running max of the raw scores, this lane's part
     // of the running sum, and O's C fragments: acc_o[p][x][h][e] = O[row][8 CE p + CE (2t + e) + x].
@@ -95,42 +91,51 @@ flash_dmma_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
 
     if (n_blocks > 0) {
         load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_tile, q_row_stride, seqlen_q - m0, head_dim);
-        load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head, k_row_stride, seqlen_k, head_dim);
+        load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, k_head + n_begin * k_row_stride, k_row_stride,
+                                                    seqlen_k - n_begin, head_dim);
         cp_async_commit();
     }
 
     for (int j = 0; j < n_blocks; ++j) {
-        const int n0 = j * BLOCK_N;
+        const int n0 = n_begin + j * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K_j is in shared memory; every warp is done reading V_{j-1}
         load_tile_dmma<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, v_head + n0 * v_row_stride, v_row_stride, seqlen_k - n0,
                                                     head_dim);
         cp_async_commit();
 
-        // Causal: a tile whose first key is after this warp's last visible key adds nothing.
-        const bool warp_active = !causal || n0 <= warp_last_key;
+        // A tile none of whose keys this warp's rows see adds nothing (warp-uniform).
+        const bool warp_active = mask.any_visible(m0 + warp_row0, WARP_M, n0, BLOCK_N);
         T acc_s[NT][R8][2];  // S, then P: acc_s[jn][h][e] = (row 8h + g, key n0 + 8 jn + 2t + e)
         if (warp_active) {
             zero3(acc_s);
             dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_s, s_q, warp_row0, s_k, g, t);
 
-            // Mask keys past seqlen_k and, for causal, keys after the diagonal; only tiles that need it.
-            const bool need_mask = n0 + BLOCK_N > seqlen_k ||
-                                   (causal && n0 + BLOCK_N - 1 > m0 + warp_row0 + causal_offset);
-            if (need_mask) {
+            // The score modifier, then -inf on masked elements; only tiles of this warp that need it.
+            if constexpr (ScoreMod::ACTIVE) {
+                const ScoreMod mod(p, batch, head);
 #pragma unroll
                 for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
                     for (int h = 0; h < R8; ++h)
 #pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int row = m0 + warp_row0 + 8 * h + g, col = n0 + 8 * jn + 2 * t + e;
-                            if (col >= seqlen_k || (causal && col > row + causal_offset)) acc_s[jn][h][e] = -inf;
-                        }
+                        for (int e = 0; e < 2; ++e)
+                            acc_s[jn][h][e] =
+                                mod.apply(acc_s[jn][h][e], m0 + warp_row0 + 8 * h + g, n0 + 8 * jn + 2 * t + e);
+            }
+            if (mask.partial(m0 + warp_row0, WARP_M, n0, BLOCK_N)) {
+#pragma unroll
+                for (int jn = 0; jn < NT; ++jn)
+#pragma unroll
+                    for (int h = 0; h < R8; ++h)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e)
+                            if (!mask.visible(m0 + warp_row0 + 8 * h + g, n0 + 8 * jn + 2 * t + e))
+                                acc_s[jn][h][e] = -inf;
             }
 
             // Online softmax: m_new = max(m, rowmax S); P = exp(S c - m_new c); O, l scaled by
-            // alpha = exp(m c - m_new c), c = softmax_scale.
+            // alpha = exp(m c - m_new c), c = scale_exp.
 #pragma unroll
             for (int h = 0; h < R8; ++h) {
                 T mx = row_max[h];
@@ -147,9 +152,9 @@ flash_dmma_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
                 for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
-                        const T p = Simt<T>::exp_base(fmadd(acc_s[jn][h][e], scale_exp, -mx_scaled));
-                        acc_s[jn][h][e] = p;
-                        sum += p;
+                        const T pr = Simt<T>::exp_base(fmadd(acc_s[jn][h][e], scale_exp, -mx_scaled));
+                        acc_s[jn][h][e] = pr;
+                        sum += pr;
                     }
                 row_sum[h] = row_sum[h] * alpha + sum;  // this lane's part; reduced over the quad at the end
 #pragma unroll
@@ -179,11 +184,11 @@ flash_dmma_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T*
         inv_l[h] = l > T(0) ? T(1) / l : T(0);
         const int row = warp_row0 + 8 * h + g;
         if (t == 0 && m0 + row < seqlen_q)
-            lse_tile[row] = l > T(0) ? row_max[h] * softmax_scale + Simt<T>::log(l) : -inf;
+            lse_tile[row] = l > T(0) ? row_max[h] * ScaleOf<T>::scale(p) + Simt<T>::log(l) : -inf;
 #pragma unroll
         for (int p = 0; p < DP; ++p)
 #pragma unroll
             for (int x = 0; x < CE; ++x) acc_o[p][x][h][0] *= inv_l[h], acc_o[p][x][h][1] *= inv_l[h];
     }
-    store_c_pairs<DP, R8>(o_tile, o_row_stride, acc_o, T(1), 0, seqlen_q - m0, head_dim, warp_row0, g, t);
+    store_c_pairs<DP, R8>(o_tile, p.out.row_stride, acc_o, T(1), 0, seqlen_q - m0, head_dim, warp_row0, g, t);
 }

@@ -12,7 +12,10 @@
 // Every shared-memory access goes through lds()/sts() so that a CPU emulator can instrument them
 // (it defines FC_SIMT_SMEM_HOOKS and its own versions); on the GPU they are plain loads/stores.
 #pragma once
+// flash_mask.cuh (AttnParams, ScaleOf, Mask, ScoreMod) comes with flash_common.cuh too; named here for the
+// CPU emulator, which replaces flash_common.cuh.
 #include "flash_common.cuh"
+#include "flash_mask.cuh"
 
 // ---------------------------------------------------------------------------------------------
 // Element type traits: float computes softmax in base 2 (exp2 of log2e-scaled scores, one MUFU
@@ -25,6 +28,8 @@ template <>
 struct Simt<float> {
     static constexpr int VEC = 4;  // elements per 16-byte chunk
     static __device__ __forceinline__ float inf() { return FC_INF; }
+    // The natural-log LSE times log_base() is the LSE in the exp base (flash_simt_bwd_preprocess_kernel).
+    static __device__ __forceinline__ float log_base() { return 1.4426950408889634f; }  // log2(e)
     // exp in the kernel's base: 2^x. ex2.approx: max rel. error 2^-22 (~2 ulp).
     static __device__ __forceinline__ float exp_base(float x) { return fast_exp2(x); }
     static __device__ __forceinline__ float log(float x) { return logf(x); }
@@ -36,6 +41,7 @@ template <>
 struct Simt<double> {
     static constexpr int VEC = 2;
     static __device__ __forceinline__ double inf() { return __longlong_as_double(0x7ff0000000000000ll); }
+    static __device__ __forceinline__ double log_base() { return 1.0; }  // base e
     static __device__ __forceinline__ double exp_base(double x) { return ::exp(x); }
     static __device__ __forceinline__ double log(double x) { return ::log(x); }
     static __device__ __forceinline__ double max(double a, double b) { return fmax(a, b); }

@@ -24,6 +24,7 @@
 //
 // Versions (numbers in bench/NOTES.md, "fp32/fp64 SIMT kernels"):
 //   v1  FA2 structure, single-buffered Q/dO, dQ by atomics or by a second Q-outer kernel.
+//   v1.1 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
 #include "flash_simt.cuh"
 
 // How a CTA covers an (R x C) tile of units (rows or 16-byte chunks): warps are a (WR x NWARPS/WR)
@@ -115,23 +116,26 @@ struct SimtBwdThread {
 };
 
 // LSE and D of query rows [m0, m0 + BLOCK_M) into shared memory (+inf and 0 past seqlen_q).
+// __ldg here and in the other global reads of the record's tensors: the read-only path (ld.global.nc),
+// which the __restrict__ kernel arguments gave before the AttnParams record.
 template <typename Tr>
 __device__ __forceinline__ void load_row_stats(const SimtBwdSmem<Tr>& s, const typename Tr::T* lse_row,
                                                const typename Tr::T* delta_row, int rows_valid) {
     using T = typename Tr::T;
     for (int t = threadIdx.x; t < Tr::BLOCK_M; t += Tr::NTHREADS) {
         const bool ok = t < rows_valid;
-        sts(s.lse + t, ok ? lse_row[t] : Simt<T>::inf());
-        sts(s.delta + t, ok ? delta_row[t] : T(0));
+        sts(s.lse + t, ok ? __ldg(lse_row + t) : Simt<T>::inf());
+        sts(s.delta + t, ok ? __ldg(delta_row + t) : T(0));
     }
 }
 
 // P and dS of one (query tile m0, key tile n0) pair into shared memory, from Q, dO, K, V, LSE, D
-// already there: S = Q K^T, dP = dO V^T, P = exp(S c - LSE) (0 where masked), dS = P o (dP - D).
+// already there: S = Q K^T, dP = dO V^T, P = exp(S c - LSE) (0 where masked), dS = P o (dP - D)
+// (times the score modifier's derivative when there is one).
 template <typename Tr, bool STORE_P>
-__device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const SimtBwdThread<Tr>& t, int m0,
-                                               int n0, int seqlen_k, int causal, int causal_offset,
-                                               typename Tr::T scale_exp) {
+__device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const SimtBwdThread<Tr>& t,
+                                               const AttnParams& p, const Mask& mask, int batch, int head, int m0,
+                                               int n0, typename Tr::T scale_exp) {
     using T = typename Tr::T;
     constexpr int TM = Tr::A_TM, TN = Tr::A_TN, RS = Tr::A_RS, KS = Tr::A_KS;
     constexpr int PITCH = Tr::PITCH, P_PITCH = Tr::P_PITCH;
@@ -140,7 +144,8 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
     mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_s, s.q + t.a_row * PITCH, s.k + t.a_key * PITCH);
     zero(acc_dp);
     mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_dp, s.dout + t.a_row * PITCH, s.v + t.a_key * PITCH);
-    const bool need_mask = n0 + Tr::BLOCK_N > seqlen_k || (causal && n0 + Tr::BLOCK_N - 1 > m0 + causal_offset);
+    const bool need_mask = mask.partial(m0, Tr::BLOCK_M, n0, Tr::BLOCK_N);
+    [[maybe_unused]] const ScoreMod mod(p, batch, head);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int r = t.a_row + RS * i;
@@ -148,36 +153,31 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
 #pragma unroll
         for (int j = 0; j < TN; ++j) {
             const int c = t.a_key + KS * j;
-            T p = Simt<T>::exp_base(fmadd(acc_s[i][j], scale_exp, -lse));
+            T score = acc_s[i][j], dmod = T(1);
+            if constexpr (ScoreMod::ACTIVE) {
+                dmod = mod.grad(score, m0 + r, n0 + c);
+                score = mod.apply(score, m0 + r, n0 + c);
+            }
+            T pr = Simt<T>::exp_base(fmadd(score, scale_exp, -lse));
             // select, not multiply: a masked score may overflow exp (its row's LSE excludes it)
-            if (need_mask && (n0 + c >= seqlen_k || (causal && n0 + c > m0 + r + causal_offset))) p = T(0);
-            if (STORE_P) sts(s.p + r * P_PITCH + c, p);
-            sts(s.ds + r * P_PITCH + c, p * (acc_dp[i][j] - delta));
+            if (need_mask && !mask.visible(m0 + r, n0 + c)) pr = T(0);
+            if (STORE_P) sts(s.p + r * P_PITCH + c, pr);
+            T ds = pr * (acc_dp[i][j] - delta);
+            if constexpr (ScoreMod::ACTIVE) ds *= dmod;
+            sts(s.ds + r * P_PITCH + c, ds);
         }
     }
 }
 
-// q, dout: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
-// dq: (batch, seqlen_q, nheads, head_dim), zero-filled, accumulated with atomicAdd (dq_atomic);
-// dk, dv: (batch, seqlen_k, nheads, head_dim), this query head's part (summed over GQA groups by
-// the caller). lse_exp, delta: (batch, nheads, seqlen_q) contiguous (preprocess kernel).
-// Strides in elements; last dimension contiguous; rows 16-byte aligned; head_dim a multiple of 8.
-// causal and dq_atomic (0 or 1) are run-time arguments (uniform branches; half the specializations).
+// p.q, p.dout: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim);
+// p.dq: (batch, seqlen_q, nheads, head_dim), zero-filled, accumulated with atomicAdd (p.dq_atomic);
+// p.dk, p.dv: (batch, seqlen_k, nheads, head_dim), this query head's part (summed over GQA groups by
+// the caller). p.lse_exp, p.delta: (batch, nheads, seqlen_q) (preprocess kernel). All of T; rows
+// 16-byte aligned; head_dim a multiple of 8. p.mask.causal and p.dq_atomic are read at run time
+// (uniform branches; half the specializations).
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
-flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
-                         const typename Tr::T* __restrict__ v, const typename Tr::T* __restrict__ dout,
-                         const typename Tr::T* __restrict__ lse_exp, const typename Tr::T* __restrict__ delta,
-                         typename Tr::T* __restrict__ dq, typename Tr::T* __restrict__ dk,
-                         typename Tr::T* __restrict__ dv,
-                         i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                         i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                         i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                         i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
-                         i64 dq_batch_stride, i64 dq_row_stride, i64 dq_head_stride,
-                         i64 dk_batch_stride, i64 dk_row_stride, i64 dk_head_stride,
-                         int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                         typename Tr::T softmax_scale, typename Tr::T scale_exp, int causal, int dq_atomic) {
+flash_simt_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     using T = typename Tr::T;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, VEC = Tr::VEC;
     constexpr int PITCH = Tr::PITCH, P_PITCH = Tr::P_PITCH, NTHREADS = Tr::NTHREADS;
@@ -187,27 +187,29 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
     const SimtBwdSmem<Tr> s(smem_raw);
     const SimtBwdThread<Tr> t;
 
-    const int n_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int n_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int n0 = n_block * BLOCK_N;
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 q_row_stride = p.q.row_stride, do_row_stride = p.dout.row_stride, dq_row_stride = p.dq.row_stride;
+    const T scale_exp = ScaleOf<T>::exp_scale(p), grad_scale = ScaleOf<T>::grad(p);
 
-    const T* q_head = q + batch * q_batch_stride + head * q_head_stride;
-    const T* do_head = dout + batch * do_batch_stride + head * do_head_stride;
-    const T* lse_head = lse_exp + ((i64)batch * nheads + head) * seqlen_q;
-    const T* delta_head = delta + ((i64)batch * nheads + head) * seqlen_q;
-    T* dq_head = dq + batch * dq_batch_stride + head * dq_head_stride;
+    const T* q_head = p.q.ptr<const T>(batch, head);
+    const T* do_head = p.dout.ptr<const T>(batch, head);
+    const T* lse_head = static_cast<const T*>(p.lse_exp) + stats_index(p, batch, head, 0);
+    const T* delta_head = static_cast<const T*>(p.delta) + stats_index(p, batch, head, 0);
+    T* dq_head = p.dq.ptr<T>(batch, head);
 
-    load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(
-        s.k, k + batch * k_batch_stride + head_k * k_head_stride + n0 * k_row_stride, k_row_stride, seqlen_k - n0,
-        head_dim);
-    load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(
-        s.v, v + batch * v_batch_stride + head_k * v_head_stride + n0 * v_row_stride, v_row_stride, seqlen_k - n0,
-        head_dim);
+    load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(s.k, p.k.ptr<const T>(batch, head_k, n0), p.k.row_stride,
+                                                          seqlen_k - n0, head_dim);
+    load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(s.v, p.v.ptr<const T>(batch, head_k, n0), p.v.row_stride,
+                                                          seqlen_k - n0, head_dim);
 
-    // Causal: query rows before n0 - offset see none of these keys (and every key is visible to
-    // the last query row, so the loop is never empty for a key tile inside seqlen_k).
-    const int m_begin = causal ? max(0, n0 - causal_offset) / BLOCK_M : 0;
-    const int m_end = cdiv(seqlen_q, BLOCK_M);
+    // Query tiles m_begin .. m_end - 1 hold every row that sees a key of this tile (causal: every key
+    // inside seqlen_k is visible to the last query row, so the loop is never empty). The mask is built
+    // after the K, V loads, as in flash_dmma_bwd.cu (8 registers fewer at hd192 than built first).
+    const Mask mask(p, p.mask.causal != 0);
+
+    const int m_begin = mask.query_begin(n0) / BLOCK_M, m_end = cdiv(mask.query_end(n0 + BLOCK_N - 1), BLOCK_M);
 
     T acc_dk[GN * VEC][GD * VEC], acc_dv[GN * VEC][GD * VEC];  // (keys, columns) of layout B
     zero(acc_dk);
@@ -224,14 +226,14 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
         cp_async_wait<0>();
         __syncthreads();  // Q_i, dO_i, LSE, D (and K_j, V_j) are in shared memory
 
-        scores_to_smem<Tr, true>(s, t, m0, n0, seqlen_k, causal, causal_offset, scale_exp);
+        scores_to_smem<Tr, true>(s, t, p, mask, batch, head, m0, n0, scale_exp);
         __syncthreads();  // P and dS are in shared memory
 
         // dV += P^T dO_i, dK += dS^T Q_i: reduction over the BLOCK_M query rows
         mma_tn<T, GN, GD, BLOCK_M, P_PITCH, PITCH, Tr::B_KS, Tr::B_DS>(acc_dv, s.p + t.b_key, s.dout + t.b_col);
         mma_tn<T, GN, GD, BLOCK_M, P_PITCH, PITCH, Tr::B_KS, Tr::B_DS>(acc_dk, s.ds + t.b_key, s.q + t.b_col);
 
-        if (dq_atomic) {
+        if (p.dq_atomic) {
             // dQ_i += scale dS K_j: (C_TM, C_GD * VEC) per thread, added to global memory
             constexpr int TM = Tr::C_TM, TG = Tr::C_GD;
             T acc_dq[TM][TG * VEC];
@@ -248,7 +250,7 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
                     if (col >= head_dim) continue;
 #pragma unroll
                     for (int f = 0; f < VEC; ++f)
-                        atomicAdd(dq_head + row * dq_row_stride + col + f, acc_dq[i][g * VEC + f] * softmax_scale);
+                        atomicAdd(dq_head + row * dq_row_stride + col + f, acc_dq[i][g * VEC + f] * grad_scale);
                 }
             }
         }
@@ -256,8 +258,9 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
     }
 
     // dK = scale dS^T Q; rows past seqlen_k and columns past head_dim are not stored.
-    T* dk_tile = dk + batch * dk_batch_stride + head * dk_head_stride + n0 * dk_row_stride;
-    T* dv_tile = dv + batch * dk_batch_stride + head * dk_head_stride + n0 * dk_row_stride;
+    T* dk_tile = p.dk.ptr<T>(batch, head, n0);
+    T* dv_tile = p.dv.ptr<T>(batch, head, n0);
+    const i64 dk_row_stride = p.dk.row_stride, dv_row_stride = p.dv.row_stride;
 #pragma unroll
     for (int g = 0; g < GN; ++g)
 #pragma unroll
@@ -271,30 +274,20 @@ flash_simt_bwd_kv_kernel(const typename Tr::T* __restrict__ q, const typename Tr
                 Chunk<T> ck, cv;
 #pragma unroll
                 for (int f = 0; f < VEC; ++f) {
-                    ck.e[f] = acc_dk[g * VEC + e][h * VEC + f] * softmax_scale;
+                    ck.e[f] = acc_dk[g * VEC + e][h * VEC + f] * grad_scale;
                     cv.e[f] = acc_dv[g * VEC + e][h * VEC + f];
                 }
                 *reinterpret_cast<Chunk<T>*>(dk_tile + key * dk_row_stride + col) = ck;
-                *reinterpret_cast<Chunk<T>*>(dv_tile + key * dk_row_stride + col) = cv;
+                *reinterpret_cast<Chunk<T>*>(dv_tile + key * dv_row_stride + col) = cv;
             }
         }
 }
 
 // Deterministic dQ: one CTA per (query tile, head, batch), looping over the key tiles.
-// dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
+// p.dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
-flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
-                        const typename Tr::T* __restrict__ v, const typename Tr::T* __restrict__ dout,
-                        const typename Tr::T* __restrict__ lse_exp, const typename Tr::T* __restrict__ delta,
-                        typename Tr::T* __restrict__ dq,
-                        i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                        i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                        i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                        i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
-                        i64 dq_batch_stride, i64 dq_row_stride, i64 dq_head_stride,
-                        int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                        typename Tr::T softmax_scale, typename Tr::T scale_exp, int causal) {
+flash_simt_bwd_q_kernel(const __grid_constant__ AttnParams p) {
     using T = typename Tr::T;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, VEC = Tr::VEC;
     constexpr int PITCH = Tr::PITCH, P_PITCH = Tr::P_PITCH, NTHREADS = Tr::NTHREADS;
@@ -305,31 +298,33 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
     const SimtBwdThread<Tr> t;
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
-    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int m0 = m_block * BLOCK_M;
-    const int causal_offset = seqlen_k - seqlen_q;
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
+    const T scale_exp = ScaleOf<T>::exp_scale(p);
+    const Mask mask(p, p.mask.causal != 0);
 
-    const T* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
-    const T* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
+    const T* k_head = p.k.ptr<const T>(batch, head_k);
+    const T* v_head = p.v.ptr<const T>(batch, head_k);
 
-    int n_blocks = cdiv(seqlen_k, BLOCK_N);
-    if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
+    // Key tiles n_begin + j BLOCK_N, j < n_blocks, hold every key some row of this tile sees.
+    const int n_begin = mask.key_begin(m0) / BLOCK_N * BLOCK_N;
+    const int n_blocks = max(0, cdiv(mask.key_end(m0 + BLOCK_M - 1) - n_begin, BLOCK_N));
 
-    if (n_blocks > 0) {  // committed and waited for with K_0, V_0
-        load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(
-            s.q, q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride, q_row_stride,
-            seqlen_q - m0, head_dim);
-        load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(
-            s.dout, dout + batch * do_batch_stride + head * do_head_stride + m0 * do_row_stride, do_row_stride,
-            seqlen_q - m0, head_dim);
-        load_row_stats<Tr>(s, lse_exp + ((i64)batch * nheads + head) * seqlen_q + m0,
-                           delta + ((i64)batch * nheads + head) * seqlen_q + m0, seqlen_q - m0);
+    if (n_blocks > 0) {  // committed and waited for with the first K, V tiles
+        load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(s.q, p.q.ptr<const T>(batch, head, m0), p.q.row_stride,
+                                                              seqlen_q - m0, head_dim);
+        load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(s.dout, p.dout.ptr<const T>(batch, head, m0),
+                                                              p.dout.row_stride, seqlen_q - m0, head_dim);
+        load_row_stats<Tr>(s, static_cast<const T*>(p.lse_exp) + stats_index(p, batch, head, m0),
+                           static_cast<const T*>(p.delta) + stats_index(p, batch, head, m0), seqlen_q - m0);
     }
 
     T acc_dq[TM][TG * VEC];
     zero(acc_dq);
     for (int j = 0; j < n_blocks; ++j) {
-        const int n0 = j * BLOCK_N;
+        const int n0 = n_begin + j * BLOCK_N;
         load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(s.k, k_head + n0 * k_row_stride, k_row_stride,
                                                               seqlen_k - n0, head_dim);
         load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(s.v, v_head + n0 * v_row_stride, v_row_stride,
@@ -338,7 +333,7 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
         cp_async_wait<0>();
         __syncthreads();  // K_j, V_j (and Q, dO, LSE, D) are in shared memory
 
-        scores_to_smem<Tr, false>(s, t, m0, n0, seqlen_k, causal, causal_offset, scale_exp);
+        scores_to_smem<Tr, false>(s, t, p, mask, batch, head, m0, n0, scale_exp);
         __syncthreads();  // dS is in shared memory
 
         mma_nn<T, TM, TG, BLOCK_N, P_PITCH, PITCH, Tr::C_RS, Tr::C_DS>(acc_dq, s.ds + t.c_row * P_PITCH,
@@ -346,7 +341,9 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
         __syncthreads();  // every warp is done with K_j, V_j, dS before the next tile overwrites them
     }
 
-    T* dq_tile = dq + batch * dq_batch_stride + head * dq_head_stride + m0 * dq_row_stride;
+    T* dq_tile = p.dq.ptr<T>(batch, head, m0);
+    const i64 dq_row_stride = p.dq.row_stride;
+    const T grad_scale = ScaleOf<T>::grad(p);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int row = t.c_row + Tr::C_RS * i;
@@ -357,7 +354,7 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
             if (col >= head_dim) continue;
             Chunk<T> c;
 #pragma unroll
-            for (int f = 0; f < VEC; ++f) c.e[f] = acc_dq[i][g * VEC + f] * softmax_scale;
+            for (int f = 0; f < VEC; ++f) c.e[f] = acc_dq[i][g * VEC + f] * grad_scale;
             *reinterpret_cast<Chunk<T>*>(dq_tile + row * dq_row_stride + col) = c;
         }
     }
@@ -365,28 +362,25 @@ flash_simt_bwd_q_kernel(const typename Tr::T* __restrict__ q, const typename Tr:
 
 // D = rowsum(dO o O) and LSE in the kernels' exp base (lse * log_base; +inf for -inf, so that
 // P = exp(S c - LSE) = 0 on rows with no visible key). One warp per (query row, head, batch).
-// dout, out: (batch, seqlen_q, nheads, head_dim), last dimension contiguous; lse, lse_exp, delta:
-// (batch, nheads, seqlen_q) contiguous.
+// p.dout, p.out: (batch, seqlen_q, nheads, head_dim); p.lse, p.lse_exp, p.delta: (batch, nheads,
+// seqlen_q); all of T.
 template <typename T>
 __global__ void __launch_bounds__(128)
-flash_simt_bwd_preprocess_kernel(const T* __restrict__ dout, const T* __restrict__ out, const T* __restrict__ lse,
-                                 T* __restrict__ lse_exp, T* __restrict__ delta,
-                                 i64 do_batch_stride, i64 do_row_stride, i64 do_head_stride,
-                                 i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
-                                 int seqlen_q, int nheads, int head_dim, T log_base) {
+flash_simt_bwd_preprocess_kernel(const __grid_constant__ AttnParams p) {
     const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
     const int head = blockIdx.y, batch = blockIdx.z;
-    if (row >= seqlen_q) return;  // the whole warp
-    const T* do_row = dout + batch * do_batch_stride + row * do_row_stride + head * do_head_stride;
-    const T* o_row = out + batch * o_batch_stride + row * o_row_stride + head * o_head_stride;
+    if (row >= p.seqlen_q) return;  // the whole warp
+    const T* do_row = p.dout.ptr<const T>(batch, head, row);
+    const T* o_row = p.out.ptr<const T>(batch, head, row);
     T sum = T(0);
-    for (int d = lane; d < head_dim; d += 32) sum = fmadd(do_row[d], o_row[d], sum);
+    for (int d = lane; d < p.head_dim; d += 32) sum = fmadd(__ldg(do_row + d), __ldg(o_row + d), sum);
 #pragma unroll
     for (int m = 16; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
     if (lane == 0) {
-        const i64 idx = ((i64)batch * nheads + head) * seqlen_q + row;
-        const T l = lse[idx];
-        delta[idx] = sum;
-        lse_exp[idx] = l == -Simt<T>::inf() ? Simt<T>::inf() : l * log_base;
+        const i64 idx = stats_index(p, batch, head, row);
+        const T l = __ldg(static_cast<const T*>(p.lse) + idx);
+
+        static_cast<T*>(p.delta)[idx] = sum;
+        static_cast<T*>(p.lse_exp)[idx] = l == -Simt<T>::inf() ? Simt<T>::inf() : l * Simt<T>::log_base();
     }
 }

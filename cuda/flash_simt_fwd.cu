@@ -17,6 +17,7 @@
 //
 // Versions (numbers in bench/NOTES.md, "fp32/fp64 SIMT kernels"):
 //   v1  FA2 structure on CUDA cores, 4x8-lane warps, register micro-tiles, single-buffered K/V.
+//   v1.1 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
 #include "flash_simt.cuh"
 
 template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int MIN_CTAS_>
@@ -44,22 +45,14 @@ struct SimtFwdTraits {
     static_assert(HEAD_DIM % (8 * VEC) == 0, "8 column lanes of 16-byte chunks");
 };
 
-// q, o: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim);
-// strides in elements, the last dimension contiguous, rows 16-byte aligned; head_dim a multiple of 8.
-// lse: (batch, nheads, seqlen_q) contiguous, of T. scale_exp = softmax_scale * log2(e) for float
-// (base-2 softmax), softmax_scale for double. causal (0 or 1) is a run-time argument: it only
-// changes loop bounds and the mask of diagonal tiles, and halves the specializations to build.
+// p.q, p.out: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim), of T;
+// rows 16-byte aligned, head_dim a multiple of 8. p.lse: (batch, nheads, seqlen_q), of T. Scores enter
+// the exp scaled by ScaleOf<T>::exp_scale (softmax_scale log2 e for float: base-2 softmax;
+// softmax_scale for double). p.mask.causal is read at run time: it only changes loop bounds and the
+// mask of diagonal tiles (flash_mask.cuh), and halves the specializations to build.
 template <typename Tr>
 __global__ void __launch_bounds__(Tr::NTHREADS, Tr::MIN_CTAS)
-flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T* __restrict__ k,
-                      const typename Tr::T* __restrict__ v, typename Tr::T* __restrict__ o,
-                      typename Tr::T* __restrict__ lse,
-                      i64 q_batch_stride, i64 q_row_stride, i64 q_head_stride,
-                      i64 k_batch_stride, i64 k_row_stride, i64 k_head_stride,
-                      i64 v_batch_stride, i64 v_row_stride, i64 v_head_stride,
-                      i64 o_batch_stride, i64 o_row_stride, i64 o_head_stride,
-                      int seqlen_q, int seqlen_k, int nheads, int group, int head_dim,
-                      typename Tr::T softmax_scale, typename Tr::T scale_exp, int causal) {
+flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
     using T = typename Tr::T;
     using M = Simt<T>;
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, VEC = Tr::VEC;
@@ -73,23 +66,26 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
     T* s_p = s_v + BLOCK_N * PITCH;            // (BLOCK_M, P_PITCH); rows of warp w written and read by w only
 
     const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
-    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / group;
+    const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int m0 = m_block * BLOCK_M;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int lr = lane / 8, lc = lane % 8;  // lane row (0..3), lane column (0..7)
     const int warp_row0 = warp * WARP_M;      // first row of this warp in the tile
-    const int causal_offset = seqlen_k - seqlen_q;  // bottom-right: key j visible iff j <= i + offset
+    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const i64 q_row_stride = p.q.row_stride, k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
+    const i64 o_row_stride = p.out.row_stride;
+    const T scale_exp = ScaleOf<T>::exp_scale(p);
+    const Mask mask(p, p.mask.causal != 0);
 
-    const T* q_tile = q + batch * q_batch_stride + head * q_head_stride + m0 * q_row_stride;
-    const T* k_head = k + batch * k_batch_stride + head_k * k_head_stride;
-    const T* v_head = v + batch * v_batch_stride + head_k * v_head_stride;
-    T* o_tile = o + batch * o_batch_stride + head * o_head_stride + m0 * o_row_stride;
-    T* lse_tile = lse + ((i64)batch * nheads + head) * seqlen_q + m0;
+    const T* q_tile = p.q.ptr<const T>(batch, head, m0);
+    const T* k_head = p.k.ptr<const T>(batch, head_k);
+    const T* v_head = p.v.ptr<const T>(batch, head_k);
+    T* o_tile = p.out.ptr<T>(batch, head, m0);
+    T* lse_tile = static_cast<T*>(p.lse) + stats_index(p, batch, head, m0);
 
-    int n_blocks = cdiv(seqlen_k, BLOCK_N);
-    if (causal) n_blocks = min(n_blocks, max(0, cdiv(m0 + BLOCK_M + causal_offset, BLOCK_N)));
-    // The last key tile with a key visible to some row of this warp (warp-uniform).
-    const int warp_last_key = m0 + warp_row0 + WARP_M - 1 + causal_offset;
+    // Key tiles n_begin + j BLOCK_N, j < n_blocks, hold every key some row of this tile sees.
+    const int n_begin = mask.key_begin(m0) / BLOCK_N * BLOCK_N;
+    const int n_blocks = max(0, cdiv(mask.key_end(m0 + BLOCK_M - 1) - n_begin, BLOCK_N));
 
     // Per owned row i (tile row warp_row0 + lr + 4 i): running max of the raw scores, this lane's
     // part of the running sum of exp, and this lane's columns of O.
@@ -101,7 +97,8 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
 
     if (n_blocks > 0) {
         load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(s_q, q_tile, q_row_stride, seqlen_q - m0, head_dim);
-        load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(s_k, k_head, k_row_stride, seqlen_k, head_dim);
+        load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(s_k, k_head + n_begin * k_row_stride, k_row_stride,
+                                                              seqlen_k - n_begin, head_dim);
         cp_async_commit();
     }
 
@@ -111,32 +108,36 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
     const T* v_thr = s_v + lc * VEC;                  // V row 0 at its first column chunk
 
     for (int j = 0; j < n_blocks; ++j) {
-        const int n0 = j * BLOCK_N;
+        const int n0 = n_begin + j * BLOCK_N;
         cp_async_wait<0>();
         __syncthreads();  // K_j is in shared memory; every warp is done reading V_{j-1}
         load_tile_simt<T, BLOCK_N, HEAD_DIM, PITCH, NTHREADS>(s_v, v_head + n0 * v_row_stride, v_row_stride,
                                                               seqlen_k - n0, head_dim);
         cp_async_commit();
 
-        // Causal: a tile whose first key is after this warp's last visible key adds nothing.
-        const bool warp_active = !causal || n0 <= warp_last_key;
+        // A tile none of whose keys this warp's rows see adds nothing (warp-uniform).
+        const bool warp_active = mask.any_visible(m0 + warp_row0, WARP_M, n0, BLOCK_N);
         if (warp_active) {
             // S = Q K_j^T: (TM, TN) per thread
             T acc_s[TM][TN];
             zero(acc_s);
             mma_nt<T, TM, TN, HEAD_DIM, PITCH, PITCH, 4, 8>(acc_s, q_thr, k_thr);
 
-            // Mask keys past seqlen_k and, for causal, keys after the diagonal; only tiles that need it.
-            const bool need_mask = n0 + BLOCK_N > seqlen_k ||
-                                   (causal && n0 + BLOCK_N - 1 > m0 + warp_row0 + causal_offset);
-            if (need_mask) {
+            // The score modifier, then -inf on masked elements; only tiles of this warp that need it.
+            if constexpr (ScoreMod::ACTIVE) {
+                const ScoreMod mod(p, batch, head);
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
-                    for (int jj = 0; jj < TN; ++jj) {
-                        const int row = m0 + warp_row0 + lr + 4 * i, col = n0 + lc + 8 * jj;
-                        if (col >= seqlen_k || (causal && col > row + causal_offset)) acc_s[i][jj] = -M::inf();
-                    }
+                    for (int jj = 0; jj < TN; ++jj)
+                        acc_s[i][jj] = mod.apply(acc_s[i][jj], m0 + warp_row0 + lr + 4 * i, n0 + lc + 8 * jj);
+            }
+            if (mask.partial(m0 + warp_row0, WARP_M, n0, BLOCK_N)) {
+#pragma unroll
+                for (int i = 0; i < TM; ++i)
+#pragma unroll
+                    for (int jj = 0; jj < TN; ++jj)
+                        if (!mask.visible(m0 + warp_row0 + lr + 4 * i, n0 + lc + 8 * jj)) acc_s[i][jj] = -M::inf();
             }
 
             // Online softmax: m_new = max(m, rowmax S); P = exp(S*c - m_new*c); O and l rescaled by
@@ -154,9 +155,9 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
                 T sum = T(0);
 #pragma unroll
                 for (int jj = 0; jj < TN; ++jj) {
-                    const T p = M::exp_base(fmadd(acc_s[i][jj], scale_exp, -mx_scaled));
-                    sum += p;
-                    sts(p_thr + 4 * i * P_PITCH + lc + 8 * jj, p);
+                    const T pr = M::exp_base(fmadd(acc_s[i][jj], scale_exp, -mx_scaled));
+                    sum += pr;
+                    sts(p_thr + 4 * i * P_PITCH + lc + 8 * jj, pr);
                 }
                 row_sum[i] = row_sum[i] * alpha + sum;  // this lane's part; reduced over the row at the end
 #pragma unroll
@@ -194,7 +195,7 @@ flash_simt_fwd_kernel(const typename Tr::T* __restrict__ q, const typename Tr::T
                     *reinterpret_cast<Chunk<T>*>(o_tile + row * o_row_stride + col) = c;
                 }
             }
-            if (lc == 0) lse_tile[row] = l > T(0) ? row_max[i] * softmax_scale + M::log(l) : -M::inf();
+            if (lc == 0) lse_tile[row] = l > T(0) ? row_max[i] * ScaleOf<T>::scale(p) + M::log(l) : -M::inf();
         }
     }
 }

@@ -9,20 +9,21 @@ capture works). Exact arithmetic in the input precision (FFMA / DFMA / DMMA) unl
 given for float32: then the products take TF32 operands (10-bit mantissa, float32 accumulation).
 LSE is float32 for float32 inputs and float64 for float64 (flashcupy._arrays.lse_dtype).
 
-Array creation goes through _xp(), launches through _launch() and the device's architecture comes
-from _arch(), so the same glue can be driven by another array module and launcher (a CPU emulator
-of the kernels).
+Every kernel takes one AttnParams record (cuda/flash_params.cuh, built by flashcupy._params.attn_params):
+pointers, strides, sizes, the scales (the kernels take ScaleOf<T>: base-e for float64, base-2 for
+float32), the mask. Array creation goes through _xp(), launches through _launch() and the device's
+architecture comes from _arch(), so the same glue can be driven by another array module and launcher
+(a CPU emulator of the kernels, bench/simt_emu).
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from ._build import debug, get_kernel
-from ._gpu import _check_grid, _strides, data_ptr as _data_ptr, kernel_ready
 from ._configs import SIMT_PREPROCESS_THREADS, float_bwd_config, float_fwd_config
+from ._gpu import _check_grid, kernel_ready
+from ._params import attn_params
 
 PREPROCESS_SOURCE = "flash_simt_bwd.cu"  # flash_simt_bwd_preprocess_kernel serves both families
 
@@ -40,9 +41,10 @@ def _arch() -> int:
     return int(cupy.cuda.Device().compute_capability)
 
 
-def _launch(filename: str, name: str, smem_bytes: int, grid, block, args) -> None:
+def _launch(filename: str, name: str, smem_bytes: int, grid, block, params) -> None:
+    """Launch kernel `name` of cuda/<filename> with its one argument, the AttnParams record params."""
     kernel = get_kernel(filename, name, smem_bytes)
-    kernel(grid, block, args, shared_mem=smem_bytes)
+    kernel(grid, block, (params,), shared_mem=smem_bytes)
 
 
 def path_name(dtype, head_dim: int, allow_tf32: bool = False) -> str:
@@ -53,15 +55,6 @@ def path_name(dtype, head_dim: int, allow_tf32: bool = False) -> str:
     if not isinstance(cfg, DmmaFwdConfig):
         return "fused fp32/fp64 (CUDA cores)"
     return "fused fp32 (TF32 tensor cores)" if cfg.elem == "float" else "fused fp64 (FP64 tensor cores)"
-
-
-def _scalar_type(dtype):
-    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
-
-
-def _scale_exp(dtype, scale: float) -> float:
-    """The factor of the scores inside the kernels' exp: float32 works in base 2 (exp2), float64 in base e."""
-    return scale if np.dtype(dtype) == np.float64 else scale * math.log2(math.e)
 
 
 def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=None):
@@ -77,14 +70,12 @@ def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=No
     q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
     cfg = config or float_fwd_config(shape.head_dim, q.dtype, causal, _arch(), allow_tf32)
     debug(f"fp32/fp64 fwd {shape} -> {cfg}")
-    f = _scalar_type(q.dtype)
     out = xp.empty(q.shape, dtype=q.dtype)
     lse = xp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=q.dtype)
     grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
-    args = (q, k, v, out, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            np.int32(shape.seqlen_q), np.int32(shape.seqlen_k), np.int32(shape.nheads),
-            np.int32(shape.group), np.int32(d8), f(scale), f(_scale_exp(q.dtype, scale)), np.int32(causal))
-    _launch(cfg.source, cfg.kernel_name(), cfg.smem_bytes, grid, (cfg.nthreads, 1, 1), args)
+    p = attn_params(shape, head_dim=d8, scale=scale, grad_scale=shape.softmax_scale, causal=causal,
+                    q=q, k=k, v=v, out=out, lse=lse)
+    _launch(cfg.source, cfg.kernel_name(), cfg.smem_bytes, grid, (cfg.nthreads, 1, 1), p)
     if d8 != shape.head_dim:
         out = xp.ascontiguousarray(out[..., : shape.head_dim])
     return out, lse
@@ -110,35 +101,25 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     cfg = config or float_bwd_config(shape.head_dim, dtype, causal, _arch(), allow_tf32)
     debug(f"fp32/fp64 bwd {shape} deterministic={deterministic} -> {cfg}")
     dq_kernel = deterministic or cfg.dq_kernel_always
-    f = _scalar_type(dtype)
     b, sq, sk, h = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.nheads
 
-    # D = rowsum(dO o O) and the LSE in the kernels' exp base (+inf on rows with no visible key)
-    lse_exp = xp.empty((b, h, sq), dtype=dtype)
-    delta = xp.empty((b, h, sq), dtype=dtype)
-    _launch(PREPROCESS_SOURCE, cfg.preprocess_kernel_name(), 0, (math.ceil(sq / (SIMT_PREPROCESS_THREADS // 32)), h, b),
-            (SIMT_PREPROCESS_THREADS, 1, 1),
-            (dout, out, lse, lse_exp, delta, *_strides(dout), *_strides(out), np.int32(sq), np.int32(h),
-             np.int32(d8), f(_scale_exp(dtype, 1.0))))
-
+    lse_exp = xp.empty((b, h, sq), dtype=dtype)  # the LSE in the kernels' exp base (+inf: no visible key)
+    delta = xp.empty((b, h, sq), dtype=dtype)    # D = rowsum(dO o O)
+    # dQ: zeroed for the KV kernel's atomics; written whole by a dQ kernel
     dq = (xp.empty if dq_kernel else xp.zeros)((b, sq, h, d8), dtype=dtype)
     # one dK, dV slice per query head; summed over each group below (GQA)
     dk = xp.empty((b, sk, h, d8), dtype=dtype)
     dv = xp.empty((b, sk, h, d8), dtype=dtype)
-    qkvdo = (*_strides(q), *_strides(k), *_strides(v), *_strides(dout))
-    sizes = (np.int32(sq), np.int32(sk), np.int32(h), np.int32(shape.group), np.int32(d8), f(scale),
-             f(_scale_exp(dtype, scale)))
-    kv_grid = (cfg.kv_grid_x(sk), h, b)
-    if cfg.dq_kernel_always:  # DMMA: the KV kernel has no dQ arguments
-        kv_args = (q, k, v, dout, lse_exp, delta, dk, dv, *qkvdo, *_strides(dk), *sizes, np.int32(causal))
-    else:
-        kv_args = (q, k, v, dout, lse_exp, delta, dq, dk, dv, *qkvdo, *_strides(dq), *_strides(dk), *sizes,
-                   np.int32(causal), np.int32(not dq_kernel))
-    _launch(cfg.source, cfg.kv_kernel_name(), cfg.kv_smem_bytes, kv_grid, (cfg.kv_nthreads, 1, 1), kv_args)
+    # dq_atomic: the SIMT KV kernel adds dQ by atomics (the DMMA KV kernel never does)
+    p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, dq_atomic=not dq_kernel, q=q, k=k, v=v,
+                    out=out, dout=dout, dq=dq, dk=dk, dv=dv, lse=lse, delta=delta, lse_exp=lse_exp)
+
+    _launch(PREPROCESS_SOURCE, cfg.preprocess_kernel_name(), 0, (math.ceil(sq / (SIMT_PREPROCESS_THREADS // 32)), h, b),
+            (SIMT_PREPROCESS_THREADS, 1, 1), p)
+    _launch(cfg.source, cfg.kv_kernel_name(), cfg.kv_smem_bytes, (cfg.kv_grid_x(sk), h, b), (cfg.kv_nthreads, 1, 1), p)
     if dq_kernel:
         _launch(cfg.source, cfg.dq_kernel_name(), cfg.dq_smem_bytes, (cfg.dq_grid_x(sq), h, b),
-                (cfg.dq_nthreads, 1, 1),
-                (q, k, v, dout, lse_exp, delta, dq, *qkvdo, *_strides(dq), *sizes, np.int32(causal)))
+                (cfg.dq_nthreads, 1, 1), p)
 
     if shape.group > 1:  # fixed summation order: deterministic
         dk = dk.reshape(b, sk, shape.nheads_k, shape.group, d8).sum(axis=3)

@@ -1,10 +1,15 @@
 """Run flashcupy's SIMT and DMMA kernels (cuda/flash_simt_*.cu, cuda/flash_dmma_*.cu) on the CPU: flashcupy._gpu_simt driven with
-NumPy arrays and emulated launches (emu_common.h, emu_runtime.cpp). See README.md."""
-import ctypes, hashlib, os, re, subprocess, sys
+NumPy arrays and emulated launches (emu_common.h, emu_runtime.cpp). See README.md.
+
+Every kernel takes one AttnParams record by value. flashcupy._params fills it with the host addresses
+of NumPy arrays (data_ptr); launch() copies each array the record points into to an exact-size malloc
+(ASan sees every out-of-bounds access), points a copy of the record there, runs the kernel and copies
+the arrays back."""
+import ctypes, hashlib, os, re, subprocess, sys, weakref
 import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root
-from flashcupy import _build
+from flashcupy import _build, _params
 
 BUILD = os.environ.get("EMU_BUILD", os.path.expanduser("~/.cache/flashcupy-simt-emu"))
 os.makedirs(BUILD, exist_ok=True)
@@ -21,6 +26,7 @@ template <typename... A> static void emu_call(void (*f)(A...), void** args) {
     emu_invoke(f, args, std::index_sequence_for<A...>{});
 }
 extern "C" void emu_run(unsigned gx, unsigned gy, unsigned gz, int nthreads, size_t smem, void** args) {
+    static_assert(std::is_trivially_copyable_v<AttnParams>, "AttnParams");
     auto fp = &KERNEL;
     emu_launch(EmuDim{gx, gy, gz}, nthreads, smem, [&] { emu_call(fp, args); });
 }
@@ -28,14 +34,27 @@ extern "C" void* emu_malloc(size_t n) { return malloc(n); }
 extern "C" void emu_free(void* p) { free(p); }
 '''
 
+def _layout_asserts():
+    """static_asserts that the host compiler lays AttnParams out as flashcupy._params.ATTN_PARAMS does."""
+    dt = _params.ATTN_PARAMS
+    lines = [f'static_assert(sizeof(AttnParams) == {dt.itemsize}, "sizeof(AttnParams)");']
+    lines += [f'static_assert(__builtin_offsetof(AttnParams, {f}) == {o}, "AttnParams.{f}");'
+              for f, o in _params.field_offsets(dt).items()]
+    return "\n".join(lines) + "\n"
+
+
 def source(filename):
     root = _build.cuda_dir()
+    seen = set()
     def expand(name):
         if name == "flash_common.cuh":
             return "// flash_common.cuh: provided by the emulator\n"
+        if name in seen:  # #pragma once
+            return ""
+        seen.add(name)
         text = (root / name).read_text()
         return re.sub(r'^\s*#\s*include\s+"([^"]+)"\s*$', lambda m: expand(m.group(1)), text, flags=re.M)
-    src = expand(filename)
+    src = expand(filename) + _layout_asserts()
     src = src.replace("extern __shared__ __align__(16) unsigned char smem_raw[];", "unsigned char* smem_raw = emu_smem;")
     src = re.sub(r"(?<![A-Za-z_>])::exp\(", "std::exp(", src)
     src = re.sub(r"(?<![A-Za-z_>])::log\(", "std::log(", src)
@@ -77,35 +96,63 @@ def _owner(x):
     assert b.flags.c_contiguous
     return b
 
+# Arrays whose host address went into a params record (flashcupy._params.data_ptr, patched by
+# install()), by the address of their owning buffer. Weak: a dead array's address may be reused.
+_arrays = {}
+
+
+def _data_ptr(x):
+    if x is None:
+        return 0
+    b = _owner(x)
+    _arrays[b.ctypes.data] = weakref.ref(b)
+    return int(x.ctypes.data)
+
+
+def _pointer_fields(dtype, prefix=()):
+    """Paths of the pointer fields (_params' "<u8") of a structured dtype."""
+    for name in dtype.names:
+        sub = dtype.fields[name][0]
+        if sub.names:
+            yield from _pointer_fields(sub, prefix + (name,))
+        elif sub == np.dtype(_params._PTR):
+            yield prefix + (name,)
+
+
+def _find_owner(addr):
+    for base, ref in _arrays.items():
+        b = ref()
+        if b is not None and base <= addr < base + max(b.nbytes, 1):
+            return b
+    raise AssertionError(f"params record points at {addr:#x}, which is no array data_ptr() saw")
+
+
 launches = []
 
-def launch(filename, name, smem_bytes, grid, block, args):
+def launch(filename, name, smem_bytes, grid, block, params):
+    """params: the kernel's one AttnParams record (np.void, flashcupy._params.attn_params)."""
     L = lib(filename, name)
-    keep, ptrs, copies = [], [], []
-    for a in args:
-        if isinstance(a, np.ndarray):
-            b = _owner(a)
-            off = a.ctypes.data - b.ctypes.data
+    rec = np.frombuffer(bytearray(params.tobytes()), dtype=_params.ATTN_PARAMS)
+    copies = {}  # id(owner) -> (owner, malloc'ed copy)
+    for path in _pointer_fields(_params.ATTN_PARAMS):
+        field = rec  # a view of one field of the (1,) record array
+        for key in path:
+            field = field[key]
+        addr = int(field[0])
+        if addr == 0:
+            continue
+        b = _find_owner(addr)
+        if id(b) not in copies:
             buf = L.emu_malloc(max(b.nbytes, 1))
             ctypes.memmove(buf, b.ctypes.data, b.nbytes)
-            copies.append((b, buf))
-            p = ctypes.c_void_p(buf + off)
-        elif isinstance(a, np.int64):
-            p = ctypes.c_int64(int(a))
-        elif isinstance(a, np.int32):
-            p = ctypes.c_int32(int(a))
-        elif isinstance(a, np.float32):
-            p = ctypes.c_float(float(a))
-        elif isinstance(a, np.float64):
-            p = ctypes.c_double(float(a))
-        else:
-            raise TypeError(type(a))
-        keep.append(p)
-        ptrs.append(ctypes.cast(ctypes.pointer(p), ctypes.c_void_p))
-    arr = (ctypes.c_void_p * len(ptrs))(*[q.value for q in ptrs])
+            copies[id(b)] = (b, buf)
+        field[0] = copies[id(b)][1] + (addr - b.ctypes.data)
+    raw = (ctypes.c_uint64 * (rec.nbytes // 8))()  # 8-byte aligned, as the struct needs
+    ctypes.memmove(raw, rec.ctypes.data, rec.nbytes)
+    arr = (ctypes.c_void_p * 1)(ctypes.cast(raw, ctypes.c_void_p).value)
     L.emu_reset_errors()
     L.emu_run(grid[0], grid[1], grid[2], block[0], smem_bytes, arr)
-    for b, buf in copies:
+    for b, buf in copies.values():
         ctypes.memmove(b.ctypes.data, buf, b.nbytes)
         L.emu_free(buf)
     launches.append((name, grid, block, smem_bytes))
@@ -117,6 +164,7 @@ def install(arch=None):
     configs as on that GPU; the emulator runs every DMMA shape as m8n8k4 (same fragments)."""
     from flashcupy import _gpu_simt
     arch = int(arch or os.environ.get("EMU_ARCH", "90"))
+    _params.data_ptr = _data_ptr
     _gpu_simt._xp = lambda: np
     _gpu_simt._launch = launch
     _gpu_simt._arch = lambda: arch

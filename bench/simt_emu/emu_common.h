@@ -21,6 +21,7 @@ using std::min; using std::max;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
+#define __grid_constant__  // the one AttnParams argument, by value (emu.py fills a host copy)
 #define FC_SIMT_SMEM_HOOKS 1
 #define FC_DMMA_HOOKS 1
 
@@ -46,8 +47,9 @@ inline double __longlong_as_double(long long i) { double f; std::memcpy(&f, &i, 
 #define FC_INF __int_as_float(0x7f800000)
 #define __syncthreads() emu_syncthreads()
 
-inline int cdiv(int a, int b) { return (a + b - 1) / b; }
 inline float fast_exp2(float x) { return std::exp2f(x); }
+template <typename V> inline V __ldg(const V* p) { return *p; }
+inline int __clz(int x) { return x ? __builtin_clz((unsigned)x) : 32; }
 
 inline size_t emu_off(const void* p) {
     auto o = (const unsigned char*)p - emu_smem;
