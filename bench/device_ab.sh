@@ -20,7 +20,7 @@ make-base)
 tests)
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader | tee "$OUT/device.txt"
   export PYTHONPATH=$ROOT CUPY_CACHE_DIR=/tmp/cupy-cache-new
-  python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 -x "$@" 2>&1 | tee "$OUT/pytest.log" | tail -15
+  python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 "$@" 2>&1 | tee "$OUT/pytest.log" | tail -15
   FLASHCUPY_SMEM_LIMIT_KB=99 python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 "$@" 2>&1 \
     | tee "$OUT/pytest-99kb.log" | tail -15
   echo "== full:  $(tail -1 "$OUT/pytest.log")"; echo "== 99 KB: $(tail -1 "$OUT/pytest-99kb.log")" ;;
