@@ -112,7 +112,6 @@ flash_bwd_kernel(const __grid_constant__ AttnParams p) {
     const DropoutParams dropout = p.dropout;  // p read at entry only (see flash_fwd_kernel)
     void* const dk = p.dk.data;
     void* const dv = p.dv.data;
-    const Tensor4 tk = p.k, tv = p.v;
     const Mask mask(p, CAUSAL);
 
     const u16* __restrict__ q_head = p.q.ptr<const u16>(batch, head);
@@ -133,9 +132,9 @@ flash_bwd_kernel(const __grid_constant__ AttnParams p) {
         for (int e = 0; e < 4; ++e) acc_dv[t][e] = 0.f, acc_dk[t][e] = 0.f;
 
     if (m0 >= 0) {
-        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, tk.ptr<const u16>(batch, head_k, n0), tk.row_stride,
+        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_k, p.k.ptr<const u16>(batch, head_k, n0), p.k.row_stride,
                                                      seqlen_k - n0, head_dim);
-        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, tv.ptr<const u16>(batch, head_k, n0), tv.row_stride,
+        load_tile_async<BLOCK_N, HEAD_DIM, NTHREADS>(s_v, p.v.ptr<const u16>(batch, head_k, n0), p.v.row_stride,
                                                      seqlen_k - n0, head_dim);
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_head + m0 * q_row_stride, q_row_stride, seqlen_q - m0, head_dim);
         load_tile_async<BLOCK_M, HEAD_DIM, NTHREADS>(s_do, do_head + m0 * do_row_stride, do_row_stride, seqlen_q - m0, head_dim);

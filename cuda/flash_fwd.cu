@@ -106,6 +106,34 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
                                                      seqlen_k - n0, head_dim);
         cp_async_commit();
 
+        // Dropout keep-mask of this tile, one bit per S element (bit 4 (mt NT + nt) + e), made before the
+        // S GEMM while its accumulators are not live, so Philox's temporaries never coexist with them.
+        // Only in the 8-warp tiles with one m16 tile per warp, where O dominates the live set (ptxas:
+        // hd256 128x64/8 at sm_80 went from 255 registers + 88 B of spill to 240); elsewhere (MT == 2, or
+        // the 4-warp 99 KB tiles) the bits cost more than they save and the mask is made after the softmax.
+        constexpr bool EARLY_KEEP = MT == 1 && Tr::NWARPS == 8;
+        constexpr int KEEP_WORDS = (MT * NT * 4 + 31) / 32;
+        u32 keep_bits[KEEP_WORDS];
+        if constexpr (DROPOUT && EARLY_KEEP) {
+            const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
+#pragma unroll
+            for (int w = 0; w < KEEP_WORDS; ++w) keep_bits[w] = 0u;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int q2 = 0; q2 < NT / 2; ++q2) {
+                    u32 r[4];
+                    dropout_words(r, dropout, bh, m0 + warp_row0 + mt * 16, lane / 4, n0 + q2 * 16, lane % 4);
+#pragma unroll
+                    for (int ch = 0; ch < 2; ++ch)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int bit = (mt * NT + 2 * q2 + ch) * 4 + e;
+                            if (dropout_keep(r, e / 2, ch, e % 2, dropout.keep_threshold)) keep_bits[bit / 32] |= 1u << (bit % 32);
+                        }
+                }
+        }
+
         // S = Q K_j^T: (16 * MT, BLOCK_N) per warp
         float acc_s[MT][NT][4];
 #pragma unroll
@@ -193,7 +221,17 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
 
         // Dropout: zero the dropped entries of P (l keeps the undropped sum: the LSE is the softmax's);
         // the 1 / (1 - p) scale is applied to O once, in the epilogue.
-        if constexpr (DROPOUT) {
+        if constexpr (DROPOUT && EARLY_KEEP) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int bit = (mt * NT + nt) * 4 + e;
+                        if (!((keep_bits[bit / 32] >> (bit % 32)) & 1u)) acc_s[mt][nt][e] = 0.f;
+                    }
+        } else if constexpr (DROPOUT) {
             const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)

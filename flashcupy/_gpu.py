@@ -132,7 +132,7 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     b, sq, sk, h, g = shape.batch, shape.seqlen_q, shape.seqlen_k, shape.nheads, shape.group
 
     delta = cp.empty((b, h, sq), dtype=cp.float32)
-    write_dq = cfg.dq_atomic and not deterministic
+    write_dq = cfg.atomic_dq(deterministic, dropout is not None)
     dq_accum = cp.zeros((b, sq, h, d8), dtype=cp.float32) if write_dq else None
     kv_dtype = q.dtype if g == 1 else cp.float32  # GQA: per-query-head rows, summed below
     dk_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
