@@ -56,7 +56,8 @@ def main():
                         shape = check_qkv(q, k, v)
                         for cfg in _gpu_sm90.SWEEP:
                             if cfg.head_dim == hd:
-                                tag = f"sm90-n{cfg.block_n}-s{cfg.stages}{'-ov' if cfg.overlap else ''}"
+                                tag = (f"sm90-n{cfg.block_n}-s{cfg.stages}{'-ov' if cfg.overlap else ''}"
+                                       f"{'-pp' if cfg.pingpong else ''}")
                                 impls[tag] = lambda cfg=cfg, shape=shape: _gpu.forward(q, k, v, shape, causal=causal, config=cfg)
                     for name, backend in (("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa-flash", SDPBackend.FLASH_ATTENTION)):
                         def run_t(backend=backend):

@@ -45,6 +45,8 @@ bench)
     done
   }
   whats=${WHATS:-quick simt drop}
-  run base1 "$ROOT/bench/ab/base" $whats; run new "$ROOT" $whats; run base2 "$ROOT/bench/ab/base" $whats
-  python3 bench/ab_table.py "$OUT" ;;
+  for tag in ${TAGS:-base1 new base2}; do  # TAGS picks the runs (e.g. "base1 new" for a part that is slow)
+    case $tag in base*) run "$tag" "$ROOT/bench/ab/base" $whats ;; *) run "$tag" "$ROOT" $whats ;; esac
+  done
+  [ "${TABLE:-1}" = 1 ] && python3 bench/ab_table.py "$OUT" ;;
 esac
