@@ -191,13 +191,12 @@ class BwdConfig:
     dq_atomic: bool  # default path: dQ by float32 atomics in the main kernel (else the dQ kernel)
 
     def atomic_dq(self, deterministic: bool, dropout: bool) -> bool:
-        """Whether the main kernel adds dQ by float32 atomics (else the separate dQ kernel runs).
-        deterministic=True never does. With dropout, the head_dim-128 64-query-step kernels with atomics
-        sit at 255 registers and spill (ptxas: 24-64 B at sm_80, 8 B at sm_90a) while their dQ-kernel
-        variants do not, so dropout there takes the dQ kernel (bench/NOTES.md, AttnParams record)."""
-        if deterministic or not self.dq_atomic:
-            return False
-        return not (dropout and self.head_dim == 128 and self.block_m == 64)
+        """Whether the main kernel adds dQ by float32 atomics (else the separate dQ kernel runs):
+        the config's default path unless deterministic=True. (Taking the dQ kernel for dropout at
+        head_dim 128, where the atomic kernels spill, measured 0.92-0.95x on the H200:
+        bench/results/h200-issue13-ab; dropout keeps the atomics.)"""
+        del dropout
+        return self.dq_atomic and not deterministic
 
     @property
     def nthreads(self) -> int:

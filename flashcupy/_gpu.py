@@ -50,13 +50,6 @@ def kernel_ready(x, head_dim_padded: int):
     return out
 
 
-def _strides(x):
-    """(batch, row, head) strides in elements, as int64 (the float families' launch code until it
-    moves to AttnParams)."""
-    it = x.dtype.itemsize
-    return [np.int64(s // it) for s in x.strides[:3]]
-
-
 def _check_grid(shape):
     if shape.nheads > MAX_GRID_YZ or shape.batch > MAX_GRID_YZ:
         raise ValueError(f"q: expected batch and nheads <= {MAX_GRID_YZ} for the GPU kernels, "
