@@ -5,7 +5,7 @@ register named, so they are spelled out here once instead of by hand).
     python3 tools/gen_wgmma.py > cuda/flash_wgmma.cuh
 """
 
-NS = (64, 128, 176, 192, 256)
+NS = (64, 80, 128, 176, 192, 256)
 TYPES = (("Fp16", "f16"), ("Bf16", "bf16"))
 
 
