@@ -3,13 +3,14 @@
 # shared-memory cap, and an A/B benchmark of this tree against a base tree in the same run.
 #   bash bench/device_ab.sh tests        # GPU suite, then the suite with FLASHCUPY_SMEM_LIMIT_KB=99
 #   bash bench/device_ab.sh bench        # flashcupy bench --quick and bench_simt, base then new then base
+#   bash bench/device_ab.sh sanitize     # compute-sanitizer memcheck / racecheck / synccheck, Hopper forward
 # The base tree is bench/ab/base (flashcupy/, cuda/, bench/ of the commit before the change, made by
 # `bash bench/device_ab.sh make-base <commit>` here; untracked, carried to the device with the tree).
 # Logs and JSON go to $OUT (the device tool brings them back) or ./runs/ab. The short table prints last.
 set -o pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-OUT=${OUT:-runs/ab}; mkdir -p "$OUT"
+OUT=${OUT:-runs/ab}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1
 stage=${1:-tests}; shift || true
 case $stage in
@@ -24,6 +25,13 @@ tests)
   FLASHCUPY_SMEM_LIMIT_KB=99 python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 "$@" 2>&1 \
     | tee "$OUT/pytest-99kb.log" | tail -15
   echo "== full:  $(tail -1 "$OUT/pytest.log")"; echo "== 99 KB: $(tail -1 "$OUT/pytest-99kb.log")" ;;
+sanitize)  # compute-sanitizer on one small call of every Hopper-forward specialization
+  export PYTHONPATH=$ROOT CUPY_CACHE_DIR=/tmp/cupy-cache-new
+  python3 bench/sanitize_sm90.py > /dev/null  # compile outside the sanitizer
+  for tool in memcheck racecheck synccheck; do
+    compute-sanitizer --tool $tool python3 bench/sanitize_sm90.py > "$OUT/sanitize-$tool.log" 2>&1
+    echo "== $tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize-$tool.log" | tail -1)"
+  done ;;
 bench)
   # The new tree runs with FLASHCUPY_SM90=0: this compares the same kernels (mma.sync, SIMT, DMMA/TF32)
   # before and after; bench/bench_sm90.py measures the Hopper family against cuDNN.
@@ -32,14 +40,14 @@ bench)
     for what in "$@"; do
       case $what in
       quick) (cd "$tree" && FLASHCUPY_SM90=0 PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 -m flashcupy bench \
-          --quick --providers flashcupy --no-accuracy --no-plots --plain --json "$ROOT/$OUT/quick-$tag.json" \
-          > "$ROOT/$OUT/quick-$tag.log" 2>&1) ;;
+          --quick --providers flashcupy --no-accuracy --no-plots --plain --json "$OUT/quick-$tag.json" \
+          > "$OUT/quick-$tag.log" 2>&1) ;;
       simt) (cd "$tree" && PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 bench/bench_simt.py \
-          --dtypes float32 float64 --head-dims 64 128 --seqlens 1024 4096 --tf32 --json "$ROOT/$OUT/simt-$tag.json" \
-          > "$ROOT/$OUT/simt-$tag.log" 2>&1) ;;
+          --dtypes float32 float64 --head-dims 64 128 --seqlens 1024 4096 --tf32 --json "$OUT/simt-$tag.json" \
+          > "$OUT/simt-$tag.log" 2>&1) ;;
       drop) (cd "$tree" && FLASHCUPY_SM90=0 PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 bench/bench_kernels.py \
           --modes fwd+bwd --dtypes bf16 --head-dims 64 128 --seqlens 4096 16384 --providers flashcupy --dropout 0.1 \
-          --json "$ROOT/$OUT/drop-$tag.json" > "$ROOT/$OUT/drop-$tag.log" 2>&1) ;;
+          --json "$OUT/drop-$tag.json" > "$OUT/drop-$tag.log" 2>&1) ;;
       esac
       echo "$tag $what done ($SECONDS s)"
     done
