@@ -232,6 +232,9 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
                         if (!((keep_bits[bit / 32] >> (bit % 32)) & 1u)) acc_s[mt][nt][e] = 0.f;
                     }
         } else if constexpr (DROPOUT) {
+            // The same Philox walk as the bits above, zeroing P in place: one shared helper that writes
+            // bits in both cases was tried and costs the MT == 2 tiles 8-32 B of spill (ptxas), so the
+            // two stay spelled out.
             const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)

@@ -3,10 +3,7 @@ oracle under DESIGN.md's rule; and the launcher's choice of it. Skipped on other
 
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
-
-from helpers import assert_forward_rule, bhsd_view, random_inputs, to_gpu
+from helpers import assert_forward_rule, random_inputs, to_gpu
 
 import flashcupy
 from flashcupy._arrays import bfloat16
@@ -54,31 +51,8 @@ def test_every_specialization(rng, dtype, config, causal):
     assert_forward_rule(out, lse, q, k, v, causal=causal)
 
 
-@given(
-    batch=st.integers(1, 2),
-    seqlen_q=st.sampled_from([1, 64, 127, 128, 129, 1000]) | st.integers(1, 400),
-    seqlen_k=st.sampled_from([1, 64, 127, 128, 129, 1000]) | st.integers(1, 400),
-    heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]),
-    head_dim=st.sampled_from([8, 32, 40, 64, 72, 96, 128]),
-    causal=st.booleans(),
-    bhsd=st.booleans(),
-    dtype=st.sampled_from(HALF_DTYPES),
-    seed=st.integers(0, 2**32 - 1),
-)
-@settings(max_examples=30, deadline=None)
-@example(batch=1, seqlen_q=1000, seqlen_k=129, heads=(2, 1), head_dim=128, causal=True, bhsd=False,
-         dtype=HALF_DTYPES[-1], seed=1)
-@example(batch=2, seqlen_q=1, seqlen_k=1000, heads=(4, 2), head_dim=40, causal=True, bhsd=True,
-         dtype=HALF_DTYPES[0], seed=2)
-def test_forward_matches_oracle(batch, seqlen_q, seqlen_k, heads, head_dim, causal, bhsd, dtype, seed):
-    rng = np.random.default_rng(seed)
-    nheads, nheads_k = heads
-    q, k, v = random_inputs(rng, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype)
-    qg, kg, vg = to_gpu(q, k, v)
-    if bhsd:
-        qg, kg, vg = (bhsd_view(x) for x in (qg, kg, vg))
-    out, lse = _forward_sm90(qg, kg, vg, causal=causal)
-    assert_forward_rule(out, lse, q, k, v, causal=causal)
+# The hypothesis suite of tests/test_gpu_forward.py (shapes, GQA, BHSD views, NaN padding, empty rows)
+# runs on this path on an H100/H200 through the public API (dispatch picks it; the test below checks).
 
 
 def test_public_forward_takes_the_sm90_path(rng, monkeypatch):
