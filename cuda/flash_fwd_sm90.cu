@@ -10,6 +10,8 @@
 //      (flashcupy/_gpu_sm90.py sends those to the mma.sync family).
 //   v1 OVERLAP: intra-warpgroup overlap (FA3 Sec. 3.2): S_j = Q K_j^T is issued with O += P_{j-1} V_{j-1}
 //      and the softmax of S_j runs while the latter is in flight; STAGES 2 or 3.
+//   v3 DROPOUT (flash_fwd_kernel's keep bits) and block masks (TileWalk over whole tiles); not yet
+//      dispatched (flashcupy/_gpu_sm90.plan_config) until run on a GPU.
 //   v2 PINGPONG (with OVERLAP): the two consumer warpgroups take turns issuing their GEMMs (named
 //      barriers 1 and 2, FA3 Sec. 3.1), so one's softmax runs under the other's GEMMs.
 #include "flash_params.cuh"
@@ -41,7 +43,7 @@ struct Sm90FwdTraits {
     static_assert(HEAD_DIM % 64 == 0 && BLOCK_N % 16 == 0 && BLOCK_N <= 256, "tiles");
 };
 
-template <typename Tr, bool CAUSAL>
+template <typename Tr, bool CAUSAL, bool DROPOUT>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90FwdTma t) {
     using Elem = typename Tr::Elem;
@@ -66,7 +68,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     const Tensor4 out = p.out;
     float* const lse = static_cast<float*>(p.lse);
     const Mask mask(p, CAUSAL);
-    const SparseList kv_list = p.mask.kv_list;  // dense here (the launcher sends block masks elsewhere)
+    const SparseList kv_list = p.mask.kv_list;  // block mask: blocks are whole BLOCK_M x BLOCK_N tiles
+    const DropoutParams dropout = p.dropout;
+    const int nheads = p.nheads;
     const int warpgroup = threadIdx.x / 128;
 
     if (threadIdx.x == 0) {
@@ -165,6 +169,22 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                 }
             row_sum[r] = row_sum[r] * alpha[r] + sum;
         }
+        // Dropout: zero the dropped entries of P (l keeps the undropped sum: the LSE is the softmax's;
+        // O gets 1 / (1 - p) once, in the epilogue). The accumulator layout per warp is mma.sync's m16n8
+        // one, so the keep bits are flash_fwd_kernel's: one Philox call per 16 x 16 block.
+        if constexpr (DROPOUT) {
+            const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
+#pragma unroll
+            for (int q2 = 0; q2 < BLOCK_N / 16; ++q2) {
+                u32 r[4];
+                dropout_words(r, dropout, bh, wg_row0 + warp * 16, lane / 4, n0 + q2 * 16, lane % 4);
+#pragma unroll
+                for (int ch = 0; ch < 2; ++ch)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (!dropout_keep(r, e / 2, ch, e % 2, dropout.keep_threshold)) acc[4 * (2 * q2 + ch) + e] = 0.f;
+            }
+        }
     };
     auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
@@ -259,7 +279,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     for (int r = 0; r < 2; ++r) {
         const int row = row_lo + 8 * r;
         const float l = quad_sum(row_sum[r]);
-        const float inv_l = l > 0.f ? 1.f / l : 0.f;
+        const float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
         if (row < seqlen_q) {
             u16* o_row = out.ptr<u16>(batch, head, row);
 #pragma unroll

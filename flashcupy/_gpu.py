@@ -76,7 +76,8 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
 
     if isinstance(config, _gpu_sm90.Sm90FwdConfig) or (config is None and _gpu_sm90.supports(
             shape, q.dtype, cc=_device_arch().cc, dropout=dropout, block_mask=block_mask)):
-        out, lse = _gpu_sm90.forward(q, k, v, shape, causal=causal, scale=scale, config=config)
+        out, lse = _gpu_sm90.forward(q, k, v, shape, causal=causal, scale=scale, config=config, dropout=dropout,
+                                     block_mask=block_mask)
         if d8 != shape.head_dim:
             out = cp.ascontiguousarray(out[..., : shape.head_dim])
         return out, lse

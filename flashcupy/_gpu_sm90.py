@@ -59,8 +59,15 @@ class Sm90FwdConfig:
         b = lambda x: "true" if x else "false"  # noqa: E731
         return f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}, {b(self.overlap)}, {b(self.pingpong)}>"
 
-    def kernel_name(self, elem: str, causal: bool) -> str:
-        return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}>"
+    def kernel_name(self, elem: str, causal: bool, dropout: bool = False) -> str:
+        b = lambda x: "true" if x else "false"  # noqa: E731
+        return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {b(causal)}, {b(dropout)}>"
+
+    def takes_block_mask(self, block_q: int, block_k: int) -> bool:
+        """A block mask's blocks must be whole tiles: block_q a multiple of BLOCK_M, block_k a power-of-two
+        multiple of BLOCK_N (TileWalk)."""
+        tiles = block_k // self.block_n
+        return block_q % self.block_m == 0 and block_k % self.block_n == 0 and tiles & (tiles - 1) == 0
 
 
 def config_for(head_dim: int, causal: bool = False) -> Sm90FwdConfig:
@@ -81,9 +88,15 @@ SWEEP = tuple(Sm90FwdConfig(hd, 128, stages, overlap, pingpong) for hd in (64, 1
 # run on a GPU, so plan_config does not choose it (head_dim > 128 stays on mma.sync until it is measured)
 
 
-def all_specializations():
-    """(elem, causal, config) of every kernel this path can launch or sweep (CI compiles each)."""
-    return [(elem, causal, cfg) for elem in ("Fp16", "Bf16") for causal in (False, True) for cfg in SWEEP]
+def all_specializations(dropout: bool = False):
+    """(elem, causal, config) of every kernel this path can launch or sweep (CI compiles each; with
+    dropout=True, (elem, causal, dropout, config) including the dropout kernels of the chosen configs)."""
+    if not dropout:
+        return [(elem, causal, cfg) for elem in ("Fp16", "Bf16") for causal in (False, True) for cfg in SWEEP]
+    chosen = {config_for(hd, c) for hd in (64, 128) for c in (False, True)}
+    return ([(elem, causal, False, cfg) for elem, causal, cfg in all_specializations()]
+            + [(elem, causal, True, cfg) for elem in ("Fp16", "Bf16") for causal in (False, True) for cfg in sorted(
+                chosen, key=str)])
 
 
 def enabled() -> bool:
@@ -130,21 +143,27 @@ def _tma_desc(x, rows_box: int) -> bytes:
     return ctypes.string_at(tmap.getPtr(), 128)
 
 
-def forward(q, k, v, shape, *, causal: bool, scale: float, config=None):
+def forward(q, k, v, shape, *, causal: bool, scale: float, config=None, dropout=None, block_mask=None):
     """Hopper forward. q, k, v: kernel-ready CuPy arrays (16-byte aligned, head_dim padded to a multiple
     of 8: flashcupy._gpu.kernel_ready); scale: the softmax scale the kernel applies (flashcupy._gpu.forward
-    passes 1 with a zeroed q for a caller's 0). Returns (out like q, lse (batch, nheads, seqlen_q) float32)."""
+    passes 1 with a zeroed q for a caller's 0). dropout: None or (dropout_p, (seed, offset)), the keep bits
+    of flashcupy.dropout; block_mask: a BlockMask whose blocks are whole tiles (Sm90FwdConfig.takes_block_mask,
+    else ValueError). Returns (out like q, lse (batch, nheads, seqlen_q) float32)."""
     import cupy as cp
 
     d8 = q.shape[3]
     cfg = config or config_for(d8, causal)
     elem = elem_name(q.dtype)
-    name = cfg.kernel_name(elem, causal)
+    if block_mask is not None and not cfg.takes_block_mask(block_mask.block_q, block_mask.block_k):
+        raise ValueError(f"block_mask: blocks {block_mask.block_q}x{block_mask.block_k} are not whole "
+                         f"{cfg.block_m}x{cfg.block_n} tiles of the Hopper forward")
+    name = cfg.kernel_name(elem, causal, dropout is not None)
     debug(f"sm90 fwd {shape} -> {cfg}")
     kernel = get_kernel(SOURCE, name, cfg.smem_bytes)
     out = cp.empty(q.shape, dtype=q.dtype)
     lse = cp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=cp.float32)
-    p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, q=q, k=k, v=v, out=out, lse=lse)
+    p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, dropout=dropout, block_mask=block_mask,
+                    q=q, k=k, v=v, out=out, lse=lse)
     tma = np.frombuffer(_tma_desc(q, cfg.block_m) + _tma_desc(k, cfg.block_n) + _tma_desc(v, cfg.block_n),
                         dtype=np.uint8)
     tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]

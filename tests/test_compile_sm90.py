@@ -12,7 +12,8 @@ H100_SMEM_OPTIN = 232448  # bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin on sm
 
 
 def _names():
-    return sorted({cfg.kernel_name(elem, causal) for elem, causal, cfg in _gpu_sm90.all_specializations()})
+    return sorted({cfg.kernel_name(elem, causal, dropout)
+                   for elem, causal, dropout, cfg in _gpu_sm90.all_specializations(dropout=True)})
 
 
 @pytest.fixture(scope="module")
