@@ -98,18 +98,24 @@ def get_kernel(filename: str, name_expression: str, smem_bytes: int):
 
 
 def nvrtc_compile(filename: str, name_expressions, arch: str):
-    """Compile with bare NVRTC (cuda-bindings; no GPU, no CuPy). Returns (ok, log, lowered names).
-
-    arch is e.g. "sm_80" or "sm_90a"; the log holds the ptxas report (registers, spills).
+    """Compile cuda/<filename> with bare NVRTC (cuda-bindings; no GPU, no CuPy). Returns (ok, log,
+    lowered names). arch is e.g. "sm_80" or "sm_90a"; the log holds the ptxas report (registers, spills).
     """
+    return nvrtc_compile_source(load_source(filename), name_expressions, arch, filename)
+
+
+def nvrtc_compile_source(src: str, name_expressions, arch: str, filename: str = "check.cu"):
+    """nvrtc_compile of a source text (the CI checks that append static_asserts to a kernel source).
+    A "compute_XX" arch stops at PTX (no ptxas report)."""
     from cuda.bindings import nvrtc
 
-    src = load_source(filename).encode()
-    err, prog = nvrtc.nvrtcCreateProgram(src, filename.encode(), 0, [], [])
+    err, prog = nvrtc.nvrtcCreateProgram(src.encode(), filename.encode(), 0, [], [])
     try:
         for name in name_expressions:
             nvrtc.nvrtcAddNameExpression(prog, name.encode())
-        opts = [o.encode() for o in BASE_OPTIONS] + [f"-arch={arch}".encode(), b"--ptxas-options=-v"]
+        opts = [o.encode() for o in BASE_OPTIONS] + [f"-arch={arch}".encode()]
+        if arch.startswith("sm_"):
+            opts.append(b"--ptxas-options=-v")
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
         log = b" " * size

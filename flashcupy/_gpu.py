@@ -74,13 +74,22 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
     q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
     from . import _gpu_sm90
 
-    if isinstance(config, _gpu_sm90.Sm90FwdConfig) or (config is None and _gpu_sm90.supports(
-            shape, q.dtype, cc=_device_arch().cc, dropout=dropout, block_mask=block_mask)):
+    if config is None:  # direct callers (flashcupy.interface passes its plan's config): the same choice
+        config = _gpu_sm90.plan_config(shape.head_dim, _device_arch(), causal=causal, dropout=dropout is not None,
+                                       sparse_blocks=_sparse_blocks(block_mask))
+    if isinstance(config, _gpu_sm90.Sm90FwdConfig):
         out, lse = _gpu_sm90.forward(q, k, v, shape, causal=causal, scale=scale, config=config, dropout=dropout,
                                      block_mask=block_mask)
-        if d8 != shape.head_dim:
-            out = cp.ascontiguousarray(out[..., : shape.head_dim])
-        return out, lse
+    else:
+        out, lse = _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config)
+    if d8 != shape.head_dim:
+        out = cp.ascontiguousarray(out[..., : shape.head_dim])
+    return out, lse
+
+
+def _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config):
+    """The mma.sync forward on kernel-ready q, k, v (flashcupy._gpu.forward prepares them)."""
+    cp = _cp()
     cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     if cfg is None:  # flashcupy.interface plans first and never gets here; direct callers may
         raise RuntimeError(f"no fused fp16/bf16 forward fits {_device_arch()} for head_dim={shape.head_dim}")
@@ -93,8 +102,6 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
     p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, dropout=dropout, block_mask=block_mask,
                     q=q, k=k, v=v, out=out, lse=lse)
     kernel(grid, (cfg.nthreads, 1, 1), (p,), shared_mem=cfg.smem_bytes)
-    if d8 != shape.head_dim:
-        out = cp.ascontiguousarray(out[..., : shape.head_dim])
     return out, lse
 
 

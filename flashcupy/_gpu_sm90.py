@@ -1,9 +1,9 @@
 """Launch code of the Hopper (sm_90a) forward, cuda/flash_fwd_sm90.cu: TMA tensor maps, the
 AttnParams record, grid, launch.
 
-`supports(...)` says whether a call can take this path (compute capability 9.0, fp16/bf16, head_dim
-<= 128, no dropout, no block mask; FLASHCUPY_SM90=0 turns it off); flashcupy._gpu.forward asks it
-first. Tensor maps are encoded per call with cuda-bindings' cuTensorMapEncodeTiled (about 2.4 us
+`plan_config(...)` says whether a fp16/bf16 forward takes this path (compute capability 9.0,
+head_dim <= 128, no dropout, no block mask, within the shared-memory budget; FLASHCUPY_SM90=0 turns it
+off): flashcupy._dispatch plans with it and flashcupy._gpu.forward asks it when given no config. Tensor maps are encoded per call with cuda-bindings' cuTensorMapEncodeTiled (about 2.4 us
 each, research/hopper.md 1.6) over (head_dim, nheads, seqlen, batch) views of q, k, v with a
 128-byte swizzle; boxes past a tensor's end are zero-filled by the TMA unit, so ragged seqlens and
 head dims below the tile's need no copy.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._build import debug, get_kernel
-from ._configs import elem_name
+from ._configs import _cbool, elem_name
 from ._params import attn_params
 
 SOURCE = "flash_fwd_sm90.cu"
@@ -56,12 +56,11 @@ class Sm90FwdConfig:
         return self.smem_bytes
 
     def traits(self, elem: str) -> str:
-        b = lambda x: "true" if x else "false"  # noqa: E731
-        return f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}, {b(self.overlap)}, {b(self.pingpong)}>"
+        return (f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}, {_cbool(self.overlap)}, "
+                f"{_cbool(self.pingpong)}>")
 
     def kernel_name(self, elem: str, causal: bool, dropout: bool = False) -> str:
-        b = lambda x: "true" if x else "false"  # noqa: E731
-        return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {b(causal)}, {b(dropout)}>"
+        return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {_cbool(causal)}, {_cbool(dropout)}>"
 
     def takes_block_mask(self, block_q: int, block_k: int) -> bool:
         """A block mask's blocks must be whole tiles: block_q a multiple of BLOCK_M, block_k a power-of-two
@@ -101,12 +100,6 @@ def all_specializations(dropout: bool = False):
 
 def enabled() -> bool:
     return os.environ.get("FLASHCUPY_SM90", "1") not in ("0", "")
-
-
-def supports(shape, dtype, *, cc: int, dropout, block_mask) -> bool:
-    """Whether the sm_90a forward runs this call (else the mma.sync family does)."""
-    return (enabled() and cc == 90 and dropout is None and block_mask is None and shape.head_dim <= 128
-            and np.dtype(dtype).itemsize == 2)
 
 
 def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, sparse_blocks=None):

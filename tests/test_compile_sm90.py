@@ -36,16 +36,8 @@ def test_smem_bytes_match_the_traits():
     checks = [f'static_assert({cfg.traits(elem)}::SMEM_BYTES == {cfg.smem_bytes}, "{cfg.traits(elem)}");'
               for elem, _, cfg in _gpu_sm90.all_specializations()]
     src = _build.load_source(_gpu_sm90.SOURCE) + "\n" + "\n".join(checks) + "\n"
-    err, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"smem_check.cu", 0, [], [])
-    try:
-        opts = [o.encode() for o in _build.BASE_OPTIONS] + [b"-arch=sm_90a"]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    ok, log, _ = _build.nvrtc_compile_source(src, [], "compute_90a", "smem_check.cu")
+    assert ok, log
     for _, _, cfg in _gpu_sm90.all_specializations():
         assert cfg.smem_bytes <= H100_SMEM_OPTIN
 

@@ -12,16 +12,7 @@ nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC)
 
 
 def _compile(src: str, arch: str = "sm_80"):
-    err, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"params_check.cu", 0, [], [])
-    try:
-        opts = [o.encode() for o in _build.BASE_OPTIONS] + [f"-arch={arch}".encode()]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        return err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    return _build.nvrtc_compile_source(src, [], arch, "params_check.cu")[:2]
 
 
 def _asserts(struct: str, dtype: np.dtype) -> str:

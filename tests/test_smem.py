@@ -80,16 +80,7 @@ def _assert_program(source: str, checks):
 
 def nvrtc_check(code: str, name: str, arch: str = "compute_80"):
     """(ok, log) of compiling code to PTX with NVRTC and the library's options."""
-    err, prog = nvrtc.nvrtcCreateProgram(code.encode(), name.encode(), 0, [], [])
-    try:
-        opts = [o.encode() for o in _build.BASE_OPTIONS] + [f"-arch={arch}".encode()]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        return err == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace").rstrip("\x00 ")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    return _build.nvrtc_compile_source(code, [], arch, name)[:2]
 
 
 def checks_by_source(configs):
