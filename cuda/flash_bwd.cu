@@ -474,17 +474,7 @@ flash_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
                 }
             }
         }
-        if constexpr (ScoreMod::ACTIVE) {
-            const ScoreMod mod(p, batch, head);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        acc_s[mt][nt][e] = mod.apply(acc_s[mt][nt][e], m0 + warp_row0 + mt * 16 + lane / 4 + (e / 2) * 8,
-                                                     n0 + nt * 8 + (lane % 4) * 2 + (e % 2));
-        }
+        if constexpr (ScoreMod::ACTIVE) apply_score_mod_m16n8(acc_s, ScoreMod(p, batch, head), m0 + warp_row0, n0, lane);
         const bool need_mask = mask.partial(m0, BLOCK_M, n0, BLOCK_N);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -501,19 +491,10 @@ flash_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
         // dS = P o (dP o Z - D), Z = keep / (1 - p) with dropout (the forward's mask, same layout).
         if constexpr (DROPOUT) {
             const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int q2 = 0; q2 < NT / 2; ++q2) {
-                    u32 r[4];
-                    dropout_words(r, dropout, bh, m0 + warp_row0 + mt * 16, lane / 4, n0 + q2 * 16, lane % 4);
-#pragma unroll
-                    for (int ch = 0; ch < 2; ++ch)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e)
-                            if (!dropout_keep(r, e / 2, ch, e % 2, dropout.keep_threshold)) acc_dp[mt][2 * q2 + ch][e] = 0.f;
-                            else acc_dp[mt][2 * q2 + ch][e] *= dropout.scale;
-                }
+            for_each_dropout_keep_m16n8<MT, NT>(dropout, bh, m0 + warp_row0, n0, lane, [&](int mt, int nt, int e, bool keep) {
+                if (!keep) acc_dp[mt][nt][e] = 0.f;
+                else acc_dp[mt][nt][e] *= dropout.scale;
+            });
         }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)

@@ -158,6 +158,41 @@ __device__ __forceinline__ bool dropout_keep(const u32 (&r)[4], int rh, int ch, 
     return ((r[2 * rh + ch] >> (16 * par)) & 0xFFFFu) < threshold;
 }
 
+// The m16n8 accumulator layout (mma.sync's C fragment, and each warp's part of a wgmma m64 tile):
+// element e of n8 tile nt of m16 tile mt holds row row0 + 16 mt + lane / 4 + 8 (e / 2), key
+// n0 + 8 nt + 2 (lane % 4) + e % 2. Two passes over it that every fp16/bf16 forward-type kernel makes:
+
+// The dropout keep bit of every element, f(mt, nt, e, keep), from one Philox call per 16 x 16 block
+// (flashcupy/dropout.py draws the same bits on the host).
+template <int MT, int NT, typename F>
+__device__ __forceinline__ void for_each_dropout_keep_m16n8(const DropoutParams& dp, u32 bh, int row0, int n0, int lane,
+                                                            F&& f) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int q2 = 0; q2 < NT / 2; ++q2) {
+            u32 r[4];
+            dropout_words(r, dp, bh, row0 + mt * 16, lane / 4, n0 + q2 * 16, lane % 4);
+#pragma unroll
+            for (int ch = 0; ch < 2; ++ch)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) f(mt, 2 * q2 + ch, e, dropout_keep(r, e / 2, ch, e % 2, dp.keep_threshold));
+        }
+}
+
+// The score modifier (flash_mask.cuh's ScoreMod) on raw scores in that layout.
+template <int MT, int NT>
+__device__ __forceinline__ void apply_score_mod_m16n8(float (&acc)[MT][NT][4], const ScoreMod& mod, int row0, int n0,
+                                                      int lane) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                acc[mt][nt][e] = mod.apply(acc[mt][nt][e], row0 + mt * 16 + lane / 4 + (e / 2) * 8, n0 + nt * 8 + (lane % 4) * 2 + (e % 2));
+}
+
 // Quad reductions: the four lanes that hold one accumulator row (lane / 4 equal).
 __device__ __forceinline__ float quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));

@@ -119,7 +119,8 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     // inside seqlen_k is visible to the last query row, so the loop is never empty). The mask is built
     // here, after the K, V loads: built first, the TF32 hd64 kernel spilled 8 B at sm_90a (255 registers).
     const Mask mask(p, p.mask.causal != 0);
-    const int m_begin = mask.query_begin(n0) / BLOCK_M, m_end = cdiv(mask.query_end(n0 + BLOCK_N - 1), BLOCK_M);
+    int m_begin, m_end;
+    mask.query_tiles<BLOCK_M>(n0, BLOCK_N, m_begin, m_end);
     if (m_begin < m_end) {
         const int m0 = m_begin * BLOCK_M;
         load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_head + m0 * q_row_stride, q_row_stride, seqlen_q - m0,
@@ -249,8 +250,8 @@ flash_dmma_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
     const T* v_head = p.v.ptr<const T>(batch, head_k);
 
     // Key tiles n_begin + j BLOCK_N, j < n_blocks, hold every key some row of this tile sees.
-    const int n_begin = mask.key_begin(m0) / BLOCK_N * BLOCK_N;
-    const int n_blocks = max(0, cdiv(mask.key_end(m0 + BLOCK_M - 1) - n_begin, BLOCK_N));
+    int n_begin, n_blocks;
+    mask.key_tiles<BLOCK_N>(m0, BLOCK_M, n_begin, n_blocks);
 
     // LSE and D of the lane's rows (+inf / 0 past seqlen_q).
     T lse_r[R8], dlt_r[R8];

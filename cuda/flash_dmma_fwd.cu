@@ -78,8 +78,8 @@ flash_dmma_fwd_kernel(const __grid_constant__ AttnParams p) {
     T* lse_tile = static_cast<T*>(p.lse) + stats_index(p, batch, head, m0);
 
     // Key tiles n_begin + j BLOCK_N, j < n_blocks, hold every key some row of this tile sees.
-    const int n_begin = mask.key_begin(m0) / BLOCK_N * BLOCK_N;
-    const int n_blocks = max(0, cdiv(mask.key_end(m0 + BLOCK_M - 1) - n_begin, BLOCK_N));
+    int n_begin, n_blocks;
+    mask.key_tiles<BLOCK_N>(m0, BLOCK_M, n_begin, n_blocks);
 
     // Per owned row h (tile row warp_row0 + 8h + g): running max of the raw scores, this lane's part
     // of the running sum, and O's C fragments: acc_o[p][x][h][e] = O[row][8 CE p + CE (2t + e) + x].

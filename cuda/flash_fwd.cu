@@ -160,17 +160,7 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
         }
 
         // The score modifier, then -inf on masked elements; only tiles that need it.
-        if constexpr (ScoreMod::ACTIVE) {
-            const ScoreMod mod(p, batch, head);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        acc_s[mt][nt][e] = mod.apply(acc_s[mt][nt][e], m0 + warp_row0 + mt * 16 + lane / 4 + (e / 2) * 8,
-                                                     n0 + nt * 8 + (lane % 4) * 2 + (e % 2));
-        }
+        if constexpr (ScoreMod::ACTIVE) apply_score_mod_m16n8(acc_s, ScoreMod(p, batch, head), m0 + warp_row0, n0, lane);
         if (mask.partial(m0, BLOCK_M, n0, BLOCK_N)) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
@@ -232,9 +222,10 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
                         if (!((keep_bits[bit / 32] >> (bit % 32)) & 1u)) acc_s[mt][nt][e] = 0.f;
                     }
         } else if constexpr (DROPOUT) {
-            // The same Philox walk as the bits above, zeroing P in place: one shared helper that writes
-            // bits in both cases was tried and costs the MT == 2 tiles 8-32 B of spill (ptxas), so the
-            // two stay spelled out.
+            // The same Philox walk as the bits above, zeroing P in place. Both are
+            // for_each_dropout_keep_m16n8 (flash_common.cuh) spelled out: through the helper LLVM orders
+            // this kernel's instructions differently (-2..+4 registers in the dropout kernels, not yet
+            // measured), and one helper writing bits in both cases spills the MT == 2 tiles (8-32 B).
             const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)

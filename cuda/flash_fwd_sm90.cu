@@ -174,16 +174,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         // one, so the keep bits are flash_fwd_kernel's: one Philox call per 16 x 16 block.
         if constexpr (DROPOUT) {
             const u32 bh = (u32)batch * (u32)nheads + (u32)head;  // mod 2^32, as flashcupy/dropout.py
-#pragma unroll
-            for (int q2 = 0; q2 < BLOCK_N / 16; ++q2) {
-                u32 r[4];
-                dropout_words(r, dropout, bh, wg_row0 + warp * 16, lane / 4, n0 + q2 * 16, lane % 4);
-#pragma unroll
-                for (int ch = 0; ch < 2; ++ch)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (!dropout_keep(r, e / 2, ch, e % 2, dropout.keep_threshold)) acc[4 * (2 * q2 + ch) + e] = 0.f;
-            }
+            for_each_dropout_keep_m16n8<1, BLOCK_N / 8>(dropout, bh, wg_row0 + warp * 16, n0, lane, [&](int, int nt, int e, bool keep) {
+                if (!keep) acc[4 * nt + e] = 0.f;
+            });
         }
     };
     auto rescale_o = [&](const float (&alpha)[2]) {

@@ -50,6 +50,18 @@ struct Mask {
     __device__ __forceinline__ int query_end(int key_last) const {
         return left_band ? max(0, min(seqlen_q, key_last - lo + 1)) : seqlen_q;
     }
+    // The key tiles of TILE keys a query tile of rows [r0, r0 + rows) visits, for the families that
+    // count tiles: keys first + j TILE, j < count (first a multiple of TILE).
+    template <int TILE>
+    __device__ __forceinline__ void key_tiles(int r0, int rows, int& first, int& count) const {
+        first = key_begin(r0) / TILE * TILE;
+        count = max(0, cdiv(key_end(r0 + rows - 1) - first, TILE));
+    }
+    // The query tiles (indices) [begin, end) of TILE rows that see a key of [k0, k0 + keys).
+    template <int TILE>
+    __device__ __forceinline__ void query_tiles(int k0, int keys, int& begin, int& end) const {
+        begin = query_begin(k0) / TILE, end = cdiv(query_end(k0 + keys - 1), TILE);
+    }
     // Does the (rows [r0, r0 + rows), keys [k0, k0 + keys)) tile contain any masked element?
     // KEY_TAIL = false ignores keys past seqlen_k (a backward KV kernel whose zero-filled K, V rows
     // past seqlen_k reach only dK, dV rows that are never stored).

@@ -209,7 +209,8 @@ flash_simt_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     // after the K, V loads, as in flash_dmma_bwd.cu (8 registers fewer at hd192 than built first).
     const Mask mask(p, p.mask.causal != 0);
 
-    const int m_begin = mask.query_begin(n0) / BLOCK_M, m_end = cdiv(mask.query_end(n0 + BLOCK_N - 1), BLOCK_M);
+    int m_begin, m_end;
+    mask.query_tiles<BLOCK_M>(n0, BLOCK_N, m_begin, m_end);
 
     T acc_dk[GN * VEC][GD * VEC], acc_dv[GN * VEC][GD * VEC];  // (keys, columns) of layout B
     zero(acc_dk);
@@ -309,8 +310,8 @@ flash_simt_bwd_q_kernel(const __grid_constant__ AttnParams p) {
     const T* v_head = p.v.ptr<const T>(batch, head_k);
 
     // Key tiles n_begin + j BLOCK_N, j < n_blocks, hold every key some row of this tile sees.
-    const int n_begin = mask.key_begin(m0) / BLOCK_N * BLOCK_N;
-    const int n_blocks = max(0, cdiv(mask.key_end(m0 + BLOCK_M - 1) - n_begin, BLOCK_N));
+    int n_begin, n_blocks;
+    mask.key_tiles<BLOCK_N>(m0, BLOCK_M, n_begin, n_blocks);
 
     if (n_blocks > 0) {  // committed and waited for with the first K, V tiles
         load_tile_simt<T, BLOCK_M, HEAD_DIM, PITCH, NTHREADS>(s.q, p.q.ptr<const T>(batch, head, m0), p.q.row_stride,
