@@ -3,15 +3,19 @@ AttnParams record, grid, launch.
 
 `plan_config(...)` says whether a fp16/bf16 forward takes this path (compute capability 9.0,
 head_dim <= 128, no dropout, no block mask, within the shared-memory budget; FLASHCUPY_SM90=0 turns it
-off): flashcupy._dispatch plans with it and flashcupy._gpu.forward asks it when given no config. Tensor maps are encoded per call with cuda-bindings' cuTensorMapEncodeTiled (about 2.4 us
-each, research/hopper.md 1.6) over (head_dim, nheads, seqlen, batch) views of q, k, v with a
-128-byte swizzle; boxes past a tensor's end are zero-filled by the TMA unit, so ragged seqlens and
+off): flashcupy._dispatch plans with it and flashcupy._gpu.forward asks it when given no config.
+Tensor maps come from cuda-bindings' cuTensorMapEncodeTiled (about 2.4 us each, research/hopper.md
+1.6; three per forward) over (head_dim, nheads, seqlen, batch) views of q, k, v with a 128-byte
+swizzle, cached by (data pointer, dtype, shape, strides, box) in an LRU of 256 (_tma_desc): the 128
+bytes depend on nothing else, so a freed pointer reused by a new array of the same shape gets the
+right descriptor. Boxes past a tensor's end are zero-filled by the TMA unit, so ragged seqlens and
 head dims below the tile's need no copy.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -114,25 +118,33 @@ def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, s
 
 def _tma_desc(x, rows_box: int) -> bytes:
     """128 bytes of a CUtensorMap over x (batch, seqlen, nheads, d) viewed as (d, nheads, seqlen, batch),
-    box (64, 1, rows_box, 1), 128-byte swizzle, zero fill past the edges."""
+    box (64, 1, rows_box, 1), 128-byte swizzle, zero fill past the edges. Cached (_encode_tma)."""
+    return _encode_tma(int(x.data.ptr), x.dtype.name, x.dtype.itemsize, tuple(x.shape), tuple(x.strides),
+                       int(rows_box))
+
+
+@functools.lru_cache(maxsize=256)
+def _encode_tma(ptr: int, dtype_name: str, itemsize: int, shape: tuple, strides: tuple, rows_box: int) -> bytes:
+    """cuTensorMapEncodeTiled of _tma_desc, from hashable arguments only (the LRU key). A failed encode
+    raises and is not cached."""
     from cuda.bindings import driver
 
-    it = x.dtype.itemsize
-    dtype = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if x.dtype.name == "bfloat16"
+    dtype = (driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 if dtype_name == "bfloat16"
              else driver.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_FLOAT16)
-    b, s, h, d = x.shape
+    b, s, h, d = shape
     dims = [d, h, s, b]
-    strides = [x.strides[2], x.strides[1], x.strides[0]]  # bytes, dims 1..3
-    strides = [st if n > 1 else d * it for st, n in zip(strides, (h, s, b))]  # size-1 dims: any legal stride
+    dim_strides = [strides[2], strides[1], strides[0]]  # bytes, dims 1..3
+    # size-1 dims: any legal stride
+    dim_strides = [st if n > 1 else d * itemsize for st, n in zip(dim_strides, (h, s, b))]
     err, tmap = driver.cuTensorMapEncodeTiled(
-        dtype, 4, x.data.ptr, [driver.cuuint64_t(v) for v in dims], [driver.cuuint64_t(v) for v in strides],
+        dtype, 4, ptr, [driver.cuuint64_t(v) for v in dims], [driver.cuuint64_t(v) for v in dim_strides],
         [driver.cuuint32_t(v) for v in (64, 1, rows_box, 1)], [driver.cuuint32_t(1)] * 4,
         driver.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         driver.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         driver.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         driver.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE)
     if err != driver.CUresult.CUDA_SUCCESS:
-        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {x.shape}, strides {x.strides}")
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed ({err}) for shape {shape}, strides {strides}")
     return ctypes.string_at(tmap.getPtr(), 128)
 
 
