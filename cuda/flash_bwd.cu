@@ -47,25 +47,14 @@ struct BwdTraits {
     static_assert(NWARPS % WARPS_M == 0 && DQ_NT * WARPS_N * 8 == D_OUT, "dQ warp grid");
 };
 
-// D = rowsum(dO o O): one warp per row, 8 elements per lane per step. p.delta: (batch, nheads, seqlen_q).
+// D = rowsum(dO o O): one warp per row (rowsum_dout_out). p.delta: (batch, nheads, seqlen_q).
 template <typename Elem>
 __global__ void __launch_bounds__(128)
 flash_bwd_preprocess_kernel(const __grid_constant__ AttnParams p) {
     const int row = blockIdx.x * 4 + threadIdx.x / 32, lane = threadIdx.x % 32;
     const int head = blockIdx.y, batch = blockIdx.z;
     if (row >= p.seqlen_q) return;
-    const u16* a = p.dout.ptr<const u16>(batch, head, row);
-    const u16* b = p.out.ptr<const u16>(batch, head, row);
-    float sum = 0.f;
-    for (int c = lane * 8; c < p.head_dim; c += 256) {
-        const uint4 x = *reinterpret_cast<const uint4*>(a + c), y = *reinterpret_cast<const uint4*>(b + c);
-        const u16* xs = reinterpret_cast<const u16*>(&x);
-        const u16* ys = reinterpret_cast<const u16*>(&y);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) sum = fmaf(Elem::to_float(xs[e]), Elem::to_float(ys[e]), sum);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const float sum = rowsum_dout_out<Elem>(p, batch, head, row, lane);
     if (lane == 0) static_cast<float*>(p.delta)[stats_index(p, batch, head, row)] = sum;
 }
 

@@ -131,6 +131,25 @@ __device__ __forceinline__ void load_tile_async(u16* smem, const u16* gmem, i64 
     }
 }
 
+// D = rowsum(dO o O) of one row (batch, head, row) of the backward's preprocess: the 32 lanes of a
+// warp each read 8 elements per step; every lane returns the sum. head_dim a multiple of 8.
+template <typename Elem>
+__device__ __forceinline__ float rowsum_dout_out(const AttnParams& p, int batch, int head, int row, int lane) {
+    const u16* a = p.dout.ptr<const u16>(batch, head, row);
+    const u16* b = p.out.ptr<const u16>(batch, head, row);
+    float sum = 0.f;
+    for (int c = lane * 8; c < p.head_dim; c += 256) {
+        const uint4 x = *reinterpret_cast<const uint4*>(a + c), y = *reinterpret_cast<const uint4*>(b + c);
+        const u16* xs = reinterpret_cast<const u16*>(&x);
+        const u16* ys = reinterpret_cast<const u16*>(&y);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum = fmaf(Elem::to_float(xs[e]), Elem::to_float(ys[e]), sum);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    return sum;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Dropout: Philox4x32-10 (Salmon et al., SC 2011); the element -> (counter, word, half) map is
 // documented in flashcupy/dropout.py, which computes the same bits on the host.

@@ -75,3 +75,34 @@ __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
     return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lbo >> 4) & 0x3FFF) << 16) | ((u64)((sbo >> 4) & 0x3FFF) << 32) |
            (1ull << 62);
 }
+
+// ---- proxies and 1-D bulk copies (PTX ISA 9.7.9.25.4, 9.7.9.24.7, membar/fence 9.7.12.4) ----
+// Generic-proxy writes to shared memory (st.shared) made visible to the async proxy (wgmma operands,
+// bulk copies that read them); every writing thread fences before the barrier that publishes them.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// bytes (a multiple of 16, both addresses 16-byte aligned) from global memory into shared memory,
+// completing on bar's transaction count.
+__device__ __forceinline__ void bulk_load(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+                 "l"(src), "r"(bytes), "r"(bar)
+                 : "memory");
+}
+// dst[i] += src[i] (float32, bytes / 4 of them) in global memory, from shared memory; a bulk group.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, u32 src, u32 bytes) {
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// At most N bulk groups pending: .read, their shared-memory sources have been read (may be reused);
+// without it, the writes to global memory have completed too.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory"); }
+template <int N>
+__device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory"); }
+
+// Byte offset of element (row, col) of a 16-bit tile stored as TMA's 128-byte swizzle writes it:
+// 64-column panels of `rows` rows, 128 bytes per row, the 16-byte chunk index XORed with row % 8.
+__device__ __forceinline__ u32 swizzle128_offset(int row, int col, int rows) {
+    return (u32)((col / 64) * rows * 128 + row * 128 + ((((col % 64) / 8) ^ (row % 8)) * 16) + (col % 8) * 2);
+}

@@ -3,7 +3,7 @@
     forward_plan(dtype, head_dim, causal, device, *, dropout=False, sparse_blocks=None,
                  allow_tf32=False) -> Plan | None
     backward_plan(dtype, head_dim, causal, device, *, dropout=False, sparse_blocks=None,
-                  allow_tf32=False) -> Plan | None
+                  allow_tf32=False, deterministic=False) -> Plan | None
     path_name(plan) -> str        flashcupy.interface.kernel_path's name of a plan (None included)
 
 Arguments: dtype any NumPy-style dtype; head_dim the problem's (unpadded) head dim; device a
@@ -20,6 +20,9 @@ chunked backward (or the reverse) is fine, both use the same out / LSE.
 Routing (today's rules, plus the device gates):
 - float16 / bfloat16 forward on compute capability 9.0, head_dim <= 128, no dropout, no block mask:
   the Hopper family ("wgmma", flashcupy._gpu_sm90; FLASHCUPY_SM90=0 turns it off).
+- float16 / bfloat16 backward on compute capability 9.0, head_dim <= 128, no dropout, no block mask,
+  not deterministic: the Hopper backward ("wgmma", flashcupy._gpu_sm90_bwd; FLASHCUPY_SM90=0 or
+  FLASHCUPY_SM90_BWD=0 turn it off).
 - float16 / bfloat16, head_dim <= 256: the mma.sync family ("mma16"), with dropout and block masks
   fused; fwd_config / bwd_config pick the tiles.
 - float32 / float64, head_dim <= 256, no dropout, no block mask: float64 on the FP64 tensor cores
@@ -73,7 +76,8 @@ def _is_float(dtype) -> bool:
     return np.dtype(dtype) in (np.float32, np.float64)
 
 
-def _plan(direction: str, dtype, head_dim: int, causal: bool, device, dropout, sparse_blocks, allow_tf32):
+def _plan(direction: str, dtype, head_dim: int, causal: bool, device, dropout, sparse_blocks, allow_tf32,
+          deterministic=False):
     device = as_device(device)
     if head_dim > MAX_FUSED_HEAD_DIM:
         return None
@@ -82,6 +86,13 @@ def _plan(direction: str, dtype, head_dim: int, causal: bool, device, dropout, s
             from . import _gpu_sm90
 
             cfg = _gpu_sm90.plan_config(head_dim, device, causal=causal, dropout=dropout, sparse_blocks=sparse_blocks)
+            if cfg is not None:
+                return Plan(WGMMA, cfg)
+        else:
+            from . import _gpu_sm90_bwd
+
+            cfg = _gpu_sm90_bwd.plan_config(head_dim, device, causal=causal, dropout=dropout,
+                                            sparse_blocks=sparse_blocks, deterministic=deterministic)
             if cfg is not None:
                 return Plan(WGMMA, cfg)
         choose = _configs.fwd_config if direction == "fwd" else _configs.bwd_config
@@ -101,9 +112,10 @@ def forward_plan(dtype, head_dim: int, causal: bool, device, *, dropout=False, s
 
 
 def backward_plan(dtype, head_dim: int, causal: bool, device, *, dropout=False, sparse_blocks=None,
-                  allow_tf32: bool = False) -> Plan | None:
-    """The fused backward to launch for this problem on device, or None for the chunked GPU path. Pure."""
-    return _plan("bwd", dtype, int(head_dim), causal, device, dropout, sparse_blocks, allow_tf32)
+                  allow_tf32: bool = False, deterministic: bool = False) -> Plan | None:
+    """The fused backward to launch for this problem on device, or None for the chunked GPU path.
+    deterministic=True excludes kernels whose dq accumulation order varies between runs. Pure."""
+    return _plan("bwd", dtype, int(head_dim), causal, device, dropout, sparse_blocks, allow_tf32, deterministic)
 
 
 def path_name(plan: Plan | None) -> str:

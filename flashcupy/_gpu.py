@@ -125,6 +125,15 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
         q, score_scale = cp.zeros(q.shape, dtype=q.dtype), 1.0
     q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
     lse = cp.ascontiguousarray(lse)
+    from . import _gpu_sm90_bwd
+
+    if config is None:  # direct callers (flashcupy.interface passes its plan's config): the same choice
+        config = _gpu_sm90_bwd.plan_config(shape.head_dim, _device_arch(), causal=causal, dropout=dropout is not None,
+                                           sparse_blocks=_sparse_blocks(block_mask), deterministic=deterministic)
+    if isinstance(config, _gpu_sm90_bwd.Sm90BwdConfig):
+        dq, dk_rows, dv_rows = _gpu_sm90_bwd.backward(dout, q, k, v, out, lse, shape, causal=causal,
+                                                      score_scale=score_scale, config=config, block_mask=block_mask)
+        return _finish_backward(dq, dk_rows, dv_rows, shape, d8)
     cfg = config or bwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     if cfg is None:
         raise RuntimeError(f"no fused fp16/bf16 backward fits {_device_arch()} for head_dim={shape.head_dim}")
@@ -154,10 +163,19 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
         dq_kernel = get_kernel("flash_bwd.cu", cfg.dq_kernel_name(elem, causal, drop), cfg.dq_smem_bytes)
         dq_kernel((math.ceil(sq / cfg.dq_block_m), h, b), (cfg.dq_nthreads, 1, 1), (p,),
                   shared_mem=cfg.dq_smem_bytes)
+    return _finish_backward(dq, dk_rows, dv_rows, shape, d8)
+
+
+def _finish_backward(dq, dk_rows, dv_rows, shape, d8: int):
+    """dk, dv from the per-query-head rows (GQA: float32, summed over each group), and the padding
+    columns stripped: the last step of every fp16/bf16 backward."""
+    cp = _cp()
+    g = shape.group
     if g == 1:
         dk, dv = dk_rows, dv_rows
     else:
-        dk = cp.empty((b, sk, shape.nheads_k, d8), dtype=q.dtype)
+        b, sk = shape.batch, shape.seqlen_k
+        dk = cp.empty((b, sk, shape.nheads_k, d8), dtype=dq.dtype)
         dv = cp.empty_like(dk)
         _launch_convert(dk_rows, dk, b * sk, g, 1.0)
         _launch_convert(dv_rows, dv, b * sk, g, 1.0)

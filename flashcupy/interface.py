@@ -111,15 +111,16 @@ NUMPY_PATH = "NumPy chunked path"
 
 
 def _plan(direction: str, dtype, shape: AttnShape, causal: bool, dropout_p: float, block_mask, allow_tf32: bool,
-          device=None):
+          device=None, deterministic: bool = False):
     """The fused kernel a GPU call runs (flashcupy._dispatch.Plan), or None for the chunked path on the
     GPU. device: a DeviceInfo or an int compute capability; default the current CuPy device."""
     if device is None:
         device = _device.current_device_info()
     sparse = None if block_mask is None else (block_mask.block_q, block_mask.block_k)
+    extra = {} if direction == "fwd" else {"deterministic": deterministic}
     plan_fn = _dispatch.forward_plan if direction == "fwd" else _dispatch.backward_plan
     plan = plan_fn(dtype, shape.head_dim, causal, device, dropout=dropout_p > 0, sparse_blocks=sparse,
-                   allow_tf32=allow_tf32)
+                   allow_tf32=allow_tf32, **extra)
     if _build.DEBUG:
         _build.debug(f"{direction} {shape} causal={causal} dropout_p={dropout_p} block_mask={sparse} allow_tf32={allow_tf32} "
                      f"on {device} -> {_dispatch.path_name(plan)}: {None if plan is None else plan.config}")
@@ -436,8 +437,9 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
                                     softmax_scale=softmax_scale, causal=causal, rng_state=rng_state,
                                     deterministic=deterministic, block_mask=block_mask, allow_tf32=allow_tf32)
         return tuple(g.get() for g in grads)
-    plan = None if xp is np else _plan("bwd", q.dtype, shape, causal, dropout_p, block_mask, allow_tf32)
-    if plan is not None and plan.family == _dispatch.MMA16:
+    plan = None if xp is np else _plan("bwd", q.dtype, shape, causal, dropout_p, block_mask, allow_tf32,
+                                       deterministic=deterministic)
+    if plan is not None and plan.family in (_dispatch.MMA16, _dispatch.WGMMA):
         from . import _gpu
 
         return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,

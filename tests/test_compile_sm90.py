@@ -52,3 +52,47 @@ def test_generated_wgmma_header_is_current():
     gen = subprocess.run([sys.executable, str(root / "tools" / "gen_wgmma.py")], capture_output=True, text=True,
                          check=True).stdout
     assert gen == (root / "cuda" / "flash_wgmma.cuh").read_text()
+
+
+# ---- the Hopper backward (cuda/flash_bwd_sm90.cu) ----
+from flashcupy import _gpu_sm90_bwd  # noqa: E402
+
+# Known spills (bytes of spill stores), each a measured trade-off; any other spill fails, and so does a
+# stale entry. hd64 with 128-row query tiles holds S^T and dP^T (64 + 64 fp32) beside dK, dV (32 + 32)
+# at the 240-register consumer budget (bench/NOTES.md, Hopper backward v0).
+BWD_KNOWN_SPILLS = {
+    "flash_bwd_sm90_kernel<Sm90BwdTraits<Fp16, 64, 128, 2>, false>": 32,
+    "flash_bwd_sm90_kernel<Sm90BwdTraits<Fp16, 64, 128, 2>, true>": 12,
+    "flash_bwd_sm90_kernel<Sm90BwdTraits<Bf16, 64, 128, 2>, false>": 32,
+    "flash_bwd_sm90_kernel<Sm90BwdTraits<Bf16, 64, 128, 2>, true>": 12,
+}
+
+
+def _bwd_names():
+    elems = ("Fp16", "Bf16")
+    return sorted({cfg.kernel_name(elem, causal) for elem, causal, cfg in _gpu_sm90_bwd.all_specializations()}
+                  | {f"flash_bwd_sm90_prep_kernel<{e}>" for e in elems} | {f"flash_bwd_sm90_dq_kernel<{e}>" for e in elems})
+
+
+def test_backward_specializations_compile():
+    ok, log, lowered = _build.nvrtc_compile(_gpu_sm90_bwd.SOURCE, _bwd_names(), "sm_90a")
+    assert ok, log
+    report = _build.ptxas_report(log)
+    print("\n".join(f"sm_90a {n}: {report[lowered[n]]}" for n in _bwd_names()))
+    spills = {n: report[lowered[n]]["spill_stores"] for n in _bwd_names()
+              if report[lowered[n]]["spill_stores"] or report[lowered[n]]["spill_loads"]}
+    unexpected = {n: b for n, b in spills.items() if b > BWD_KNOWN_SPILLS.get(n, 0)}
+    assert not unexpected, f"spills: {unexpected}"
+    stale = {n for n in BWD_KNOWN_SPILLS if n not in spills}
+    assert not stale, f"stale entries of BWD_KNOWN_SPILLS (no longer spill): {stale}"
+    assert "serialized" not in log, log
+
+
+def test_backward_smem_bytes_match_the_traits():
+    checks = [f'static_assert({cfg.traits(elem)}::SMEM_BYTES == {cfg.smem_bytes}, "{cfg.traits(elem)}");'
+              for elem, _, cfg in _gpu_sm90_bwd.all_specializations()]
+    src = _build.load_source(_gpu_sm90_bwd.SOURCE) + "\n" + "\n".join(checks) + "\n"
+    ok, log, _ = _build.nvrtc_compile_source(src, [], "compute_90a", "smem_check.cu")
+    assert ok, log
+    for _, _, cfg in _gpu_sm90_bwd.all_specializations():
+        assert cfg.smem_bytes <= H100_SMEM_OPTIN

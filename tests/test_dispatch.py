@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from flashcupy import _configs, _device, _dispatch, _gpu_sm90, interface
+from flashcupy import _configs, _device, _dispatch, _gpu_sm90, _gpu_sm90_bwd, interface
 from flashcupy._arrays import bfloat16
 from flashcupy._device import DeviceInfo
 
@@ -220,11 +220,11 @@ def test_sparse_tiles_divide_the_mask_blocks():
 
 def _today(dtype, head_dim, dropout, sparse, tf32, cc=80, direction="fwd"):
     """interface.kernel_path before devices were considered (sm_80+), as a path name; plus the Hopper
-    forward (fp16/bf16, head_dim <= 128, no dropout, no block mask, on sm_90)."""
+    forward and backward (fp16/bf16, head_dim <= 128, no dropout, no block mask, on sm_90)."""
     if head_dim > 256:
         return "chunked path on the GPU"
     if dtype in (F16, np.dtype(BF16) if BF16 is not None else F16):
-        if cc == 90 and direction == "fwd" and head_dim <= 128 and not dropout and sparse is None:
+        if cc == 90 and head_dim <= 128 and not dropout and sparse is None:
             return "fused fp16/bf16 (Hopper wgmma + TMA)"
         return "fused fp16/bf16 (tensor cores)"
     if dtype in (F32, F64) and not dropout and sparse is None:
@@ -243,8 +243,8 @@ def test_routing_matches_today(cc):
             assert _dispatch.path_name(bwd) == _today(dtype, hd, dropout, sparse, tf32, cc, "bwd")
         if fwd is None:
             assert bwd is None
-        elif fwd.family == _dispatch.WGMMA:  # the Hopper family has no backward yet (issue 15)
-            assert bwd.family == _dispatch.MMA16
+        elif fwd.family == _dispatch.WGMMA:  # the Hopper backward covers what the Hopper forward does
+            assert bwd.family == _dispatch.WGMMA
         elif dtype == F64 and _configs.head_dim_bucket(hd) > 160:  # no DMMA backward there: DFMA
             assert bwd.family == _dispatch.SIMT and bwd.config.elem == "double"
         else:
@@ -352,7 +352,8 @@ def test_enumerators_cover_every_chooser_output():
                 for plan in plans:
                     if plan is not None:
                         if plan.family == _dispatch.WGMMA:
-                            assert plan.config in {c for *_, c in _gpu_sm90.all_specializations()}, (arch, plan)
+                            assert plan.config in {c for *_, c in _gpu_sm90.all_specializations()} \
+                                | {c for *_, c in _gpu_sm90_bwd.all_specializations()}, (arch, plan)
                         else:
                             assert plan.config in (fp16 if plan.family == _dispatch.MMA16 else floats), (arch, plan)
                         assert plan.config.max_smem_bytes <= device.smem_optin
