@@ -72,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dense; dropout (--dropout-p); mask (a block mask of BLOCKxBLOCK tiles at --density)")
     ap.add_argument("--dropout-p", type=float, default=0.1)
     ap.add_argument("--density", type=float, default=0.5, help="kept fraction of the block mask's tiles")
-    ap.add_argument("--sweep", action="store_true", help="forward: also every config of flashcupy._gpu_sm90.SWEEP")
+    ap.add_argument("--sweep", action="store_true",
+                    help="forward: also every config of flashcupy._gpu_sm90.SWEEP; backward: of _gpu_sm90_bwd.SWEEP")
     ap.add_argument("--peers", nargs="*", choices=["sdpa-cudnn", "sdpa-flash", "fa3"],
                     default=["sdpa-cudnn", "sdpa-flash", "fa3"], help="peers to time (fa3 only where it imports)")
     ap.add_argument("--no-mma", action="store_true", help="forward: skip flashcupy's mma.sync rows")
@@ -131,6 +132,18 @@ def sm90_configs(head_dim: int, causal: bool, sweep: bool) -> list:
     return rows
 
 
+def _bwd_tag(cfg) -> str:
+    return f"sm90b-m{cfg.block_m}-s{cfg.stages}-ov{cfg.overlap}{'-lpt' if cfg.lpt else ''}"
+
+
+def sm90_bwd_configs(head_dim: int) -> list:
+    """(provider name, Sm90BwdConfig) of every backward SWEEP config of the head dim (--sweep)."""
+    from flashcupy import _gpu_sm90_bwd
+
+    tile = 64 if head_dim <= 64 else 128
+    return [(_bwd_tag(c), c) for c in _gpu_sm90_bwd.SWEEP if c.head_dim == tile and head_dim <= 128]
+
+
 def providers(case: Case, args) -> list:
     """Provider names of a case, the reference-bearing base first (flashcupy-mma, flashcupy-bwd0)."""
     if case.mode == "fwd":
@@ -139,6 +152,8 @@ def providers(case: Case, args) -> list:
                   if case.variant != "mask" or cfg.takes_block_mask(BLOCK, BLOCK)]  # whole tiles only
     else:
         names = ["flashcupy-bwd0", "flashcupy-bwd1"] if args.bwd_ab else ["flashcupy"]
+        if args.sweep and case.mode == "bwd" and case.variant == "dense":
+            names += [n for n, _ in sm90_bwd_configs(case.head_dim)]
     if case.variant == "mask":
         return names  # no block-sparse attention in SDPA or FA3
     peers = [p for p in args.peers if not (p == "fa3" and case.variant == "dropout")]  # FA3 has no dropout
@@ -146,7 +161,7 @@ def providers(case: Case, args) -> list:
 
 
 def is_ours(name: str) -> bool:
-    return name.startswith(("flashcupy-sm90", "sm90-", "flashcupy-bwd1")) or name == "flashcupy"
+    return name.startswith(("flashcupy-sm90", "sm90-", "sm90b-", "flashcupy-bwd1")) or name == "flashcupy"
 
 
 def base_of(case: Case) -> str:
@@ -317,6 +332,15 @@ def _flashcupy_fn(name, case, inp, args, bmask, device):
             out, _ = _gpu.forward(q, k, v, shape, causal=case.causal, dropout=dropout, block_mask=bmask, config=cfg)
             return {"out": out}
         return fn, str(cfg)
+    if name.startswith("sm90b-"):  # one backward SWEEP config, on a forward made once
+        shape = check_qkv(q, k, v)
+        cfg = dict(sm90_bwd_configs(case.head_dim))[name]
+        out, lse = _gpu.forward(q, k, v, shape, causal=case.causal)
+
+        def fn():
+            return dict(zip(("dq", "dk", "dv"), _gpu.backward(do, q, k, v, out, lse, shape, causal=case.causal,
+                                                             deterministic=False, config=cfg)))
+        return fn, str(cfg)
     plan = _dispatch.backward_plan(q.dtype, case.head_dim, case.causal, device, dropout=drop > 0, sparse_blocks=sparse)
     opts = dict(causal=case.causal, dropout_p=drop, seed=SEED if drop else None, block_mask=bmask)
     if case.mode == "bwd":
@@ -387,13 +411,13 @@ def run(args) -> list:
                        env={BWD_ENV: env if env is not None else os.environ.get(BWD_ENV)})
             try:
                 with _env(BWD_ENV, env):
-                    if name.startswith(("flashcupy", "sm90-")):
+                    if name.startswith(("flashcupy", "sm90-", "sm90b-")):
                         fn, row["plan"] = _flashcupy_fn(name, case, inp, args, bmask, device)
                     else:
                         fn = _torch_fn(name, case, inp, args.dropout_p if case.variant == "dropout" else 0.0)
                     got = fn()
                     if not args.no_check:
-                        if ref is not None and name.startswith(("flashcupy", "sm90-")):
+                        if ref is not None and name.startswith(("flashcupy", "sm90-", "sm90b-")):
                             row["max_diff"] = _max_diff(got, ref)
                         elif name == base_of(case) and case.variant != "dense":
                             ref = got  # same keep bits, same mask: ours must match it

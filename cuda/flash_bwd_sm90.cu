@@ -26,6 +26,12 @@
 // Versions (bench/NOTES.md has the measurements):
 //   v0 the above; STAGES-deep Q/dO pipeline, dS^T double-buffered; no dropout, no deterministic mode
 //      (flashcupy/_gpu_sm90_bwd.py sends those to the mma.sync family).
+//   v1 OVERLAP 1: dV += P^T dO and dK += dS^T Q are issued before the two consumers meet at the dS^T
+//      barrier, so they run while it waits (v0 issued dV, dK and dQ after it); OVERLAP 2 also issues dV
+//      as soon as P^T is packed, so it runs while dS^T is computed (that keeps P^T packed beside the fp32
+//      S^T and dP^T: at hd64 with 128-row tiles ptxas serializes the wgmmas, so hd64 takes 1).
+//      LPT (causal only): a 1-D grid whose first CTAs are the key blocks with the most query tiles (key
+//      block 0 of every (batch, head), then 1, ...), so the short blocks fill the tail of the launch.
 #include "flash_params.cuh"
 #include "flash_mask.cuh"
 #include "flash_common.cuh"
@@ -39,10 +45,12 @@ struct Sm90BwdTma {
     TmaDesc q, dout, k, v;
 };
 
-template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int STAGES_>
+template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int STAGES_, int OVERLAP_, bool LPT_>
 struct Sm90BwdTraits {
     using Elem = Elem_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_M = BLOCK_M_, STAGES = STAGES_;
+    static constexpr int OVERLAP = OVERLAP_;  // v1: dV / dK GEMMs before the dS^T barrier (1), dV before dS^T (2)
+    static constexpr bool LPT = LPT_;          // v1: causal launches longest key blocks first (1-D grid)
     static constexpr int CONSUMERS = 2, BLOCK_N = 64 * CONSUMERS, NTHREADS = 128 * (CONSUMERS + 1);
     static constexpr int PANELS = HEAD_DIM / 64;  // 64-column (128-byte) panels of a K/V/Q/dO row
     static constexpr int KV_PANEL = BLOCK_N * 128, KV_BYTES = PANELS * KV_PANEL;
@@ -115,7 +123,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     auto dq_full = [&](int w) { return bars + 8 * (1 + 2 * STAGES + w); };
     auto dq_empty = [&](int w) { return bars + 8 * (1 + 2 * STAGES + Tr::CONSUMERS + w); };
 
-    const int n_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
+    int n_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
+    if constexpr (Tr::LPT && CAUSAL) {  // 1-D grid: (key block, batch, head), key block slowest
+        const int bh = p.batch * p.nheads, r = blockIdx.x % bh;
+        n_block = blockIdx.x / bh, head = r % p.nheads, batch = r / p.nheads;
+    }
+    const int head_k = head / p.group;
     const int n0 = n_block * BLOCK_N;
     const int seqlen_k = p.seqlen_k, head_dim = p.head_dim, nheads = p.nheads;
     const Mask mask(p, CAUSAL);
@@ -246,10 +259,35 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                 acc_s[4 * j + e] = pr;
             }
         }
-        wgmma_wait<0>();
         // dS^T = P^T o (dP^T - D[query]); both packed as the A fragments of the RS GEMMs (k-step kk =
         // queries 16 kk ..), dS^T also stored to shared memory (keys x queries, 128-byte swizzle) for dQ.
+        // dV_w += P^T dO and dK_w += dS^T Q take A from registers, B = dO / Q MN-major. OVERLAP 2 issues
+        // dV before computing dS^T, 1 and 2 issue dK (1: and dV) before the barrier, 0 both after it.
         u32 p_frag[BLOCK_M / 16][4], ds_frag[BLOCK_M / 16][4];
+        auto issue_dv = [&] {
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+                Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc_dv, p_frag[kk], smem_desc(do_tile + kk * 16 * 128, Tr::Q_PANEL, 1024), 1);
+            wgmma_commit();
+        };
+        auto issue_dk = [&] {
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+                Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc_dk, ds_frag[kk], smem_desc(q_tile + kk * 16 * 128, Tr::Q_PANEL, 1024), 1);
+            wgmma_commit();
+        };
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) p_frag[kk][h] = Elem::pack2(acc_s[8 * kk + 2 * h], acc_s[8 * kk + 2 * h + 1]);
+        if constexpr (Tr::OVERLAP == 2) {
+            issue_dv();
+            wgmma_wait<1>();  // dP^T is in (dV may still run)
+        } else {
+            wgmma_wait<0>();
+        }
 #pragma unroll
         for (int j = 0; j < BLOCK_M / 8; ++j) {
             const float2 d2 = *reinterpret_cast<const float2*>(dlt + 8 * j + 2 * (lane % 4));
@@ -260,7 +298,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         for (int kk = 0; kk < BLOCK_M / 16; ++kk)
 #pragma unroll
             for (int h = 0; h < 4; ++h) {
-                p_frag[kk][h] = Elem::pack2(acc_s[8 * kk + 2 * h], acc_s[8 * kk + 2 * h + 1]);
                 ds_frag[kk][h] = Elem::pack2(acc_dp[8 * kk + 2 * h], acc_dp[8 * kk + 2 * h + 1]);
                 const int key = 64 * wg + 16 * warp + lane / 4 + 8 * (h % 2), query = 16 * kk + 8 * (h / 2) + 2 * (lane % 4);
                 asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(ds_tile + swizzle128_offset(key, query, BLOCK_N)),
@@ -268,20 +305,15 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                              : "memory");
             }
         fence_proxy_async();
+        if constexpr (Tr::OVERLAP == 1) issue_dv();
+        if constexpr (Tr::OVERLAP >= 1) issue_dk();
         named_bar_sync(1, 128 * Tr::CONSUMERS);  // dS^T of both warpgroups is in shared memory
+        if constexpr (Tr::OVERLAP == 0) issue_dv(), issue_dk();
 
-        // dV_w += P^T dO, dK_w += dS^T Q (A from registers, B = dO / Q MN-major), then this warpgroup's
-        // dQ chunk = dS K over all BLOCK_N keys (A = dS^T read transposed, B = K MN-major).
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-            Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc_dv, p_frag[kk], smem_desc(do_tile + kk * 16 * 128, Tr::Q_PANEL, 1024), 1);
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-            Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc_dk, ds_frag[kk], smem_desc(q_tile + kk * 16 * 128, Tr::Q_PANEL, 1024), 1);
-        wgmma_commit();
+        // This warpgroup's dQ chunk = dS K over all BLOCK_N keys (A = dS^T read transposed, B = K MN-major).
         const int qt = wg / PANELS, dc = wg % PANELS;  // this warpgroup's chunk: query tile, column panel
         float acc_dq[32];
+        wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < BLOCK_N / 16; ++kk)
             Wgmma<Elem, 64, false>::template wgmma_ss<1, 1>(

@@ -29,6 +29,8 @@ class Sm90BwdConfig:
     head_dim: int  # 64 or 128: the tile's head dim (the caller's is <= it)
     block_m: int
     stages: int = 2
+    overlap: int = 2  # v1: dV / dK GEMMs issued before the dS^T barrier (1), dV also before dS^T (2); 0: v0
+    lpt: bool = True  # v1: a causal launch runs the longest key blocks first (1-D grid)
     consumers: int = 2
 
     @property
@@ -54,7 +56,8 @@ class Sm90BwdConfig:
         return self.smem_bytes
 
     def traits(self, elem: str) -> str:
-        return f"Sm90BwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.stages}>"
+        return (f"Sm90BwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.stages}, "
+                f"{self.overlap}, {'true' if self.lpt else 'false'}>")
 
     def kernel_name(self, elem: str, causal: bool) -> str:
         return f"flash_bwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}>"
@@ -70,10 +73,13 @@ def config_for(head_dim: int, causal: bool = False) -> Sm90BwdConfig:
     """The tile for a head dim (<= 128): every consumer computes one 64 x 64 chunk of the dQ tile, so
     hd64 walks query tiles of 128 rows and hd128 of 64."""
     del causal
-    return Sm90BwdConfig(64, 128) if head_dim <= 64 else Sm90BwdConfig(128, 64)
+    return Sm90BwdConfig(64, 128, overlap=1) if head_dim <= 64 else Sm90BwdConfig(128, 64)
 
 
-SWEEP = (Sm90BwdConfig(64, 128, 2), Sm90BwdConfig(128, 64, 2), Sm90BwdConfig(128, 64, 3))
+SWEEP = (Sm90BwdConfig(64, 128, 2, overlap=1), Sm90BwdConfig(128, 64, 2), Sm90BwdConfig(128, 64, 3),
+         Sm90BwdConfig(64, 128, 2, overlap=0, lpt=False), Sm90BwdConfig(128, 64, 2, overlap=0, lpt=False),
+         Sm90BwdConfig(128, 64, 2, overlap=1), Sm90BwdConfig(64, 128, 2, overlap=1, lpt=False),
+         Sm90BwdConfig(128, 64, 2, lpt=False))
 
 
 def all_specializations():
@@ -137,7 +143,9 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float
                         + _tma_desc(v, cfg.block_n), dtype=np.uint8)
     tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]
     kernel = get_kernel(SOURCE, cfg.kernel_name(elem, causal), cfg.smem_bytes)
-    kernel((math.ceil(sk / cfg.block_n), h, b), (cfg.nthreads, 1, 1), (p, tma_arg), shared_mem=cfg.smem_bytes)
+    n_blocks = math.ceil(sk / cfg.block_n)
+    grid = (n_blocks * h * b, 1, 1) if cfg.lpt and causal else (n_blocks, h, b)  # LPT: key block slowest
+    kernel(grid, (cfg.nthreads, 1, 1), (p, tma_arg), shared_mem=cfg.smem_bytes)
     post = get_kernel(SOURCE, f"flash_bwd_sm90_dq_kernel<{elem}>", 0)
     n = b * sq * h * (d8 // 2)
     post((max(1, min(-(-n // 256), 8192)),), (256, 1, 1), (p,))

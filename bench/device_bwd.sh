@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One device call for the Hopper backward (issue 15): any of the stages below, in the order given.
+#   bash bench/device_bwd.sh tests sanitize sweep ncu long full
+# tests     tests/test_gpu_sm90_bwd.py (every SWEEP config) + tests/test_dispatch.py
+# sanitize  compute-sanitizer memcheck / racecheck / synccheck of bench/sanitize_sm90_bwd.py
+# sweep     bench_sm90 --bwd --sweep (every backward SWEEP config vs SDPA cuDNN / flash), $SWEEP_ARGS
+# table     bench_sm90 --modes bwd fwd+bwd: issue 15's table (fp16 + bf16, hd 64/128, 1k-16k), $TABLE_ARGS
+# ncu       Nsight Compute of the chosen hd128 16k backward, causal and not
+# long      bench/long_context.py at 1M tokens
+# full      the whole GPU suite
+# Every log goes into one archive, $OUT/bwd-logs.tgz (the device tool brings back at most 8 files); the
+# short lines print as each stage ends.
+set -o pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-runs/bwd}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+LOG=$(mktemp -d /tmp/bwd-logs.XXXX)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT CUPY_CACHE_DIR=/tmp/cupy-cache-bwd
+pack() { tar -czf "$OUT/bwd-logs.tgz" -C "$LOG" . ; }
+trap pack EXIT
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader | tee "$LOG/device.txt"
+for stage in "$@"; do
+  t0=$SECONDS
+  case $stage in
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sm90_bwd.py tests/test_dispatch.py -x 2>&1 | tee "$LOG/tests.log" | tail -4 ;;
+  sanitize)
+    python3 bench/sanitize_sm90_bwd.py > "$LOG/sanitize-plain.log" 2>&1 || { tail -20 "$LOG/sanitize-plain.log"; continue; }
+    for tool in memcheck racecheck synccheck; do
+      opts=(); [ $tool = memcheck ] && opts=(--report-api-errors no)
+      compute-sanitizer --tool $tool "${opts[@]}" python3 bench/sanitize_sm90_bwd.py > "$LOG/sanitize-$tool.log" 2>&1
+      echo "== $tool: $(grep -c '^ok ' "$LOG/sanitize-$tool.log") calls ok; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize-$tool.log" | tail -1)"
+    done ;;
+  sweep)
+    python3 bench/bench_sm90.py --bwd --sweep ${SWEEP_ARGS:---dtypes bf16 --head-dims 64 128 --seqlens 2048 4096 16384} \
+      --json "$LOG/sweep.json" > "$LOG/sweep.log" 2>&1; tail -45 "$LOG/sweep.log" ;;
+  table)
+    python3 bench/bench_sm90.py ${TABLE_ARGS:---modes bwd fwd+bwd} --json "$LOG/table.json" > "$LOG/table.log" 2>&1
+    tail -60 "$LOG/table.log" ;;
+  ncu)
+    for c in "" --causal; do
+      ncu --kernel-name regex:flash_bwd_sm90_kernel --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+        python3 bench/profile_sm90_bwd.py --head-dim 128 $c > "$LOG/ncu${c/--/-}.log" 2>&1
+      echo "== ncu hd128 16k ${c:-non-causal}:"; grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Hit|L1/TEX Hit|Issue Slots Busy|No Eligible|Stall|Warp Cycles Per Issued" "$LOG/ncu${c/--/-}.log" | head -14
+    done ;;
+  long)
+    python3 bench/long_context.py ${LONG_ARGS:-} --json "$LOG/long.json" > "$LOG/long.log" 2>&1; tail -12 "$LOG/long.log" ;;
+  full)
+    python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
+  esac
+  echo "-- $stage: $((SECONDS - t0)) s"
+done
