@@ -133,7 +133,7 @@ def sm90_configs(head_dim: int, causal: bool, sweep: bool) -> list:
 
 
 def _bwd_tag(cfg) -> str:
-    return f"sm90b-m{cfg.block_m}-s{cfg.stages}-ov{cfg.overlap}{'-lpt' if cfg.lpt else ''}"
+    return f"sm90b-m{cfg.block_m}-s{cfg.stages}-ov{cfg.overlap}{f'-lpt{cfg.lpt}' if cfg.lpt else ''}"
 
 
 def sm90_bwd_configs(head_dim: int) -> list:

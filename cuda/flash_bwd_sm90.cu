@@ -30,8 +30,11 @@
 //      barrier, so they run while it waits (v0 issued dV, dK and dQ after it); OVERLAP 2 also issues dV
 //      as soon as P^T is packed, so it runs while dS^T is computed (that keeps P^T packed beside the fp32
 //      S^T and dP^T: at hd64 with 128-row tiles ptxas serializes the wgmmas, so hd64 takes 1).
-//      LPT (causal only): a 1-D grid whose first CTAs are the key blocks with the most query tiles (key
-//      block 0 of every (batch, head), then 1, ...), so the short blocks fill the tail of the launch.
+//      LPT (causal only): longest key blocks first within groups of (batch, head) pairs whose Q, dO and
+//      dQ accumulator fit in L2 (FA3's LPT backward scheduler does the same): grid (n_blocks * G, groups),
+//      x = key block * G + pair within the group. A plain longest-first order over every head (tried
+//      first) was 5-12% slower than the (key block, head, batch) grid at 2k-16k: its working set is every
+//      head's rows, and the L2 misses cost more than the tail it saves (bench/NOTES.md).
 #include "flash_params.cuh"
 #include "flash_mask.cuh"
 #include "flash_common.cuh"
@@ -50,7 +53,7 @@ struct Sm90BwdTraits {
     using Elem = Elem_;
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_M = BLOCK_M_, STAGES = STAGES_;
     static constexpr int OVERLAP = OVERLAP_;  // v1: dV / dK GEMMs before the dS^T barrier (1), dV before dS^T (2)
-    static constexpr bool LPT = LPT_;          // v1: causal launches longest key blocks first (1-D grid)
+    static constexpr bool LPT = LPT_;          // v1: causal launches longest key blocks first, L2-sized head groups
     static constexpr int CONSUMERS = 2, BLOCK_N = 64 * CONSUMERS, NTHREADS = 128 * (CONSUMERS + 1);
     static constexpr int PANELS = HEAD_DIM / 64;  // 64-column (128-byte) panels of a K/V/Q/dO row
     static constexpr int KV_PANEL = BLOCK_N * 128, KV_BYTES = PANELS * KV_PANEL;
@@ -124,9 +127,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     auto dq_empty = [&](int w) { return bars + 8 * (1 + 2 * STAGES + Tr::CONSUMERS + w); };
 
     int n_block = blockIdx.x, head = blockIdx.y, batch = blockIdx.z;
-    if constexpr (Tr::LPT && CAUSAL) {  // 1-D grid: (key block, batch, head), key block slowest
-        const int bh = p.batch * p.nheads, r = blockIdx.x % bh;
-        n_block = blockIdx.x / bh, head = r % p.nheads, batch = r / p.nheads;
+    if constexpr (Tr::LPT && CAUSAL) {  // grid (n_blocks * G, groups): key block slowest within a group
+        const int n_blocks = cdiv(p.seqlen_k, BLOCK_N), group = gridDim.x / n_blocks;
+        const int pair = blockIdx.y * group + (int)(blockIdx.x % group);
+        n_block = blockIdx.x / group;
+        if (pair >= p.batch * p.nheads) return;  // the last group's missing pairs (before any barrier)
+        head = pair % p.nheads, batch = pair / p.nheads;
     }
     const int head_k = head / p.group;
     const int n0 = n_block * BLOCK_N;
@@ -205,7 +211,13 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
 
     if (m_first >= 0) mbar_wait(kv_full, 0);
     int i = 0;
-    for (int m0 = m_first; m0 >= 0; m0 = rows.next(), ++i) {
+    // One query tile; MASKED: the element masks (tiles that mask.partial names: the causal diagonal,
+    // the key tail). The two instances are separate code, so the masks of the diagonal tiles cannot be
+    // scheduled into the unmasked tiles' path: one loop body with a run-time flag had ptxas compute the
+    // predicates of every element before the GEMM issue on every tile (~200 instructions at causal hd128,
+    // bench/NOTES.md, v1), as FA2/FA3 split their masking iterations off the main loop.
+    auto tile = [&](auto masked, const int m0) {  // i: the loop's tile count
+        constexpr bool MASKED = decltype(masked)::value;
         const int s = i % STAGES;
         const u32 q_tile = s_q + s * Tr::Q_BYTES, do_tile = s_do + s * Tr::Q_BYTES;
         const u32 ds_tile = s_ds + (i % 2) * Tr::DS_BYTES;
@@ -247,14 +259,13 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                     acc_s[4 * j + e] = mod.apply(acc_s[4 * j + e], m0 + 8 * j + 2 * (lane % 4) + e % 2,
                                                  kv0 + 16 * warp + lane / 4 + 8 * (e / 2));
         }
-        const bool need_mask = mask.partial(m0, BLOCK_M, kv0, 64);
 #pragma unroll
         for (int j = 0; j < BLOCK_M / 8; ++j) {
             const float2 l2 = *reinterpret_cast<const float2*>(lse_log2 + 8 * j + 2 * (lane % 4));
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 float pr = fast_exp2(fmaf(acc_s[4 * j + e], softmax_scale_log2, -(e % 2 ? l2.y : l2.x)));
-                if (need_mask && !mask.visible(m0 + 8 * j + 2 * (lane % 4) + e % 2, kv0 + 16 * warp + lane / 4 + 8 * (e / 2)))
+                if (MASKED && !mask.visible(m0 + 8 * j + 2 * (lane % 4) + e % 2, kv0 + 16 * warp + lane / 4 + 8 * (e / 2)))
                     pr = 0.f;
                 acc_s[4 * j + e] = pr;
             }
@@ -333,6 +344,10 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                          : "memory");
         fence_proxy_async();
         mbar_arrive(dq_full(wg));
+    };
+    for (int m0 = m_first; m0 >= 0; m0 = rows.next(), ++i) {
+        if (mask.partial(m0, BLOCK_M, kv0, 64)) tile(BoolConst<true>(), m0);
+        else tile(BoolConst<false>(), m0);
     }
 
     // dK = grad_scale * dS^T Q, dV = P^T dO: keys kv0 + 16 warp + lane / 4 (+ 8); zero for keys that

@@ -30,7 +30,8 @@ class Sm90BwdConfig:
     block_m: int
     stages: int = 2
     overlap: int = 2  # v1: dV / dK GEMMs issued before the dS^T barrier (1), dV also before dS^T (2); 0: v0
-    lpt: bool = True  # v1: a causal launch runs the longest key blocks first (1-D grid)
+    lpt: int = 0  # v1: causal launches longest key blocks first in groups of (batch, head) pairs whose rows
+    # fill lpt MB of L2 (0: the (key block, head, batch) grid)
     consumers: int = 2
 
     @property
@@ -71,15 +72,17 @@ class Sm90BwdConfig:
 
 def config_for(head_dim: int, causal: bool = False) -> Sm90BwdConfig:
     """The tile for a head dim (<= 128): every consumer computes one 64 x 64 chunk of the dQ tile, so
-    hd64 walks query tiles of 128 rows and hd128 of 64."""
+    hd64 walks query tiles of 128 rows and hd128 of 64. OVERLAP 2 at hd128, 1 at hd64 (where 2 makes
+    ptxas serialize the wgmmas); no LPT order (bench/NOTES.md, Hopper backward v1)."""
     del causal
-    return Sm90BwdConfig(64, 128, overlap=1) if head_dim <= 64 else Sm90BwdConfig(128, 64)
+    return Sm90BwdConfig(64, 128, overlap=1) if head_dim <= 64 else Sm90BwdConfig(128, 64, overlap=2)
 
 
-SWEEP = (Sm90BwdConfig(64, 128, 2, overlap=1), Sm90BwdConfig(128, 64, 2), Sm90BwdConfig(128, 64, 3),
-         Sm90BwdConfig(64, 128, 2, overlap=0, lpt=False), Sm90BwdConfig(128, 64, 2, overlap=0, lpt=False),
-         Sm90BwdConfig(128, 64, 2, overlap=1), Sm90BwdConfig(64, 128, 2, overlap=1, lpt=False),
-         Sm90BwdConfig(128, 64, 2, lpt=False))
+SWEEP = (Sm90BwdConfig(64, 128, 2, overlap=1), Sm90BwdConfig(128, 64, 2, overlap=2),
+         Sm90BwdConfig(64, 128, 2, overlap=0), Sm90BwdConfig(128, 64, 2, overlap=0),
+         Sm90BwdConfig(64, 128, 2, overlap=1, lpt=16), Sm90BwdConfig(64, 128, 2, overlap=1, lpt=32),
+         Sm90BwdConfig(128, 64, 2, overlap=2, lpt=16), Sm90BwdConfig(128, 64, 2, overlap=2, lpt=32),
+         Sm90BwdConfig(128, 64, 3, overlap=2))
 
 
 def all_specializations():
@@ -101,6 +104,14 @@ def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, s
         return None
     cfg = config_for(head_dim, causal)
     return cfg if device.fits(cfg.smem_bytes) else None
+
+
+def lpt_group(pairs: int, seqlen_q: int, head_dim: int, budget_mb: int) -> int:
+    """(batch, head) pairs per group of the causal LPT grid: as many as have Q, dO (2 bytes each) and the
+    float32 dQ accumulator and statistics within budget_mb MB (of the H100/H200's 50 MB of L2), at least 1,
+    at most `pairs`."""
+    per_pair = seqlen_q * (head_dim * (2 + 2 + 4) + 8)
+    return max(1, min(pairs, (budget_mb << 20) // per_pair))
 
 
 def stats_rows(seqlen_q: int) -> int:
@@ -144,7 +155,11 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float
     tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]
     kernel = get_kernel(SOURCE, cfg.kernel_name(elem, causal), cfg.smem_bytes)
     n_blocks = math.ceil(sk / cfg.block_n)
-    grid = (n_blocks * h * b, 1, 1) if cfg.lpt and causal else (n_blocks, h, b)  # LPT: key block slowest
+    group = lpt_group(b * h, sq, cfg.head_dim, cfg.lpt)
+    if cfg.lpt and causal and -(-(b * h) // group) <= 65535:  # longest key blocks first, L2-sized head groups
+        grid = (n_blocks * group, -(-(b * h) // group), 1)
+    else:
+        grid = (n_blocks, h, b)
     kernel(grid, (cfg.nthreads, 1, 1), (p, tma_arg), shared_mem=cfg.smem_bytes)
     post = get_kernel(SOURCE, f"flash_bwd_sm90_dq_kernel<{elem}>", 0)
     n = b * sq * h * (d8 // 2)

@@ -58,14 +58,17 @@ def test_generated_wgmma_header_is_current():
 from flashcupy import _gpu_sm90_bwd  # noqa: E402
 
 # Known spills (bytes of spill stores), each a measured trade-off; any other spill fails, and so does a
-# stale entry. OVERLAP 2 keeps P^T packed for the dV GEMM in flight while dS^T is computed from the fp32
-# P^T (hd128: 4 B non-causal); at hd64 with 128-row query tiles the consumers hold S^T, dP^T (64 + 64
-# fp32) beside dK, dV (32 + 32) at the 240-register budget, and the causal LPT grid's index arithmetic
-# adds 24 B there (bench/NOTES.md, Hopper backward v1).
+# stale entry. hd64 with 128-row query tiles holds S^T and dP^T (64 + 64 fp32) beside dK, dV (32 + 32) at
+# the 240-register consumer budget; since v1 splits the masked and unmasked tile bodies, the causal
+# kernels keep a few loop values on the stack (bench/NOTES.md, Hopper backward v1).
 BWD_KNOWN_SPILLS = {
-    **{f"flash_bwd_sm90_kernel<Sm90BwdTraits<{e}, 128, 64, {st}, 2, {lpt}>, false>": 4
-       for e in ("Fp16", "Bf16") for st, lpt in ((2, "true"), (2, "false"), (3, "true"))},
-    **{f"flash_bwd_sm90_kernel<Sm90BwdTraits<{e}, 64, 128, 2, 1, true>, true>": 24 for e in ("Fp16", "Bf16")},
+    f"flash_bwd_sm90_kernel<Sm90BwdTraits<{e}, {hd}, {bm}, {st}, {ov}, {lpt}>, {causal}>": b
+    for e in ("Fp16", "Bf16")
+    for hd, bm, st, ov, lpt, causal, b in (
+        (64, 128, 2, 0, "false", "false", 8), (64, 128, 2, 0, "false", "true", 32),
+        (64, 128, 2, 1, "false", "false", 8), (64, 128, 2, 1, "false", "true", 32),
+        (64, 128, 2, 1, "true", "false", 8), (64, 128, 2, 1, "true", "true", 16),
+        (128, 64, 3, 2, "false", "true", 8))
 }
 
 
