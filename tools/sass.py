@@ -59,8 +59,30 @@ def functions(sass: str) -> dict:
         if m:
             cur = out.setdefault(m.group(1), [])
             continue
-        if cur is not None and re.match(r"\s*/\*[0-9a-f]{4,}\*/", line):
+        if cur is not None and (re.match(r"\s*/\*[0-9a-f]{4,}\*/", line) or re.match(r"\.L_x_\d+:", line.strip())):
             cur.append(line)
+    return out
+
+
+def loops(lines) -> list:
+    """(first, last, instructions) of every backward branch (a loop) among a function's lines."""
+    where, out, n = {}, [], 0
+    index = []
+    for ln in lines:
+        m = re.match(r"\s*(\.L_x_\d+):", ln)
+        if m:
+            where[m.group(1)] = n
+        else:
+            index.append(ln)
+            n += 1
+    n = 0
+    for ln in lines:
+        if re.match(r"\s*\.L_x_\d+:", ln):
+            continue
+        m = re.search(r"BRA\s.*?`\((\.L_x_\d+)\)", ln)
+        if m and where.get(m.group(1), n + 1) <= n:
+            out.append((where[m.group(1)], n, n - where[m.group(1)] + 1))
+        n += 1
     return out
 
 
@@ -80,10 +102,14 @@ def main():
     fns = functions(sass)
     for n in args.names:
         lines = fns.get(lowered[n], [])
+        body = loops(lines)
+        lines = [ln for ln in lines if not re.match(r"\s*\.L_x_\d+:", ln)]
         ops = collections.Counter(re.search(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln).group(1) for ln in lines
                                   if re.search(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln))
         print(f"{n}: {len(lines)} instructions; " + ", ".join(f"{o} {sum(c for k, c in ops.items() if k.startswith(o))}"
                                                             for o in args.ops))
+        big = [f"{a}-{b} ({k})" for a, b, k in body if k >= 64]
+        print("  loops of >= 64 instructions (first-last, count): " + (", ".join(big) or "none"))
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, re.sub(r"[^A-Za-z0-9]+", "_", n) + ".sass"), "w") as g:
