@@ -7,6 +7,8 @@
 # table     bench_sm90 --modes bwd fwd+bwd: issue 15's table (fp16 + bf16, hd 64/128, 1k-16k), $TABLE_ARGS
 # ncu       Nsight Compute of the chosen hd128 16k backward, causal and not
 # long      bench/long_context.py at 1M tokens
+# fwdtests  tests/test_gpu_sm90.py (the Hopper forward)
+# fwdab     the Hopper forward of bench/ab/base (device_ab.sh make-base) against this tree, same run
 # full      the whole GPU suite
 # Every log goes into one archive, $OUT/bwd-logs.tgz (the device tool brings back at most 8 files); the
 # short lines print as each stage ends.
@@ -46,6 +48,27 @@ for stage in "$@"; do
     done ;;
   long)
     python3 bench/long_context.py ${LONG_ARGS:-} --json "$LOG/long.json" > "$LOG/long.log" 2>&1; tail -12 "$LOG/long.log" ;;
+  fwdtests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sm90.py -x 2>&1 | tee "$LOG/fwdtests.log" | tail -4 ;;
+  fwdab)
+    for tag in base new base2; do
+      tree=$ROOT; [ $tag != new ] && tree=$ROOT/bench/ab/base
+      PYTHONPATH=$tree CUPY_CACHE_DIR=/tmp/cupy-cache-$tag python3 bench/bench_sm90.py --no-mma --peers sdpa-cudnn \
+        ${FWDAB_ARGS:---dtypes bf16 --head-dims 64 128 --seqlens 2048 4096 16384} --json "$LOG/fwdab-$tag.json" \
+        > "$LOG/fwdab-$tag.log" 2>&1
+    done
+    python3 - "$LOG" <<'PY'
+import json, sys
+d = sys.argv[1]
+rows = {t: {(r["head_dim"], r["causal"], r["seqlen"], r["provider"]): r["tflops"] for r in json.load(open(f"{d}/fwdab-{t}.json"))}
+        for t in ("base", "new", "base2")}
+print("hd causal seqlen  base  new  base2  new/base  x cuDNN(new)")
+for k in sorted(k for k in rows["new"] if k[3] == "flashcupy-sm90"):
+    b, n, b2 = rows["base"].get(k), rows["new"][k], rows["base2"].get(k)
+    c = rows["new"].get(k[:3] + ("sdpa-cudnn",))
+    print(f"{k[0]:>3} {'y' if k[1] else 'n'} {k[2]:>6} {b or 0:6.0f} {n:5.0f} {b2 or 0:6.0f}  {n / ((b + b2) / 2):.3f}  {n / c if c else 0:.2f}")
+PY
+    ;;
   full)
     python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
   esac
