@@ -7,13 +7,6 @@
 #pragma once
 #include "flash_mask.cuh"
 
-// A compile-time bool as a value, for generic lambdas that take it as their first argument and read it
-// as decltype(arg)::value (the Hopper backward's masked / unmasked tile bodies).
-template <bool B>
-struct BoolConst {
-    static constexpr bool value = B;
-};
-
 #define FC_INF __int_as_float(0x7f800000)
 #define FC_LOG2E 1.4426950408889634f
 #define FC_LN2 0.6931471805599453f

@@ -140,10 +140,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     // The score modifier and the mask on S, then the online softmax (base 2, as flash_fwd_kernel):
     // m_new = max(m, rowmax S), S <- P = 2^(S c - m_new c), l <- l alpha + rowsum P; returns alpha, the
     // factor O must be rescaled by (the caller applies it once no wgmma still accumulates into O).
-    // masked: BoolConst<MASKED> (the element masks are applied only where MASKED; callers pick the
-    // instance with mask.partial, so the unmasked tiles' code holds no mask at all: with a run-time flag,
-    // ptxas if-converted the masks into every tile's path, bench/NOTES.md, Hopper forward v4).
-    auto softmax = [&](auto masked, float (&acc)[BLOCK_N / 2], int n0, float (&alpha)[2]) {
+    // masked: apply the element masks. Every call passes a constant, after a branch on mask.partial,
+    // so the inlined unmasked instance holds no mask code at all: with a run-time flag in one instance,
+    // ptxas if-converted the masks into every tile's path (bench/NOTES.md, Hopper forward v4). (Generic
+    // lambdas taking a BoolConst crashed NVRTC 13.0 here and are rejected by it in device code.)
+    auto softmax = [&](const bool masked, float (&acc)[BLOCK_N / 2], int n0, float (&alpha)[2]) {
         if constexpr (ScoreMod::ACTIVE) {
             const ScoreMod mod(p, batch, head);
 #pragma unroll
@@ -152,7 +153,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                 for (int e = 0; e < 4; ++e)
                     acc[4 * j + e] = mod.apply(acc[4 * j + e], row_lo + 8 * (e / 2), n0 + 8 * j + 2 * (lane % 4) + e % 2);
         }
-        if constexpr (decltype(masked)::value) {
+        if (masked) {
 #pragma unroll
             for (int j = 0; j < BLOCK_N / 8; ++j)
 #pragma unroll
@@ -190,8 +191,8 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         }
     };
     auto softmax_tile = [&](float (&acc)[BLOCK_N / 2], int n0, float (&alpha)[2]) {  // either instance
-        if (mask.partial(wg_row0, 64, n0, BLOCK_N)) softmax(BoolConst<true>(), acc, n0, alpha);
-        else softmax(BoolConst<false>(), acc, n0, alpha);
+        if (mask.partial(wg_row0, 64, n0, BLOCK_N)) softmax(true, acc, n0, alpha);
+        else softmax(false, acc, n0, alpha);
     };
     auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
@@ -253,8 +254,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             softmax_tile(acc_s, n0, alpha);  // O is 0: no rescale
             pack_p(acc_s, p_frag);
             int prev = 0, i = 0;
-            // One key tile after the first; masked: BoolConst, the instance of the whole step (see softmax).
-            auto step = [&](auto masked, const int n0, const bool any = false) {  // any: either, at run time
+            // One key tile after the first; masked: a constant per call site, the instance of the whole
+            // step (see softmax); any: either, by mask.partial at run time (the configs without SPLIT_MASKED).
+            auto step = [&](const bool masked, const bool any, const int n0) {
                 const int s = ++i % STAGES;
                 mbar_wait(full(s), (i / STAGES) & 1);
                 turn_wait();
@@ -275,10 +277,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             };
             for (n0 = keys.next(); n0 >= 0; n0 = keys.next()) {
                 if constexpr (Tr::SPLIT_MASKED) {
-                    if (mask.partial(wg_row0, 64, n0, BLOCK_N)) step(BoolConst<true>(), n0);
-                    else step(BoolConst<false>(), n0);
+                    if (mask.partial(wg_row0, 64, n0, BLOCK_N)) step(true, false, n0);
+                    else step(false, false, n0);
                 } else {
-                    step(BoolConst<false>(), n0, true);
+                    step(false, true, n0);
                 }
             }
             turn_wait();
