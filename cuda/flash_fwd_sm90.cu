@@ -14,9 +14,6 @@
 //      dispatched (flashcupy/_gpu_sm90.plan_config) until run on a GPU.
 //   v2 PINGPONG (with OVERLAP): the two consumer warpgroups take turns issuing their GEMMs (named
 //      barriers 1 and 2, FA3 Sec. 3.1), so one's softmax runs under the other's GEMMs.
-//   v4 SPLIT_MASKED: the OVERLAP loop's masked and unmasked key-tile steps are two instances of one
-//      generic lambda (as the backward since its v1): with a run-time flag ptxas had if-converted the
-//      element masks into every tile's step (causal hd128: ISETP 139 -> 269 against non-causal).
 #include "flash_params.cuh"
 #include "flash_mask.cuh"
 #include "flash_common.cuh"
@@ -35,10 +32,6 @@ struct Sm90FwdTraits {
     static constexpr int HEAD_DIM = HEAD_DIM_, BLOCK_N = BLOCK_N_, STAGES = STAGES_;
     static constexpr bool OVERLAP = OVERLAP_;  // v1: the S GEMM of tile j overlaps the softmax / PV of j - 1
     static constexpr bool PINGPONG = PINGPONG_;  // v2: the consumers take turns issuing their GEMMs (OVERLAP only)
-    // v3: the masked and unmasked key-tile steps of the OVERLAP loop are separate code where O and S
-    // (fp32 accumulators) take at most 128 registers; beyond, the second instance spills (hd128 x 176,
-    // hd256 x 80: 8 and 60 bytes at sm_90a), and those keep one step with a run-time mask branch.
-    static constexpr bool SPLIT_MASKED = HEAD_DIM / 2 + BLOCK_N / 2 <= 128;
     static constexpr int CONSUMERS = 2, BLOCK_M = 64 * CONSUMERS, NTHREADS = 128 * (CONSUMERS + 1);
     static constexpr int PANELS = HEAD_DIM / 64;          // 64-column (128-byte) panels of a tile row
     static constexpr int Q_PANEL = BLOCK_M * 128, KV_PANEL = BLOCK_N * 128;  // bytes
@@ -140,11 +133,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     // The score modifier and the mask on S, then the online softmax (base 2, as flash_fwd_kernel):
     // m_new = max(m, rowmax S), S <- P = 2^(S c - m_new c), l <- l alpha + rowsum P; returns alpha, the
     // factor O must be rescaled by (the caller applies it once no wgmma still accumulates into O).
-    // masked: apply the element masks. Every call passes a constant, after a branch on mask.partial,
-    // so the inlined unmasked instance holds no mask code at all: with a run-time flag in one instance,
-    // ptxas if-converted the masks into every tile's path (bench/NOTES.md, Hopper forward v4). (Generic
-    // lambdas taking a BoolConst crashed NVRTC 13.0 here and are rejected by it in device code.)
-    auto softmax = [&](const bool masked, float (&acc)[BLOCK_N / 2], int n0, float (&alpha)[2]) {
+    auto softmax = [&](float (&acc)[BLOCK_N / 2], int n0, float (&alpha)[2]) {
         if constexpr (ScoreMod::ACTIVE) {
             const ScoreMod mod(p, batch, head);
 #pragma unroll
@@ -153,7 +142,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                 for (int e = 0; e < 4; ++e)
                     acc[4 * j + e] = mod.apply(acc[4 * j + e], row_lo + 8 * (e / 2), n0 + 8 * j + 2 * (lane % 4) + e % 2);
         }
-        if (masked) {
+        if (mask.partial(wg_row0, 64, n0, BLOCK_N)) {
 #pragma unroll
             for (int j = 0; j < BLOCK_N / 8; ++j)
 #pragma unroll
@@ -190,10 +179,6 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             });
         }
     };
-    auto softmax_tile = [&](float (&acc)[BLOCK_N / 2], int n0, float (&alpha)[2]) {  // either instance
-        if (mask.partial(wg_row0, 64, n0, BLOCK_N)) softmax(true, acc, n0, alpha);
-        else softmax(false, acc, n0, alpha);
-    };
     auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
         for (int j = 0; j < HEAD_DIM / 8; ++j)
@@ -229,7 +214,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             issue_s(acc_s, s_k + s * Tr::KV_BYTES);
             wgmma_commit();
             wgmma_wait<0>();
-            softmax_tile(acc_s, n0, alpha);
+            softmax(acc_s, n0, alpha);
             rescale_o(alpha);
             pack_p(acc_s, p_frag);
             wgmma_fence();
@@ -251,12 +236,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             wgmma_commit();
             turn_pass(false);
             wgmma_wait<0>();
-            softmax_tile(acc_s, n0, alpha);  // O is 0: no rescale
+            softmax(acc_s, n0, alpha);  // O is 0: no rescale
             pack_p(acc_s, p_frag);
             int prev = 0, i = 0;
-            // One key tile after the first; masked: a constant per call site, the instance of the whole
-            // step (see softmax); any: either, by mask.partial at run time (the configs without SPLIT_MASKED).
-            auto step = [&](const bool masked, const bool any, const int n0) {
+            for (n0 = keys.next(); n0 >= 0; n0 = keys.next()) {
                 const int s = ++i % STAGES;
                 mbar_wait(full(s), (i / STAGES) & 1);
                 turn_wait();
@@ -267,21 +250,12 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                 wgmma_commit();
                 turn_pass(false);
                 wgmma_wait<1>();  // S of tile j has landed; P V of tile j - 1 may still run
-                if (any) softmax_tile(acc_s, n0, alpha);
-                else softmax(masked, acc_s, n0, alpha);
+                softmax(acc_s, n0, alpha);
                 wgmma_wait<0>();
                 mbar_arrive(empty(prev));  // K and V of tile j - 1 are no longer read
                 rescale_o(alpha);
                 pack_p(acc_s, p_frag);
                 prev = s;
-            };
-            for (n0 = keys.next(); n0 >= 0; n0 = keys.next()) {
-                if constexpr (Tr::SPLIT_MASKED) {
-                    if (mask.partial(wg_row0, 64, n0, BLOCK_N)) step(true, false, n0);
-                    else step(false, false, n0);
-                } else {
-                    step(false, true, n0);
-                }
             }
             turn_wait();
             wgmma_fence();
