@@ -72,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="dense; dropout (--dropout-p); mask (a block mask of BLOCKxBLOCK tiles at --density)")
     ap.add_argument("--dropout-p", type=float, default=0.1)
     ap.add_argument("--density", type=float, default=0.5, help="kept fraction of the block mask's tiles")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="backward modes: also flashcupy with deterministic=True (flashcupy-det)")
     ap.add_argument("--sweep", action="store_true",
                     help="forward: also every config of flashcupy._gpu_sm90.SWEEP; backward: of _gpu_sm90_bwd.SWEEP")
     ap.add_argument("--peers", nargs="*", choices=["sdpa-cudnn", "sdpa-flash", "fa3"],
@@ -152,6 +154,8 @@ def providers(case: Case, args) -> list:
                   if case.variant != "mask" or cfg.takes_block_mask(BLOCK, BLOCK)]  # whole tiles only
     else:
         names = ["flashcupy-bwd0", "flashcupy-bwd1"] if args.bwd_ab else ["flashcupy"]
+        if getattr(args, "deterministic", False) and case.variant == "dense":
+            names.append("flashcupy-det")
         if args.sweep and case.mode == "bwd" and case.variant == "dense":
             names += [n for n, _ in sm90_bwd_configs(case.head_dim)]
     if case.variant == "mask":
@@ -161,7 +165,7 @@ def providers(case: Case, args) -> list:
 
 
 def is_ours(name: str) -> bool:
-    return name.startswith(("flashcupy-sm90", "sm90-", "sm90b-", "flashcupy-bwd1")) or name == "flashcupy"
+    return name.startswith(("flashcupy-sm90", "sm90-", "sm90b-", "flashcupy-bwd1")) or name in ("flashcupy", "flashcupy-det")
 
 
 def base_of(case: Case) -> str:
@@ -341,18 +345,21 @@ def _flashcupy_fn(name, case, inp, args, bmask, device):
             return dict(zip(("dq", "dk", "dv"), _gpu.backward(do, q, k, v, out, lse, shape, causal=case.causal,
                                                              deterministic=False, config=cfg)))
         return fn, str(cfg)
-    plan = _dispatch.backward_plan(q.dtype, case.head_dim, case.causal, device, dropout=drop > 0, sparse_blocks=sparse)
+    plan = _dispatch.backward_plan(q.dtype, case.head_dim, case.causal, device, dropout=drop > 0, sparse_blocks=sparse,
+                                   deterministic=name == "flashcupy-det")
     opts = dict(causal=case.causal, dropout_p=drop, seed=SEED if drop else None, block_mask=bmask)
+    det = name == "flashcupy-det"
     if case.mode == "bwd":
         fwd = flashcupy.flash_attn_forward(q, k, v, **opts)
 
         def fn():
-            return dict(zip(("dq", "dk", "dv"), flashcupy.flash_attn_backward(do, q, k, v, forward=fwd)))
+            return dict(zip(("dq", "dk", "dv"), flashcupy.flash_attn_backward(do, q, k, v, forward=fwd,
+                                                                             deterministic=det)))
     else:
         def fn():
             fwd = flashcupy.flash_attn_forward(q, k, v, **opts)
-            return dict(out=fwd.out, **dict(zip(("dq", "dk", "dv"), flashcupy.flash_attn_backward(do, q, k, v,
-                                                                                                 forward=fwd))))
+            return dict(out=fwd.out, **dict(zip(("dq", "dk", "dv"), flashcupy.flash_attn_backward(
+                do, q, k, v, forward=fwd, deterministic=det))))
     return fn, f"{_dispatch.path_name(plan)}: {None if plan is None else plan.config}"
 
 

@@ -37,7 +37,7 @@ for stage in "$@"; do
     python3 bench/bench_sm90.py --bwd --sweep ${SWEEP_ARGS:---dtypes bf16 --head-dims 64 128 --seqlens 2048 4096 16384} \
       --json "$LOG/sweep.json" > "$LOG/sweep.log" 2>&1; tail -45 "$LOG/sweep.log" ;;
   table)
-    python3 bench/bench_sm90.py ${TABLE_ARGS:---modes bwd fwd+bwd} --json "$LOG/table.json" > "$LOG/table.log" 2>&1
+    python3 bench/bench_sm90.py ${TABLE_ARGS:---modes bwd fwd+bwd --deterministic} --json "$LOG/table.json" > "$LOG/table.log" 2>&1
     tail -60 "$LOG/table.log" ;;
   ncu)
     for c in "" --causal; do

@@ -22,6 +22,7 @@ def main():
     ap.add_argument("--seqlen", type=int, default=16384)
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--config", type=int, default=None, help="index into _gpu_sm90_bwd.SWEEP")
+    ap.add_argument("--deterministic", action="store_true")
     args = ap.parse_args()
     cfg = (_gpu_sm90_bwd.config_for(args.head_dim, args.causal) if args.config is None
            else _gpu_sm90_bwd.SWEEP[args.config])
@@ -32,9 +33,10 @@ def main():
     shape = check_qkv(q, k, v)
     out, lse = _gpu.forward(q, k, v, shape, causal=args.causal)
     for _ in range(2):
-        _gpu.backward(do, q, k, v, out, lse, shape, causal=args.causal, deterministic=False, config=cfg)
+        _gpu.backward(do, q, k, v, out, lse, shape, causal=args.causal, deterministic=args.deterministic,
+                      config=cfg)
     cp.cuda.Device().synchronize()
-    print(f"profiled {cfg.kernel_name('Bf16', args.causal)}")
+    print(f"profiled {cfg.kernel_name('Bf16', args.causal, args.deterministic)}")
 
 
 if __name__ == "__main__":

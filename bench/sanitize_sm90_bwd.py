@@ -1,5 +1,5 @@
 """One small call of every Hopper-backward specialization (flashcupy._gpu_sm90_bwd.SWEEP x fp16/bf16 x
-causal), for compute-sanitizer (issue 15):
+causal, and the deterministic kernels of config_for's tiles), for compute-sanitizer (issue 15):
 
     bash bench/device_ab.sh sanitize bench/sanitize_sm90_bwd.py
 
@@ -20,17 +20,17 @@ def main():
     from flashcupy._validate import check_qkv
 
     rng = np.random.default_rng(0)
-    for elem, causal, cfg in _gpu_sm90_bwd.all_specializations():
+    for elem, causal, det, cfg in _gpu_sm90_bwd.all_specializations(deterministic=True):
         dtype = cp.float16 if elem == "Fp16" else bfloat16()
         q, k, v, do = (cp.asarray(rng.standard_normal((1, s, h, cfg.head_dim)).astype(np.float32)).astype(dtype)
                        for s, h in ((200, 4), (333, 2), (333, 2), (200, 4)))
         shape = check_qkv(q, k, v)
         out, lse = _gpu.forward(q, k, v, shape, causal=causal)
-        grads = _gpu.backward(do, q, k, v, out, lse, shape, causal=causal, deterministic=False, config=cfg)
+        grads = _gpu.backward(do, q, k, v, out, lse, shape, causal=causal, deterministic=det, config=cfg)
         cp.cuda.Device().synchronize()
         for name, x in zip(("dq", "dk", "dv"), grads):
-            assert bool(cp.isfinite(x.astype(cp.float32)).all()), (name, elem, causal, cfg)
-        print(f"ok {cfg.kernel_name(elem, causal)}", flush=True)
+            assert bool(cp.isfinite(x.astype(cp.float32)).all()), (name, elem, causal, det, cfg)
+        print(f"ok {cfg.kernel_name(elem, causal, det)}", flush=True)
 
 
 if __name__ == "__main__":

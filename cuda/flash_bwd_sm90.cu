@@ -30,6 +30,11 @@
 //      barrier, so they run while it waits (v0 issued dV, dK and dQ after it); OVERLAP 2 also issues dV
 //      as soon as P^T is packed, so it runs while dS^T is computed (that keeps P^T packed beside the fp32
 //      S^T and dP^T: at hd64 with 128-row tiles ptxas serializes the wgmmas, so hd64 takes 1).
+//      DETERMINISTIC (a kernel flag): the dQ writer adds the chunks of each 64-row dQ tile in key-block
+//      order. CTA j waits until the tile's turnstile (dq_sem) reads j, adds, waits until its additions
+//      have completed in global memory (not only read from shared memory: flash-attn #2244 / PR #2510),
+//      then releases j + 1. The key blocks that add to a tile are always blocks 0 .. J of the (batch, head)
+//      (the causal / dense walks begin at nondecreasing query tiles), so j is the count before it.
 //      LPT (causal only): longest key blocks first within groups of (batch, head) pairs whose Q, dO and
 //      dQ accumulator fit in L2 (FA3's LPT backward scheduler does the same): grid (n_blocks * G, groups),
 //      x = key block * G + pair within the group. A plain longest-first order over every head (tried
@@ -43,10 +48,13 @@
 
 // The four tensor maps of a backward call (flashcupy/_gpu_sm90_bwd.py encodes them): 4-D (head_dim,
 // nheads, seqlen, batch) views with boxes (64, 1, rows, 1), 128-byte swizzle; q and dout boxes of
-// BLOCK_M rows, k and v of BLOCK_N.
+// BLOCK_M rows, k and v of BLOCK_N. dq_sem: DETERMINISTIC's turnstiles, (batch, nheads, seqlen_q pad /
+// 64) int32 zeros (null otherwise). 576 bytes (the host packs them so).
 struct Sm90BwdTma {
     TmaDesc q, dout, k, v;
+    int* dq_sem;
 };
+static_assert(sizeof(Sm90BwdTma) == 576, "Sm90BwdTma layout (flashcupy/_gpu_sm90_bwd.py)");
 
 template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int STAGES_, int OVERLAP_, bool LPT_>
 struct Sm90BwdTraits {
@@ -66,7 +74,7 @@ struct Sm90BwdTraits {
     // 1 KB to align the dynamic window to the swizzle atom.
     static constexpr int SMEM_BYTES = 2 * KV_BYTES + 2 * STAGES * Q_BYTES + 2 * DS_BYTES + CONSUMERS * DQ_CHUNK +
                                       2 * STAGES * STATS_BYTES + 8 * BARRIERS + 1024;
-    static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
+    static constexpr int PRODUCER_REGS = 32, CONSUMER_REGS = 240;
     // Each consumer computes one 64 x 64 chunk of the BLOCK_M x HEAD_DIM dQ tile per step.
     static_assert(HEAD_DIM % 64 == 0 && BLOCK_M % 64 == 0 && (BLOCK_M / 64) * PANELS == CONSUMERS, "tiles");
 };
@@ -102,7 +110,7 @@ flash_bwd_sm90_prep_kernel(const __grid_constant__ AttnParams p) {
 // through the tensor maps; p.lse_exp, p.delta from flash_bwd_sm90_prep_kernel; p.dq_accum zeroed
 // (unscaled dS K is added); p.dk, p.dv: (batch, seqlen_k, nheads, head_dim) rows, written as Elem
 // (p.dkv_fp32 == 0) or float32 (GQA: summed over the group afterwards). dk is scaled here.
-template <typename Tr, bool CAUSAL>
+template <typename Tr, bool CAUSAL, bool DETERMINISTIC>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90BwdTma t) {
     using Elem = typename Tr::Elem;
@@ -180,16 +188,23 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             }
         } else if (threadIdx.x == 32 && m_first >= 0) {  // dQ writer: each consumer's chunk, every step
             float* const dq_accum = p.dq_accum;
+            int* const sem = DETERMINISTIC ? t.dq_sem + ((i64)batch * nheads + head) * (stats_rows_padded(p) / 64) : nullptr;
             int i = 0;
             for (int m0 = m_first; m0 >= 0; m0 = rows.next(), ++i) {
 #pragma unroll
                 for (int w = 0; w < Tr::CONSUMERS; ++w) {
+                    const int qt = m0 / 64 + w / PANELS;  // the 64-row dQ tile of chunk w
                     mbar_wait(dq_full(w), i & 1);
-                    const i64 chunk = dq_chunk_index(p, batch, head, m0 / 64 + w / PANELS, w % PANELS);
+                    if (DETERMINISTIC && w % PANELS == 0) sem_wait_eq(sem + qt, n_block);
+                    const i64 chunk = dq_chunk_index(p, batch, head, qt, w % PANELS);
                     bulk_reduce_add_f32(dq_accum + chunk, s_dq + w * Tr::DQ_CHUNK, Tr::DQ_CHUNK);
                     bulk_commit();
                     bulk_wait_read<0>();  // the chunk has been read: the consumer may overwrite it
                     mbar_arrive(dq_empty(w));
+                    if (DETERMINISTIC && w % PANELS == PANELS - 1) {
+                        bulk_wait<0>();  // this tile's additions are in global memory
+                        sem_release(sem + qt);
+                    }
                 }
             }
             bulk_wait<0>();  // every addition has landed before the CTA (and its shared memory) ends

@@ -101,6 +101,21 @@ __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.w
 template <int N>
 __device__ __forceinline__ void bulk_wait() { asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// A counter in global memory as a turnstile (deterministic reductions): sem_wait_eq spins (acquire, GPU
+// scope) until *sem == value; sem_release adds 1 (release, GPU scope) after this thread's completed bulk
+// writes (bulk_wait<0>) are ordered before it for the generic proxy (fence.proxy.async.global).
+__device__ __forceinline__ void sem_wait_eq(const int* sem, int value) {
+    int v;
+    do {
+        asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(sem) : "memory");
+    } while (v != value);
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");  // later bulk operations see what came before
+}
+__device__ __forceinline__ void sem_release(int* sem) {
+    asm volatile("fence.proxy.async.global;\n" ::: "memory");
+    asm volatile("red.release.gpu.global.add.s32 [%0], 1;\n" ::"l"(sem) : "memory");
+}
+
 // Byte offset of element (row, col) of a 16-bit tile stored as TMA's 128-byte swizzle writes it:
 // 64-column panels of `rows` rows, 128 bytes per row, the 16-byte chunk index XORed with row % 8.
 __device__ __forceinline__ u32 swizzle128_offset(int row, int col, int rows) {

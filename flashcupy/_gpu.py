@@ -132,7 +132,8 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
                                            sparse_blocks=_sparse_blocks(block_mask), deterministic=deterministic)
     if isinstance(config, _gpu_sm90_bwd.Sm90BwdConfig):
         dq, dk_rows, dv_rows = _gpu_sm90_bwd.backward(dout, q, k, v, out, lse, shape, causal=causal,
-                                                      score_scale=score_scale, config=config, block_mask=block_mask)
+                                                      score_scale=score_scale, config=config, block_mask=block_mask,
+                                                      deterministic=deterministic)
         return _finish_backward(dq, dk_rows, dv_rows, shape, d8)
     cfg = config or bwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     if cfg is None:

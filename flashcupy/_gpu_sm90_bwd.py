@@ -2,7 +2,7 @@
 three kernels (statistics, main, dQ conversion).
 
 `plan_config(...)` says whether a fp16/bf16 backward takes this path (compute capability 9.0,
-head_dim <= 128, no dropout, not deterministic, no block mask, within the shared-memory budget;
+head_dim <= 128, no dropout, no block mask, within the shared-memory budget;
 FLASHCUPY_SM90=0 or FLASHCUPY_SM90_BWD=0 turn it off): flashcupy._dispatch plans with it.
 """
 
@@ -60,8 +60,9 @@ class Sm90BwdConfig:
         return (f"Sm90BwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.stages}, "
                 f"{self.overlap}, {'true' if self.lpt else 'false'}>")
 
-    def kernel_name(self, elem: str, causal: bool) -> str:
-        return f"flash_bwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}>"
+    def kernel_name(self, elem: str, causal: bool, deterministic: bool = False) -> str:
+        return (f"flash_bwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}, "
+                f"{'true' if deterministic else 'false'}>")
 
     def takes_block_mask(self, block_q: int, block_k: int) -> bool:
         """Blocks of whole tiles: block_k a multiple of the 128 keys of a CTA, block_q a power-of-two
@@ -84,9 +85,15 @@ SWEEP = (Sm90BwdConfig(64, 128, 2, overlap=1), Sm90BwdConfig(128, 64, 2, overlap
          Sm90BwdConfig(128, 64, 2, overlap=2, lpt=16))
 
 
-def all_specializations():
-    """(elem, causal, config) of every kernel this path can launch (CI compiles each)."""
-    return [(elem, causal, cfg) for elem in ("Fp16", "Bf16") for causal in (False, True) for cfg in SWEEP]
+def all_specializations(deterministic: bool = False):
+    """(elem, causal, config) of every kernel this path can launch (CI compiles each); with
+    deterministic=True, (elem, causal, deterministic, config), adding the deterministic kernels of
+    config_for's choices (SWEEP[:2])."""
+    out = [(elem, causal, cfg) for elem in ("Fp16", "Bf16") for causal in (False, True) for cfg in SWEEP]
+    if not deterministic:
+        return out
+    return ([(e, c, False, cfg) for e, c, cfg in out]
+            + [(e, c, True, cfg) for e in ("Fp16", "Bf16") for c in (False, True) for cfg in SWEEP[:2]])
 
 
 def enabled() -> bool:
@@ -96,9 +103,11 @@ def enabled() -> bool:
 def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, sparse_blocks=None,
                 deterministic: bool = False):
     """The Sm90BwdConfig flashcupy._dispatch plans for a fp16/bf16 backward on device (a DeviceInfo), or
-    None where this family does not run it (not sm_90, dropout, deterministic, a block mask,
-    head_dim > 128, the shared-memory budget, FLASHCUPY_SM90=0 / FLASHCUPY_SM90_BWD=0)."""
-    if (not enabled() or device.cc != 90 or dropout or deterministic or sparse_blocks is not None
+    None where this family does not run it (not sm_90, dropout, a block mask, head_dim > 128, the
+    shared-memory budget, FLASHCUPY_SM90=0 / FLASHCUPY_SM90_BWD=0). deterministic runs here too (the dQ
+    writer's turnstiles); the argument stays for the dispatcher's one signature."""
+    del deterministic
+    if (not enabled() or device.cc != 90 or dropout or sparse_blocks is not None
             or head_dim > 128):
         return None
     cfg = config_for(head_dim, causal)
@@ -118,11 +127,13 @@ def stats_rows(seqlen_q: int) -> int:
     return -(-seqlen_q // 128) * 128
 
 
-def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float, config=None, block_mask=None):
+def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float, config=None, block_mask=None,
+             deterministic: bool = False):
     """Hopper backward on kernel-ready arrays (flashcupy._gpu.backward prepares them: 16-byte aligned,
     head_dim padded to a multiple of 8, q zeroed with score_scale 1 for a caller's softmax_scale 0).
     Returns (dq like q, dk_rows, dv_rows): (batch, seqlen_k, nheads, d) rows, the dtype of q without
-    GQA, float32 with it (the caller sums each group)."""
+    GQA, float32 with it (the caller sums each group). deterministic: dQ added in key-block order
+    (bitwise repeatable; dK, dV always are)."""
     import cupy as cp
 
     from ._gpu_sm90 import _tma_desc
@@ -149,10 +160,13 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float
 
     prep = get_kernel(SOURCE, f"flash_bwd_sm90_prep_kernel<{elem}>", 0)
     prep((rows // 4, h, b), (128, 1, 1), (p,))
+    dq_sem = cp.zeros((b, h, rows // 64), dtype=cp.int32) if deterministic else None
+    sem_ptr = 0 if dq_sem is None else dq_sem.data.ptr
     tma = np.frombuffer(_tma_desc(q, cfg.block_m) + _tma_desc(dout, cfg.block_m) + _tma_desc(k, cfg.block_n)
-                        + _tma_desc(v, cfg.block_n), dtype=np.uint8)
+                        + _tma_desc(v, cfg.block_n) + int(sem_ptr).to_bytes(8, "little") + bytes(56),
+                        dtype=np.uint8)  # Sm90BwdTma: 576 bytes
     tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]
-    kernel = get_kernel(SOURCE, cfg.kernel_name(elem, causal), cfg.smem_bytes)
+    kernel = get_kernel(SOURCE, cfg.kernel_name(elem, causal, deterministic), cfg.smem_bytes)
     n_blocks = math.ceil(sk / cfg.block_n)
     group = lpt_group(b * h, sq, cfg.head_dim, cfg.lpt)
     if cfg.lpt and causal and -(-(b * h) // group) <= 65535:  # longest key blocks first, L2-sized head groups

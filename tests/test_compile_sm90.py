@@ -60,19 +60,22 @@ from flashcupy import _gpu_sm90_bwd  # noqa: E402
 # Known spills (bytes of spill stores), each a measured trade-off; any other spill fails, and so does a
 # stale entry. hd64 with 128-row query tiles holds S^T and dP^T (64 + 64 fp32) beside dK, dV (32 + 32) at
 # the 240-register consumer budget; since v1 splits the masked and unmasked tile bodies, the causal
-# kernels keep a few loop values on the stack (bench/NOTES.md, Hopper backward v1).
+# kernels keep a few loop values on the stack, and the deterministic ones a few of the dQ writer's
+# (producer warpgroup at 32 registers) (bench/NOTES.md, Hopper backward v1).
 BWD_KNOWN_SPILLS = {
-    f"flash_bwd_sm90_kernel<Sm90BwdTraits<{e}, {hd}, {bm}, {st}, {ov}, {lpt}>, {causal}>": b
+    f"flash_bwd_sm90_kernel<Sm90BwdTraits<{e}, {hd}, {bm}, {st}, {ov}, {lpt}>, {causal}, {det}>": b
     for e in ("Fp16", "Bf16")
-    for hd, bm, st, ov, lpt, causal, b in (
-        (64, 128, 2, 0, "false", "false", 8), (64, 128, 2, 0, "false", "true", 32),
-        (64, 128, 2, 1, "false", "false", 8), (64, 128, 2, 1, "false", "true", 32))
+    for hd, bm, st, ov, lpt, causal, det, b in (
+        (64, 128, 2, 0, "false", "false", "false", 8), (64, 128, 2, 0, "false", "true", "false", 32),
+        (64, 128, 2, 1, "false", "false", "false", 8), (64, 128, 2, 1, "false", "true", "false", 32),
+        (64, 128, 2, 1, "false", "false", "true", 12), (64, 128, 2, 1, "false", "true", "true", 20))
 }
 
 
 def _bwd_names():
     elems = ("Fp16", "Bf16")
-    return sorted({cfg.kernel_name(elem, causal) for elem, causal, cfg in _gpu_sm90_bwd.all_specializations()}
+    return sorted({cfg.kernel_name(elem, causal, det)
+                   for elem, causal, det, cfg in _gpu_sm90_bwd.all_specializations(deterministic=True)}
                   | {f"flash_bwd_sm90_prep_kernel<{e}>" for e in elems} | {f"flash_bwd_sm90_dq_kernel<{e}>" for e in elems})
 
 

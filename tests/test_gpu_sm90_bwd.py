@@ -24,7 +24,8 @@ def _only_sm90():
         pytest.skip("needs a GPU of compute capability 9.0 (H100/H200)")
 
 
-def _backward_sm90(q, k, v, do, *, causal=False, config=None, softmax_scale=None, block_mask=None):
+def _backward_sm90(q, k, v, do, *, causal=False, config=None, softmax_scale=None, block_mask=None,
+                   deterministic=False):
     """flashcupy._gpu_sm90_bwd.backward through flashcupy._gpu.backward's preparation, forced (the
     forward through the public API)."""
     from flashcupy import _gpu, _gpu_sm90_bwd
@@ -34,8 +35,8 @@ def _backward_sm90(q, k, v, do, *, causal=False, config=None, softmax_scale=None
     res = flashcupy.flash_attn_forward(q, k, v, causal=causal, softmax_scale=softmax_scale, block_mask=block_mask)
     shape = check_qkv(q, k, v, softmax_scale)
     cfg = config or _gpu_sm90_bwd.config_for(shape.head_dim, causal)
-    return _gpu.backward(do, q, k, v, res.out, res.lse, shape, causal=causal, deterministic=False, config=cfg,
-                         block_mask=block_mask)
+    return _gpu.backward(do, q, k, v, res.out, res.lse, shape, causal=causal, deterministic=deterministic,
+                         config=cfg, block_mask=block_mask)
 
 
 def _sweep():
@@ -54,6 +55,34 @@ def test_every_specialization(rng, dtype, config, causal):
     for x, ref in zip(g, (q, k, v)):
         assert x.shape == ref.shape and x.dtype == ref.dtype
     assert_backward_rule(g, do, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("config", _sweep()[:2], ids=str)
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_deterministic_specializations(rng, dtype, config, causal):
+    """deterministic=True (the dQ writer's turnstiles) on config_for's tiles: ragged tails, GQA,
+    seqlen_q < seqlen_k (causal: key blocks that no query sees, which take no turn) and >."""
+    for sq, sk in ((300, 421), (421, 300)):
+        q, k, v, do = random_inputs(rng, 2, sq, sk, 4, 2, config.head_dim, dtype, grad=True)
+        g = _backward_sm90(q, k, v, do, causal=causal, config=config, deterministic=True)
+        assert_backward_rule(g, do, q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_deterministic_is_bitwise_repeatable(rng, head_dim):
+    """250 repeats of a deterministic backward (causal and not, GQA, 1000 x 1100, batch 2, 8 query heads:
+    many CTAs adding to each dQ tile at once) give bitwise the same dq, dk, dv."""
+    import cupy as cp
+
+    q, k, v, do = to_gpu(*random_inputs(rng, 2, 1000, 1100, 8, 2, head_dim, HALF_DTYPES[-1], grad=True))
+    for causal in (False, True):
+        res = flashcupy.flash_attn_forward(q, k, v, causal=causal)
+        first = flashcupy.flash_attn_backward(do, q, k, v, res.out, res.lse, causal=causal, deterministic=True)
+        for rep in range(250):
+            again = flashcupy.flash_attn_backward(do, q, k, v, res.out, res.lse, causal=causal, deterministic=True)
+            for name, a, b in zip(("dq", "dk", "dv"), first, again):
+                assert bool(cp.array_equal(a.view(cp.uint16), b.view(cp.uint16))), (name, causal, rep)
 
 
 @pytest.mark.parametrize("head_dim", [8, 40, 96, 120])
@@ -87,8 +116,8 @@ def test_large_scores_past_the_key_tail(rng):
 
 
 def test_public_backward_takes_the_sm90_path(rng, monkeypatch):
-    """flash_attn_backward on an H100/H200 runs the wgmma backward for fp16/bf16 without dropout, block
-    mask or deterministic; deterministic=True and FLASHCUPY_SM90_BWD=0 run the mma.sync family."""
+    """flash_attn_backward on an H100/H200 runs the wgmma backward for fp16/bf16 without dropout or
+    block mask, deterministic=True too; FLASHCUPY_SM90_BWD=0 runs the mma.sync family."""
     from flashcupy import _gpu_sm90_bwd
 
     calls = []
@@ -102,7 +131,8 @@ def test_public_backward_takes_the_sm90_path(rng, monkeypatch):
     assert_backward_rule(g, do, q, k, v, causal=True)
     calls.clear()
     g = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=True, deterministic=True)
-    assert not calls
+    assert calls, "deterministic=True did not take the sm_90a backward"
+    calls.clear()
     assert_backward_rule(g, do, q, k, v, causal=True)
     monkeypatch.setenv("FLASHCUPY_SM90_BWD", "0")
     g = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=True)
