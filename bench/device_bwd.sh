@@ -10,7 +10,7 @@
 # fwdtests  tests/test_gpu_sm90.py (the Hopper forward)
 # fwdab     the Hopper forward of bench/ab/base (device_ab.sh make-base) against this tree, same run
 # full      the whole GPU suite
-# Every log goes into one archive, $OUT/bwd-logs.tgz (the device tool brings back at most 8 files); the
+# Every log goes into one archive, $OUT/bwd-logs-<stages>.tgz (the device tool brings back at most 8 files); the
 # short lines print as each stage ends.
 set -o pipefail
 cd "$(dirname "$0")/.."
@@ -18,38 +18,41 @@ ROOT=$PWD
 OUT=${OUT:-runs/bwd}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 LOG=$(mktemp -d /tmp/bwd-logs.XXXX)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT CUPY_CACHE_DIR=/tmp/cupy-cache-bwd
-pack() { tar -czf "$OUT/bwd-logs.tgz" -C "$LOG" . ; }
+ARCHIVE=$OUT/bwd-logs-$(echo "$*" | tr ' ' '-').tgz  # one archive per invocation (several fit in one call)
+pack() { tar -czf "$ARCHIVE" -C "$LOG" . ; }
+# STAGE_TIMEOUT (seconds): each stage's commands are killed after it (a hang leaves the other stages and logs)
+T() { timeout -k 5 "${STAGE_TIMEOUT:-3000}" "$@"; }
 trap pack EXIT
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader | tee "$LOG/device.txt"
 for stage in "$@"; do
   t0=$SECONDS
   case $stage in
   tests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sm90_bwd.py tests/test_dispatch.py -x 2>&1 | tee "$LOG/tests.log" | tail -4 ;;
+    T python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sm90_bwd.py tests/test_dispatch.py -x 2>&1 | tee "$LOG/tests.log" | tail -4 ;;
   sanitize)
-    python3 bench/sanitize_sm90_bwd.py > "$LOG/sanitize-plain.log" 2>&1 || { tail -20 "$LOG/sanitize-plain.log"; continue; }
+    T python3 bench/sanitize_sm90_bwd.py > "$LOG/sanitize-plain.log" 2>&1 || { tail -20 "$LOG/sanitize-plain.log"; continue; }
     for tool in memcheck racecheck synccheck; do
       opts=(); [ $tool = memcheck ] && opts=(--report-api-errors no)
-      compute-sanitizer --tool $tool "${opts[@]}" python3 bench/sanitize_sm90_bwd.py > "$LOG/sanitize-$tool.log" 2>&1
+      T compute-sanitizer --tool $tool "${opts[@]}" python3 bench/sanitize_sm90_bwd.py > "$LOG/sanitize-$tool.log" 2>&1
       echo "== $tool: $(grep -c '^ok ' "$LOG/sanitize-$tool.log") calls ok; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sanitize-$tool.log" | tail -1)"
     done ;;
   sweep)
-    python3 bench/bench_sm90.py --bwd --sweep ${SWEEP_ARGS:---dtypes bf16 --head-dims 64 128 --seqlens 2048 4096 16384} \
+    T python3 bench/bench_sm90.py --bwd --sweep ${SWEEP_ARGS:---dtypes bf16 --head-dims 64 128 --seqlens 2048 4096 16384} \
       --json "$LOG/sweep.json" > "$LOG/sweep.log" 2>&1; tail -45 "$LOG/sweep.log" ;;
   table)
-    python3 bench/bench_sm90.py ${TABLE_ARGS:---modes bwd fwd+bwd --deterministic} --json "$LOG/table.json" > "$LOG/table.log" 2>&1
+    T python3 bench/bench_sm90.py ${TABLE_ARGS:---modes bwd fwd+bwd --deterministic} --json "$LOG/table.json" > "$LOG/table.log" 2>&1
     tail -60 "$LOG/table.log" ;;
   ncu)
     for c in "" --causal; do
-      ncu --kernel-name regex:flash_bwd_sm90_kernel --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+      T ncu --kernel-name regex:flash_bwd_sm90_kernel --launch-skip 1 --launch-count 1 --section SpeedOfLight \
         --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
         python3 bench/profile_sm90_bwd.py --head-dim 128 $c > "$LOG/ncu${c/--/-}.log" 2>&1
       echo "== ncu hd128 16k ${c:-non-causal}:"; grep -E "Duration|Compute \(SM\) Throughput|Memory Throughput|L2 Hit|L1/TEX Hit|Issue Slots Busy|No Eligible|Stall|Warp Cycles Per Issued" "$LOG/ncu${c/--/-}.log" | head -14
     done ;;
   long)
-    python3 bench/long_context.py ${LONG_ARGS:-} --json "$LOG/long.json" > "$LOG/long.log" 2>&1; tail -12 "$LOG/long.log" ;;
+    T python3 bench/long_context.py ${LONG_ARGS:-} --json "$LOG/long.json" > "$LOG/long.log" 2>&1; tail -12 "$LOG/long.log" ;;
   fwdtests)
-    python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sm90.py -x 2>&1 | tee "$LOG/fwdtests.log" | tail -4 ;;
+    T python3 -m pytest -q -p no:cacheprovider tests/test_gpu_sm90.py -x 2>&1 | tee "$LOG/fwdtests.log" | tail -4 ;;
   fwdab)
     for tag in base new base2; do
       tree=$ROOT; [ $tag != new ] && tree=$ROOT/bench/ab/base
@@ -60,8 +63,8 @@ for stage in "$@"; do
     python3 - "$LOG" <<'PY'
 import json, sys
 d = sys.argv[1]
-rows = {t: {(r["head_dim"], r["causal"], r["seqlen"], r["provider"]): r["tflops"] for r in json.load(open(f"{d}/fwdab-{t}.json"))}
-        for t in ("base", "new", "base2")}
+rows = {t: {(r["head_dim"], r["causal"], r["seqlen"], r["provider"]): r["tflops"]
+            for r in json.load(open(f"{d}/fwdab-{t}.json"))["rows"]} for t in ("base", "new", "base2")}
 print("hd causal seqlen  base  new  base2  new/base  x cuDNN(new)")
 for k in sorted(k for k in rows["new"] if k[3] == "flashcupy-sm90"):
     b, n, b2 = rows["base"].get(k), rows["new"][k], rows["base2"].get(k)
@@ -70,7 +73,7 @@ for k in sorted(k for k in rows["new"] if k[3] == "flashcupy-sm90"):
 PY
     ;;
   full)
-    python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
+    T python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
   esac
   echo "-- $stage: $((SECONDS - t0)) s"
 done
