@@ -31,7 +31,7 @@
 //      as soon as P^T is packed, so it runs while dS^T is computed (that keeps P^T packed beside the fp32
 //      S^T and dP^T: at hd64 with 128-row tiles ptxas serializes the wgmmas, so hd64 takes 1).
 //      DETERMINISTIC (a kernel flag): the dQ writer adds the chunks of each 64-row dQ tile in key-block
-//      order. CTA j waits until the tile's turnstile (dq_sem) reads j, adds, waits until its additions
+//      order. CTA j waits until the tile's turnstile (dq_turnstiles) reads j, adds, waits until its additions
 //      have completed in global memory (not only read from shared memory: flash-attn #2244 / PR #2510),
 //      then releases j + 1. The key blocks that add to a tile are always blocks 0 .. J of the (batch, head)
 //      (the causal / dense walks begin at nondecreasing query tiles), so j is the count before it.
@@ -48,13 +48,10 @@
 
 // The four tensor maps of a backward call (flashcupy/_gpu_sm90_bwd.py encodes them): 4-D (head_dim,
 // nheads, seqlen, batch) views with boxes (64, 1, rows, 1), 128-byte swizzle; q and dout boxes of
-// BLOCK_M rows, k and v of BLOCK_N. dq_sem: DETERMINISTIC's turnstiles, (batch, nheads, seqlen_q pad /
-// 64) int32 zeros (null otherwise). 576 bytes (the host packs them so).
+// BLOCK_M rows, k and v of BLOCK_N.
 struct Sm90BwdTma {
     TmaDesc q, dout, k, v;
-    int* dq_sem;
 };
-static_assert(sizeof(Sm90BwdTma) == 576, "Sm90BwdTma layout (flashcupy/_gpu_sm90_bwd.py)");
 
 template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int STAGES_, int OVERLAP_, bool LPT_>
 struct Sm90BwdTraits {
@@ -74,7 +71,12 @@ struct Sm90BwdTraits {
     // 1 KB to align the dynamic window to the swizzle atom.
     static constexpr int SMEM_BYTES = 2 * KV_BYTES + 2 * STAGES * Q_BYTES + 2 * DS_BYTES + CONSUMERS * DQ_CHUNK +
                                       2 * STAGES * STATS_BYTES + 8 * BARRIERS + 1024;
-    static constexpr int PRODUCER_REGS = 32, CONSUMER_REGS = 240;
+    static constexpr int PRODUCER_REGS = 24, CONSUMER_REGS = 240;
+    // setmaxnreg moves registers within what the launch gave the CTA (__launch_bounds__(NTHREADS, 1):
+    // 65536 / NTHREADS rounded down to 8 per thread, 168 at 384), not the whole register file: a
+    // budget above it makes the consumers' setmaxnreg.inc wait forever (32 / 240 hung on the H200).
+    static_assert(PRODUCER_REGS * 128 + CONSUMER_REGS * 128 * CONSUMERS <= (65536 / NTHREADS / 8 * 8) * NTHREADS,
+                  "register budget of the warpgroups exceeds the launch allocation");
     // Each consumer computes one 64 x 64 chunk of the BLOCK_M x HEAD_DIM dQ tile per step.
     static_assert(HEAD_DIM % 64 == 0 && BLOCK_M % 64 == 0 && (BLOCK_M / 64) * PANELS == CONSUMERS, "tiles");
 };
@@ -86,6 +88,12 @@ __device__ __forceinline__ int stats_rows_padded(const AttnParams& p) { return (
 __device__ __forceinline__ i64 dq_chunk_index(const AttnParams& p, int batch, int head, int qt, int c) {
     const int panels = (p.head_dim + 63) / 64;
     return ((((i64)batch * p.nheads + head) * (stats_rows_padded(p) / 64) + qt) * panels + c) * 4096;
+}
+
+// DETERMINISTIC's turnstiles, (batch, nheads, seqlen_q pad / 64) int32, zeroed with p.dq_accum: they
+// follow its chunks in the same allocation (flashcupy/_gpu_sm90_bwd.py sizes it so).
+__device__ __forceinline__ int* dq_turnstiles(const AttnParams& p) {
+    return reinterpret_cast<int*>(p.dq_accum + dq_chunk_index(p, p.batch, 0, 0, 0));
 }
 
 // D and lse * log2(e) (+inf where lse is -inf: no visible key, so P = 0) into p.delta and p.lse_exp,
@@ -188,7 +196,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             }
         } else if (threadIdx.x == 32 && m_first >= 0) {  // dQ writer: each consumer's chunk, every step
             float* const dq_accum = p.dq_accum;
-            int* const sem = DETERMINISTIC ? t.dq_sem + ((i64)batch * nheads + head) * (stats_rows_padded(p) / 64) : nullptr;
+            int* const sem = DETERMINISTIC ? dq_turnstiles(p) + ((i64)batch * nheads + head) * (stats_rows_padded(p) / 64) : nullptr;
             int i = 0;
             for (int m0 = m_first; m0 >= 0; m0 = rows.next(), ++i) {
 #pragma unroll

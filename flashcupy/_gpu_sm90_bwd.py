@@ -2,7 +2,8 @@
 three kernels (statistics, main, dQ conversion).
 
 `plan_config(...)` says whether a fp16/bf16 backward takes this path (compute capability 9.0,
-head_dim <= 128, no dropout, no block mask, within the shared-memory budget;
+head_dim <= 128, no dropout, not deterministic (not yet dispatched: see plan_config), no block mask, within
+the shared-memory budget;
 FLASHCUPY_SM90=0 or FLASHCUPY_SM90_BWD=0 turn it off): flashcupy._dispatch plans with it.
 """
 
@@ -104,10 +105,10 @@ def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, s
                 deterministic: bool = False):
     """The Sm90BwdConfig flashcupy._dispatch plans for a fp16/bf16 backward on device (a DeviceInfo), or
     None where this family does not run it (not sm_90, dropout, a block mask, head_dim > 128, the
-    shared-memory budget, FLASHCUPY_SM90=0 / FLASHCUPY_SM90_BWD=0). deterministic runs here too (the dQ
-    writer's turnstiles); the argument stays for the dispatcher's one signature."""
-    del deterministic
-    if (not enabled() or device.cc != 90 or dropout or sparse_blocks is not None
+    shared-memory budget, FLASHCUPY_SM90=0 / FLASHCUPY_SM90_BWD=0), and deterministic=True: the kernel has
+    a deterministic mode (the dQ writer's turnstiles, backward(deterministic=True)) that has not yet run
+    on a GPU, so the dispatcher keeps deterministic calls on the mma.sync family until it has."""
+    if (not enabled() or device.cc != 90 or dropout or deterministic or sparse_blocks is not None
             or head_dim > 128):
         return None
     cfg = config_for(head_dim, causal)
@@ -149,7 +150,9 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float
     rows = stats_rows(sq)
     delta = cp.empty((b, h, rows), dtype=cp.float32)
     lse_log2 = cp.empty((b, h, rows), dtype=cp.float32)
-    dq_accum = cp.zeros((b, h, rows // 64, cfg.head_dim // 64, 4096), dtype=cp.float32)
+    chunks = b * h * (rows // 64) * (cfg.head_dim // 64) * 4096
+    # deterministic: the turnstiles (b, h, rows / 64) int32 follow the chunks, zeroed with them
+    dq_accum = cp.zeros(chunks + (b * h * (rows // 64) if deterministic else 0), dtype=cp.float32)
     kv_dtype = q.dtype if g == 1 else cp.float32
     dk_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
     dv_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
@@ -160,11 +163,8 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float
 
     prep = get_kernel(SOURCE, f"flash_bwd_sm90_prep_kernel<{elem}>", 0)
     prep((rows // 4, h, b), (128, 1, 1), (p,))
-    dq_sem = cp.zeros((b, h, rows // 64), dtype=cp.int32) if deterministic else None
-    sem_ptr = 0 if dq_sem is None else dq_sem.data.ptr
     tma = np.frombuffer(_tma_desc(q, cfg.block_m) + _tma_desc(dout, cfg.block_m) + _tma_desc(k, cfg.block_n)
-                        + _tma_desc(v, cfg.block_n) + int(sem_ptr).to_bytes(8, "little") + bytes(56),
-                        dtype=np.uint8)  # Sm90BwdTma: 576 bytes
+                        + _tma_desc(v, cfg.block_n), dtype=np.uint8)
     tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]
     kernel = get_kernel(SOURCE, cfg.kernel_name(elem, causal, deterministic), cfg.smem_bytes)
     n_blocks = math.ceil(sk / cfg.block_n)
