@@ -1,0 +1,845 @@
+"""flashcupy.testing: check any attention implementation against a float64 oracle by a rule that
+rejects 1% errors (public; needs NumPy, and hypothesis for `attention_problems`).
+
+    from flashcupy.testing import check_attention
+    report = check_attention(my_attention)        # my_attention(q, k, v, *, causal, softmax_scale) -> out
+    print(report.worst)                           # the largest error / bound ratio, with a reproducer
+
+- check_attention(impl, ...): random problems (shapes with seqlen 1 and ragged lengths, GQA, causal,
+  float16 / bfloat16 / float32 / float64), each checked by assert_attention_close; AssertionError on
+  the first failure, naming the case and a line that reproduces it.
+- assert_attention_close(out, q, k, v, ...): one output (and optionally its LSE) by the rule below.
+- attention_problems(): a hypothesis strategy of the same problems, for your own property tests.
+- assert_forward_rule / assert_backward_rule, naive_forward / naive_backward, random_inputs: the
+  pieces flashcupy's own tests use (tests/helpers.py re-exports them).
+
+The rule (DESIGN.md, "Correctness rule"; the same bound flash-attn's tests use, err <= 2 err_naive +
+floor, with a second, statistical criterion that catches biased errors):
+The correctness rule (DESIGN.md, "Correctness rule"): the oracle is NumPy float64
+(flashcupy.reference). For an input dtype T,
+
+    err_kernel = max|kernel - oracle|      err_naive = max|naive attention computed in T - oracle|
+    outputs:   err_kernel <= 2 * err_naive + floor
+    gradients: err_kernel <= 3 * err_naive + floor
+    floor = FLOOR_ULPS ulps of T at the output's magnitude (FLOOR_ULPS * eps(T) * max|oracle|)
+            + one ulp of the accumulation dtype at the magnitude of the summed terms, amplified by
+              the scores' magnitude through exp() (matters for float32 inputs only)
+            + gradients: one ulp of T at what the out read back in T moves dq, dk by through
+              D = rowsum(dO o O) (matters where dq, dk cancel: rows with one or few visible keys)
+    float64:   err_kernel <= 1e-12 * magnitude (of the output, or of its terms where it cancels)
+See rule_bound for why each floor term is inherent to any kernel following DESIGN.md's equations.
+
+"Naive attention computed in T" follows flash-attn's own tests (attention_ref with upcast=False):
+every matmul reads T operands, accumulates in float32 (float64 for float64) and rounds its result
+to T; the softmax reads T scores, computes in float32 and rounds P to T; q is scaled in T before
+q k^T. Its backward is autograd through those same ops.
+
+TF32 (flash_attn_*(..., allow_tf32=True) on float32 inputs): T is float32 with TF32 products, what
+torch computes with allow_tf32. naive_forward / naive_backward(..., tf32=True) round both operands of
+every matmul to TF32 (tf32_round: 10 explicit mantissa bits, round to nearest with ties away from
+zero, as PTX cvt.rna.tf32.f32), multiply exactly and accumulate in float32; everything else (the
+softmax, dS, the scaling, every stored tensor) stays float32. With float32 products the choice of
+where q is scaled and P normalised is lost in the floor; with TF32 products it decides which values
+get rounded, so two equally naive evaluations carry independent TF32 errors, and a maximum over a
+few values (one LSE per row; a problem with one query row) of one can be more than twice the
+other's. assert_forward_rule / assert_backward_rule(..., tf32=True) therefore take err_naive as the
+larger of the two naive orders: flash-attn's attention_ref (order="torch": q scaled before q k^T,
+P normalised before P V) and DESIGN.md's equations (order="design": S = softmax_scale * Q K^T,
+O = exp(S - m) V / l, dK = softmax_scale * dS^T Q). The floor stays in float32 ulps except the
+gradients' stored-output term, which uses TF32's eps (see rule_bound).
+
+Every function accepts NumPy arrays or anything with .get() (CuPy), so GPU tests can use them too.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from flashcupy import reference
+from flashcupy._arrays import bfloat16, dtype_name, lse_dtype
+
+FLOAT64_RTOL = 1e-12
+TF32_MANTISSA_BITS = 10  # explicit mantissa bits of TF32 (float32 has 23)
+TF32_EPS = 2.0**-TF32_MANTISSA_BITS  # its machine epsilon; unit roundoff TF32_EPS / 2 = 2^-11
+OUT_FACTOR = 2  # criterion 1: err_kernel <= 2 err_naive + floor, outputs
+GRAD_FACTOR = 2  # and gradients
+ULP_OFFSET = 0.3  # criterion 1's floor: one ulp of T at |oracle| + 0.3 (flash-attn's)
+RMS_FACTOR = 1.5  # criterion 2: rms(err_kernel) <= 1.5 rms(err_naive) + floor (why: statistics_bounds)
+BIAS_FACTOR = 2  # criterion 2: |bias(err_kernel)| <= 2 |bias(err_naive)| + NOISE_Z standard errors + floor
+NOISE_Z = 4  # standard errors of random rounding a statistic of criterion 2 may sit away from 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# arrays and dtypes
+
+
+def to_numpy(x):
+    """NumPy view/copy of a NumPy or CuPy array (anything with .get())."""
+    if x is None:
+        return None
+    if hasattr(x, "get") and not isinstance(x, np.ndarray):
+        x = x.get()
+    return np.asarray(x)
+
+
+def eps(dtype) -> float:
+    """Machine epsilon of dtype (float16, bfloat16, float32, float64)."""
+    dtype = np.dtype(dtype)
+    if bfloat16() is not None and dtype == bfloat16():
+        return 2.0**-7
+    return float(np.finfo(dtype).eps)
+
+
+def accum_dtype(dtype):
+    """Accumulation dtype of naive attention in dtype: float64 for float64, else float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def float_dtypes():
+    """The input dtypes the library supports on this machine (bfloat16 only with ml_dtypes)."""
+    dts = [np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)]
+    if bfloat16() is not None:
+        dts.insert(1, bfloat16())
+    return dts
+
+
+def random_inputs(rng, batch, seqlen_q, seqlen_k, nheads, nheads_k, head_dim, dtype=np.float32, *,
+                  amplitude=1.0, grad=False):
+    """Fresh standard-normal q, k, v (and dout when grad) in dtype, BSHD. Never zeros.
+
+    amplitude scales q and k (larger means peakier softmax rows).
+    """
+    def draw(*shape, a=1.0):
+        return (a * rng.standard_normal(shape)).astype(dtype)
+
+    q = draw(batch, seqlen_q, nheads, head_dim, a=amplitude)
+    k = draw(batch, seqlen_k, nheads_k, head_dim, a=amplitude)
+    v = draw(batch, seqlen_k, nheads_k, head_dim)
+    if not grad:
+        return q, k, v
+    return q, k, v, draw(batch, seqlen_q, nheads, head_dim)
+
+
+# ---------------------------------------------------------------------------------------------------
+# naive attention computed in dtype T
+
+
+def tf32_round(x):
+    """float32 -> the nearest TF32 value, as a float32 array (what PTX cvt.rna.tf32.f32 feeds an
+    mma.sync .tf32): keep the sign, the 8 exponent bits and the top 10 of the 23 mantissa bits; round
+    the 13 dropped bits to nearest, ties away from zero (add half of the kept ulp, 0x1000, to the
+    magnitude's bits, then clear the 13 low bits; a carry moves into the exponent, so the largest
+    finite floats round to inf). Relative error <= 2^-11 for normal numbers; values already
+    representable are returned unchanged; inf and NaN are kept as they are.
+    """
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"tf32_round: expected float32, got {x.dtype}")
+    bits = x.view(np.uint32)
+    rounded = ((bits + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    return np.where(np.isfinite(x), rounded, x)
+
+
+def _round(x, dtype):
+    """Round x to dtype T and return it in T's accumulation dtype (the value a T tensor holds)."""
+    return np.asarray(x).astype(dtype).astype(accum_dtype(dtype))
+
+
+def _mm(a, b, dtype, tf32=False):
+    """a @ b with T operands, accumulation in float32 (float64 for float64), result rounded to T.
+    tf32 (float32 only): both operands rounded to TF32 first (tf32_round), products accumulated in float32."""
+    acc = accum_dtype(dtype)
+    a, b = a.astype(acc), b.astype(acc)
+    if tf32:
+        a, b = tf32_round(a), tf32_round(b)
+    return _round(np.matmul(a, b), dtype)
+
+
+def _naive_setup(q, k, v, dtype, softmax_scale, tf32=False):
+    q, k, v = (to_numpy(x) for x in (q, k, v))
+    dtype = np.dtype(q.dtype if dtype is None else dtype)
+    if tf32 and dtype != np.float32:
+        raise ValueError(f"tf32: naive attention with TF32 products needs float32, got {dtype_name(dtype)}")
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+    group = q.shape[2] // k.shape[2]
+    # (B, H, S, D) tensors in T (held in the accumulation dtype); k, v repeated over the group (GQA).
+    qh = _round(q.transpose(0, 2, 1, 3), dtype)
+    kh = _round(np.repeat(k.transpose(0, 2, 1, 3), group, axis=1), dtype)
+    vh = _round(np.repeat(v.transpose(0, 2, 1, 3), group, axis=1), dtype)
+    return qh, kh, vh, dtype, scale, group
+
+
+ORDERS = ("torch", "design")
+
+
+def _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"):
+    """(qs, p, lse, e, denom): the q the scores were formed from (scaled in T for "torch"), P in T,
+    the LSE, exp(S - rowmax) in T and its row sums (1 on rows with no visible key)."""
+    if order not in ORDERS:
+        raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+    batch, nheads, seqlen_q, _ = qh.shape
+    seqlen_k = kh.shape[2]
+    if order == "torch":
+        qs = _round(qh * scale, dtype)  # flash-attn's reference scales q in T first
+        s = _mm(qs, kh.swapaxes(-1, -2), dtype, tf32)  # (B, H, Sq, Sk) in T
+    else:  # DESIGN.md's S = softmax_scale * Q K^T: the scale after the product
+        qs = qh
+        s = _round(_mm(qh, kh.swapaxes(-1, -2), dtype, tf32) * scale, dtype)
+    visible = reference.attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal,
+                                       mask=None if mask is None else to_numpy(mask))
+    s = np.where(visible, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    denom = e.sum(axis=-1, keepdims=True)
+    has_key = denom > 0
+    p = np.where(has_key, e / np.where(has_key, denom, 1.0), 0.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(has_key, np.log(np.where(has_key, denom, 1.0)) + m, -np.inf)[..., 0]
+    return qs, _round(p, dtype), lse.astype(lse_dtype(dtype)), _round(e, dtype), np.where(has_key, denom, 1.0)
+
+
+def _naive_probs(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"):
+    return _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32, order)[:3]
+
+
+def naive_forward(q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None, tf32=False, order="torch"):
+    """Attention computed naively in dtype T (default: q's dtype). Returns (out (B, Sq, H, D) in T
+    held as float32/float64, lse (B, H, Sq) as float32/float64).
+    tf32 (float32 only): q k^T and P V with TF32 operands (tf32_round), float32 accumulation.
+    order: "torch" (flash-attn's attention_ref: q scaled in T, out = P V with P normalised in T) or
+    "design" (DESIGN.md's equations: S = softmax_scale * (Q K^T), out = exp(S - m) V / l)."""
+    qh, kh, vh, dtype, scale, _ = _naive_setup(q, k, v, dtype, softmax_scale, tf32)
+    _, p, lse, e, denom = _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32, order)
+    if order == "torch":
+        out = _mm(p, vh, dtype, tf32)
+    else:  # rows with no visible key have e = 0: out 0
+        out = _round(_mm(e, vh, dtype, tf32) / denom, dtype)
+    return out.transpose(0, 2, 1, 3), lse
+
+
+def naive_backward(dout, q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None, tf32=False,
+                   order="torch"):
+    """Autograd of naive_forward, each op in dtype T. Returns (dq, dk, dv) shaped like q, k, v.
+    tf32 (float32 only): every matmul (the forward's two and dV, dP, dQ, dK) with TF32 operands.
+    order "design": dK = softmax_scale * (dS^T Q), the scale after the product as for dQ."""
+    qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, dtype, softmax_scale, tf32)
+    do = _round(to_numpy(dout).transpose(0, 2, 1, 3), dtype)
+    qs, p, _ = _naive_probs(qh, kh, dtype, scale, causal, mask, tf32, order)
+    acc = accum_dtype(dtype)
+    dv = _mm(p.swapaxes(-1, -2), do, dtype, tf32)
+    dp = _mm(do, vh.swapaxes(-1, -2), dtype, tf32)
+    # softmax backward, computed in the accumulation dtype and rounded to T (as torch does)
+    ds = _round(p * (dp - (p * dp).sum(axis=-1, keepdims=True, dtype=acc)), dtype)
+    dqs = _mm(ds, kh, dtype, tf32)
+    dq = _round(dqs * scale, dtype)
+    dk = _mm(ds.swapaxes(-1, -2), qs, dtype, tf32)
+    if order == "design":  # qs is the unscaled q
+        dk = _round(dk * scale, dtype)
+    batch, nheads, seqlen_k, head_dim = dk.shape
+
+    def ungroup(x):  # the backward of repeat: sum over the query heads of a group, rounded to T
+        x = x.reshape(batch, nheads // group, group, seqlen_k, head_dim).sum(axis=2, dtype=acc)
+        return _round(x, dtype).transpose(0, 2, 1, 3)
+
+    return dq.transpose(0, 2, 1, 3), ungroup(dk), ungroup(dv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the correctness rule
+
+
+def max_abs_err(got, oracle) -> float:
+    """max|got - oracle| in float64; -inf entries must coincide (and are then skipped); NaN is inf."""
+    got = to_numpy(got).astype(np.float64)
+    oracle = to_numpy(oracle).astype(np.float64)
+    assert got.shape == oracle.shape, f"shape {got.shape} != oracle's {oracle.shape}"
+    if got.size == 0:
+        return 0.0
+    if np.isnan(got).any():
+        return float("inf")
+    neg_inf = np.isneginf(oracle)
+    if not np.array_equal(np.isneginf(got), neg_inf):
+        return float("inf")
+    return float(np.abs(np.where(neg_inf, 0.0, got - np.where(neg_inf, 0.0, oracle))).max())
+
+
+def magnitude_of(*arrays) -> float:
+    """max |x| over the finite entries of the arrays (the 'output's magnitude')."""
+    m = 0.0
+    for a in arrays:
+        a = to_numpy(a).astype(np.float64)
+        a = a[np.isfinite(a)]
+        if a.size:
+            m = max(m, float(np.abs(a).max()))
+    return m
+
+
+def ulp(x, dtype):
+    """One ulp of dtype T at |x| (elementwise, float64): the spacing 2^floor(log2 |x|) * eps(T) of the
+    T values around |x|. For |x| >= T's smallest normal number (the rule takes it at |x| + 0.3)."""
+    _, exponent = np.frexp(np.abs(np.asarray(x, dtype=np.float64)))  # |x| = m 2^exponent, 0.5 <= m < 1
+    return np.ldexp(eps(dtype), exponent - 1)
+
+
+def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, score_magnitude=0.0,
+               stored_magnitude=0.0, tf32=False):
+    """Criterion 1 of DESIGN.md's rule (module docstring): the largest |kernel - oracle| allowed at an
+    element whose oracle value has magnitude `magnitude` (a scalar or an array: elementwise), for input
+    dtype T:
+
+        FACTOR * err_naive + ulp_T(magnitude + ULP_OFFSET) + eps(A) * (1 + sigma) * terms + eps(T) * stored
+
+    FACTOR = 2 for outputs and gradients (OUT_FACTOR, GRAD_FACTOR), err_naive = max|naive in T - oracle|
+    over the tensor, A the accumulation dtype (float32; float64 for float64).
+    ulp_T(|oracle| + 0.3): flash-attn's floor (2 * the rounding error of oracle + 0.3 in T, i.e. up to
+    one ulp), taken at each element's own magnitude: what storing a result in T may cost, with 0.3 (the
+    scale of attention outputs and gradients of unit-normal inputs) keeping the floor of elements that
+    cancel to ~0 at the ulp of a typical value rather than at the ulp of 0.
+    eps(A) * (1 + sigma) * terms: one ulp of A at the magnitude of the summed terms (`terms`, e.g.
+    max(P |V|) for out), amplified by exp(): a score s of size sigma carries an absolute rounding
+    error ~eps(A) * sigma in any evaluation in A, which exp() turns into a relative error of P, and
+    so does an LSE of size sigma stored in A (DESIGN.md: float32). For float16 / bfloat16 inputs it is
+    negligible (eps(float32) = eps(float16) / 8192); for float32 inputs, whose naive attention runs in
+    the kernel's own precision, it is what float32 arithmetic can promise.
+    eps(T) * stored: one ulp of T at the magnitude `stored` of what the rounding of a tensor stored
+    in T and read back can move: the backward reads out in T (half an ulp off the exact output) and
+    forms D = rowsum(dO o O) from it, so dq and dk carry eps(T) * scale * rowsum(|dO| o |O|) (P |K|)
+    even where the exact gradient cancels to 0 (see Magnitudes.dq_stored).
+    float64 inputs: err_kernel <= 1e-12 * max(magnitude, terms), magnitude = max|oracle|.
+    tf32 (float32 inputs, TF32 products; err_naive from naive attention with tf32=True): the same
+    bound, except that the stored term takes TF32_EPS instead of eps(float32). The backward's
+    dP = dO V^T reads dO and V rounded to TF32, while D = rowsum(dO o O) reads dO as stored and an O
+    whose every product had TF32 operands, so dP - D, and with it dq and dk, keeps TF32-sized noise
+    even where the exact gradient cancels to 0 (a row with one visible key), where the naive
+    attention, whose D is rowsum(P o dP) of its own dP, gives exactly 0.
+    """
+    dtype = np.dtype(dtype)
+    terms = magnitude if term_magnitude is None else term_magnitude
+    if dtype == np.float64:
+        return FLOAT64_RTOL * np.maximum(magnitude, terms)
+    factor = GRAD_FACTOR if grad else OUT_FACTOR
+    stored_eps = TF32_EPS if tf32 else eps(dtype)
+    return (factor * err_naive + ulp(np.asarray(magnitude, dtype=np.float64) + ULP_OFFSET, dtype)
+            + accum_floor(dtype, terms, score_magnitude) + stored_eps * stored_magnitude)
+
+
+def accum_floor(dtype, term_magnitude, score_magnitude=0.0):
+    """eps(A) * (1 + sigma) * terms (see rule_bound): what arithmetic in the accumulation dtype A can
+    promise; the one floor of the rule that may be systematic (a bias), so criterion 2 takes it whole."""
+    return eps(accum_dtype(dtype)) * (1.0 + score_magnitude) * term_magnitude
+
+
+class RuleRatios(NamedTuple):
+    """err / bound of each criterion of the rule for one tensor (<= 1 passes): max (criterion 1, the
+    worst element), rms and bias (criterion 2; bias: the worse of the mean and the oracle-direction
+    bias). worst: the largest of the three."""
+
+    max: float
+    rms: float
+    bias: float
+
+    @property
+    def worst(self) -> float:
+        return max(self.max, self.rms, self.bias)
+
+
+def _ratio(err, bound):
+    err, bound = float(err), float(bound)
+    if err <= bound:
+        return err / bound if bound > 0 else 0.0
+    return err / bound if bound > 0 else float("inf")
+
+
+class _Rows:
+    """The rows of a tensor for criterion 2's statistics: the last axis of a 4-D (B, S, H, D) tensor (one
+    query's or key's head_dim values, whose rounding errors share that row's P, dS and D), each element
+    on its own otherwise (the LSE). Rows whose oracle values are identical (softmax_scale 0 without a
+    mask, one visible key: the same computation on the same inputs) carry the same rounding errors, so
+    the statistics count them as one row (their errors summed)."""
+
+    def __init__(self, oracle, finite):
+        d = oracle.shape[-1] if oracle.ndim == 4 else 1
+        rows = np.where(finite, oracle, np.inf).reshape(-1, d)
+        self.d = d
+        if len(np.unique(rows @ np.sin(np.arange(1.0, d + 1.0)))) == len(rows):  # cheap: no two rows alike
+            self.inverse, self.n_rows, self.n = None, len(rows), max(int(finite.sum()), 1)
+            return
+        _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+        self.inverse, self.n_rows = inverse.reshape(-1), len(first)
+        self.n = max(int(finite.reshape(-1, d)[first].sum()), 1)  # finite elements of the distinct rows
+
+    def merged(self, x):
+        """x (shaped like the oracle) summed over identical rows: (distinct rows, d)."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1, self.d)
+        if self.inverse is None:
+            return x
+        acc = np.zeros((self.n_rows, self.d))
+        np.add.at(acc, self.inverse, x)
+        return acc
+
+    def bias(self, e, u):
+        """(b, se): the bias of the error e along the direction u, b = sum(e u) / sum(u^2) (the mean error
+        for u = 1; for u = oracle, b is the relative error of a kernel computing (1 + b) * oracle), and its
+        standard error if the rows' errors were independent and zero-mean,
+        se = sqrt(sum over rows of (sum_row e u)^2) / sum(u^2)."""
+        w = float((u * u).sum())
+        r = self.merged(e * u).sum(axis=1)
+        return float(r.sum()) / w, float(np.sqrt((r * r).sum())) / w
+
+    def independent_se(self, h, u):
+        """sqrt(sum (h u)^2) / sum(u^2): the standard error of bias() for errors of size h independent
+        across a row's elements (still identical across identical rows)."""
+        return float(np.sqrt((self.merged(h * u) ** 2).sum())) / float((u * u).sum())
+
+
+def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
+                score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
+                stored_dtype=None) -> RuleRatios:
+    """err / bound of DESIGN.md's rule for one tensor, by criterion (module docstring; rule_bound,
+    statistics_bounds). naive: the naive result in T, a list of them (evaluation orders: err_naive and
+    the naive statistics are then the largest over the list), or None for float64.
+
+    magnitude: None (default) takes criterion 1's floor at each element's own |oracle| (float64: at
+    max|oracle|); a number takes it there for every element. term_magnitude, score_magnitude,
+    stored_magnitude: the scalar floors of rule_bound. terms, stored: elementwise magnitudes shaped like
+    the oracle for criterion 2 (Magnitudes: what the kernel rounds to T in the last product, and the
+    stored-output mismatch); None: 0, and the scalar stored_magnitude for stored. stored_dtype: the
+    dtype the result is stored in (the LSE: float32), default T.
+    """
+    dtype = np.dtype(dtype)
+    got = to_numpy(got).astype(np.float64)
+    oracle = to_numpy(oracle).astype(np.float64)
+    err = max_abs_err(got, oracle)
+    if dtype == np.float64:
+        mag = magnitude_of(oracle) if magnitude is None else magnitude
+        return RuleRatios(_ratio(err, rule_bound(dtype, 0.0, mag, term_magnitude=term_magnitude)), 0.0, 0.0)
+    naives = [to_numpy(x).astype(np.float64) for x in (naive if isinstance(naive, list) else [naive])]
+    if not np.isfinite(err):
+        return RuleRatios(float("inf"), float("inf"), float("inf"))
+    finite = np.isfinite(oracle)  # -inf (LSE of a row with no visible key) coincides, as err checked
+    o = np.where(finite, oracle, 0.0)
+    e = np.where(finite, got - o, 0.0)
+    ens = [np.where(finite, x - o, 0.0) for x in naives]
+    err_naive = max(max_abs_err(x, oracle) for x in naives)
+    kw = dict(grad=grad, term_magnitude=magnitude_of(oracle) if term_magnitude is None else term_magnitude,
+              score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32)
+    bound = rule_bound(dtype, err_naive, np.abs(o) if magnitude is None else magnitude, **kw)
+    ratio_max = float((np.abs(e) / bound).max()) if e.size else 0.0
+    rms_bound, bias_bounds = statistics_bounds(o, ens, dtype, finite=finite, terms=terms, stored=stored,
+                                               stored_dtype=stored_dtype, **kw)
+    ratio_rms = _ratio(np.sqrt(np.mean(e * e)) if e.size else 0.0, rms_bound)
+    rows = _Rows(o, finite)
+    ratio_bias = 0.0
+    for u, bias_bound in zip((np.where(finite, 1.0, 0.0), o), bias_bounds):
+        if bias_bound is not None:
+            ratio_bias = max(ratio_bias, _ratio(abs(rows.bias(e, u)[0]), bias_bound))
+    return RuleRatios(ratio_max, ratio_rms, ratio_bias)
+
+
+def statistics_bounds(oracle, naive_errors, dtype, *, finite=None, grad=False, term_magnitude=0.0,
+                      score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
+                      stored_dtype=None):
+    """Criterion 2 of DESIGN.md's rule (module docstring) for one tensor of N finite elements:
+    (rms bound, (bias bound along 1, bias bound along oracle)); a bias bound is None where its
+    direction is 0 (an all-zero oracle).
+
+        rms(err)             <= RMS_FACTOR * rms(err_naive) + eps(T) * rms(stored) + accum
+                                + NOISE_Z * rms(h) / sqrt(N)
+        |bias_u(err)|        <= BIAS_FACTOR * |bias_u(err_naive)| + NOISE_Z * sqrt(se_u(err_naive)^2 + se_u(h)^2)
+                                + accum * sum|u| / sum(u^2)
+
+    for the directions u = 1 (the mean error) and u = oracle (a relative error common to the tensor,
+    out * 1.01). bias_u(e) = sum(e u) / sum(u^2); se_u(e) = sqrt(sum over rows of (sum_row e u)^2) / sum(u^2)
+    is its standard error if the rows' errors were independent and zero-mean (a row: one query's or
+    key's head_dim values, which share that row's P, dS and D; each LSE value alone); se_u(h) takes
+    every element's error at its bound h with the sign of u (correlated within a row, independent
+    across rows).
+
+    h = u(S) |oracle| + u(T) terms + eps(T) stored, elementwise: a kernel that follows DESIGN.md's
+    equations rounds its result to the dtype S it is stored in (half an ulp, unit roundoff u = eps / 2)
+    and the A operand of its last product to T (P before P V, dS before dS K and dS^T Q: `terms` is that
+    product's sum of absolute values, Magnitudes.*_terms), and reads back the stored output (`stored`,
+    Magnitudes.*_stored_elem); everything else it does in float32 (accum). tf32: u(T) is TF32's unit
+    roundoff and eps(T) TF32_EPS. Rounding errors are random: they enter the statistics divided by
+    sqrt(N) (or through se_u), so h sets the floor of small problems (a few rows, where naive attention's
+    own statistics are a handful of random draws) and fades on large ones, where err_naive's decide;
+    accum, the one floor that may be systematic, enters whole.
+    """
+    dtype = np.dtype(dtype)
+    o = np.asarray(oracle, dtype=np.float64)
+    finite = np.ones(o.shape, dtype=bool) if finite is None else finite
+    o = np.where(finite, o, 0.0)
+    n = max(int(finite.sum()), 1)
+    rows = _Rows(o, finite)
+    stored_eps = TF32_EPS if tf32 else eps(dtype)
+    u_op = TF32_EPS / 2 if tf32 else eps(dtype) / 2
+    u_store = eps(dtype if stored_dtype is None else stored_dtype) / 2
+    accum = accum_floor(dtype, term_magnitude, score_magnitude)
+    if stored is None:
+        stored_rms, stored_arr = stored_magnitude, 0.0
+    else:
+        stored_arr = np.where(finite, np.asarray(stored, dtype=np.float64), 0.0)
+        stored_rms = float(np.sqrt(np.sum(stored_arr**2) / n))
+    terms_arr = 0.0 if terms is None else np.where(finite, np.asarray(terms, dtype=np.float64), 0.0)
+    h = np.where(finite, u_store * np.abs(o) + u_op * terms_arr, 0.0)  # independent per element
+    h_row = np.where(finite, stored_eps * stored_arr, 0.0)  # one D per row: common to a row's elements
+
+    def rms(x):
+        return float(np.sqrt(np.sum(x * x) / n))
+
+    rms_bound = (RMS_FACTOR * max(rms(x) for x in naive_errors) + stored_eps * stored_rms + accum
+                 + NOISE_Z * float(np.hypot(rms(h), rms(h_row))) / np.sqrt(rows.n))
+    bias_bounds = []
+    for u in (np.where(finite, 1.0, 0.0), o):
+        w = float((u * u).sum())
+        if w == 0.0:
+            bias_bounds.append(None)
+            continue
+        naive_bias = max(abs(rows.bias(x, u)[0]) for x in naive_errors)
+        naive_se = max(rows.bias(x, u)[1] for x in naive_errors)
+        h_se = float(np.hypot(rows.independent_se(h, np.abs(u)), rows.bias(h_row, np.abs(u))[1]))
+        bias_bounds.append(BIAS_FACTOR * naive_bias + NOISE_Z * float(np.hypot(naive_se, h_se))
+                           + accum * float(np.abs(u).sum()) / w)
+    return rms_bound, tuple(bias_bounds)
+
+
+def check_rule(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
+               score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
+               stored_dtype=None) -> RuleRatios:
+    """Assert DESIGN.md's rule (module docstring) for one tensor: both criteria, by rule_ratios (see
+    there for the arguments). Returns the RuleRatios (each <= 1)."""
+    r = rule_ratios(name, got, oracle, naive, dtype, grad=grad, magnitude=magnitude, term_magnitude=term_magnitude,
+                    score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32, terms=terms,
+                    stored=stored, stored_dtype=stored_dtype)
+    what = dtype_name(np.dtype(dtype)) + (", TF32 products" if tf32 else "")
+    assert r.worst <= 1.0, (f"{name} ({what}): err_kernel / bound = {r.max:.3g} (max, criterion 1), "
+                            f"{r.rms:.3g} (rms), {r.bias:.3g} (bias, criterion 2); "
+                            f"{'gradient' if grad else 'output'} rule, err_kernel {max_abs_err(got, oracle):.3e}")
+    return r
+
+
+class Magnitudes:
+    """Term magnitudes of one attention problem, in float64 from the oracle's P (see rule_bound and
+    statistics_bounds). Scalars (criterion 1's floors):
+
+    sigma: largest |scaled score| a visible entry can carry, scale * (|q| |k|^T), or |LSE| if larger.
+    out:   max(P |V|).
+    dq, dk, dv (when dout is given): the gradients' sums over absolute values,
+           dS-terms = P o (|dO| |V|^T + rowsum(|dO| o (P |V|))),
+           dq: scale * dS-terms |K|, dk: scale * dS-terms^T |Q|, dv: P^T |dO| (summed over a group).
+    They also cover the exactly-zero gradients of rows with one visible key, whose float evaluation
+    (D = rowsum(dO o O), as the flash backward computes it) still leaves noise of the terms' size.
+    dq_stored, dk_stored: what an O off by |O| (a relative error of 1) moves dq and dk by through
+    D = rowsum(dO o O): scale * rowsum(|dO| o |O|) (P |K|), and its transpose with |Q|.
+
+    Elementwise (BSHD like the tensor; criterion 2's h):
+    out_terms: P |V|, the terms of O = P V, whose A operand P a kernel rounds to T.
+    dq_terms, dk_terms, dv_terms: scale * |dS| |K|, scale * |dS|^T |Q|, P^T |dO| (group sums), with the
+           exact dS = P o (dP - D): the products whose A operand (dS, P) a kernel rounds to T.
+    dq_stored_elem, dk_stored_elem, dv_stored_elem: what D = rowsum(dO o O) read from an O off by
+           |O| moves each element by: dq through dS = P (dP - D): scale * rowsum(|dO| o |O|) |P K|;
+           dk: scale * sqrt(P^2^T (rowsum(|dO| o |O|)^2 |Q|^2)) (one such error per query row, random
+           across rows, added in quadrature); dv: 0.
+    keep, p_eff (dropout): the elementwise arrays are those of the dropped problem (P o Z / (1 - p_eff)
+    in O and dV, dP o Z / (1 - p_eff) in dS); the scalars stay the undropped problem's.
+    """
+
+    def __init__(self, q, k, v, dout=None, *, softmax_scale=None, causal=False, mask=None, keep=None, p_eff=0.0):
+        q, k, v = (to_numpy(x).astype(np.float64) for x in (q, k, v))
+        batch, seqlen_q, nheads, head_dim = q.shape
+        seqlen_k, nheads_k = k.shape[1], k.shape[2]
+        group = nheads // nheads_k
+        scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
+        p, lse = reference.attention_probs(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask)
+        qa = np.abs(q).transpose(0, 2, 1, 3)
+        ka, va = (np.repeat(np.abs(x).transpose(0, 2, 1, 3), group, axis=1) for x in (k, v))
+        visible = reference.attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal,
+                                           mask=None if mask is None else to_numpy(mask))
+        s_abs = np.where(visible, scale * (qa @ ka.swapaxes(-1, -2)), 0.0)
+        self.sigma = max(magnitude_of(s_abs), magnitude_of(lse))
+        pv = p @ va  # (B, H, Sq, D)
+        self.out = magnitude_of(pv)
+        z = 1.0 if keep is None else to_numpy(keep).astype(np.float64) / (1.0 - p_eff)
+        pz = p * z  # P o Z / (1 - p): what multiplies V and dO
+        bshd = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+
+        def group_sum(x):
+            return x.reshape(batch, nheads_k, group, seqlen_k, head_dim).sum(axis=2)
+
+        self.out_terms = bshd(np.sqrt(pz**2 @ va**2))
+        if dout is None:
+            return
+        do = to_numpy(dout).astype(np.float64).transpose(0, 2, 1, 3)
+        doa = np.abs(do)
+        terms = p * (doa @ va.swapaxes(-1, -2) + (doa * pv).sum(axis=-1, keepdims=True))
+        self.dq = scale * magnitude_of(terms @ ka)
+        self.dk = scale * magnitude_of(group_sum(terms.swapaxes(-1, -2) @ qa))
+        self.dv = magnitude_of(group_sum(p.swapaxes(-1, -2) @ doa))
+        kh = np.repeat(k.transpose(0, 2, 1, 3), group, axis=1)
+        vh = np.repeat(v.transpose(0, 2, 1, 3), group, axis=1)
+        d_abs = (doa * np.abs(p @ vh)).sum(axis=-1, keepdims=True)
+        self.dq_stored = scale * magnitude_of(d_abs * (p @ ka))
+        self.dk_stored = scale * magnitude_of(group_sum(p.swapaxes(-1, -2) @ (d_abs * qa)))
+        self.dv_stored = 0.0
+        # elementwise, of the (dropped) problem: exact dS, its terms and the stored-output mismatch, each a
+        # sum of independent rounding errors: added in quadrature
+        o_z = pz @ vh
+        dp = (do @ vh.swapaxes(-1, -2)) * z
+        ds = p * (dp - (do * o_z).sum(axis=-1, keepdims=True))
+        self.dq_terms = scale * bshd(np.sqrt(ds**2 @ ka**2))
+        self.dk_terms = scale * bshd(np.sqrt(group_sum((ds**2).swapaxes(-1, -2) @ qa**2)))
+        self.dv_terms = bshd(np.sqrt(group_sum((pz**2).swapaxes(-1, -2) @ doa**2)))
+        d_q = np.sqrt(((do * o_z) ** 2).sum(axis=-1, keepdims=True))  # (B, H, Sq, 1)
+        self.dq_stored_elem = scale * bshd(d_q * np.abs(p @ kh))
+        self.dk_stored_elem = scale * bshd(np.sqrt(group_sum((p * p).swapaxes(-1, -2) @ (d_q**2 * qa**2))))
+        self.dv_stored_elem = np.zeros_like(self.dv_terms)
+
+
+def forward_rule_inputs(q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """{"out": kwargs, "lse": kwargs}: what check_rule needs besides (name, got) for a forward on
+    q, k, v (oracle, naive, dtype and the floors); the work of assert_forward_rule that does not depend
+    on the kernel's result, so several results can be checked against one problem."""
+    q, k, v = (to_numpy(x) for x in (q, k, v))
+    dtype = q.dtype
+    tf32 = bool(tf32) and dtype == np.float32
+    kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, **kw)
+    if dtype == np.float64:
+        nv_out, nv_lse = None, None
+    elif tf32:
+        orders = [naive_forward(q, k, v, **kw, tf32=True, order=order) for order in ORDERS]
+        nv_out, nv_lse = [o for o, _ in orders], [lse for _, lse in orders]
+    else:
+        nv_out, nv_lse = naive_forward(q, k, v, **kw)
+    mags = Magnitudes(q, k, v, **kw)
+    common = dict(dtype=dtype, score_magnitude=mags.sigma, tf32=tf32)
+    return {"out": dict(oracle=ref_out, naive=nv_out, term_magnitude=mags.out, terms=mags.out_terms, **common),
+            # lse = m + log(l): its terms are of size 1 around the scores' own magnitude sigma; it is
+            # stored in float32 and no T rounding enters it (l sums the unrounded P)
+            "lse": dict(oracle=ref_lse, naive=nv_lse, term_magnitude=1.0, stored_dtype=lse_dtype(dtype), **common)}
+
+
+def backward_rule_inputs(dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """{"dq": kwargs, "dk": ..., "dv": ...}: as forward_rule_inputs, for check_rule on the gradients."""
+    dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
+    dtype = q.dtype
+    tf32 = bool(tf32) and dtype == np.float32
+    kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask)
+    refs = reference.attention_backward(dout, q, k, v, **kw)
+    if dtype == np.float64:
+        naives = (None,) * 3
+    elif tf32:
+        naives = list(zip(*(naive_backward(dout, q, k, v, **kw, tf32=True, order=order) for order in ORDERS)))
+        naives = [list(x) for x in naives]  # per gradient: [torch order, design order]
+    else:
+        naives = naive_backward(dout, q, k, v, **kw)
+    mags = Magnitudes(q, k, v, dout, **kw)
+    return {name: dict(oracle=ref, naive=nv, dtype=dtype, grad=True, term_magnitude=getattr(mags, name),
+                       score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"), tf32=tf32,
+                       terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"))
+            for name, ref, nv in zip(("dq", "dk", "dv"), refs, naives)}
+
+
+def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """Check a kernel's (out, lse) for inputs q, k, v against the oracle by DESIGN.md's rule (both
+    criteria, module docstring). Returns {"out": RuleRatios, "lse": RuleRatios}.
+
+    lse may be None. The dtype T is q's. Accepts NumPy or CuPy arrays.
+    tf32: for float32 inputs, T is float32 with TF32 products (allow_tf32=True): err_naive is the
+    larger error of naive_forward(..., tf32=True) in the "torch" and the "design" order (see the
+    module docstring). Other dtypes ignore it (as allow_tf32 does) and take their own rule.
+    """
+    if lse is not None:
+        lse_np = to_numpy(lse)
+        want = lse_dtype(to_numpy(q).dtype)
+        assert lse_np.dtype == want, f"lse dtype {lse_np.dtype}, expected {want}"
+    inputs = forward_rule_inputs(q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32)
+    got = {"out": out, "lse": lse}
+    return {name: check_rule(name, got[name], **kw) for name, kw in inputs.items() if got[name] is not None}
+
+
+def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """Check a kernel's (dq, dk, dv) against the oracle's gradients by DESIGN.md's rule (both criteria).
+    tf32: as assert_forward_rule (err_naive from naive_backward(..., tf32=True), both orders).
+    Returns {"dq": RuleRatios, "dk": ..., "dv": ...}."""
+    inputs = backward_rule_inputs(dout, q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32)
+    return {name: check_rule(name, g, **kw) for g, (name, kw) in zip(grads, inputs.items())}
+
+
+# ---------------------------------------------------------------------------------------------------
+# dropout: naive attention in T with the same keep-mask, and the rule against the oracle given the mask
+
+
+def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None):
+    """Naive attention and its autograd in q's dtype T (as naive_forward / naive_backward) with the
+    dropout keep-mask Z applied to P and dP (scaled by 1 / (1 - p_eff)). Returns (out, (dq, dk, dv))."""
+    qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, None, None)
+    qs, p, _ = _naive_probs(qh, kh, dtype, scale, causal, None if mask is None else to_numpy(mask))
+    z = to_numpy(keep) / (1.0 - p_eff)
+    pd = _round(p * z, dtype)
+    out = _mm(pd, vh, dtype).transpose(0, 2, 1, 3)
+    do = _round(to_numpy(dout).transpose(0, 2, 1, 3), dtype)
+    acc = accum_dtype(dtype)
+    dv = _mm(pd.swapaxes(-1, -2), do, dtype)
+    dp = _round(_mm(do, vh.swapaxes(-1, -2), dtype) * z, dtype)
+    ds = _round(p * (dp - (p * dp).sum(axis=-1, keepdims=True, dtype=acc)), dtype)
+    dq = _round(_mm(ds, kh, dtype) * scale, dtype)
+    dk = _mm(ds.swapaxes(-1, -2), qs, dtype)
+    b, h, sk, d = dk.shape
+
+    def ungroup(x):
+        return _round(x.reshape(b, h // group, group, sk, d).sum(axis=2, dtype=acc), dtype).transpose(0, 2, 1, 3)
+
+    return out, (dq.transpose(0, 2, 1, 3), ungroup(dk), ungroup(dv))
+
+
+def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False, mask=None):
+    """DESIGN.md's rule for a dropout run against the oracle given the regenerated keep-mask: err_naive
+    from naive attention in T with the same mask; criterion 1's term magnitudes of the undropped problem
+    times 1 / (1 - p_eff) (an upper bound of the dropped terms), criterion 2's elementwise ones of the
+    dropped problem. grads may be None."""
+    dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
+    dtype = q.dtype
+    inv = 1.0 / (1.0 - p_eff)
+    mags = Magnitudes(q, k, v, dout, causal=causal, mask=mask, keep=keep, p_eff=p_eff)
+    nv_out, nv_grads = naive_with_dropout(q, k, v, dout, keep, p_eff, causal=causal, mask=mask)
+    ref_out, _ = reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff)
+    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out * inv, score_magnitude=mags.sigma,
+               terms=mags.out_terms)
+    if grads is None:
+        return
+    refs = reference.attention_backward(dout, q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff)
+    for name, g, r, nv in zip(("dq", "dk", "dv"), grads, refs, nv_grads):
+        check_rule(name, g, r, nv, dtype, grad=True, term_magnitude=getattr(mags, name) * inv,
+                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv,
+                   terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the public checks: any implementation against the oracle
+
+
+class Case(NamedTuple):
+    """One random attention problem of check_attention: shapes (batch, seqlen_q, seqlen_k, nheads,
+    nheads_k, head_dim), dtype name, causal, softmax_scale (None: head_dim ** -0.5), the NumPy seed."""
+
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    head_dim: int
+    dtype: str
+    causal: bool
+    softmax_scale: float | None
+    seed: int
+
+    def inputs(self):
+        """(q, k, v) NumPy arrays in BSHD (batch, seqlen, heads, head_dim), drawn from N(0, 1)."""
+        rng = np.random.default_rng(self.seed)
+        return random_inputs(rng, self.batch, self.seqlen_q, self.seqlen_k, self.nheads, self.nheads_k,
+                             self.head_dim, _dtype_of(self.dtype))
+
+    def reproducer(self) -> str:
+        """A line of Python that rebuilds this case's inputs."""
+        return f"flashcupy.testing.{self!r}.inputs()"
+
+
+class Report(NamedTuple):
+    """What check_attention saw: every case with its worst error / bound ratio (<= 1 passes), and the
+    worst of them."""
+
+    cases: list
+    worst: tuple  # (ratio, Case)
+
+
+def _dtype_of(name):
+    if name == "bfloat16":
+        bf16 = bfloat16()
+        if bf16 is None:
+            raise ValueError("dtype: bfloat16 needs ml_dtypes")
+        return bf16
+    return np.dtype(name)
+
+
+def _worst_ratio(ratios) -> float:
+    return max(r.worst for r in ratios.values())
+
+
+def assert_attention_close(out, q, k, v, *, lse=None, softmax_scale=None, causal=False, mask=None, tf32=False):
+    """Check out = softmax(q k^T * softmax_scale) v (and its log-sum-exp lse, if given) of any
+    implementation against the float64 oracle by the rule of this module's docstring.
+
+    q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim), nheads a
+    multiple of nheads_k (GQA); out like q, in q's dtype T (float16, bfloat16, float32, float64); lse
+    (batch, nheads, seqlen_q) float32 (float64 for float64 inputs), natural log. NumPy arrays or
+    anything with .get() (CuPy). causal: flash-attn's bottom-right-aligned causal mask; mask: an optional
+    boolean (seqlen_q, seqlen_k) mask of visible keys; tf32: float32 with TF32 products.
+    Returns {"out": RuleRatios, ...} (ratios to the bound: <= 1 passes). Raises AssertionError naming the
+    output, the error and the bound when the rule fails.
+    """
+    return assert_forward_rule(out, lse, q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32)
+
+
+def random_cases(n: int, *, seed: int = 0, dtypes=("float16", "bfloat16", "float32", "float64"),
+                 causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128)) -> list:
+    """n Case records: seqlens 1..max_seqlen (1 and odd lengths included), seqlen_q != seqlen_k, batch
+    1-2, nheads_k 1-2 with GQA groups 1-3, the given dtypes (bfloat16 only where ml_dtypes imports) and
+    head dims; a fixed function of seed."""
+    rng = np.random.default_rng(seed)
+    dtypes = [d for d in dtypes if d != "bfloat16" or bfloat16() is not None]
+    out = []
+    for i in range(n):
+        nheads_k = int(rng.integers(1, 3))
+        seqlens = [1, int(rng.integers(1, max_seqlen + 1)), int(rng.integers(1, max_seqlen + 1))]
+        out.append(Case(batch=int(rng.integers(1, 3)), seqlen_q=int(rng.choice(seqlens)),
+                        seqlen_k=int(rng.choice(seqlens[1:])), nheads=nheads_k * int(rng.integers(1, 4)),
+                        nheads_k=nheads_k, head_dim=int(rng.choice(head_dims)), dtype=str(rng.choice(dtypes)),
+                        causal=bool(rng.choice(causal)), softmax_scale=None, seed=int(seed * 100003 + i)))
+    return out
+
+
+def check_attention(impl, *, cases: int = 50, seed: int = 0, dtypes=("float16", "bfloat16", "float32", "float64"),
+                    causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128)) -> Report:
+    """Run impl(q, k, v, causal=..., softmax_scale=...) -> out on `cases` random problems (random_cases)
+    and check each by assert_attention_close.
+
+    impl takes NumPy arrays q (batch, seqlen_q, nheads, head_dim), k, v (batch, seqlen_k, nheads_k,
+    head_dim) and returns out like q (NumPy, or anything with .get(): convert inside impl for other
+    frameworks). Returns a Report when every case passes. Raises AssertionError on the first failing
+    case, with the rule's message, the case and its reproducer (Case.reproducer()).
+    """
+    results, worst = [], (0.0, None)
+    for case in random_cases(cases, seed=seed, dtypes=dtypes, causal=causal, max_seqlen=max_seqlen,
+                             head_dims=head_dims):
+        q, k, v = case.inputs()
+        out = impl(q, k, v, causal=case.causal, softmax_scale=case.softmax_scale)
+        try:
+            ratio = _worst_ratio(assert_attention_close(out, q, k, v, softmax_scale=case.softmax_scale,
+                                                        causal=case.causal))
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n  case: {case}\n  inputs: {case.reproducer()}") from None
+        results.append((ratio, case))
+        worst = max(worst, (ratio, case), key=lambda t: t[0])
+    return Report(results, worst)
+
+
+def attention_problems(*, dtypes=("float16", "float32", "float64"), max_seqlen: int = 64,
+                       head_dims=(8, 16, 32, 40, 64)):
+    """A hypothesis strategy of Case records (the shapes of random_cases, drawn by hypothesis so that
+    it shrinks failures): use as @given(case=attention_problems()), then case.inputs()."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def problems(draw):
+        nheads_k = draw(st.integers(1, 2))
+        return Case(batch=draw(st.integers(1, 2)), seqlen_q=draw(st.integers(1, max_seqlen)),
+                    seqlen_k=draw(st.integers(1, max_seqlen)), nheads=nheads_k * draw(st.integers(1, 3)),
+                    nheads_k=nheads_k, head_dim=draw(st.sampled_from(head_dims)), dtype=draw(st.sampled_from(dtypes)),
+                    causal=draw(st.booleans()), softmax_scale=None, seed=draw(st.integers(0, 2**31 - 1)))
+
+    return problems()

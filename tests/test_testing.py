@@ -1,0 +1,67 @@
+"""flashcupy.testing, the public checker (issue 19): it passes a correct implementation (flashcupy's
+CPU path), catches a 1% error in bfloat16 (the oracle's output x 1.01), names a reproducer, and its
+hypothesis strategy draws valid problems. No GPU."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+import flashcupy
+from flashcupy import reference, testing
+
+
+def _flashcupy(q, k, v, *, causal, softmax_scale):
+    return flashcupy.flash_attn_func(q, k, v, causal=causal, softmax_scale=softmax_scale)
+
+
+def _oracle_times(factor):
+    def impl(q, k, v, *, causal, softmax_scale):
+        out, _ = reference.attention_forward(q, k, v, causal=causal, softmax_scale=softmax_scale)
+        return (np.asarray(out, dtype=np.float64) * factor).astype(q.dtype)
+    return impl
+
+
+def test_a_correct_implementation_passes():
+    report = testing.check_attention(_flashcupy, cases=24, seed=1)
+    assert len(report.cases) == 24
+    assert 0.0 <= report.worst[0] <= 1.0
+    assert {c.dtype for _, c in report.cases} >= {"float16", "float32", "float64"}
+
+
+def test_the_oracle_rounded_to_the_dtype_passes():
+    testing.check_attention(_oracle_times(1.0), cases=16, seed=2)
+
+
+def test_a_one_percent_error_in_bfloat16_is_caught():
+    if flashcupy._arrays.bfloat16() is None:
+        pytest.skip("needs ml_dtypes")
+    with pytest.raises(AssertionError) as e:
+        testing.check_attention(_oracle_times(1.01), cases=8, seed=3, dtypes=("bfloat16",))
+    msg = str(e.value)
+    assert "case: Case(" in msg and "flashcupy.testing.Case(" in msg and ".inputs()" in msg
+
+
+def test_the_reproducer_rebuilds_the_inputs():
+    case = testing.random_cases(1, seed=4)[0]
+    q, k, v = case.inputs()
+    again = eval(case.reproducer(), {"flashcupy": flashcupy})
+    for a, b in zip((q, k, v), again):
+        assert a.dtype == b.dtype and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+    assert q.shape == (case.batch, case.seqlen_q, case.nheads, case.head_dim)
+    assert k.shape == (case.batch, case.seqlen_k, case.nheads_k, case.head_dim)
+
+
+def test_random_cases_cover_seqlen_one_gqa_and_causal():
+    cases = testing.random_cases(200, seed=5)
+    assert any(c.seqlen_q == 1 for c in cases) and any(c.seqlen_q != c.seqlen_k for c in cases)
+    assert any(c.nheads > c.nheads_k for c in cases) and {c.causal for c in cases} == {False, True}
+    assert all(c.nheads % c.nheads_k == 0 for c in cases)
+
+
+@settings(max_examples=10, deadline=None)
+@given(case=testing.attention_problems())
+def test_attention_problems_strategy(case):
+    q, k, v = case.inputs()
+    assert q.shape[2] % k.shape[2] == 0
+    testing.assert_attention_close(_flashcupy(q, k, v, causal=case.causal, softmax_scale=None), q, k, v,
+                                   causal=case.causal)
