@@ -16,6 +16,7 @@ import sys
 COMMANDS = {
     "train": ("flashcupy.train", "train a byte-level GPT on real text with flashcupy attention"),
     "bench": ("flashcupy.bench", "benchmark flashcupy against the attention implementations present"),
+    "fuzz": ("flashcupy.fuzz", "check random attention problems against the float64 oracle (GPU or CPU)"),
 }
 
 

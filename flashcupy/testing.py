@@ -736,11 +736,12 @@ class Case(NamedTuple):
     softmax_scale: float | None
     seed: int
 
-    def inputs(self):
-        """(q, k, v) NumPy arrays in BSHD (batch, seqlen, heads, head_dim), drawn from N(0, 1)."""
+    def inputs(self, grad: bool = False):
+        """(q, k, v) NumPy arrays in BSHD (batch, seqlen, heads, head_dim), drawn from N(0, 1); grad:
+        also dout like q (q, k, v are the same either way)."""
         rng = np.random.default_rng(self.seed)
         return random_inputs(rng, self.batch, self.seqlen_q, self.seqlen_k, self.nheads, self.nheads_k,
-                             self.head_dim, _dtype_of(self.dtype))
+                             self.head_dim, _dtype_of(self.dtype), grad=grad)
 
     def reproducer(self) -> str:
         """A line of Python that rebuilds this case's inputs."""

@@ -65,3 +65,49 @@ def test_attention_problems_strategy(case):
     assert q.shape[2] % k.shape[2] == 0
     testing.assert_attention_close(_flashcupy(q, k, v, causal=case.causal, softmax_scale=None), q, k, v,
                                    causal=case.causal)
+
+
+# ---- flashcupy fuzz (CPU path here; the same code drives the GPU kernels where CuPy has a GPU)
+
+
+def _fuzz(argv, capsys):
+    from flashcupy import cli
+
+    rc = cli.main(["fuzz", "--device", "cpu", *argv])
+    return rc, capsys.readouterr().out
+
+
+def test_fuzz_campaign_passes_and_writes_its_report(tmp_path, capsys):
+    import json
+
+    rc, out = _fuzz(["--max-examples", "10", "--max-seqlen", "40", "--json", str(tmp_path / "r.json")], capsys)
+    assert rc == 0, out
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["cases"] == 10 and report["failures"] == [] and report["device"] == "cpu"
+    assert 0 < report["worst_ratio"] <= 1 and report["worst_case"].startswith("Case(")
+
+
+def test_fuzz_catches_a_broken_forward_and_prints_a_reproducer(monkeypatch, capsys):
+    from flashcupy import fuzz
+
+    real = fuzz._forward
+
+    def broken(q, k, v, causal):
+        res = real(q, k, v, causal)
+        return res._replace(out=(np.asarray(res.out, np.float64) * 1.01).astype(q.dtype))
+
+    monkeypatch.setattr(fuzz, "_forward", broken)
+    rc, out = _fuzz(["--max-examples", "6", "--max-seqlen", "40", "--dtypes", "float16", "--features", "fwd"], capsys)
+    assert rc == 1 and "FAIL Case(" in out and "reproduce: flashcupy fuzz" in out
+    line = next(ln for ln in out.splitlines() if "reproduce:" in ln)
+    case = line.split('--case "', 1)[1].rstrip('"')
+    rc, out = _fuzz(["--features", "fwd", "--case", case], capsys)  # the replay fails the same way
+    assert rc == 1 and "1 cases" in out
+    monkeypatch.setattr(fuzz, "_forward", real)
+    rc, out = _fuzz(["--features", "fwd", "--case", case], capsys)  # and passes once the bug is gone
+    assert rc == 0, out
+
+
+def test_fuzz_rejects_a_case_that_is_not_one(capsys):
+    rc, _ = _fuzz(["--case", "42"], capsys)
+    assert rc == 2

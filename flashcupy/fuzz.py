@@ -1,0 +1,159 @@
+"""flashcupy fuzz: a time-boxed campaign of random attention problems through flashcupy's public API
+(the forward and the backward, causal and not, GQA, ragged lengths, every dtype) on this machine's GPU,
+or on the CPU path without one, each checked against the float64 oracle by flashcupy.testing's rule.
+
+    flashcupy fuzz --minutes 5                 # until 5 minutes or --max-examples cases
+    flashcupy fuzz --case "Case(batch=1, ...)" --features bwd    # replay one case (what a failure prints)
+
+Prints progress (cases/s, failures; a tqdm bar where tqdm is installed), writes a JSON report with
+--json, and for every failure a command that reproduces it. Exit status 1 on any failure, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+FEATURES = ("fwd", "bwd")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--minutes", type=float, default=1.0, help="stop after this much wall time")
+    p.add_argument("--max-examples", type=int, default=1000, help="stop after this many cases")
+    p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES),
+                   help="dtypes to draw (bfloat16 only where ml_dtypes imports)")
+    p.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES),
+                   help="fwd: the forward (out, lse); bwd: the gradients as well")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="gpu: CuPy arrays (the fused kernels); cpu: NumPy arrays (the CPU path); auto: gpu if usable")
+    p.add_argument("--max-seqlen", type=int, default=256, help="largest seqlen_q / seqlen_k drawn")
+    p.add_argument("--seed", type=int, default=0, help="the campaign's cases are a function of it")
+    p.add_argument("--case", default=None, help="replay one flashcupy.testing.Case(...) (as a failure prints it)")
+    p.add_argument("--json", default=None, help="write the report here")
+
+
+def _on_gpu(device: str) -> bool:
+    from ._arrays import gpu_available
+
+    if device == "cpu":
+        return False
+    if device == "gpu" and not gpu_available():
+        from .cli import CommandError
+
+        raise CommandError("--device gpu: no CUDA GPU is usable through CuPy")
+    return gpu_available()
+
+
+def _forward(q, k, v, causal):  # the calls under test (a seam for tests)
+    import flashcupy
+
+    return flashcupy.flash_attn_forward(q, k, v, causal=causal)
+
+
+def _backward(dout, q, k, v, res, causal):
+    import flashcupy
+
+    return flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=causal)
+
+
+def check_case(case, features, gpu: bool) -> float:
+    """Run one Case through the features; returns its worst error / bound ratio. Raises AssertionError
+    (the rule's message) where it fails."""
+    from . import testing
+
+    q, k, v, dout = case.inputs(grad=True)
+    args = (q, k, v, dout)
+    if gpu:
+        import cupy
+
+        args = tuple(cupy.asarray(x) for x in args)
+    res = _forward(*args[:3], case.causal)
+    worst = max(r.worst for r in testing.assert_forward_rule(res.out, res.lse, q, k, v, causal=case.causal).values())
+    if "bwd" in features:
+        grads = _backward(args[3], *args[:3], res, case.causal)
+        ratios = testing.assert_backward_rule(grads, dout, q, k, v, causal=case.causal)
+        worst = max(worst, max(r.worst for r in ratios.values()))
+    return worst
+
+
+def _cases(args):
+    from . import testing
+
+    if args.case:
+        case = eval(args.case, {"Case": testing.Case, "flashcupy": __import__("flashcupy")})  # noqa: S307
+        if not isinstance(case, testing.Case):
+            from .cli import CommandError
+
+            raise CommandError(f"--case: expected a flashcupy.testing.Case(...), got {args.case!r}")
+        yield case
+        return
+    block = 0
+    while True:  # blocks of random_cases, each a function of (seed, block)
+        yield from testing.random_cases(256, seed=args.seed * 1000003 + block, dtypes=tuple(args.dtypes),
+                                        max_seqlen=args.max_seqlen)
+        block += 1
+
+
+class _Progress:
+    def __init__(self, total):
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            tqdm = None
+        self.bar = None if tqdm is None else tqdm(total=total, unit="case", dynamic_ncols=True)
+        self.last = time.monotonic()
+
+    def update(self, n, failures, rate):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(failures=failures, refresh=False)
+        elif time.monotonic() - self.last > 5:
+            print(f"{n} cases, {failures} failures, {rate:.1f} cases/s", flush=True)
+            self.last = time.monotonic()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args) -> int:
+    gpu = _on_gpu(args.device)
+    t0 = time.monotonic()
+    deadline = t0 + 60 * args.minutes
+    failures, worst, n = [], (0.0, None), 0
+    progress = _Progress(1 if args.case else args.max_examples)
+    try:
+        for case in _cases(args):
+            if n >= args.max_examples or (n and time.monotonic() > deadline):
+                break
+            n += 1
+            try:
+                ratio = check_case(case, args.features, gpu)
+                if ratio > worst[0]:
+                    worst = (ratio, case)
+            except AssertionError as e:
+                failures.append({"case": repr(case), "error": str(e).splitlines()[0][:500],
+                                 "reproduce": f"flashcupy fuzz --device {'gpu' if gpu else 'cpu'} --features "
+                                              f"{' '.join(args.features)} --case \"{case!r}\""})
+            progress.update(n, len(failures), n / max(time.monotonic() - t0, 1e-9))
+    finally:
+        progress.close()
+    seconds = time.monotonic() - t0
+    report = {"device": "gpu" if gpu else "cpu", "features": args.features, "dtypes": args.dtypes, "seed": args.seed,
+              "cases": n, "seconds": round(seconds, 3), "cases_per_s": round(n / max(seconds, 1e-9), 2),
+              "worst_ratio": worst[0], "worst_case": None if worst[1] is None else repr(worst[1]),
+              "failures": failures}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"flashcupy fuzz: {n} cases in {seconds:.1f} s on the {report['device']} ({report['cases_per_s']} cases/s), "
+          f"{len(failures)} failures; worst error / bound {worst[0]:.3f}")
+    for f in failures[:10]:
+        print(f"FAIL {f['case']}\n  {f['error']}\n  reproduce: {f['reproduce']}")
+    return 1 if failures else 0
+
+
+
