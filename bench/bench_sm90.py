@@ -138,6 +138,12 @@ def _bwd_tag(cfg) -> str:
     return f"sm90b-m{cfg.block_m}-s{cfg.stages}-ov{cfg.overlap}{f'-lpt{cfg.lpt}' if cfg.lpt else ''}"
 
 
+def _sm90_bwd_chosen():
+    from flashcupy import _gpu_sm90_bwd
+
+    return {_gpu_sm90_bwd.config_for(64), _gpu_sm90_bwd.config_for(128)}
+
+
 def sm90_bwd_configs(head_dim: int) -> list:
     """(provider name, Sm90BwdConfig) of every backward SWEEP config of the head dim (--sweep)."""
     from flashcupy import _gpu_sm90_bwd
@@ -158,6 +164,8 @@ def providers(case: Case, args) -> list:
             names.append("flashcupy-det")
         if args.sweep and case.mode == "bwd" and case.variant == "dense":
             names += [n for n, _ in sm90_bwd_configs(case.head_dim)]
+            if getattr(args, "deterministic", False):  # the Hopper kernel's own deterministic mode, forced
+                names += [n + "-det" for n, c in sm90_bwd_configs(case.head_dim) if c in _sm90_bwd_chosen()]
     if case.variant == "mask":
         return names  # no block-sparse attention in SDPA or FA3
     peers = [p for p in args.peers if not (p == "fa3" and case.variant == "dropout")]  # FA3 has no dropout
@@ -336,15 +344,16 @@ def _flashcupy_fn(name, case, inp, args, bmask, device):
             out, _ = _gpu.forward(q, k, v, shape, causal=case.causal, dropout=dropout, block_mask=bmask, config=cfg)
             return {"out": out}
         return fn, str(cfg)
-    if name.startswith("sm90b-"):  # one backward SWEEP config, on a forward made once
+    if name.startswith("sm90b-"):  # one backward SWEEP config, on a forward made once (-det: deterministic)
         shape = check_qkv(q, k, v)
-        cfg = dict(sm90_bwd_configs(case.head_dim))[name]
+        det = name.endswith("-det")
+        cfg = dict(sm90_bwd_configs(case.head_dim))[name.removesuffix("-det")]
         out, lse = _gpu.forward(q, k, v, shape, causal=case.causal)
 
         def fn():
             return dict(zip(("dq", "dk", "dv"), _gpu.backward(do, q, k, v, out, lse, shape, causal=case.causal,
-                                                             deterministic=False, config=cfg)))
-        return fn, str(cfg)
+                                                             deterministic=det, config=cfg)))
+        return fn, str(cfg) + (" deterministic" if det else "")
     plan = _dispatch.backward_plan(q.dtype, case.head_dim, case.causal, device, dropout=drop > 0, sparse_blocks=sparse,
                                    deterministic=name == "flashcupy-det")
     opts = dict(causal=case.causal, dropout_p=drop, seed=SEED if drop else None, block_mask=bmask)
