@@ -2,9 +2,9 @@
 three kernels (statistics, main, dQ conversion).
 
 `plan_config(...)` says whether a fp16/bf16 backward takes this path (compute capability 9.0,
-head_dim <= 128, no dropout, not deterministic (not yet dispatched: see plan_config), no block mask, within
-the shared-memory budget;
-FLASHCUPY_SM90=0 or FLASHCUPY_SM90_BWD=0 turn it off): flashcupy._dispatch plans with it.
+head_dim <= 128, no dropout, not deterministic (its mode is not yet dispatched: see plan_config), no
+block mask, within the shared-memory budget; FLASHCUPY_SM90=0 or FLASHCUPY_SM90_BWD=0 turn it off):
+flashcupy._dispatch plans with it.
 """
 
 from __future__ import annotations
@@ -118,9 +118,9 @@ def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, s
 def lpt_group(pairs: int, seqlen_q: int, head_dim: int, budget_mb: int) -> int:
     """(batch, head) pairs per group of the causal LPT grid: as many as have Q, dO (2 bytes each) and the
     float32 dQ accumulator and statistics within budget_mb MB (of the H100/H200's 50 MB of L2), at least 1,
-    at most `pairs`."""
+    at most `pairs`, and enough that the groups fit gridDim.y (65535)."""
     per_pair = seqlen_q * (head_dim * (2 + 2 + 4) + 8)
-    return max(1, min(pairs, (budget_mb << 20) // per_pair))
+    return max(1, -(-pairs // 65535), min(pairs, (budget_mb << 20) // per_pair))
 
 
 def stats_rows(seqlen_q: int) -> int:
@@ -168,8 +168,8 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float
     tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]
     kernel = get_kernel(SOURCE, cfg.kernel_name(elem, causal, deterministic), cfg.smem_bytes)
     n_blocks = math.ceil(sk / cfg.block_n)
-    group = lpt_group(b * h, sq, cfg.head_dim, cfg.lpt)
-    if cfg.lpt and causal and -(-(b * h) // group) <= 65535:  # longest key blocks first, L2-sized head groups
+    if cfg.lpt and causal:  # longest key blocks first, L2-sized head groups (the kernel decodes this grid)
+        group = lpt_group(b * h, sq, cfg.head_dim, cfg.lpt)
         grid = (n_blocks * group, -(-(b * h) // group), 1)
     else:
         grid = (n_blocks, h, b)

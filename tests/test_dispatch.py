@@ -507,3 +507,13 @@ def test_gpu_99kb_cap_launches_only_fitting_configs(rng, monkeypatch, dtype, hea
     assert all(cfg is not None and cfg.max_smem_bytes <= KB99 for _, cfg in calls), calls
     launched = {name.rsplit(".", 1)[1] for name, _ in calls}
     assert launched == ({"forward"} if (dtype, head_dim) == (F64, 256) else {"forward", "backward"}), calls
+
+
+def test_sm90_bwd_lpt_groups_fit_the_grid():
+    """The causal LPT grid's groups: L2-sized, at least 1, at most every pair, and never more than
+    gridDim.y's 65535 groups (the kernel decodes that grid whatever the size: no other fallback)."""
+    g = _gpu_sm90_bwd.lpt_group
+    assert g(64, 4096, 128, 16) == (16 << 20) // (4096 * (128 * 8 + 8))
+    assert g(3, 1024, 64, 32) == 3 and g(16, 1 << 20, 128, 16) == 1
+    pairs = 3 * 65535 + 1
+    assert -(-pairs // g(pairs, 1 << 20, 128, 16)) <= 65535
