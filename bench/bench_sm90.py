@@ -354,10 +354,10 @@ def _flashcupy_fn(name, case, inp, args, bmask, device):
             return dict(zip(("dq", "dk", "dv"), _gpu.backward(do, q, k, v, out, lse, shape, causal=case.causal,
                                                              deterministic=det, config=cfg)))
         return fn, str(cfg) + (" deterministic" if det else "")
-    plan = _dispatch.backward_plan(q.dtype, case.head_dim, case.causal, device, dropout=drop > 0, sparse_blocks=sparse,
-                                   deterministic=name == "flashcupy-det")
-    opts = dict(causal=case.causal, dropout_p=drop, seed=SEED if drop else None, block_mask=bmask)
     det = name == "flashcupy-det"
+    plan = _dispatch.backward_plan(q.dtype, case.head_dim, case.causal, device, dropout=drop > 0, sparse_blocks=sparse,
+                                   deterministic=det)
+    opts = dict(causal=case.causal, dropout_p=drop, seed=SEED if drop else None, block_mask=bmask)
     if case.mode == "bwd":
         fwd = flashcupy.flash_attn_forward(q, k, v, **opts)
 

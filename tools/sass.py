@@ -51,6 +51,9 @@ def cubin(source: str, names, arch: str):
     return buf, lowered
 
 
+OPCODE = re.compile(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")  # after the address, past a predicate
+
+
 def functions(sass: str) -> dict:
     """{mangled name: [instruction lines]} of nvdisasm's output."""
     out, cur = {}, None
@@ -67,13 +70,11 @@ def functions(sass: str) -> dict:
 def loops(lines) -> list:
     """(first, last, instructions) of every backward branch (a loop) among a function's lines."""
     where, out, n = {}, [], 0
-    index = []
     for ln in lines:
         m = re.match(r"\s*(\.L_x_\d+):", ln)
         if m:
             where[m.group(1)] = n
         else:
-            index.append(ln)
             n += 1
     n = 0
     for ln in lines:
@@ -104,8 +105,7 @@ def main():
         lines = fns.get(lowered[n], [])
         body = loops(lines)
         lines = [ln for ln in lines if not re.match(r"\s*\.L_x_\d+:", ln)]
-        ops = collections.Counter(re.search(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln).group(1) for ln in lines
-                                  if re.search(r"\*/\s*(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", ln))
+        ops = collections.Counter(m.group(1) for m in map(OPCODE.search, lines) if m)
         print(f"{n}: {len(lines)} instructions; " + ", ".join(f"{o} {sum(c for k, c in ops.items() if k.startswith(o))}"
                                                             for o in args.ops))
         big = [f"{a}-{b} ({k})" for a, b, k in body if k >= 64]
