@@ -75,16 +75,25 @@ def attention_probs(q, k, *, softmax_scale=None, causal=False, mask=None):
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     qh, kh, _ = _heads_first(q, k, k)
     visible = attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal, mask=mask)
-    s = np.where(visible, scale * (qh @ kh.transpose(0, 1, 3, 2)), -np.inf)
+    p, lse, _, _ = softmax_rows(np.where(visible, scale * (qh @ kh.transpose(0, 1, 3, 2)), -np.inf))
+    return p, lse
+
+
+def softmax_rows(s):
+    """The softmax over the last axis of scores s (-inf where masked), in s's dtype (the oracle's
+    float64; flashcupy.testing's naive attention in float32). Returns (p, lse, e, denom): p = e / denom
+    (0 on rows with no visible key), lse = log(denom) + row max (-inf there), e = exp(s - row max), and
+    denom = the row sums of e (1 on empty rows, so that dividing by it is safe)."""
     row_max = s.max(axis=-1, initial=-np.inf, keepdims=True)
     row_max = np.where(np.isfinite(row_max), row_max, 0.0)  # empty rows: avoid inf - inf
     e = np.exp(s - row_max)
     denom = e.sum(axis=-1, keepdims=True)
     has_key = denom > 0
-    p = np.where(has_key, e / np.where(has_key, denom, 1.0), 0.0)
+    denom = np.where(has_key, denom, 1.0)
+    p = np.where(has_key, e / denom, 0.0)
     with np.errstate(divide="ignore"):
-        lse = np.where(has_key, np.log(np.where(has_key, denom, 1.0)) + row_max, -np.inf)[..., 0]
-    return p, lse
+        lse = np.where(has_key, np.log(denom) + row_max, -np.inf)[..., 0]
+    return p, lse, e, denom
 
 
 def attention_forward(q, k, v, *, softmax_scale=None, causal=False, mask=None,

@@ -188,16 +188,8 @@ def _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"
         s = _round(_mm(qh, kh.swapaxes(-1, -2), dtype, tf32) * scale, dtype)
     visible = reference.attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal,
                                        mask=None if mask is None else to_numpy(mask))
-    s = np.where(visible, s, -np.inf)
-    m = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    m = np.where(np.isfinite(m), m, 0.0)
-    e = np.exp(s - m)
-    denom = e.sum(axis=-1, keepdims=True)
-    has_key = denom > 0
-    p = np.where(has_key, e / np.where(has_key, denom, 1.0), 0.0)
-    with np.errstate(divide="ignore"):
-        lse = np.where(has_key, np.log(np.where(has_key, denom, 1.0)) + m, -np.inf)[..., 0]
-    return qs, _round(p, dtype), lse.astype(lse_dtype(dtype)), _round(e, dtype), np.where(has_key, denom, 1.0)
+    p, lse, e, denom = reference.softmax_rows(np.where(visible, s, -np.inf))
+    return qs, _round(p, dtype), lse.astype(lse_dtype(dtype)), _round(e, dtype), denom
 
 
 def _naive_probs(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"):
@@ -765,7 +757,8 @@ def _dtype_of(name):
     return np.dtype(name)
 
 
-def _worst_ratio(ratios) -> float:
+def worst_ratio(ratios) -> float:
+    """The largest error / bound ratio of a {name: RuleRatios} dict (what the assert_* checks return)."""
     return max(r.worst for r in ratios.values())
 
 
@@ -818,7 +811,7 @@ def check_attention(impl, *, cases: int = 50, seed: int = 0, dtypes=("float16", 
         q, k, v = case.inputs()
         out = impl(q, k, v, causal=case.causal, softmax_scale=case.softmax_scale)
         try:
-            ratio = _worst_ratio(assert_attention_close(out, q, k, v, softmax_scale=case.softmax_scale,
+            ratio = worst_ratio(assert_attention_close(out, q, k, v, softmax_scale=case.softmax_scale,
                                                         causal=case.causal))
         except AssertionError as e:
             raise AssertionError(f"{e}\n  case: {case}\n  inputs: {case.reproducer()}") from None
