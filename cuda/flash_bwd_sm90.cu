@@ -298,20 +298,16 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         // dV_w += P^T dO and dK_w += dS^T Q take A from registers, B = dO / Q MN-major. OVERLAP 2 issues
         // dV before computing dS^T, 1 and 2 issue dK (1: and dV) before the barrier, 0 both after it.
         u32 p_frag[BLOCK_M / 16][4], ds_frag[BLOCK_M / 16][4];
-        auto issue_dv = [&] {
+        // acc += A^T B over this tile's queries: A^T from registers (P^T or dS^T), B = dO or Q (MN-major).
+        auto issue_rs = [&](float (&acc)[HEAD_DIM / 2], const u32 (&a_frag)[BLOCK_M / 16][4], const u32 b_tile) {
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-                Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc_dv, p_frag[kk], smem_desc(do_tile + kk * 16 * 128, Tr::Q_PANEL, 1024), 1);
+                Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc, a_frag[kk], smem_desc(b_tile + kk * 16 * 128, Tr::Q_PANEL, 1024), 1);
             wgmma_commit();
         };
-        auto issue_dk = [&] {
-            wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-                Wgmma<Elem, HEAD_DIM, true>::template wgmma_rs<1>(acc_dk, ds_frag[kk], smem_desc(q_tile + kk * 16 * 128, Tr::Q_PANEL, 1024), 1);
-            wgmma_commit();
-        };
+        auto issue_dv = [&] { issue_rs(acc_dv, p_frag, do_tile); };
+        auto issue_dk = [&] { issue_rs(acc_dk, ds_frag, q_tile); };
 #pragma unroll
         for (int kk = 0; kk < BLOCK_M / 16; ++kk)
 #pragma unroll
