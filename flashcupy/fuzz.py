@@ -78,16 +78,30 @@ def check_case(case, features, gpu: bool) -> float:
     return worst
 
 
+def parse_case(text: str):
+    """A flashcupy.testing.Case from its repr, `Case(batch=1, ...)` (what a failure prints), read with ast
+    (keyword constants only: nothing is evaluated). Raises CommandError naming --case otherwise."""
+    import ast
+
+    from . import testing
+    from .cli import CommandError
+
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+        name = getattr(node, "func", None)
+        name = getattr(name, "id", None) or getattr(name, "attr", None)
+        if not isinstance(node, ast.Call) or name != "Case" or node.args:
+            raise ValueError("not a Case(...) call with keyword arguments")
+        return testing.Case(**{kw.arg: ast.literal_eval(kw.value) for kw in node.keywords})
+    except (SyntaxError, ValueError, TypeError) as e:
+        raise CommandError(f"--case: expected flashcupy.testing.Case(field=value, ...), got {text!r} ({e})") from None
+
+
 def _cases(args):
     from . import testing
 
     if args.case:
-        case = eval(args.case, {"Case": testing.Case, "flashcupy": __import__("flashcupy")})  # noqa: S307
-        if not isinstance(case, testing.Case):
-            from .cli import CommandError
-
-            raise CommandError(f"--case: expected a flashcupy.testing.Case(...), got {args.case!r}")
-        yield case
+        yield parse_case(args.case)
         return
     block = 0
     while True:  # blocks of random_cases, each a function of (seed, block)
