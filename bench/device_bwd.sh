@@ -10,6 +10,9 @@
 # fwdtests  tests/test_gpu_sm90.py (the Hopper forward)
 # fwdab     the Hopper forward of bench/ab/base (device_ab.sh make-base) against this tree, same run
 # full      the whole GPU suite
+# shards    the whole GPU suite as $PAR (default 6) pytest processes over a round-robin split of its test ids,
+#           at once (the NumPy oracle is CPU-bound), then again under FLASHCUPY_SMEM_LIMIT_KB=99 unless
+#           NO99=1; SHARD_K is a -k expression for every pytest (e.g. "not deterministic")
 # Every log goes into one archive, $OUT/bwd-logs-<stages>.tgz (the device tool brings back at most 8 files); the
 # short lines print as each stage ends.
 set -o pipefail
@@ -72,6 +75,22 @@ for k in sorted(k for k in rows["new"] if k[3] == "flashcupy-sm90"):
     print(f"{k[0]:>3} {'y' if k[1] else 'n'} {k[2]:>6} {b or 0:6.0f} {n:5.0f} {b2 or 0:6.0f}  {n / ((b + b2) / 2):.3f}  {n / c if c else 0:.2f}")
 PY
     ;;
+  shards)
+    kargs=(); [ -n "${SHARD_K:-}" ] && kargs=(-k "$SHARD_K")
+    T python3 -m pytest -m gpu tests -q -p no:cacheprovider --collect-only "${kargs[@]}" 2>/dev/null | grep '::' > "$LOG/ids.txt"
+    n=${PAR:-6}; echo "== $(wc -l < "$LOG/ids.txt") GPU tests in $n shards"
+    for i in $(seq 0 $((n - 1))); do awk -v n=$n -v i=$i 'NR % n == i' "$LOG/ids.txt" > "$LOG/ids-$i.txt"; done
+    for lim in "" 99; do
+      [ -n "$lim" ] && [ -n "${NO99:-}" ] && continue
+      for i in $(seq 0 $((n - 1))); do
+        mapfile -t ids < "$LOG/ids-$i.txt"
+        FLASHCUPY_SMEM_LIMIT_KB=$lim T python3 -m pytest -q -p no:cacheprovider "${kargs[@]}" "${ids[@]}" \
+          > "$LOG/shard${lim:+-${lim}kb}-$i.log" 2>&1 &
+      done
+      wait
+      echo "== shards${lim:+ at $lim KB}:"; for f in "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log; do echo "   $(basename "$f"): $(tail -1 "$f")"; done
+      grep -h "^FAILED\|^ERROR" "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log | head -30
+    done ;;
   full)
     T python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
   esac
