@@ -3,8 +3,9 @@
 Where a call runs:
 - NumPy inputs run on the CPU (the chunked exact path) and return NumPy. float32 and float64
   compute in their own precision; float16 and bfloat16 compute in float32 and return their own
-  dtype. Exception: NumPy float64 runs the fused float64 kernels when a GPU is usable and has one
-  for the problem (copied there and back; NUMPY_FLOAT64_ON_GPU = False keeps it on the CPU). Host
+  dtype. Opt-in exception: with NUMPY_FLOAT64_ON_GPU = True (or FLASHCUPY_NUMPY_FLOAT64_ON_GPU=1 in
+  the environment), NumPy float64 runs the fused float64 kernels when a GPU is usable and has one for
+  the problem (copied there and back, NumPy out). Off by default: NumPy in means the CPU. Host
   tensors with __dlpack__ (torch / JAX on the CPU) are read through np.from_dlpack and count as NumPy.
 - CuPy inputs, and any GPU array with __dlpack__ / __cuda_array_interface__ (torch, JAX; converted
   zero-copy by cupy.from_dlpack), run on the current CuPy device and stream and return CuPy arrays.
@@ -27,6 +28,7 @@ flash_attn_backward(dout, q, k, v, forward=fwd) repeats and checks the forward's
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -104,8 +106,20 @@ FROM_FORWARD = _FromForward()
 _PLAIN_DEFAULTS = dict(causal=False, softmax_scale=None, dropout_p=0.0, block_mask=None, allow_tf32=False)
 
 
-# NumPy float64 inputs run the fused float64 kernels when a GPU is usable; False keeps them on the CPU.
-NUMPY_FLOAT64_ON_GPU = True
+# NumPy float64 inputs run the fused float64 kernels when a GPU is usable: True opts in, False keeps them
+# on the CPU, None (default) reads FLASHCUPY_NUMPY_FLOAT64_ON_GPU (1 opts in) at each call.
+NUMPY_FLOAT64_ON_GPU = None
+
+
+def numpy_float64_on_gpu() -> bool:
+    """Whether NumPy float64 calls may run the GPU's float64 kernels (NUMPY_FLOAT64_ON_GPU, else the
+    FLASHCUPY_NUMPY_FLOAT64_ON_GPU environment variable: "1" opts in; unset or "0": no)."""
+    if NUMPY_FLOAT64_ON_GPU is not None:
+        return bool(NUMPY_FLOAT64_ON_GPU)
+    raw = os.environ.get("FLASHCUPY_NUMPY_FLOAT64_ON_GPU", "").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"FLASHCUPY_NUMPY_FLOAT64_ON_GPU: expected 0 or 1, got {raw!r}")
+    return raw == "1"
 
 NUMPY_PATH = "NumPy chunked path"
 
@@ -129,8 +143,9 @@ def _plan(direction: str, dtype, shape: AttnShape, causal: bool, dropout_p: floa
 
 def _numpy_float64_to_gpu(xp, dtype, shape: AttnShape, direction: str, causal, dropout_p, block_mask,
                           allow_tf32) -> bool:
-    """NumPy float64 goes to the GPU only where a fused kernel runs there for this direction."""
-    return (xp is np and NUMPY_FLOAT64_ON_GPU and np.dtype(dtype) == np.float64 and gpu_available()
+    """NumPy float64 goes to the GPU only when opted in (numpy_float64_on_gpu) and a fused kernel runs
+    there for this direction."""
+    return (xp is np and numpy_float64_on_gpu() and np.dtype(dtype) == np.float64 and gpu_available()
             and _plan(direction, dtype, shape, causal, dropout_p, block_mask, allow_tf32) is not None)
 
 
@@ -145,7 +160,7 @@ def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, b
     the current CuPy device (with the FLASHCUPY_SMEM_LIMIT_KB / FLASHCUPY_FORCE_CC overrides,
     flashcupy._device), or device= (a flashcupy._device.DeviceInfo, or an int compute capability
     such as 86 for that class's shared memory) without a GPU. NumPy float64 inputs count as
-    on_gpu=False here; with a usable GPU they run the float64 kernels (NUMPY_FLOAT64_ON_GPU)."""
+    on_gpu=False here; opted in (NUMPY_FLOAT64_ON_GPU) with a usable GPU they run the float64 kernels."""
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     backward = check_bool("backward", backward)
     on_gpu = check_bool("on_gpu", on_gpu)

@@ -3,8 +3,8 @@ float64 oracle by DESIGN.md's correctness rule, its chunking and memory, and pro
 
 float32 and float64 compute in their own precision; float16 and bfloat16 NumPy inputs compute in
 float32 and come back in their own dtype. LSE is float32 (float64 for float64 inputs).
-NumPy float64 inputs would run on the GPU's float64 kernel where one is usable
-(interface.NUMPY_FLOAT64_ON_GPU); this module switches that off, so it tests the CPU path everywhere.
+NumPy float64 inputs run on the GPU's float64 kernel only when opted in (interface.NUMPY_FLOAT64_ON_GPU
+or FLASHCUPY_NUMPY_FLOAT64_ON_GPU=1); this module switches that off, so it tests the CPU path even then.
 """
 
 from __future__ import annotations

@@ -427,6 +427,7 @@ def test_numpy_float64_goes_to_the_gpu_only_for_a_fused_kernel(monkeypatch):
     """NumPy float64 is copied to the GPU only where a fused kernel runs there for that direction."""
     shape = interface.AttnShape(1, 8, 8, 1, 1, 256, 0.1)
     monkeypatch.setattr(interface, "gpu_available", lambda: True)
+    monkeypatch.setattr(interface, "NUMPY_FLOAT64_ON_GPU", True)
     for device, fwd, bwd in ((DEVICES[90], True, True), (DEVICES[86], True, False), (DEVICES[75], False, False)):
         monkeypatch.setattr(_device, "current_device_info", lambda device=device: device)
         args = (False, 0.0, None, False)
@@ -436,6 +437,28 @@ def test_numpy_float64_goes_to_the_gpu_only_for_a_fused_kernel(monkeypatch):
         assert not interface._numpy_float64_to_gpu(np, F32, shape, "fwd", *args)
     monkeypatch.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
     assert not interface._numpy_float64_to_gpu(np, F64, shape, "fwd", False, 0.0, None, False)
+
+
+def test_numpy_float64_on_the_gpu_is_opt_in(monkeypatch):
+    """Default: NumPy float64 stays on the CPU even with a GPU and a fused kernel (issue 19 item 4);
+    FLASHCUPY_NUMPY_FLOAT64_ON_GPU=1 or NUMPY_FLOAT64_ON_GPU = True opt in; the setting wins over the
+    environment; a value other than 0 / 1 is a clear error."""
+    shape = interface.AttnShape(1, 8, 8, 1, 1, 64, 0.1)
+    monkeypatch.setattr(interface, "gpu_available", lambda: True)
+    monkeypatch.setattr(_device, "current_device_info", lambda: DEVICES[90])
+    monkeypatch.delenv("FLASHCUPY_NUMPY_FLOAT64_ON_GPU", raising=False)
+    args = (np, F64, shape, "fwd", False, 0.0, None, False)
+    assert interface.NUMPY_FLOAT64_ON_GPU is None and not interface._numpy_float64_to_gpu(*args)
+    monkeypatch.setenv("FLASHCUPY_NUMPY_FLOAT64_ON_GPU", "1")
+    assert interface._numpy_float64_to_gpu(*args)
+    monkeypatch.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
+    assert not interface._numpy_float64_to_gpu(*args)
+    monkeypatch.setattr(interface, "NUMPY_FLOAT64_ON_GPU", None)
+    monkeypatch.setenv("FLASHCUPY_NUMPY_FLOAT64_ON_GPU", "0")
+    assert not interface._numpy_float64_to_gpu(*args)
+    monkeypatch.setenv("FLASHCUPY_NUMPY_FLOAT64_ON_GPU", "yes")
+    with pytest.raises(ValueError, match="FLASHCUPY_NUMPY_FLOAT64_ON_GPU: expected 0 or 1, got 'yes'"):
+        interface._numpy_float64_to_gpu(*args)
 
 
 # ------------------------------------------------------------------------------- on a GPU (marked)

@@ -1,0 +1,50 @@
+"""The score and mask features of one attention call (issue 16): sliding window, softcap, ALiBi and
+learnable attention sinks, as one immutable record that travels from the public API to every path
+(the kernels' AttnParams, the chunked path, the oracle), so all of them read the same values.
+
+    Features(window=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None)
+
+Semantics (flash-attn's; offset = seqlen_k - seqlen_q, the diagonal aligned bottom-right):
+- window_size (left, right): query i sees key j iff i + offset - left <= j <= i + offset + right;
+  -1 leaves that side unbounded; causal=True is right = 0 (flashcupy._mask states the rule).
+- softcap >= 0 (0: off): the scaled score s = softmax_scale * q.k becomes softcap * tanh(s / softcap)
+  before the softmax; its derivative 1 - tanh^2 multiplies dS.
+- alibi_slopes float32 (nheads,) or (batch, nheads): adds -slope * |i + offset - j| to the scaled
+  (and capped) score.
+- sinks float32 (nheads,): one logit per head that joins every row's softmax denominator without a
+  value vector; lse includes it.
+
+FEAT_* are the compile-time feature bits of a kernel specialization (cuda/flash_mask.cuh mirrors
+them); Features.bits is the set a call needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FEAT_LOCAL = 1    # sliding window: Mask reads p.mask.window_left / window_right
+FEAT_SOFTCAP = 2  # ScoreMod: softcap * tanh(s / softcap)
+FEAT_ALIBI = 4    # ScoreMod: - slope * |i + offset - j|
+FEAT_SINK = 8     # epilogue: the sink joins the softmax denominator and the lse
+FEAT_ALL = FEAT_LOCAL | FEAT_SOFTCAP | FEAT_ALIBI | FEAT_SINK
+
+
+@dataclass(frozen=True, eq=False)
+class Features:
+    """Validated features of one call (flashcupy._validate builds it; arrays live on the inputs' device
+    as contiguous float32). eq=False: compared by flashcupy.interface's contract check, field by field
+    (arrays by data pointer, never by value: that would synchronise with the GPU)."""
+
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi_slopes: object = None  # float32 (nheads,) or (batch, nheads), or None
+    sinks: object = None         # float32 (nheads,), or None
+
+    @property
+    def bits(self) -> int:
+        """The FEAT_* bits a kernel needs for this call (0: the plain kernels)."""
+        return ((FEAT_LOCAL if tuple(self.window) != (-1, -1) else 0) | (FEAT_SOFTCAP if self.softcap > 0 else 0)
+                | (FEAT_ALIBI if self.alibi_slopes is not None else 0) | (FEAT_SINK if self.sinks is not None else 0))
+
+
+NONE = Features()
