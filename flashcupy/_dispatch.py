@@ -77,9 +77,9 @@ def _is_float(dtype) -> bool:
 
 
 def _plan(direction: str, dtype, head_dim: int, causal: bool, device, dropout, sparse_blocks, allow_tf32,
-          deterministic=False):
+          deterministic=False, features=0):
     device = as_device(device)
-    if head_dim > MAX_FUSED_HEAD_DIM:
+    if head_dim > MAX_FUSED_HEAD_DIM or features:  # issue 16's features: the chunked path until the kernels take them
         return None
     if is_half(dtype):
         if direction == "fwd":
@@ -106,16 +106,19 @@ def _plan(direction: str, dtype, head_dim: int, causal: bool, device, dropout, s
 
 
 def forward_plan(dtype, head_dim: int, causal: bool, device, *, dropout=False, sparse_blocks=None,
-                 allow_tf32: bool = False) -> Plan | None:
-    """The fused forward to launch for this problem on device, or None for the chunked GPU path. Pure."""
-    return _plan("fwd", dtype, int(head_dim), causal, device, dropout, sparse_blocks, allow_tf32)
+                 allow_tf32: bool = False, features: int = 0) -> Plan | None:
+    """The fused forward to launch for this problem on device, or None for the chunked GPU path.
+    features: the call's flashcupy._features FEAT_* bits (Features.bits). Pure."""
+    return _plan("fwd", dtype, int(head_dim), causal, device, dropout, sparse_blocks, allow_tf32, features=features)
 
 
 def backward_plan(dtype, head_dim: int, causal: bool, device, *, dropout=False, sparse_blocks=None,
-                  allow_tf32: bool = False, deterministic: bool = False) -> Plan | None:
+                  allow_tf32: bool = False, deterministic: bool = False, features: int = 0) -> Plan | None:
     """The fused backward to launch for this problem on device, or None for the chunked GPU path.
-    deterministic=True excludes kernels whose dq accumulation order varies between runs. Pure."""
-    return _plan("bwd", dtype, int(head_dim), causal, device, dropout, sparse_blocks, allow_tf32, deterministic)
+    deterministic=True excludes kernels whose dq accumulation order varies between runs; features as
+    forward_plan. Pure."""
+    return _plan("bwd", dtype, int(head_dim), causal, device, dropout, sparse_blocks, allow_tf32, deterministic,
+                 features)
 
 
 def path_name(plan: Plan | None) -> str:

@@ -60,7 +60,7 @@ def _sparse_blocks(block_mask):
     return None if block_mask is None else (block_mask.block_q, block_mask.block_k)
 
 
-def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, config=None):
+def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, config=None, features=None):
     """Fused forward. Returns (out like q, lse (batch, nheads, seqlen_q) float32).
 
     dropout: None, or (dropout_p, (seed, offset)) for the fused dropout of flashcupy.dropout."""
@@ -115,7 +115,7 @@ def _launch_convert(src, dst, rows: int, group: int, scale: float):
 
 
 def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, dropout=None, block_mask=None,
-             config=None):
+             config=None, features=None):
     """Fused backward. Returns (dq, dk, dv) like q, k, v (dk, dv summed over each GQA group)."""
     cp = _cp()
     _check_grid(shape)

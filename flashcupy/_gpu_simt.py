@@ -57,7 +57,7 @@ def path_name(dtype, head_dim: int, allow_tf32: bool = False) -> str:
     return "fused fp32 (TF32 tensor cores)" if cfg.elem == "float" else "fused fp64 (FP64 tensor cores)"
 
 
-def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=None):
+def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=None, features=None):
     """Fused float32 / float64 forward. Returns (out like q, lse (batch, nheads, seqlen_q) of q's dtype).
     allow_tf32: float32 on sm_80+ runs on the TF32 tensor cores; config overrides the chooser."""
     xp = _xp()
@@ -82,7 +82,7 @@ def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=No
 
 
 def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, allow_tf32: bool = False,
-             config=None):
+             config=None, features=None):
     """Fused float32 / float64 backward. Returns (dq, dk, dv) like q, k, v; dk, dv summed over GQA groups.
 
     SIMT: deterministic=False accumulates dQ with atomicAdd inside the key/value kernel (summation
