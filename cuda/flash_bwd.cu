@@ -73,7 +73,7 @@ __device__ __forceinline__ void load_row_stats(float* s_lse_log2, float* s_delta
 // p.lse, p.delta: (batch, nheads, seqlen_q) float32; p.dq_accum: (batch, seqlen_q, nheads, head_dim)
 // float32, zeroed (unscaled dS K is added); p.dk, p.dv: (batch, seqlen_k, nheads, head_dim) rows, written
 // as Elem (p.dkv_fp32 == 0) or float32 (GQA: summed over the group afterwards). dk is scaled here.
-template <typename Tr, bool CAUSAL, bool WRITE_DQ, bool DROPOUT>
+template <typename Tr, bool CAUSAL, bool WRITE_DQ, bool DROPOUT, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_bwd_kernel(const __grid_constant__ AttnParams p) {
     using Elem = typename Tr::Elem;
@@ -101,7 +101,9 @@ flash_bwd_kernel(const __grid_constant__ AttnParams p) {
     const DropoutParams dropout = p.dropout;  // p read at entry only (see flash_fwd_kernel)
     void* const dk = p.dk.data;
     void* const dv = p.dv.data;
-    const Mask mask(p, CAUSAL);
+    const Mask mask = make_mask<FEAT>(p, CAUSAL);
+    using Mod = ScoreMod<FEAT, float, true>;
+    [[maybe_unused]] const Mod mod(p, batch, head);
 
     const u16* __restrict__ q_head = p.q.ptr<const u16>(batch, head);
     const u16* __restrict__ do_head = p.dout.ptr<const u16>(batch, head);
@@ -186,13 +188,17 @@ flash_bwd_kernel(const __grid_constant__ AttnParams p) {
         // With dropout (Z = keep / (1 - p)): dV uses P^T o Z, and dS^T = P^T o (dP^T o Z - D).
         // Keys past seqlen_k need no mask: K, V rows there are zero-filled (dS K adds 0 to dQ) and
         // reach only their own rows of dK, dV, which are not stored.
-        if constexpr (ScoreMod::ACTIVE) {
-            const ScoreMod mod(p, batch, head);
+        // The score modifier; softcap's dS factor 1 - tanh^2 kept per element (dmod) until dS is formed.
+        [[maybe_unused]] float dmod[Mod::SOFTCAP ? MQ : 1][4];
+        if constexpr (Mod::ACTIVE) {
 #pragma unroll
             for (int t = 0; t < MQ; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    acc_s[t][e] = mod.apply(acc_s[t][e], m0 + t * 8 + (lane % 4) * 2 + (e % 2), n0 + warp * 16 + lane / 4 + (e / 2) * 8);
+                for (int e = 0; e < 4; ++e) {
+                    const float g = mod.apply_grad(acc_s[t][e], m0 + t * 8 + (lane % 4) * 2 + (e % 2),
+                                                   n0 + warp * 16 + lane / 4 + (e / 2) * 8);
+                    if constexpr (Mod::SOFTCAP) dmod[t][e] = g;
+                }
         }
         const bool need_mask = mask.partial<false>(m0, BLOCK_M, n0, BLOCK_N);
 #pragma unroll
@@ -223,6 +229,7 @@ flash_bwd_kernel(const __grid_constant__ AttnParams p) {
                             const bool keep = dropout_keep(r, th, kh, (lane / 4) % 2, dropout.keep_threshold);
                             const int qi = t * 8 + (lane % 4) * 2 + e2;
                             acc_dp[t][e] = acc_s[t][e] * ((keep ? acc_dp[t][e] * dropout.scale : 0.f) - dlt[qi]);
+                            if constexpr (Mod::SOFTCAP) acc_dp[t][e] *= dmod[t][e];
                             if (!keep) acc_s[t][e] = 0.f;
                         }
                 }
@@ -230,7 +237,10 @@ flash_bwd_kernel(const __grid_constant__ AttnParams p) {
 #pragma unroll
             for (int t = 0; t < MQ; ++t)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc_dp[t][e] = acc_s[t][e] * (acc_dp[t][e] - dlt[t * 8 + (lane % 4) * 2 + (e % 2)]);
+                for (int e = 0; e < 4; ++e) {
+                    acc_dp[t][e] = acc_s[t][e] * (acc_dp[t][e] - dlt[t * 8 + (lane % 4) * 2 + (e % 2)]);
+                    if constexpr (Mod::SOFTCAP) acc_dp[t][e] *= dmod[t][e];
+                }
         }
 
         // dV += P^T dO_i, dK += dS^T Q_i: A from registers (two n8 tiles of S^T = one k16 step),
@@ -360,7 +370,7 @@ struct BwdDqTraits {
     static_assert(BLOCK_M % (16 * NWARPS) == 0 && BLOCK_N % 16 == 0, "tiles");
 };
 
-template <typename Tr, bool CAUSAL, bool DROPOUT>
+template <typename Tr, bool CAUSAL, bool DROPOUT, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
     using Elem = typename Tr::Elem;
@@ -387,7 +397,9 @@ flash_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
     const Tensor4 tq = p.q, tdo = p.dout;
     const float* const lse = static_cast<const float*>(p.lse);
     const float* const delta = static_cast<const float*>(p.delta);
-    const Mask mask(p, CAUSAL);
+    const Mask mask = make_mask<FEAT>(p, CAUSAL);
+    using Mod = ScoreMod<FEAT, float, true>;
+    [[maybe_unused]] const Mod mod(p, batch, head);
 
     const u16* k_head = p.k.ptr<const u16>(batch, head_k);
     const u16* v_head = p.v.ptr<const u16>(batch, head_k);
@@ -463,7 +475,6 @@ flash_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
                 }
             }
         }
-        if constexpr (ScoreMod::ACTIVE) apply_score_mod_m16n8(acc_s, ScoreMod(p, batch, head), m0 + warp_row0, n0, lane);
         const bool need_mask = mask.partial(m0, BLOCK_M, n0, BLOCK_N);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
@@ -473,9 +484,11 @@ flash_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
                 for (int e = 0; e < 4; ++e) {
                     const int row = m0 + warp_row0 + mt * 16 + lane / 4 + (e / 2) * 8;
                     const int col = n0 + nt * 8 + (lane % 4) * 2 + (e % 2);
+                    float dmod = 1.f;  // softcap: P is only needed for dS here, so it carries dS's factor
+                    if constexpr (Mod::ACTIVE) dmod = mod.apply_grad(acc_s[mt][nt][e], row, col);
                     float pr = fast_exp2(fmaf(acc_s[mt][nt][e], softmax_scale_log2, -lse_log2[mt][e / 2]));
                     if (need_mask && !mask.visible(row, col)) pr = 0.f;
-                    acc_s[mt][nt][e] = pr;
+                    acc_s[mt][nt][e] = Mod::SOFTCAP ? pr * dmod : pr;
                 }
         // dS = P o (dP o Z - D), Z = keep / (1 - p) with dropout (the forward's mask, same layout).
         if constexpr (DROPOUT) {

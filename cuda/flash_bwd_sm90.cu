@@ -118,7 +118,7 @@ flash_bwd_sm90_prep_kernel(const __grid_constant__ AttnParams p) {
 // through the tensor maps; p.lse_exp, p.delta from flash_bwd_sm90_prep_kernel; p.dq_accum zeroed
 // (unscaled dS K is added); p.dk, p.dv: (batch, seqlen_k, nheads, head_dim) rows, written as Elem
 // (p.dkv_fp32 == 0) or float32 (GQA: summed over the group afterwards). dk is scaled here.
-template <typename Tr, bool CAUSAL, bool DETERMINISTIC>
+template <typename Tr, bool CAUSAL, bool DETERMINISTIC, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90BwdTma t) {
     using Elem = typename Tr::Elem;
@@ -153,7 +153,8 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     const int head_k = head / p.group;
     const int n0 = n_block * BLOCK_N;
     const int seqlen_k = p.seqlen_k, head_dim = p.head_dim, nheads = p.nheads;
-    const Mask mask(p, CAUSAL);
+    const Mask mask = make_mask<FEAT>(p, CAUSAL);
+    using Mod = ScoreMod<FEAT, float, true>;
     const int warpgroup = threadIdx.x / 128;
 
     if (threadIdx.x == 0) {
@@ -225,6 +226,7 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     const int wg = warpgroup - 1, tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
     const int kv0 = n0 + 64 * wg;
     const float softmax_scale_log2 = p.scale_log2_f;
+    [[maybe_unused]] const Mod mod(p, batch, head);
     const unsigned char* const smem_gen = smem_raw + (base - raw);  // generic pointer of `base`
     auto stats_ptr = [&](u32 addr) { return reinterpret_cast<const float*>(smem_gen + (addr - base)); };
 
@@ -273,31 +275,56 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         const float* lse_log2 = stats_ptr(s_lse + s * Tr::STATS_BYTES);
         const float* dlt = stats_ptr(s_delta + s * Tr::STATS_BYTES);
         wgmma_wait<1>();
-        if constexpr (ScoreMod::ACTIVE) {
-            const ScoreMod mod(p, batch, head);
+        u32 p_frag[BLOCK_M / 16][4], ds_frag[BLOCK_M / 16][4];
+        if constexpr (Mod::SOFTCAP) {
+            // P^T is packed here for dV; acc_s keeps P^T o (1 - tanh^2), all that dS^T needs (no second
+            // array of factors: the consumers have no registers for it).
 #pragma unroll
-            for (int j = 0; j < BLOCK_M / 8; ++j)
+            for (int j = 0; j < BLOCK_M / 8; ++j) {
+                const float2 l2 = *reinterpret_cast<const float2*>(lse_log2 + 8 * j + 2 * (lane % 4));
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    acc_s[4 * j + e] = mod.apply(acc_s[4 * j + e], m0 + 8 * j + 2 * (lane % 4) + e % 2,
-                                                 kv0 + 16 * warp + lane / 4 + 8 * (e / 2));
-        }
+                for (int e2 = 0; e2 < 4; e2 += 2) {
+                    float pr[2];
 #pragma unroll
-        for (int j = 0; j < BLOCK_M / 8; ++j) {
-            const float2 l2 = *reinterpret_cast<const float2*>(lse_log2 + 8 * j + 2 * (lane % 4));
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                float pr = fast_exp2(fmaf(acc_s[4 * j + e], softmax_scale_log2, -(e % 2 ? l2.y : l2.x)));
-                if (masked && !mask.visible(m0 + 8 * j + 2 * (lane % 4) + e % 2, kv0 + 16 * warp + lane / 4 + 8 * (e / 2)))
-                    pr = 0.f;
-                acc_s[4 * j + e] = pr;
+                    for (int u = 0; u < 2; ++u) {
+                        const int row = m0 + 8 * j + 2 * (lane % 4) + u, key = kv0 + 16 * warp + lane / 4 + 8 * (e2 / 2);
+                        const float g = mod.apply_grad(acc_s[4 * j + e2 + u], row, key);
+                        pr[u] = fast_exp2(fmaf(acc_s[4 * j + e2 + u], softmax_scale_log2, -(u ? l2.y : l2.x)));
+                        if (masked && !mask.visible(row, key)) pr[u] = 0.f;
+                        acc_s[4 * j + e2 + u] = pr[u] * g;
+                    }
+                    p_frag[j / 2][2 * (j % 2) + e2 / 2] = Elem::pack2(pr[0], pr[1]);
+                }
             }
+        } else {
+            if constexpr (Mod::ACTIVE) {
+#pragma unroll
+                for (int j = 0; j < BLOCK_M / 8; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        acc_s[4 * j + e] = mod.apply(acc_s[4 * j + e], m0 + 8 * j + 2 * (lane % 4) + e % 2,
+                                                     kv0 + 16 * warp + lane / 4 + 8 * (e / 2));
+            }
+#pragma unroll
+            for (int j = 0; j < BLOCK_M / 8; ++j) {
+                const float2 l2 = *reinterpret_cast<const float2*>(lse_log2 + 8 * j + 2 * (lane % 4));
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float pr = fast_exp2(fmaf(acc_s[4 * j + e], softmax_scale_log2, -(e % 2 ? l2.y : l2.x)));
+                    if (masked && !mask.visible(m0 + 8 * j + 2 * (lane % 4) + e % 2, kv0 + 16 * warp + lane / 4 + 8 * (e / 2)))
+                        pr = 0.f;
+                    acc_s[4 * j + e] = pr;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BLOCK_M / 16; ++kk)
+#pragma unroll
+                for (int h = 0; h < 4; ++h) p_frag[kk][h] = Elem::pack2(acc_s[8 * kk + 2 * h], acc_s[8 * kk + 2 * h + 1]);
         }
         // dS^T = P^T o (dP^T - D[query]); both packed as the A fragments of the RS GEMMs (k-step kk =
         // queries 16 kk ..), dS^T also stored to shared memory (keys x queries, 128-byte swizzle) for dQ.
         // dV_w += P^T dO and dK_w += dS^T Q take A from registers, B = dO / Q MN-major. OVERLAP 2 issues
         // dV before computing dS^T, 1 and 2 issue dK (1: and dV) before the barrier, 0 both after it.
-        u32 p_frag[BLOCK_M / 16][4], ds_frag[BLOCK_M / 16][4];
         // acc += A^T B over this tile's queries: A^T from registers (P^T or dS^T), B = dO or Q (MN-major).
         auto issue_rs = [&](float (&acc)[HEAD_DIM / 2], const u32 (&a_frag)[BLOCK_M / 16][4], const u32 b_tile) {
             wgmma_fence();
@@ -308,10 +335,6 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         };
         auto issue_dv = [&] { issue_rs(acc_dv, p_frag, do_tile); };
         auto issue_dk = [&] { issue_rs(acc_dk, ds_frag, q_tile); };
-#pragma unroll
-        for (int kk = 0; kk < BLOCK_M / 16; ++kk)
-#pragma unroll
-            for (int h = 0; h < 4; ++h) p_frag[kk][h] = Elem::pack2(acc_s[8 * kk + 2 * h], acc_s[8 * kk + 2 * h + 1]);
         if constexpr (Tr::OVERLAP == 2) {
             issue_dv();
             wgmma_wait<1>();  // dP^T is in (dV may still run)

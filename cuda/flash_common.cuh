@@ -200,8 +200,8 @@ __device__ __forceinline__ void for_each_dropout_keep_m16n8(const DropoutParams&
 }
 
 // The score modifier (flash_mask.cuh's ScoreMod) on raw scores in that layout.
-template <int MT, int NT>
-__device__ __forceinline__ void apply_score_mod_m16n8(float (&acc)[MT][NT][4], const ScoreMod& mod, int row0, int n0,
+template <int MT, int NT, typename Mod>
+__device__ __forceinline__ void apply_score_mod_m16n8(float (&acc)[MT][NT][4], const Mod& mod, int row0, int n0,
                                                       int lane) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)

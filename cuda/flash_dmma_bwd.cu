@@ -82,7 +82,7 @@ struct DmmaBwdDqTraits {
 // head_dim written). p.lse_exp, p.delta: (batch, nheads, seqlen_q) (preprocess kernel; LSE +inf on
 // rows with no visible key). All of T; rows 16-byte aligned; head_dim a multiple of 8. Scores enter
 // the exp scaled by ScaleOf<T>::exp_scale; dK carries ScaleOf<T>::grad. p.mask.causal: run time.
-template <typename Tr, typename T = typename Tr::T>
+template <typename Tr, int FEAT = 0, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
@@ -118,7 +118,7 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     // Query tiles m_begin .. m_end - 1 hold every row that sees a key of this tile (causal: every key
     // inside seqlen_k is visible to the last query row, so the loop is never empty). The mask is built
     // here, after the K, V loads: built first, the TF32 hd64 kernel spilled 8 B at sm_90a (255 registers).
-    const Mask mask(p, p.mask.causal != 0);
+    const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
     int m_begin, m_end;
     mask.query_tiles<BLOCK_M>(n0, BLOCK_N, m_begin, m_end);
     if (m_begin < m_end) {
@@ -186,7 +186,7 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
         // derivative when there is one). Keys past seqlen_k need no mask: they only reach their own
         // rows of dK, dV, which are not stored.
         const bool need_mask = mask.partial<false>(m0, BLOCK_M, n0 + warp_key0, WARP_N);
-        [[maybe_unused]] const ScoreMod mod(p, batch, head);
+        [[maybe_unused]] const ScoreMod<FEAT, T> mod(p, batch, head);
 #pragma unroll
         for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
@@ -195,16 +195,13 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
                 for (int e = 0; e < 2; ++e) {
                     const int qi = m0 + 8 * jn + 2 * t + e, kj = n0 + warp_key0 + 8 * h + g;
                     T score = acc_s[jn][h][e], dmod = T(1);
-                    if constexpr (ScoreMod::ACTIVE) {
-                        dmod = mod.grad(score, qi, kj);
-                        score = mod.apply(score, qi, kj);
-                    }
+                    if constexpr (ScoreMod<FEAT, T>::ACTIVE) dmod = mod.apply_grad(score, qi, kj);
                     T pr = Simt<T>::exp_base(fmadd(score, scale_exp, -lse_c[jn][e]));
                     // select, not multiply: a masked score may overflow exp (its row's LSE excludes it)
                     if (need_mask && !mask.visible<false>(qi, kj)) pr = T(0);
                     acc_s[jn][h][e] = pr;
                     acc_dp[jn][h][e] = pr * (acc_dp[jn][h][e] - dlt_c[jn][e]);
-                    if constexpr (ScoreMod::ACTIVE) acc_dp[jn][h][e] *= dmod;
+                    if constexpr (ScoreMod<FEAT, T>::ACTIVE) acc_dp[jn][h][e] *= dmod;
                 }
 
         // dV += P^T dO_i, dK += dS^T Q_i over this CTA's column pairs
@@ -222,7 +219,7 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
 // dQ: one CTA per (query tile, head, batch), looping over the key tiles.
 // p.dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
 // Same record as flash_simt_bwd_q_kernel<T>.
-template <typename Tr, typename T = typename Tr::T>
+template <typename Tr, int FEAT = 0, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_dmma_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
@@ -244,7 +241,7 @@ flash_dmma_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
     const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
     const i64 k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
     const T scale_exp = ScaleOf<T>::exp_scale(p);
-    const Mask mask(p, p.mask.causal != 0);
+    const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
 
     const T* k_head = p.k.ptr<const T>(batch, head_k);
     const T* v_head = p.v.ptr<const T>(batch, head_k);
@@ -292,7 +289,7 @@ flash_dmma_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
             zero3(acc_dp);
             dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_s, s_q, warp_row0, s_k, g, t);
             dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_dp, s_do, warp_row0, s_v, g, t);
-            [[maybe_unused]] const ScoreMod mod(p, batch, head);
+            [[maybe_unused]] const ScoreMod<FEAT, T> mod(p, batch, head);
 #pragma unroll
             for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
@@ -301,14 +298,11 @@ flash_dmma_bwd_dq_kernel(const __grid_constant__ AttnParams p) {
                     for (int e = 0; e < 2; ++e) {
                         const int row = m0 + warp_row0 + 8 * h + g, col = n0 + 8 * jn + 2 * t + e;
                         T score = acc_s[jn][h][e], dmod = T(1);
-                        if constexpr (ScoreMod::ACTIVE) {
-                            dmod = mod.grad(score, row, col);
-                            score = mod.apply(score, row, col);
-                        }
+                        if constexpr (ScoreMod<FEAT, T>::ACTIVE) dmod = mod.apply_grad(score, row, col);
                         T pr = Simt<T>::exp_base(fmadd(score, scale_exp, -lse_r[h]));
                         if (need_mask && !mask.visible(row, col)) pr = T(0);
                         acc_dp[jn][h][e] = pr * (acc_dp[jn][h][e] - dlt_r[h]);
-                        if constexpr (ScoreMod::ACTIVE) acc_dp[jn][h][e] *= dmod;
+                        if constexpr (ScoreMod<FEAT, T>::ACTIVE) acc_dp[jn][h][e] *= dmod;
                     }
         }
         __syncthreads();  // every warp is done reading V_j

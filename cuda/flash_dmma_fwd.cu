@@ -48,7 +48,7 @@ struct DmmaFwdTraits {
 // p.lse: (batch, nheads, seqlen_q); all of T. Rows 16-byte aligned, head_dim a multiple of 8 (columns
 // past it zero-filled, never stored). Scores enter the exp scaled by ScaleOf<T>::exp_scale (base e
 // for double, base 2 for float). p.mask.causal is read at run time (uniform branches).
-template <typename Tr, typename T = typename Tr::T>
+template <typename Tr, int FEAT = 0, typename T = typename Tr::T>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_dmma_fwd_kernel(const __grid_constant__ AttnParams p) {
     constexpr int BLOCK_M = Tr::BLOCK_M, BLOCK_N = Tr::BLOCK_N, HEAD_DIM = Tr::HEAD_DIM, NTHREADS = Tr::NTHREADS;
@@ -69,7 +69,10 @@ flash_dmma_fwd_kernel(const __grid_constant__ AttnParams p) {
     const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
     const i64 q_row_stride = p.q.row_stride, k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
     const T scale_exp = ScaleOf<T>::exp_scale(p);
-    const Mask mask(p, p.mask.causal != 0);
+    const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
+    using Mod = ScoreMod<FEAT, T>;
+    [[maybe_unused]] const Mod mod(p, batch, head);
+    const T sink = sink_of<FEAT, T>(p, head);
 
     const T* q_tile = p.q.ptr<const T>(batch, head, m0);
     const T* k_head = p.k.ptr<const T>(batch, head_k);
@@ -112,8 +115,7 @@ flash_dmma_fwd_kernel(const __grid_constant__ AttnParams p) {
             dmma_rows<R8, NT, HEAD_DIM, KATOM>(acc_s, s_q, warp_row0, s_k, g, t);
 
             // The score modifier, then -inf on masked elements; only tiles of this warp that need it.
-            if constexpr (ScoreMod::ACTIVE) {
-                const ScoreMod mod(p, batch, head);
+            if constexpr (Mod::ACTIVE) {
 #pragma unroll
                 for (int jn = 0; jn < NT; ++jn)
 #pragma unroll
@@ -182,9 +184,10 @@ flash_dmma_fwd_kernel(const __grid_constant__ AttnParams p) {
     for (int h = 0; h < R8; ++h) {
         const T l = quad_sum(row_sum[h]);
         inv_l[h] = l > T(0) ? T(1) / l : T(0);
+        T lse = l > T(0) ? row_max[h] * ScaleOf<T>::scale(p) + Simt<T>::log(l) : -inf;
+        add_sink(inv_l[h], lse, sink);  // FEAT_SINK; nothing otherwise
         const int row = warp_row0 + 8 * h + g;
-        if (t == 0 && m0 + row < seqlen_q)
-            lse_tile[row] = l > T(0) ? row_max[h] * ScaleOf<T>::scale(p) + Simt<T>::log(l) : -inf;
+        if (t == 0 && m0 + row < seqlen_q) lse_tile[row] = lse;
 #pragma unroll
         for (int p = 0; p < DP; ++p)
 #pragma unroll

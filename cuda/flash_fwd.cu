@@ -33,7 +33,7 @@ struct FwdTraits {
 
 // p.q, p.out: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim);
 // p.lse: (batch, nheads, seqlen_q) float32. Mask, dropout and block-sparse lists from p (flash_mask.cuh).
-template <typename Tr, bool CAUSAL, bool DROPOUT>
+template <typename Tr, bool CAUSAL, bool DROPOUT, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_fwd_kernel(const __grid_constant__ AttnParams p) {
     using Elem = typename Tr::Elem;
@@ -57,7 +57,10 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
     const int nheads = p.nheads;
     const DropoutParams dropout = p.dropout;  // fields of p are read here, at entry: a read of p inside a
                                               // loop addresses it through a register (more live registers)
-    const Mask mask(p, CAUSAL);
+    const Mask mask = make_mask<FEAT>(p, CAUSAL);
+    const float sink = sink_of<FEAT>(p, head);
+    using Mod = ScoreMod<FEAT, float, true>;
+    [[maybe_unused]] const Mod mod(p, batch, head);
 
     const u16* q_tile = p.q.ptr<const u16>(batch, head, m0);
     const u16* k_head = p.k.ptr<const u16>(batch, head_k);
@@ -160,7 +163,7 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
         }
 
         // The score modifier, then -inf on masked elements; only tiles that need it.
-        if constexpr (ScoreMod::ACTIVE) apply_score_mod_m16n8(acc_s, ScoreMod(p, batch, head), m0 + warp_row0, n0, lane);
+        if constexpr (Mod::ACTIVE) apply_score_mod_m16n8(acc_s, mod, m0 + warp_row0, n0, lane);
         if (mask.partial(m0, BLOCK_M, n0, BLOCK_N)) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
@@ -275,15 +278,16 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const float l = quad_sum(row_sum[mt][r]);
-            const float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
+            float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
+            float lse = l > 0.f ? row_max[mt][r] * softmax_scale + logf(l) : -FC_INF;
+            add_sink(inv_l, lse, sink);  // FEAT_SINK; nothing otherwise
             const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
                 const u32 packed = Elem::pack2(acc_o[mt][dt][2 * r] * inv_l, acc_o[mt][dt][2 * r + 1] * inv_l);
                 *reinterpret_cast<u32*>(&s_q[row * PITCH + dt * 8 + (lane % 4) * 2]) = packed;
             }
-            if (lane % 4 == 0 && m0 + row < seqlen_q)
-                lse_tile[row] = l > 0.f ? row_max[mt][r] * softmax_scale + logf(l) : -FC_INF;
+            if (lane % 4 == 0 && m0 + row < seqlen_q) lse_tile[row] = lse;
         }
     __syncwarp();
     constexpr int CHUNKS = SmemRow<HEAD_DIM>::CHUNKS;

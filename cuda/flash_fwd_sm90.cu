@@ -43,7 +43,7 @@ struct Sm90FwdTraits {
     static_assert(HEAD_DIM % 64 == 0 && BLOCK_N % 16 == 0 && BLOCK_N <= 256, "tiles");
 };
 
-template <typename Tr, bool CAUSAL, bool DROPOUT>
+template <typename Tr, bool CAUSAL, bool DROPOUT, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)
 flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constant__ Sm90FwdTma t) {
     using Elem = typename Tr::Elem;
@@ -67,7 +67,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     const float softmax_scale_log2 = p.scale_log2_f, softmax_scale = p.scale_f;
     const Tensor4 out = p.out;
     float* const lse = static_cast<float*>(p.lse);
-    const Mask mask(p, CAUSAL);
+    const Mask mask = make_mask<FEAT>(p, CAUSAL);
+    const float sink = sink_of<FEAT>(p, head);
+    using Mod = ScoreMod<FEAT, float, true>;
+    [[maybe_unused]] const Mod mod(p, batch, head);  // p read at entry (its fields stay in registers)
     const SparseList kv_list = p.mask.kv_list;  // block mask: blocks are whole BLOCK_M x BLOCK_N tiles
     const DropoutParams dropout = p.dropout;
     const int nheads = p.nheads;
@@ -134,8 +137,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     // m_new = max(m, rowmax S), S <- P = 2^(S c - m_new c), l <- l alpha + rowsum P; returns alpha, the
     // factor O must be rescaled by (the caller applies it once no wgmma still accumulates into O).
     auto softmax = [&](float (&acc)[BLOCK_N / 2], int n0, float (&alpha)[2]) {
-        if constexpr (ScoreMod::ACTIVE) {
-            const ScoreMod mod(p, batch, head);
+        if constexpr (Mod::ACTIVE) {
 #pragma unroll
             for (int j = 0; j < BLOCK_N / 8; ++j)
 #pragma unroll
@@ -272,7 +274,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
     for (int r = 0; r < 2; ++r) {
         const int row = row_lo + 8 * r;
         const float l = quad_sum(row_sum[r]);
-        const float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
+        float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
+        float row_lse = l > 0.f ? row_max[r] * softmax_scale + logf(l) : -FC_INF;
+        add_sink(inv_l, row_lse, sink);  // FEAT_SINK; nothing otherwise
         if (row < seqlen_q) {
             u16* o_row = out.ptr<u16>(batch, head, row);
 #pragma unroll
@@ -281,7 +285,7 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                 if (col < head_dim)
                     *reinterpret_cast<u32*>(o_row + col) = Elem::pack2(acc_o[4 * j + 2 * r] * inv_l, acc_o[4 * j + 2 * r + 1] * inv_l);
             }
-            if (lane % 4 == 0) lse[stats_index(p, batch, head, row)] = l > 0.f ? row_max[r] * softmax_scale + logf(l) : -FC_INF;
+            if (lane % 4 == 0) lse[stats_index(p, batch, head, row)] = row_lse;
         }
     }
 }

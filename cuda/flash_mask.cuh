@@ -4,7 +4,10 @@
 //   which query tiles a key tile visits      Mask::query_begin / query_end
 //   whether a tile needs element masking     Mask::partial
 //   whether one element is visible           Mask::visible
-//   the score modifier before the softmax    ScoreMod::apply and its derivative ScoreMod::grad
+//   the score modifier before the softmax    ScoreMod<FEAT, T>::apply, and apply_grad with its derivative
+//   a learnable sink at a row's end          add_sink (the forward's epilogue; the backward sees it in lse)
+// Which of these a specialization compiles is its FEAT bits (FEAT_LOCAL, FEAT_SOFTCAP, FEAT_ALIBI,
+// FEAT_SINK; make_mask<FEAT>, ScoreMod<FEAT, T>, sink_of<FEAT>): FEAT = 0 is the plain kernel.
 //
 // Visibility of key j to query i (rows and keys of one (batch, head); offset = seqlen_k - seqlen_q
 // aligns the diagonal bottom-right, as flash-attn >= 2.1):
@@ -81,18 +84,98 @@ struct Mask {
     }
 };
 
-// The score modifier, applied to a raw score s = q . k (before softmax_scale) of (row, key): the
-// identity today. Softcap and ALiBi (issue 16) land here: apply() returns the raw score the softmax
-// sees and grad() the factor dS picks up (d apply / d s). ACTIVE = false lets the families skip the
-// pass over their scores at compile time.
+// Compile-time features of a kernel specialization (issue 16), the FEAT_* bits of flashcupy/_features.py:
+// every kernel template takes `int FEAT` (0: the plain kernel, whose code is as before the features).
+enum : int { FEAT_LOCAL = 1, FEAT_SOFTCAP = 2, FEAT_ALIBI = 4, FEAT_SINK = 8 };
+
+// The Mask of a specialization: the window is read only where FEAT has FEAT_LOCAL.
+template <int FEAT>
+__device__ __forceinline__ Mask make_mask(const AttnParams& p, bool causal) {
+    return Mask(p, causal, (FEAT & FEAT_LOCAL) != 0);
+}
+
+// Float / double helpers of the score layer (NVRTC has no <cmath>: explicit float and double forms).
+template <typename T> __device__ __forceinline__ T neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
+template <> __device__ __forceinline__ double neg_inf<double>() { return __longlong_as_double(0xfff0000000000000ll); }
+__device__ __forceinline__ float m_exp(float x) { return expf(x); }
+__device__ __forceinline__ double m_exp(double x) { return exp(x); }
+__device__ __forceinline__ float m_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double m_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float m_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double m_tanh(double x) { return tanh(x); }
+// The half-precision families' tanh: MUFU.TANH (max relative error 2^-10.7, under the fp16 / bf16
+// rounding of the scores that the naive reference in those dtypes makes).
+__device__ __forceinline__ float tanh_approx(float x) {
+    float y;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// The score modifier, applied to a raw score s = q . k (before softmax_scale) of (row, key), in the
+// family's compute type T, as flash-attn defines softcap and ALiBi on the scaled score x = scale * s:
+//   softcap:  x -> softcap * tanh(x / softcap)
+//   ALiBi:    x -> x - slope[batch, head] * |row + seqlen_k - seqlen_q - key|   (after the softcap)
+// apply() returns the raw score the softmax sees (the scaled one divided by scale, so each family
+// scales as before), apply_grad() also the factor dS picks up, d apply / d s = 1 - tanh^2 (ALiBi adds
+// a constant: factor 1). ACTIVE = false lets the families skip the pass at compile time. APPROX:
+// tanh.approx (the fp16 / bf16 families); the exact tanhf / tanh otherwise.
+// scale here is the kernels' (1 for a caller's softmax_scale of 0, with q zeroed: then x = 0 and the
+// modified score is softcap * tanh(0) - slope * |...|, as the caller's 0 gives).
+template <int FEAT, typename T = float, bool APPROX = false>
 struct ScoreMod {
-    static constexpr bool ACTIVE = false;
-    __device__ __forceinline__ explicit ScoreMod(const AttnParams&, int /*batch*/, int /*head*/) {}
-    template <typename T>
-    __device__ __forceinline__ T apply(T s, int /*row*/, int /*key*/) const { return s; }
-    template <typename T>
-    __device__ __forceinline__ T grad(T /*s*/, int /*row*/, int /*key*/) const { return T(1); }
+    static constexpr bool SOFTCAP = (FEAT & FEAT_SOFTCAP) != 0, ALIBI = (FEAT & FEAT_ALIBI) != 0;
+    static constexpr bool ACTIVE = SOFTCAP || ALIBI;
+    T cap_in = T(0), cap_out = T(0), slope = T(0);  // scale / softcap, softcap / scale, slope / scale
+    int offset = 0;
+
+    __device__ __forceinline__ explicit ScoreMod(const AttnParams& p, int batch, int head) {
+        const T scale = T(p.scale);
+        if constexpr (SOFTCAP) cap_in = scale / T(p.softcap), cap_out = T(p.softcap) / scale;
+        if constexpr (ALIBI) {
+            slope = T(__ldg(p.alibi_slopes + batch * p.alibi_batch_stride + head)) / scale;
+            offset = p.seqlen_k - p.seqlen_q;
+        }
+    }
+    __device__ __forceinline__ T tanh_(T x) const {
+        if constexpr (APPROX && sizeof(T) == 4) return tanh_approx(x);
+        else return m_tanh(x);
+    }
+    __device__ __forceinline__ T apply(T s, int row, int key) const {
+        if constexpr (SOFTCAP) s = cap_out * tanh_(s * cap_in);
+        if constexpr (ALIBI) s -= slope * T(abs(row + offset - key));
+        return s;
+    }
+    // apply(s) into s; returns d apply / d s.
+    __device__ __forceinline__ T apply_grad(T& s, int row, int key) const {
+        T g = T(1);
+        if constexpr (SOFTCAP) {
+            const T t = tanh_(s * cap_in);
+            s = cap_out * t, g = T(1) - t * t;
+        }
+        if constexpr (ALIBI) s -= slope * T(abs(row + offset - key));
+        return g;
+    }
 };
+
+// A learnable attention sink (FEAT_SINK) at the end of one softmax row: the row's normaliser gains
+// exp(sink) without a value vector, in natural-log units of the scaled scores. o_scale (what O is
+// multiplied by, 1 / l before) picks up the keys' share, 1 / (1 + exp(sink - lse)), and lse becomes
+// logaddexp(lse, sink). lse = -inf (no visible key): o_scale 0 (O stays 0), lse = sink. A sink of
+// -inf changes nothing, bit for bit; a NaN sink makes the row NaN. Once per row: exact exp / log1p.
+template <typename T>
+__device__ __forceinline__ void add_sink(T& o_scale, T& lse, T sink) {
+    if (sink == neg_inf<T>()) return;
+    const T d = sink - lse;  // +inf for an empty row
+    o_scale = o_scale / (T(1) + m_exp(d));
+    lse = d > T(0) ? sink + m_log1p(m_exp(-d)) : lse + m_log1p(m_exp(d));
+}
+// The sink of head as T; -inf without FEAT_SINK (add_sink then compiles to nothing).
+template <int FEAT, typename T = float>
+__device__ __forceinline__ T sink_of(const AttnParams& p, int head) {
+    if constexpr ((FEAT & FEAT_SINK) != 0) return T(__ldg(p.sinks + head));
+    else return neg_inf<T>();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Which tiles a CTA visits along one sequence, in ascending order: every tile of [start, limit)

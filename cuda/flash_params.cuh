@@ -79,14 +79,15 @@ struct AttnParams {
     int dkv_fp32;   // fp16/bf16 backward: dk, dv rows written as float32 (GQA: summed afterwards)
     int dq_atomic;  // backward: dQ by float32 / T atomics inside the KV kernel
 
-    // Slots of later features (issues 16, 17); zero = off. Not read by any kernel yet.
+    // Issue 17's slots (not read by any kernel yet), then issue 16's features (flash_mask.cuh reads them
+    // in the FEAT_* specializations only); zero = off.
     const int* cu_seqlens_q;   // (batch + 1,) varlen query offsets
     const int* cu_seqlens_k;   // (batch + 1,) varlen key offsets
     const int* seqused_k;      // (batch,) keys used per sequence (KV cache)
     const int* block_table;    // (batch, max_blocks) paged KV
     i64 block_table_stride;
     int page_size;
-    float softcap;             // 0: off
+    double softcap;            // 0: off (double: the float64 kernels use it as given)
     const float* alibi_slopes; // (nheads,) or (batch, nheads)
     i64 alibi_batch_stride;
     const float* sinks;        // (nheads,) learnable attention sinks

@@ -132,7 +132,7 @@ __device__ __forceinline__ void load_row_stats(const SimtBwdSmem<Tr>& s, const t
 // P and dS of one (query tile m0, key tile n0) pair into shared memory, from Q, dO, K, V, LSE, D
 // already there: S = Q K^T, dP = dO V^T, P = exp(S c - LSE) (0 where masked), dS = P o (dP - D)
 // (times the score modifier's derivative when there is one).
-template <typename Tr, bool STORE_P>
+template <typename Tr, bool STORE_P, int FEAT>
 __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const SimtBwdThread<Tr>& t,
                                                const AttnParams& p, const Mask& mask, int batch, int head, int m0,
                                                int n0, typename Tr::T scale_exp) {
@@ -145,7 +145,8 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
     zero(acc_dp);
     mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_dp, s.dout + t.a_row * PITCH, s.v + t.a_key * PITCH);
     const bool need_mask = mask.partial(m0, Tr::BLOCK_M, n0, Tr::BLOCK_N);
-    [[maybe_unused]] const ScoreMod mod(p, batch, head);
+    using Mod = ScoreMod<FEAT, T>;
+    [[maybe_unused]] const Mod mod(p, batch, head);
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const int r = t.a_row + RS * i;
@@ -154,16 +155,13 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
         for (int j = 0; j < TN; ++j) {
             const int c = t.a_key + KS * j;
             T score = acc_s[i][j], dmod = T(1);
-            if constexpr (ScoreMod::ACTIVE) {
-                dmod = mod.grad(score, m0 + r, n0 + c);
-                score = mod.apply(score, m0 + r, n0 + c);
-            }
+            if constexpr (Mod::ACTIVE) dmod = mod.apply_grad(score, m0 + r, n0 + c);
             T pr = Simt<T>::exp_base(fmadd(score, scale_exp, -lse));
             // select, not multiply: a masked score may overflow exp (its row's LSE excludes it)
             if (need_mask && !mask.visible(m0 + r, n0 + c)) pr = T(0);
             if (STORE_P) sts(s.p + r * P_PITCH + c, pr);
             T ds = pr * (acc_dp[i][j] - delta);
-            if constexpr (ScoreMod::ACTIVE) ds *= dmod;
+            if constexpr (Mod::ACTIVE) ds *= dmod;
             sts(s.ds + r * P_PITCH + c, ds);
         }
     }
@@ -175,7 +173,7 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
 // the caller). p.lse_exp, p.delta: (batch, nheads, seqlen_q) (preprocess kernel). All of T; rows
 // 16-byte aligned; head_dim a multiple of 8. p.mask.causal and p.dq_atomic are read at run time
 // (uniform branches; half the specializations).
-template <typename Tr>
+template <typename Tr, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_simt_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     using T = typename Tr::T;
@@ -207,7 +205,7 @@ flash_simt_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     // Query tiles m_begin .. m_end - 1 hold every row that sees a key of this tile (causal: every key
     // inside seqlen_k is visible to the last query row, so the loop is never empty). The mask is built
     // after the K, V loads, as in flash_dmma_bwd.cu (8 registers fewer at hd192 than built first).
-    const Mask mask(p, p.mask.causal != 0);
+    const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
 
     int m_begin, m_end;
     mask.query_tiles<BLOCK_M>(n0, BLOCK_N, m_begin, m_end);
@@ -227,7 +225,7 @@ flash_simt_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
         cp_async_wait<0>();
         __syncthreads();  // Q_i, dO_i, LSE, D (and K_j, V_j) are in shared memory
 
-        scores_to_smem<Tr, true>(s, t, p, mask, batch, head, m0, n0, scale_exp);
+        scores_to_smem<Tr, true, FEAT>(s, t, p, mask, batch, head, m0, n0, scale_exp);
         __syncthreads();  // P and dS are in shared memory
 
         // dV += P^T dO_i, dK += dS^T Q_i: reduction over the BLOCK_M query rows
@@ -286,7 +284,7 @@ flash_simt_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
 
 // Deterministic dQ: one CTA per (query tile, head, batch), looping over the key tiles.
 // p.dq: (batch, seqlen_q, nheads, head_dim), fully written (rows < seqlen_q, columns < head_dim).
-template <typename Tr>
+template <typename Tr, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_simt_bwd_q_kernel(const __grid_constant__ AttnParams p) {
     using T = typename Tr::T;
@@ -304,7 +302,7 @@ flash_simt_bwd_q_kernel(const __grid_constant__ AttnParams p) {
     const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
     const i64 k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
     const T scale_exp = ScaleOf<T>::exp_scale(p);
-    const Mask mask(p, p.mask.causal != 0);
+    const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
 
     const T* k_head = p.k.ptr<const T>(batch, head_k);
     const T* v_head = p.v.ptr<const T>(batch, head_k);
@@ -334,7 +332,7 @@ flash_simt_bwd_q_kernel(const __grid_constant__ AttnParams p) {
         cp_async_wait<0>();
         __syncthreads();  // K_j, V_j (and Q, dO, LSE, D) are in shared memory
 
-        scores_to_smem<Tr, false>(s, t, p, mask, batch, head, m0, n0, scale_exp);
+        scores_to_smem<Tr, false, FEAT>(s, t, p, mask, batch, head, m0, n0, scale_exp);
         __syncthreads();  // dS is in shared memory
 
         mma_nn<T, TM, TG, BLOCK_N, P_PITCH, PITCH, Tr::C_RS, Tr::C_DS>(acc_dq, s.ds + t.c_row * P_PITCH,

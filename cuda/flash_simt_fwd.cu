@@ -50,7 +50,7 @@ struct SimtFwdTraits {
 // the exp scaled by ScaleOf<T>::exp_scale (softmax_scale log2 e for float: base-2 softmax;
 // softmax_scale for double). p.mask.causal is read at run time: it only changes loop bounds and the
 // mask of diagonal tiles (flash_mask.cuh), and halves the specializations to build.
-template <typename Tr>
+template <typename Tr, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, Tr::MIN_CTAS)
 flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
     using T = typename Tr::T;
@@ -75,7 +75,10 @@ flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
     const i64 q_row_stride = p.q.row_stride, k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
     const i64 o_row_stride = p.out.row_stride;
     const T scale_exp = ScaleOf<T>::exp_scale(p);
-    const Mask mask(p, p.mask.causal != 0);
+    const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
+    using Mod = ScoreMod<FEAT, T>;
+    [[maybe_unused]] const Mod mod(p, batch, head);
+    const T sink = sink_of<FEAT, T>(p, head);
 
     const T* q_tile = p.q.ptr<const T>(batch, head, m0);
     const T* k_head = p.k.ptr<const T>(batch, head_k);
@@ -124,8 +127,7 @@ flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
             mma_nt<T, TM, TN, HEAD_DIM, PITCH, PITCH, 4, 8>(acc_s, q_thr, k_thr);
 
             // The score modifier, then -inf on masked elements; only tiles of this warp that need it.
-            if constexpr (ScoreMod::ACTIVE) {
-                const ScoreMod mod(p, batch, head);
+            if constexpr (Mod::ACTIVE) {
 #pragma unroll
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
@@ -182,7 +184,9 @@ flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
 #pragma unroll
     for (int i = 0; i < TM; ++i) {
         const T l = sum8(row_sum[i]);
-        const T inv_l = l > T(0) ? T(1) / l : T(0);
+        T inv_l = l > T(0) ? T(1) / l : T(0);
+        T lse = l > T(0) ? row_max[i] * ScaleOf<T>::scale(p) + M::log(l) : -M::inf();
+        add_sink(inv_l, lse, sink);  // FEAT_SINK; nothing otherwise
         const int row = warp_row0 + lr + 4 * i;
         if (m0 + row < seqlen_q) {
 #pragma unroll
@@ -195,7 +199,7 @@ flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
                     *reinterpret_cast<Chunk<T>*>(o_tile + row * o_row_stride + col) = c;
                 }
             }
-            if (lc == 0) lse_tile[row] = l > T(0) ? row_max[i] * ScaleOf<T>::scale(p) + M::log(l) : -M::inf();
+            if (lc == 0) lse_tile[row] = lse;
         }
     }
 }

@@ -75,6 +75,12 @@ def elem_name(dtype) -> str:
     raise TypeError(f"no 16-bit kernel for dtype {dtype}")
 
 
+def _feat(feat: int) -> str:
+    """The trailing FEAT template argument of a kernel name (issue 16's FEAT_* bits): nothing for 0, so
+    the plain kernels keep their names."""
+    return f", {int(feat)}" if feat else ""
+
+
 def _cbool(x: bool) -> str:
     return "true" if x else "false"
 
@@ -126,8 +132,8 @@ class FwdConfig:
         NTHREADS (tests/test_smem.py compiles static_asserts of that with NVRTC)."""
         return [(self.source, self.traits(elem), self.smem_bytes, self.nthreads) for elem in ("Fp16", "Bf16")]
 
-    def kernel_name(self, elem: str, causal: bool, dropout: bool = False) -> str:
-        return f"flash_fwd_kernel<{self.traits(elem)}, {_cbool(causal)}, {_cbool(dropout)}>"
+    def kernel_name(self, elem: str, causal: bool, dropout: bool = False, feat: int = 0) -> str:
+        return f"flash_fwd_kernel<{self.traits(elem)}, {_cbool(causal)}, {_cbool(dropout)}{_feat(feat)}>"
 
 
 # bucket -> candidates ((block_m, block_n, nwarps), reason), first fitting wins. Register counts are
@@ -234,11 +240,12 @@ class BwdConfig:
                                                           (self.source, self.dq_traits(elem), self.dq_smem_bytes,
                                                            self.dq_nthreads))]
 
-    def kernel_name(self, elem: str, causal: bool, write_dq: bool, dropout: bool = False) -> str:
-        return f"flash_bwd_kernel<{self.traits(elem)}, {_cbool(causal)}, {_cbool(write_dq)}, {_cbool(dropout)}>"
+    def kernel_name(self, elem: str, causal: bool, write_dq: bool, dropout: bool = False, feat: int = 0) -> str:
+        return (f"flash_bwd_kernel<{self.traits(elem)}, {_cbool(causal)}, {_cbool(write_dq)}, {_cbool(dropout)}"
+                f"{_feat(feat)}>")
 
-    def dq_kernel_name(self, elem: str, causal: bool, dropout: bool = False) -> str:
-        return f"flash_bwd_dq_kernel<{self.dq_traits(elem)}, {_cbool(causal)}, {_cbool(dropout)}>"
+    def dq_kernel_name(self, elem: str, causal: bool, dropout: bool = False, feat: int = 0) -> str:
+        return f"flash_bwd_dq_kernel<{self.dq_traits(elem)}, {_cbool(causal)}, {_cbool(dropout)}{_feat(feat)}>"
 
 
 # bucket -> candidates ((block_m, block_n, d_split, dq_block_m, dq_block_n, dq_atomic), reason).
@@ -355,9 +362,9 @@ class SimtFwdConfig:
         """As FwdConfig.traits_checks."""
         return [(self.source, self.traits(), self.smem_bytes, self.nthreads)]
 
-    def kernel_name(self) -> str:
+    def kernel_name(self, feat: int = 0) -> str:
         """causal is a run-time argument of the kernel (one specialization serves both masks)."""
-        return f"flash_simt_fwd_kernel<{self.traits()}>"
+        return f"flash_simt_fwd_kernel<{self.traits()}{_feat(feat)}>"
 
 
 @dataclass(frozen=True)
@@ -422,11 +429,11 @@ class SimtBwdConfig:
                 (self.source, self.traits(), self.dq_smem_bytes, self.dq_nthreads)]
 
     # causal and dq_atomic are run-time arguments of the kernels.
-    def kv_kernel_name(self) -> str:
-        return f"flash_simt_bwd_kv_kernel<{self.traits()}>"
+    def kv_kernel_name(self, feat: int = 0) -> str:
+        return f"flash_simt_bwd_kv_kernel<{self.traits()}{_feat(feat)}>"
 
-    def dq_kernel_name(self) -> str:
-        return f"flash_simt_bwd_q_kernel<{self.traits()}>"
+    def dq_kernel_name(self, feat: int = 0) -> str:
+        return f"flash_simt_bwd_q_kernel<{self.traits()}{_feat(feat)}>"
 
     def preprocess_kernel_name(self) -> str:
         return f"flash_simt_bwd_preprocess_kernel<{self.elem}>"
@@ -555,8 +562,8 @@ class DmmaFwdConfig:
         """As FwdConfig.traits_checks."""
         return [(self.source, self.traits(), self.smem_bytes, self.nthreads)]
 
-    def kernel_name(self) -> str:
-        return f"flash_dmma_fwd_kernel<{self.traits()}>"
+    def kernel_name(self, feat: int = 0) -> str:
+        return f"flash_dmma_fwd_kernel<{self.traits()}{_feat(feat)}>"
 
 
 @dataclass(frozen=True)
@@ -618,11 +625,11 @@ class DmmaBwdConfig:
         return [(self.source, self.kv_traits(), self.kv_smem_bytes, self.kv_nthreads),
                 (self.source, self.dq_traits(), self.dq_smem_bytes, self.dq_nthreads)]
 
-    def kv_kernel_name(self) -> str:
-        return f"flash_dmma_bwd_kv_kernel<{self.kv_traits()}>"
+    def kv_kernel_name(self, feat: int = 0) -> str:
+        return f"flash_dmma_bwd_kv_kernel<{self.kv_traits()}{_feat(feat)}>"
 
-    def dq_kernel_name(self) -> str:
-        return f"flash_dmma_bwd_dq_kernel<{self.dq_traits()}>"
+    def dq_kernel_name(self, feat: int = 0) -> str:
+        return f"flash_dmma_bwd_dq_kernel<{self.dq_traits()}{_feat(feat)}>"
 
     def preprocess_kernel_name(self) -> str:
         return f"flash_simt_bwd_preprocess_kernel<{self.elem}>"  # in flash_simt_bwd.cu

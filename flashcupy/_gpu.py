@@ -63,8 +63,10 @@ def _sparse_blocks(block_mask):
 def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, config=None, features=None):
     """Fused forward. Returns (out like q, lse (batch, nheads, seqlen_q) float32).
 
-    dropout: None, or (dropout_p, (seed, offset)) for the fused dropout of flashcupy.dropout."""
+    dropout: None, or (dropout_p, (seed, offset)) for the fused dropout of flashcupy.dropout;
+    features: a flashcupy._features.Features or None (its FEAT_* bits pick the specialization)."""
     cp = _cp()
+    feat = 0 if features is None else features.bits
     _check_grid(shape)
     d8 = -(-shape.head_dim // 8) * 8
     scale = shape.softmax_scale
@@ -76,31 +78,31 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
 
     if config is None:  # direct callers (flashcupy.interface passes its plan's config): the same choice
         config = _gpu_sm90.plan_config(shape.head_dim, _device_arch(), causal=causal, dropout=dropout is not None,
-                                       sparse_blocks=_sparse_blocks(block_mask))
+                                       sparse_blocks=_sparse_blocks(block_mask), features=feat)
     if isinstance(config, _gpu_sm90.Sm90FwdConfig):
         out, lse = _gpu_sm90.forward(q, k, v, shape, causal=causal, scale=scale, config=config, dropout=dropout,
-                                     block_mask=block_mask)
+                                     block_mask=block_mask, features=features)
     else:
-        out, lse = _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config)
+        out, lse = _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config, features)
     if d8 != shape.head_dim:
         out = cp.ascontiguousarray(out[..., : shape.head_dim])
     return out, lse
 
 
-def _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config):
+def _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config, features=None):
     """The mma.sync forward on kernel-ready q, k, v (flashcupy._gpu.forward prepares them)."""
     cp = _cp()
     cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     if cfg is None:  # flashcupy.interface plans first and never gets here; direct callers may
         raise RuntimeError(f"no fused fp16/bf16 forward fits {_device_arch()} for head_dim={shape.head_dim}")
-    name = cfg.kernel_name(elem_name(q.dtype), causal, dropout is not None)
+    name = cfg.kernel_name(elem_name(q.dtype), causal, dropout is not None, 0 if features is None else features.bits)
     debug(f"fwd {shape} -> {cfg}")
     kernel = get_kernel("flash_fwd.cu", name, cfg.smem_bytes)
     out = cp.empty(q.shape, dtype=q.dtype)
     lse = cp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=cp.float32)
     grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
     p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, dropout=dropout, block_mask=block_mask,
-                    q=q, k=k, v=v, out=out, lse=lse)
+                    features=features, q=q, k=k, v=v, out=out, lse=lse)
     kernel(grid, (cfg.nthreads, 1, 1), (p,), shared_mem=cfg.smem_bytes)
     return out, lse
 
@@ -116,8 +118,11 @@ def _launch_convert(src, dst, rows: int, group: int, scale: float):
 
 def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: bool, dropout=None, block_mask=None,
              config=None, features=None):
-    """Fused backward. Returns (dq, dk, dv) like q, k, v (dk, dv summed over each GQA group)."""
+    """Fused backward. Returns (dq, dk, dv) like q, k, v (dk, dv summed over each GQA group).
+    features: as forward; a sink changes nothing here (lse carries it; dsinks come from
+    flashcupy.interface), so the kernels take the other bits (backward_feat)."""
     cp = _cp()
+    feat = backward_feat(features)
     _check_grid(shape)
     d8 = -(-shape.head_dim // 8) * 8
     score_scale, grad_scale = shape.softmax_scale, shape.softmax_scale
@@ -129,11 +134,12 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
 
     if config is None:  # direct callers (flashcupy.interface passes its plan's config): the same choice
         config = _gpu_sm90_bwd.plan_config(shape.head_dim, _device_arch(), causal=causal, dropout=dropout is not None,
-                                           sparse_blocks=_sparse_blocks(block_mask), deterministic=deterministic)
+                                           sparse_blocks=_sparse_blocks(block_mask), deterministic=deterministic,
+                                           features=feat)
     if isinstance(config, _gpu_sm90_bwd.Sm90BwdConfig):
         dq, dk_rows, dv_rows = _gpu_sm90_bwd.backward(dout, q, k, v, out, lse, shape, causal=causal,
                                                       score_scale=score_scale, config=config, block_mask=block_mask,
-                                                      deterministic=deterministic)
+                                                      deterministic=deterministic, features=features)
         return _finish_backward(dq, dk_rows, dv_rows, shape, d8)
     cfg = config or bwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     if cfg is None:
@@ -151,20 +157,29 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     dq = cp.empty((b, sq, h, d8), dtype=q.dtype)
     drop = dropout is not None
     p = attn_params(shape, head_dim=d8, scale=score_scale, grad_scale=grad_scale, causal=causal, dropout=dropout,
-                    block_mask=block_mask, dkv_fp32=g != 1, dq_atomic=write_dq, q=q, k=k, v=v, out=out, dout=dout,
+                    block_mask=block_mask, dkv_fp32=g != 1, dq_atomic=write_dq, features=features, q=q, k=k, v=v,
+                    out=out, dout=dout,
                     dq=dq, dk=dk_rows, dv=dv_rows, lse=lse, delta=delta, dq_accum=dq_accum)
 
     pre = get_kernel("flash_bwd.cu", f"flash_bwd_preprocess_kernel<{elem}>", 0)
     pre((math.ceil(sq / 4), h, b), (128, 1, 1), (p,))
-    kernel = get_kernel("flash_bwd.cu", cfg.kernel_name(elem, causal, write_dq, drop), cfg.smem_bytes)
+    kernel = get_kernel("flash_bwd.cu", cfg.kernel_name(elem, causal, write_dq, drop, feat), cfg.smem_bytes)
     kernel((math.ceil(sk / cfg.block_n) * cfg.d_split, h, b), (cfg.nthreads, 1, 1), (p,), shared_mem=cfg.smem_bytes)
     if write_dq:
         _launch_convert(dq_accum, dq, b * sq, 1, grad_scale)
     else:
-        dq_kernel = get_kernel("flash_bwd.cu", cfg.dq_kernel_name(elem, causal, drop), cfg.dq_smem_bytes)
+        dq_kernel = get_kernel("flash_bwd.cu", cfg.dq_kernel_name(elem, causal, drop, feat), cfg.dq_smem_bytes)
         dq_kernel((math.ceil(sq / cfg.dq_block_m), h, b), (cfg.dq_nthreads, 1, 1), (p,),
                   shared_mem=cfg.dq_smem_bytes)
     return _finish_backward(dq, dk_rows, dv_rows, shape, d8)
+
+
+def backward_feat(features) -> int:
+    """The FEAT_* bits of a backward kernel for features (a Features or None): FEAT_SINK dropped (the
+    backward kernels read a sink only through lse)."""
+    from ._features import FEAT_SINK
+
+    return 0 if features is None else features.bits & ~FEAT_SINK
 
 
 def _finish_backward(dq, dk_rows, dv_rows, shape, d8: int):

@@ -59,8 +59,10 @@ def path_name(dtype, head_dim: int, allow_tf32: bool = False) -> str:
 
 def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=None, features=None):
     """Fused float32 / float64 forward. Returns (out like q, lse (batch, nheads, seqlen_q) of q's dtype).
-    allow_tf32: float32 on sm_80+ runs on the TF32 tensor cores; config overrides the chooser."""
+    allow_tf32: float32 on sm_80+ runs on the TF32 tensor cores; config overrides the chooser;
+    features: a flashcupy._features.Features or None (its FEAT_* bits pick the specialization)."""
     xp = _xp()
+    feat = 0 if features is None else features.bits
     _check_grid(shape)
     d8 = -(-shape.head_dim // 8) * 8
     scale = shape.softmax_scale
@@ -74,8 +76,8 @@ def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=No
     lse = xp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=q.dtype)
     grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
     p = attn_params(shape, head_dim=d8, scale=scale, grad_scale=shape.softmax_scale, causal=causal,
-                    q=q, k=k, v=v, out=out, lse=lse)
-    _launch(cfg.source, cfg.kernel_name(), cfg.smem_bytes, grid, (cfg.nthreads, 1, 1), p)
+                    features=features, q=q, k=k, v=v, out=out, lse=lse)
+    _launch(cfg.source, cfg.kernel_name(feat), cfg.smem_bytes, grid, (cfg.nthreads, 1, 1), p)
     if d8 != shape.head_dim:
         out = xp.ascontiguousarray(out[..., : shape.head_dim])
     return out, lse
@@ -89,12 +91,18 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     order varies run to run); deterministic=True computes dQ in a second, query-outer kernel instead
     (bitwise reproducible; recomputes S and dP, 7 instead of 5 matrix products). The tensor-core
     kernels (float64 on sm_80+, float32 with allow_tf32 on sm_80+) always take the second way:
-    bitwise reproducible either way.
+    bitwise reproducible either way. features: as forward (a sink only through lse: backward_feat).
     """
+    from ._gpu import backward_feat
+    from ._features import FEAT_ALIBI, FEAT_SOFTCAP
+
     xp = _xp()
     _check_grid(shape)
+    feat = backward_feat(features)
     d8 = -(-shape.head_dim // 8) * 8
     scale = shape.softmax_scale  # 0 needs no special case: masked P is selected to 0, not computed
+    if scale == 0.0 and feat & (FEAT_SOFTCAP | FEAT_ALIBI):  # the score modifier divides by scale: as forward
+        q, scale = xp.zeros(q.shape, dtype=q.dtype), 1.0
     dtype = q.dtype
     q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
     lse = xp.ascontiguousarray(lse)
@@ -111,14 +119,15 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     dk = xp.empty((b, sk, h, d8), dtype=dtype)
     dv = xp.empty((b, sk, h, d8), dtype=dtype)
     # dq_atomic: the SIMT KV kernel adds dQ by atomics (the DMMA KV kernel never does)
-    p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, dq_atomic=not dq_kernel, q=q, k=k, v=v,
-                    out=out, dout=dout, dq=dq, dk=dk, dv=dv, lse=lse, delta=delta, lse_exp=lse_exp)
+    p = attn_params(shape, head_dim=d8, scale=scale, grad_scale=shape.softmax_scale, causal=causal,
+                    dq_atomic=not dq_kernel, features=features, q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk,
+                    dv=dv, lse=lse, delta=delta, lse_exp=lse_exp)
 
     _launch(PREPROCESS_SOURCE, cfg.preprocess_kernel_name(), 0, (math.ceil(sq / (SIMT_PREPROCESS_THREADS // 32)), h, b),
             (SIMT_PREPROCESS_THREADS, 1, 1), p)
-    _launch(cfg.source, cfg.kv_kernel_name(), cfg.kv_smem_bytes, (cfg.kv_grid_x(sk), h, b), (cfg.kv_nthreads, 1, 1), p)
+    _launch(cfg.source, cfg.kv_kernel_name(feat), cfg.kv_smem_bytes, (cfg.kv_grid_x(sk), h, b), (cfg.kv_nthreads, 1, 1), p)
     if dq_kernel:
-        _launch(cfg.source, cfg.dq_kernel_name(), cfg.dq_smem_bytes, (cfg.dq_grid_x(sq), h, b),
+        _launch(cfg.source, cfg.dq_kernel_name(feat), cfg.dq_smem_bytes, (cfg.dq_grid_x(sq), h, b),
                 (cfg.dq_nthreads, 1, 1), p)
 
     if shape.group > 1:  # fixed summation order: deterministic

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._build import debug, get_kernel
-from ._configs import _cbool, elem_name
+from ._configs import _cbool, _feat, elem_name
 from ._params import attn_params
 
 SOURCE = "flash_fwd_sm90.cu"
@@ -63,8 +63,8 @@ class Sm90FwdConfig:
         return (f"Sm90FwdTraits<{elem}, {self.head_dim}, {self.block_n}, {self.stages}, {_cbool(self.overlap)}, "
                 f"{_cbool(self.pingpong)}>")
 
-    def kernel_name(self, elem: str, causal: bool, dropout: bool = False) -> str:
-        return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {_cbool(causal)}, {_cbool(dropout)}>"
+    def kernel_name(self, elem: str, causal: bool, dropout: bool = False, feat: int = 0) -> str:
+        return f"flash_fwd_sm90_kernel<{self.traits(elem)}, {_cbool(causal)}, {_cbool(dropout)}{_feat(feat)}>"
 
     def takes_block_mask(self, block_q: int, block_k: int) -> bool:
         """A block mask's blocks must be whole tiles: block_q a multiple of BLOCK_M, block_k a power-of-two
@@ -106,10 +106,10 @@ def enabled() -> bool:
     return os.environ.get("FLASHCUPY_SM90", "1") not in ("0", "")
 
 
-def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, sparse_blocks=None):
+def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, sparse_blocks=None, features=0):
     """The Sm90FwdConfig flashcupy._dispatch plans for a fp16/bf16 forward on device (a DeviceInfo), or
     None where this family does not run it (not sm_90, dropout, a block mask, head_dim > 128, the
-    shared-memory budget, FLASHCUPY_SM90=0)."""
+    shared-memory budget, FLASHCUPY_SM90=0). features: FEAT_* bits (every one runs here)."""
     if not enabled() or device.cc != 90 or dropout or sparse_blocks is not None or head_dim > 128:
         return None
     cfg = config_for(head_dim, causal)
@@ -148,12 +148,14 @@ def _encode_tma(ptr: int, dtype_name: str, itemsize: int, shape: tuple, strides:
     return ctypes.string_at(tmap.getPtr(), 128)
 
 
-def forward(q, k, v, shape, *, causal: bool, scale: float, config=None, dropout=None, block_mask=None):
+def forward(q, k, v, shape, *, causal: bool, scale: float, config=None, dropout=None, block_mask=None,
+            features=None):
     """Hopper forward. q, k, v: kernel-ready CuPy arrays (16-byte aligned, head_dim padded to a multiple
     of 8: flashcupy._gpu.kernel_ready); scale: the softmax scale the kernel applies (flashcupy._gpu.forward
     passes 1 with a zeroed q for a caller's 0). dropout: None or (dropout_p, (seed, offset)), the keep bits
     of flashcupy.dropout; block_mask: a BlockMask whose blocks are whole tiles (Sm90FwdConfig.takes_block_mask,
-    else ValueError). Returns (out like q, lse (batch, nheads, seqlen_q) float32)."""
+    else ValueError); features: a flashcupy._features.Features or None (its FEAT_* bits pick the
+    specialization). Returns (out like q, lse (batch, nheads, seqlen_q) float32)."""
     import cupy as cp
 
     d8 = q.shape[3]
@@ -162,13 +164,13 @@ def forward(q, k, v, shape, *, causal: bool, scale: float, config=None, dropout=
     if block_mask is not None and not cfg.takes_block_mask(block_mask.block_q, block_mask.block_k):
         raise ValueError(f"block_mask: blocks {block_mask.block_q}x{block_mask.block_k} are not whole "
                          f"{cfg.block_m}x{cfg.block_n} tiles of the Hopper forward")
-    name = cfg.kernel_name(elem, causal, dropout is not None)
+    name = cfg.kernel_name(elem, causal, dropout is not None, 0 if features is None else features.bits)
     debug(f"sm90 fwd {shape} -> {cfg}")
     kernel = get_kernel(SOURCE, name, cfg.smem_bytes)
     out = cp.empty(q.shape, dtype=q.dtype)
     lse = cp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=cp.float32)
     p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, dropout=dropout, block_mask=block_mask,
-                    q=q, k=k, v=v, out=out, lse=lse)
+                    features=features, q=q, k=k, v=v, out=out, lse=lse)
     tma = np.frombuffer(_tma_desc(q, cfg.block_m) + _tma_desc(k, cfg.block_n) + _tma_desc(v, cfg.block_n),
                         dtype=np.uint8)
     tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._build import debug, get_kernel
-from ._configs import elem_name
+from ._configs import _feat, elem_name
 from ._params import attn_params
 
 SOURCE = "flash_bwd_sm90.cu"
@@ -61,9 +61,9 @@ class Sm90BwdConfig:
         return (f"Sm90BwdTraits<{elem}, {self.head_dim}, {self.block_m}, {self.stages}, "
                 f"{self.overlap}, {'true' if self.lpt else 'false'}>")
 
-    def kernel_name(self, elem: str, causal: bool, deterministic: bool = False) -> str:
+    def kernel_name(self, elem: str, causal: bool, deterministic: bool = False, feat: int = 0) -> str:
         return (f"flash_bwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}, "
-                f"{'true' if deterministic else 'false'}>")
+                f"{'true' if deterministic else 'false'}{_feat(feat)}>")
 
     def takes_block_mask(self, block_q: int, block_k: int) -> bool:
         """Blocks of whole tiles: block_k a multiple of the 128 keys of a CTA, block_q a power-of-two
@@ -102,7 +102,7 @@ def enabled() -> bool:
 
 
 def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, sparse_blocks=None,
-                deterministic: bool = False):
+                deterministic: bool = False, features: int = 0):
     """The Sm90BwdConfig flashcupy._dispatch plans for a fp16/bf16 backward on device (a DeviceInfo), or
     None where this family does not run it (not sm_90, dropout, a block mask, head_dim > 128, the
     shared-memory budget, FLASHCUPY_SM90=0 / FLASHCUPY_SM90_BWD=0), and deterministic=True: the kernel has
@@ -129,12 +129,13 @@ def stats_rows(seqlen_q: int) -> int:
 
 
 def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float, config=None, block_mask=None,
-             deterministic: bool = False):
+             deterministic: bool = False, features=None):
     """Hopper backward on kernel-ready arrays (flashcupy._gpu.backward prepares them: 16-byte aligned,
     head_dim padded to a multiple of 8, q zeroed with score_scale 1 for a caller's softmax_scale 0).
     Returns (dq like q, dk_rows, dv_rows): (batch, seqlen_k, nheads, d) rows, the dtype of q without
     GQA, float32 with it (the caller sums each group). deterministic: dQ added in key-block order
-    (bitwise repeatable; dK, dV always are)."""
+    (bitwise repeatable; dK, dV always are). features: a flashcupy._features.Features or None (a sink
+    only through lse: flashcupy._gpu.backward_feat)."""
     import cupy as cp
 
     from ._gpu_sm90 import _tma_desc
@@ -158,7 +159,8 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float
     dv_rows = cp.empty((b, sk, h, d8), dtype=kv_dtype)
     dq = cp.empty((b, sq, h, d8), dtype=q.dtype)
     p = attn_params(shape, head_dim=d8, scale=score_scale, grad_scale=shape.softmax_scale, causal=causal,
-                    block_mask=block_mask, dkv_fp32=g != 1, q=q, k=k, v=v, out=out, dout=dout, dq=dq, dk=dk_rows,
+                    block_mask=block_mask, dkv_fp32=g != 1, features=features, q=q, k=k, v=v, out=out, dout=dout,
+                    dq=dq, dk=dk_rows,
                     dv=dv_rows, lse=lse, delta=delta, lse_exp=lse_log2, dq_accum=dq_accum)
 
     prep = get_kernel(SOURCE, f"flash_bwd_sm90_prep_kernel<{elem}>", 0)
@@ -166,7 +168,9 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, score_scale: float
     tma = np.frombuffer(_tma_desc(q, cfg.block_m) + _tma_desc(dout, cfg.block_m) + _tma_desc(k, cfg.block_n)
                         + _tma_desc(v, cfg.block_n), dtype=np.uint8)
     tma_arg = tma.view(np.dtype((np.void, tma.size)))[0]
-    kernel = get_kernel(SOURCE, cfg.kernel_name(elem, causal, deterministic), cfg.smem_bytes)
+    from ._gpu import backward_feat
+
+    kernel = get_kernel(SOURCE, cfg.kernel_name(elem, causal, deterministic, backward_feat(features)), cfg.smem_bytes)
     n_blocks = math.ceil(sk / cfg.block_n)
     if cfg.lpt and causal:  # longest key blocks first, L2-sized head groups (the kernel decodes this grid)
         group = lpt_group(b * h, sq, cfg.head_dim, cfg.lpt)

@@ -36,7 +36,7 @@ ATTN_PARAMS = np.dtype(
        ("scale_f", "<f4"), ("scale_log2_f", "<f4"), ("grad_scale_f", "<f4")]
     + [("mask", MASK_PARAMS), ("dropout", DROPOUT_PARAMS), ("dkv_fp32", "<i4"), ("dq_atomic", "<i4")]
     + [("cu_seqlens_q", _PTR), ("cu_seqlens_k", _PTR), ("seqused_k", _PTR), ("block_table", _PTR),
-       ("block_table_stride", "<i8"), ("page_size", "<i4"), ("softcap", "<f4"), ("alibi_slopes", _PTR),
+       ("block_table_stride", "<i8"), ("page_size", "<i4"), ("softcap", "<f8"), ("alibi_slopes", _PTR),
        ("alibi_batch_stride", "<i8"), ("sinks", _PTR)],
     align=True)
 
@@ -97,15 +97,17 @@ def sparse_record(block_mask, direction: str) -> tuple:
 
 def attn_params(shape, *, head_dim: int, scale: float, grad_scale: float | None = None, causal: bool = False,
                 window=(-1, -1), dropout=None, block_mask=None, dkv_fp32: bool = False, dq_atomic: bool = False,
-                **arrays) -> np.void:
+                features=None, **arrays) -> np.void:
     """One AttnParams record, by value.
 
     shape: flashcupy._validate.AttnShape.
     head_dim: the kernels' head dim (padded to a multiple of 8). scale: of q k^T in the softmax (the
     caller's softmax_scale, or 1 where the launcher zeroed q for a scale of 0); grad_scale: the
     caller's softmax_scale, carried by dq and dk (default: scale). window: (window_left, window_right)
-    in keys, -1 = unbounded (no kernel reads it yet). dropout: None or (dropout_p, (seed, offset)).
-    block_mask: a flashcupy.BlockMask or None. arrays: any of q, k, v, out, dout, dq, dk, dv
+    in keys, -1 = unbounded. features: a flashcupy._features.Features or None: its window (which
+    replaces window=), softcap, alibi_slopes (float32 (nheads,) or (batch, nheads), on the device) and
+    sinks (float32 (nheads,)); the kernels read each only in a specialization with its FEAT_* bit.
+    dropout: None or (dropout_p, (seed, offset)). block_mask: a flashcupy.BlockMask or None. arrays: any of q, k, v, out, dout, dq, dk, dv
     (BSHD arrays), lse, delta, lse_exp, dq_accum (contiguous); unnamed ones are null.
     """
     rec = np.zeros((), dtype=ATTN_PARAMS)
@@ -122,6 +124,14 @@ def attn_params(shape, *, head_dim: int, scale: float, grad_scale: float | None 
     scale_log2 = scale * math.log2(math.e)
     rec["scale"], rec["scale_log2"], rec["grad_scale"] = scale, scale_log2, grad_scale
     rec["scale_f"], rec["scale_log2_f"], rec["grad_scale_f"] = scale, scale_log2, grad_scale
+    if features is not None:
+        window = features.window
+        rec["softcap"] = float(features.softcap)
+        if features.alibi_slopes is not None:
+            slopes = features.alibi_slopes
+            rec["alibi_slopes"] = data_ptr(slopes)
+            rec["alibi_batch_stride"] = shape.nheads if slopes.ndim == 2 else 0
+        rec["sinks"] = data_ptr(features.sinks)
     rec["mask"] = (int(causal), int(window[0]), int(window[1]), sparse_record(block_mask, "kv"),
                    sparse_record(block_mask, "q"))
     rec["dropout"] = dropout_record(dropout)
