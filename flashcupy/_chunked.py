@@ -3,7 +3,11 @@ no fused kernel yet). One code path for NumPy and CuPy: the array module follows
 
 Memory is O(chunk * seqlen_k) per (batch, head), never O(seqlen_q * seqlen_k): each chunk of query
 rows sees every key at once, so the softmax is exact and needs no online rescaling. The equations
-are those of flashcupy.reference, evaluated in float32 (float64 for float64 inputs).
+are those of flashcupy.reference, evaluated in float32 (float64 for float64 inputs), with the score
+features of issue 16 (flashcupy._features.Features: sliding window, softcap, ALiBi, sinks) through
+the oracle's own score modifier (flashcupy._features.score_mod). With a sliding window a chunk
+computes only the keys its rows can see (flashcupy._mask.key_range), so time and memory fall with
+the window's width.
 
 Layout inside: heads are grouped as (batch, nheads_k, group, seqlen, head_dim), so MQA/GQA needs no
 repeat of k and v, and dk, dv come out summed over the group by the matmul itself.
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _mask
+from . import _features, _mask
 from ._arrays import lse_dtype
 
 # Bytes of float temporaries a chunk may hold (about four (B, H, chunk, Sk) arrays live at once).
@@ -43,60 +47,98 @@ def _ungroup(x):
     return x.transpose(0, 3, 1, 2, 4).reshape(b, c, hk * g, d)
 
 
-def _visible(xp, shape, i0, i1, causal, visible_fn):
-    """Boolean visibility of rows [i0, i1) against all keys, broadcastable to (B, Hk, G, c, Sk); None if all."""
+def _per_head(x, shape, dt):
+    """A (H,) or (B, H) feature array as (B | 1, Hk, G, 1, 1) in the compute dtype (h = hk * G + g)."""
+    lead = 1 if x.ndim == 1 else x.shape[0]
+    return x.astype(dt, copy=False).reshape(lead, shape.nheads_k, shape.group, 1, 1)
+
+
+def _keys(shape, i0, i1, causal, features):
+    """(j0, j1): the key columns rows [i0, i1) compute; all of them unless a sliding window is set (so
+    the calls without one keep their exact operations)."""
+    if features.window == (-1, -1):
+        return 0, shape.seqlen_k
+    return _mask.key_range(i0, i1, shape.seqlen_q, shape.seqlen_k, causal, features.window)
+
+
+def _visible(xp, shape, i0, i1, causal, visible_fn, window=(-1, -1), keys=None):
+    """Boolean visibility of rows [i0, i1) against keys [j0, j1) (default all), broadcastable to
+    (B, Hk, G, c, j1 - j0); None if all."""
+    j0, j1 = (0, shape.seqlen_k) if keys is None else keys
     vis = None
-    if causal:
-        vis = _mask.visible(xp, xp.arange(i0, i1), xp.arange(shape.seqlen_k), shape.seqlen_q, shape.seqlen_k, causal)
+    if causal or window != (-1, -1):
+        vis = _mask.visible(xp, xp.arange(i0, i1), xp.arange(j0, j1), shape.seqlen_q, shape.seqlen_k, causal, window)
     if visible_fn is not None:
         m = visible_fn(i0, i1)  # broadcastable to (B, H, c, Sk)
-        m = xp.broadcast_to(m, (m.shape[0], shape.nheads, i1 - i0, shape.seqlen_k))
-        m = m.reshape(m.shape[0], shape.nheads_k, shape.group, i1 - i0, shape.seqlen_k)
+        m = xp.broadcast_to(m, (m.shape[0], shape.nheads, i1 - i0, shape.seqlen_k))[..., j0:j1]
+        m = m.reshape(m.shape[0], shape.nheads_k, shape.group, i1 - i0, j1 - j0)
         vis = m if vis is None else (vis & m)
     return vis
 
 
-def _scores(xp, qc, kg, shape, i0, i1, causal, visible_fn):
-    s = (qc @ kg.swapaxes(-1, -2)) * shape.softmax_scale  # (B, Hk, G, c, Sk)
-    vis = _visible(xp, shape, i0, i1, causal, visible_fn)
+def _scores(xp, qc, kg, shape, i0, i1, causal, visible_fn, features=_features.NONE, slopes=None, keys=None):
+    """(S', t): the scores of rows [i0, i1) against keys [j0, j1) (default all), (B, Hk, G, c, j1 - j0),
+    modified (softcap, ALiBi: _features.score_mod) and -inf where not visible; t = tanh(S / softcap) or None."""
+    j0, j1 = (0, shape.seqlen_k) if keys is None else keys
+    s = (qc @ kg[:, :, :, j0:j1].swapaxes(-1, -2)) * shape.softmax_scale  # (B, Hk, G, c, Sk)
+    s, t = _features.score_mod(xp, s, features.softcap, slopes, xp.arange(i0, i1), xp.arange(j0, j1),
+                               shape.seqlen_q, shape.seqlen_k)
+    vis = _visible(xp, shape, i0, i1, causal, visible_fn, features.window, (j0, j1))
     if vis is not None:
         s = xp.where(vis, s, -xp.inf)
-    return s
+    return s, t
 
 
-def forward(q, k, v, shape, *, causal=False, visible_fn=None, keep_fn=None, dropout_p=0.0, xp=np):
-    """Returns (out like q, lse (B, H, Sq) float32 or float64). keep_fn(i0, i1) gives the dropout keep-mask."""
+def forward(q, k, v, shape, *, causal=False, visible_fn=None, keep_fn=None, dropout_p=0.0, xp=np,
+            features=_features.NONE):
+    """Returns (out like q, lse (B, H, Sq) float32 or float64). keep_fn(i0, i1) gives the dropout keep-mask.
+    features: a validated flashcupy._features.Features; with sinks, lse includes them (a row with no
+    visible key gets out 0, lse = its head's sink)."""
     dt = compute_dtype(q.dtype)
     qg, kg, vg = (_grouped(x, shape.nheads_k, xp, dt) for x in (q, k, v))
+    slopes = None if features.alibi_slopes is None else _per_head(features.alibi_slopes, shape, dt)
+    sink = None if features.sinks is None else _per_head(features.sinks, shape, dt)  # (1, Hk, G, 1, 1)
     out = xp.empty((shape.batch, shape.seqlen_q, shape.nheads, shape.head_dim), dtype=dt)
     lse = xp.empty((shape.batch, shape.nheads_k, shape.group, shape.seqlen_q), dtype=dt)
     step = chunk_rows(shape, dt.itemsize)
     for i0 in range(0, shape.seqlen_q, step):
         i1 = min(i0 + step, shape.seqlen_q)
-        s = _scores(xp, qg[:, :, :, i0:i1], kg, shape, i0, i1, causal, visible_fn)
+        j0, j1 = _keys(shape, i0, i1, causal, features)
+        if j0 >= j1:  # no row of the chunk sees a key: out 0, lse the sink (or -inf)
+            out[:, i0:i1] = 0
+            lse[..., i0:i1] = -xp.inf if sink is None else sink[..., 0]
+            continue
+        s, _ = _scores(xp, qg[:, :, :, i0:i1], kg, shape, i0, i1, causal, visible_fn, features, slopes, (j0, j1))
         m = s.max(axis=-1, keepdims=True)
+        if sink is not None:  # the sink joins the row: max(-inf, m) and l + exp(-inf) leave a -inf sink bitwise out
+            m = xp.maximum(m, sink)
         m = xp.where(m == -xp.inf, 0.0, m)  # rows with no visible key: keep exp() finite
         p = xp.exp(s - m)
         l = p.sum(axis=-1, keepdims=True)
+        if sink is not None:
+            l = l + xp.exp(sink - m)
         p /= xp.where(l > 0, l, 1.0)
         lse[..., i0:i1] = xp.where(l > 0, xp.log(xp.where(l > 0, l, 1.0)) + m, -xp.inf)[..., 0]
         if keep_fn is not None:
-            p = p * _keep(xp, keep_fn, shape, i0, i1) * (1.0 / (1.0 - dropout_p))
-        out[:, i0:i1] = _ungroup(p @ vg)
+            p = p * _keep(xp, keep_fn, shape, i0, i1, (j0, j1)) * (1.0 / (1.0 - dropout_p))
+        out[:, i0:i1] = _ungroup(p @ vg[:, :, :, j0:j1])
     lse = lse.reshape(shape.batch, shape.nheads, shape.seqlen_q)
     return out.astype(q.dtype, copy=False), lse.astype(lse_dtype(q.dtype), copy=False)
 
 
-def _keep(xp, keep_fn, shape, i0, i1):
+def _keep(xp, keep_fn, shape, i0, i1, keys=None):
     z = xp.asarray(keep_fn(i0, i1))  # (B, H, c, Sk)
-    return z.reshape(shape.batch, shape.nheads_k, shape.group, i1 - i0, shape.seqlen_k)
+    z = z.reshape(shape.batch, shape.nheads_k, shape.group, i1 - i0, shape.seqlen_k)
+    return z if keys is None or keys == (0, shape.seqlen_k) else z[..., keys[0]:keys[1]]
 
 
 def backward(dout, q, k, v, out, lse, shape, *, causal=False, visible_fn=None, keep_fn=None,
-             dropout_p=0.0, xp=np):
-    """Returns (dq, dk, dv) like q, k, v; P is recomputed from lse (nothing Sq x Sk is kept)."""
+             dropout_p=0.0, xp=np, features=_features.NONE):
+    """Returns (dq, dk, dv) like q, k, v; P is recomputed from lse (nothing Sq x Sk is kept). The sinks'
+    gradient is not computed here (flashcupy.interface.sink_grad, one function for every path)."""
     dt = compute_dtype(q.dtype)
     qg, kg, vg, dog, og = (_grouped(x, shape.nheads_k, xp, dt) for x in (q, k, v, dout, out))
+    slopes = None if features.alibi_slopes is None else _per_head(features.alibi_slopes, shape, dt)
     lse_g = xp.asarray(lse).astype(dt).reshape(shape.batch, shape.nheads_k, shape.group, shape.seqlen_q, 1)
     lse_g = xp.where(lse_g == -xp.inf, 0.0, lse_g)  # empty rows: every score is -inf, so P = 0 anyway
     delta = (dog * og).sum(axis=-1, keepdims=True)  # D = rowsum(dO o O), (B, Hk, G, Sq, 1)
@@ -106,18 +148,25 @@ def backward(dout, q, k, v, out, lse, shape, *, causal=False, visible_fn=None, k
     step = chunk_rows(shape, dt.itemsize)
     for i0 in range(0, shape.seqlen_q, step):
         i1 = min(i0 + step, shape.seqlen_q)
+        j0, j1 = _keys(shape, i0, i1, causal, features)
+        if j0 >= j1:  # no visible key: no gradient
+            dq[:, i0:i1] = 0
+            continue
         qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
-        p = xp.exp(_scores(xp, qc, kg, shape, i0, i1, causal, visible_fn) - lse_g[:, :, :, i0:i1])
-        dp = doc @ vg.swapaxes(-1, -2)
+        s, t = _scores(xp, qc, kg, shape, i0, i1, causal, visible_fn, features, slopes, (j0, j1))
+        p = xp.exp(s - lse_g[:, :, :, i0:i1])
+        del s
+        vc = vg[:, :, :, j0:j1]
+        dp = doc @ vc.swapaxes(-1, -2)
         if keep_fn is not None:
-            z = _keep(xp, keep_fn, shape, i0, i1) * (1.0 / (1.0 - dropout_p))
-            dv += ((p * z).swapaxes(-1, -2) @ doc).sum(axis=2)
+            z = _keep(xp, keep_fn, shape, i0, i1, (j0, j1)) * (1.0 / (1.0 - dropout_p))
+            dv[:, :, j0:j1] += ((p * z).swapaxes(-1, -2) @ doc).sum(axis=2)
             dp *= z
         else:
-            dv += (p.swapaxes(-1, -2) @ doc).sum(axis=2)
-        ds = p * (dp - delta[:, :, :, i0:i1])
-        dq[:, i0:i1] = _ungroup((ds @ kg) * shape.softmax_scale)
-        dk += (ds.swapaxes(-1, -2) @ qc).sum(axis=2) * shape.softmax_scale
+            dv[:, :, j0:j1] += (p.swapaxes(-1, -2) @ doc).sum(axis=2)
+        ds = _features.softcap_grad(p * (dp - delta[:, :, :, i0:i1]), t)
+        dq[:, i0:i1] = _ungroup((ds @ kg[:, :, :, j0:j1]) * shape.softmax_scale)
+        dk[:, :, j0:j1] += (ds.swapaxes(-1, -2) @ qc).sum(axis=2) * shape.softmax_scale
     dk = dk.transpose(0, 2, 1, 3)
     dv = dv.transpose(0, 2, 1, 3)
     return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)

@@ -48,3 +48,48 @@ class Features:
 
 
 NONE = Features()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The score modifier, once, on xp arrays (NumPy or CuPy): the oracle (flashcupy.reference), the
+# chunked path (flashcupy._chunked) and the tape's naive attention all call these, so there is one
+# formula. cuda/flash_mask.cuh's ScoreMod states the same for the kernels.
+
+
+def alibi_bias(xp, slopes, rows, keys, seqlen_q: int, seqlen_k: int):
+    """The ALiBi term -slope * |i + seqlen_k - seqlen_q - j| (flash-attn's convention, bottom-right
+    aligned like the causal mask; Press et al. 2022, arXiv 2108.12409), in slopes' dtype.
+
+    slopes: the per-head slopes already shaped to broadcast against the scores with two trailing
+    axes of size 1 (e.g. (B | 1, H, 1, 1)); rows, keys: 1-D integer arrays of query and key indices.
+    Returns an array broadcastable to (..., len(rows), len(keys)). The distance is an exact integer
+    (converted to slopes' dtype: exact below 2^24 in float32), so the term is one rounding of a product.
+    """
+    dist = xp.abs(xp.asarray(rows)[:, None] + (seqlen_k - seqlen_q) - xp.asarray(keys)[None, :])
+    return -(slopes * dist.astype(slopes.dtype))
+
+
+def score_mod(xp, s, softcap: float, slopes, rows, keys, seqlen_q: int, seqlen_k: int):
+    """The scores that enter the softmax, from the scaled scores s = softmax_scale * q.k (..., rows, keys):
+
+        S' = softcap * tanh(s / softcap)          (softcap > 0; flash-attn's tanh soft-capping, Gemma 2)
+        S' = S' - slope * |i + offset - j|        (ALiBi, slopes not None; offset = seqlen_k - seqlen_q)
+
+    in that order (flash-attn: softcap, then the ALiBi bias, then the mask), in s's dtype. The mask is
+    applied by the caller afterwards (masked entries become -inf). Returns (S', t) with t = tanh(s /
+    softcap) (None without softcap): the backward multiplies dS' by dS'/ds = 1 - t^2 (the ALiBi term
+    does not depend on s). With softcap 0 and no slopes, s itself is returned (no operation on it).
+    """
+    t = None
+    if softcap > 0:
+        t = xp.tanh(s / softcap)
+        s = softcap * t
+    if slopes is not None:
+        s = s + alibi_bias(xp, slopes, rows, keys, seqlen_q, seqlen_k)
+    return s, t
+
+
+def softcap_grad(ds, t):
+    """dS = dS' o (1 - t^2), t = tanh(s / softcap) from score_mod (d/ds softcap * tanh(s / softcap));
+    ds itself when t is None (no softcap)."""
+    return ds if t is None else ds * (1.0 - t * t)

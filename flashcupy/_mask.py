@@ -36,3 +36,13 @@ def visible(xp, rows, keys, seqlen_q: int, seqlen_k: int, causal: bool, window=(
     if lo is not None:
         vis = (j >= i + lo) if vis is None else (vis & (j >= i + lo))
     return vis
+
+
+def key_range(i0: int, i1: int, seqlen_q: int, seqlen_k: int, causal: bool, window=(-1, -1)):
+    """(j0, j1): the keys [j0, j1) that rows [i0, i1) can see at all under causal and the window
+    (every visible key lies inside; j0 >= j1 when none does). The chunked path computes only those
+    columns, so a sliding window costs time in proportion to its width."""
+    lo, hi = band(seqlen_q, seqlen_k, causal, window)
+    j0 = 0 if lo is None else max(0, i0 + lo)
+    j1 = seqlen_k if hi is None else min(seqlen_k, i1 - 1 + hi + 1)
+    return j0, max(j0, j1)

@@ -107,3 +107,71 @@ def check_bool(name, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return bool(value)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_window(window_size) -> tuple:
+    """window_size: a pair (left, right) of ints >= -1 (-1: that side unbounded). Returns a tuple of ints."""
+    if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__len__") or len(window_size) != 2:
+        raise TypeError(f"window_size: expected a pair (left, right) of ints >= -1, got {window_size!r}")
+    if not all(_is_int(w) for w in window_size):
+        raise TypeError(f"window_size: expected a pair (left, right) of ints >= -1, got "
+                        f"({', '.join(type(w).__name__ for w in window_size)}) {tuple(window_size)!r}")
+    left, right = (int(w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size: expected ints >= -1 (-1: unbounded), got ({left}, {right})")
+    return left, right
+
+
+def check_softcap(softcap) -> float:
+    """softcap: a finite float >= 0 (0: off)."""
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (int, float, np.floating, np.integer)):
+        raise TypeError(f"softcap: expected a float >= 0 (0: off), got {type(softcap).__name__}")
+    value = float(softcap)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"softcap: expected a finite float >= 0 (0: off), got {softcap!r}")
+    return value
+
+
+def _check_feature_array(name, x, xp, like, shapes, what):
+    """x: None, or an array of xp's kind (already through _arrays.array_module with q), float32, of one of
+    shapes, on like's device; returned C-contiguous (a copy if it was not)."""
+    if x is None:
+        return None
+    if tuple(x.shape) not in shapes:
+        raise ValueError(f"{name}: expected shape {' or '.join(str(s) for s in shapes)} ({what}), got {tuple(x.shape)}")
+    if x.dtype != np.float32:
+        raise TypeError(f"{name}: expected dtype float32 (as flash-attn; convert with .astype(float32): it is not "
+                        f"converted silently), got {dtype_name(x.dtype)}")
+    if xp is not np:
+        if x.device.id != like.device.id:
+            raise ValueError(f"{name}: expected an array on q's device (cuda:{like.device.id}), got one on "
+                             f"cuda:{x.device.id}")
+    return xp.ascontiguousarray(x)
+
+
+def check_features(xp, q, shape: AttnShape, *, causal: bool, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                   sinks=None):
+    """The flashcupy._features.Features record of one call, validated.
+
+    window_size: (left, right) ints >= -1; with causal the right side is the causal bound, so it is
+    stored as -1 (causal with any right >= 0 is the same mask: j <= i + offset). softcap: finite >= 0.
+    alibi_slopes: float32 (nheads,) or (batch, nheads); sinks: float32 (nheads,); both of q's array kind
+    (NumPy with NumPy, CuPy on q's device with CuPy: xp and q come from _arrays.array_module, which
+    already refused a mix), copied to C-contiguous if they are not. Values are not inspected (no host
+    synchronisation): a NaN slope or sink gives NaN rows; a sink of -inf is no sink.
+    Raises TypeError (kinds, dtypes) and ValueError (shapes, values, devices) naming the argument.
+    """
+    from ._features import Features
+
+    left, right = check_window(window_size)
+    if causal:
+        right = -1
+    cap = check_softcap(softcap)
+    slopes = _check_feature_array("alibi_slopes", alibi_slopes, xp, q, ((shape.nheads,), (shape.batch, shape.nheads)),
+                                  "(nheads,) or (batch, nheads)")
+    sk = _check_feature_array("sinks", sinks, xp, q, ((shape.nheads,),), "(nheads,): one logit per query head")
+    return Features(window=(left, right), softcap=cap, alibi_slopes=slopes, sinks=sk)

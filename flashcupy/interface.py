@@ -29,14 +29,16 @@ flash_attn_backward(dout, q, k, v, forward=fwd) repeats and checks the forward's
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 
 from . import _build, _chunked, _device, _dispatch, dropout
 from ._arrays import array_module, cupy_or_none, gpu_available, lse_dtype
-from ._validate import AttnShape, check_bool, check_like, check_lse, check_qkv
+from ._features import FEAT_ALL
+from ._features import NONE as NO_FEATURES
+from ._validate import AttnShape, check_bool, check_features, check_like, check_lse, check_qkv
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,9 @@ class AttnOptions:
     """The options of one flash_attn_forward call that its backward must repeat (AttnForward.options).
 
     flash_attn_backward(..., forward=fwd) takes them from here and raises ValueError when an option it
-    is given explicitly differs. Options the forward gains later (window_size, softcap, ...) join here.
+    is given explicitly differs. The arrays alibi_slopes and sinks are the forward's own (as given,
+    after conversion of __dlpack__ inputs); the backward compares them by data pointer, shape and
+    strides, never by value (no host synchronisation), and `==` on two AttnOptions ignores them.
     """
 
     causal: bool
@@ -52,6 +56,10 @@ class AttnOptions:
     dropout_p: float  # as given (the keep-mask rounds it to a multiple of 2^-16)
     block_mask: object  # flashcupy.blocksparse.BlockMask or None (compared by value)
     allow_tf32: bool  # as given; compared only where it changes the result (float32 on the GPU)
+    window_size: tuple = (-1, -1)  # as validated: (left, right); with causal, right is -1 (causal bounds it)
+    softcap: float = 0.0  # as given (0: off)
+    alibi_slopes: object = field(default=None, compare=False)  # the forward's array or None (compared by pointer)
+    sinks: object = field(default=None, compare=False)  # the forward's array or None (compared by pointer)
 
 
 class _AttnForwardTuple(NamedTuple):
@@ -103,7 +111,9 @@ class _FromForward:
 
 
 FROM_FORWARD = _FromForward()
-_PLAIN_DEFAULTS = dict(causal=False, softmax_scale=None, dropout_p=0.0, block_mask=None, allow_tf32=False)
+_PLAIN_DEFAULTS = dict(causal=False, softmax_scale=None, dropout_p=0.0, block_mask=None, allow_tf32=False,
+                       window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None)
+_OPTION_NAMES = tuple(_PLAIN_DEFAULTS)
 
 
 # NumPy float64 inputs run the fused float64 kernels when a GPU is usable: True opts in, False keeps them
@@ -125,32 +135,35 @@ NUMPY_PATH = "NumPy chunked path"
 
 
 def _plan(direction: str, dtype, shape: AttnShape, causal: bool, dropout_p: float, block_mask, allow_tf32: bool,
-          device=None, deterministic: bool = False):
+          device=None, deterministic: bool = False, features: int = 0):
     """The fused kernel a GPU call runs (flashcupy._dispatch.Plan), or None for the chunked path on the
-    GPU. device: a DeviceInfo or an int compute capability; default the current CuPy device."""
+    GPU. device: a DeviceInfo or an int compute capability; default the current CuPy device. features:
+    the call's FEAT_* bits (flashcupy._features.Features.bits)."""
     if device is None:
         device = _device.current_device_info()
     sparse = None if block_mask is None else (block_mask.block_q, block_mask.block_k)
     extra = {} if direction == "fwd" else {"deterministic": deterministic}
     plan_fn = _dispatch.forward_plan if direction == "fwd" else _dispatch.backward_plan
     plan = plan_fn(dtype, shape.head_dim, causal, device, dropout=dropout_p > 0, sparse_blocks=sparse,
-                   allow_tf32=allow_tf32, **extra)
+                   allow_tf32=allow_tf32, features=features, **extra)
     if _build.DEBUG:
         _build.debug(f"{direction} {shape} causal={causal} dropout_p={dropout_p} block_mask={sparse} allow_tf32={allow_tf32} "
+                     f"features={features} "
                      f"on {device} -> {_dispatch.path_name(plan)}: {None if plan is None else plan.config}")
     return plan
 
 
 def _numpy_float64_to_gpu(xp, dtype, shape: AttnShape, direction: str, causal, dropout_p, block_mask,
-                          allow_tf32) -> bool:
+                          allow_tf32, features=NO_FEATURES) -> bool:
     """NumPy float64 goes to the GPU only when opted in (numpy_float64_on_gpu) and a fused kernel runs
     there for this direction."""
     return (xp is np and numpy_float64_on_gpu() and np.dtype(dtype) == np.float64 and gpu_available()
-            and _plan(direction, dtype, shape, causal, dropout_p, block_mask, allow_tf32) is not None)
+            and _plan(direction, dtype, shape, causal, dropout_p, block_mask, allow_tf32, features=features.bits)
+            is not None)
 
 
 def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, block_mask=None,
-                allow_tf32: bool = False, backward: bool = False, device=None) -> str:
+                allow_tf32: bool = False, backward: bool = False, device=None, features: int = 0) -> str:
     """Which implementation a call runs: "fused fp16/bf16 (tensor cores)", "fused fp32/fp64 (CUDA cores)",
     "fused fp64 (FP64 tensor cores)", "fused fp32 (TF32 tensor cores)", "NumPy chunked path" or
     "chunked path on the GPU".
@@ -160,7 +173,9 @@ def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, b
     the current CuPy device (with the FLASHCUPY_SMEM_LIMIT_KB / FLASHCUPY_FORCE_CC overrides,
     flashcupy._device), or device= (a flashcupy._device.DeviceInfo, or an int compute capability
     such as 86 for that class's shared memory) without a GPU. NumPy float64 inputs count as
-    on_gpu=False here; opted in (NUMPY_FLOAT64_ON_GPU) with a usable GPU they run the float64 kernels."""
+    on_gpu=False here; opted in (NUMPY_FLOAT64_ON_GPU) with a usable GPU they run the float64 kernels.
+    features: the FEAT_* bits of the call's window / softcap / ALiBi / sinks (flashcupy._features:
+    FEAT_LOCAL | FEAT_SOFTCAP | FEAT_ALIBI | FEAT_SINK; 0: none)."""
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     backward = check_bool("backward", backward)
     on_gpu = check_bool("on_gpu", on_gpu)
@@ -176,20 +191,44 @@ def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, b
         raise RuntimeError("kernel_path: on_gpu=True needs a usable CUDA GPU (CuPy found none); give device= "
                            "(a flashcupy._device.DeviceInfo or a compute capability such as 86) to ask about one")
     shape = AttnShape(1, 1, 1, 1, 1, int(head_dim), 1.0)
-    plan = _plan("bwd" if backward else "fwd", dtype, shape, False, float(dropout_p), block_mask, allow_tf32, device)
+    if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or not 0 <= features <= FEAT_ALL:
+        raise ValueError(f"features: expected an int of flashcupy._features FEAT_* bits (0..{FEAT_ALL}), got {features!r}")
+    plan = _plan("bwd" if backward else "fwd", dtype, shape, False, float(dropout_p), block_mask, allow_tf32, device,
+                 features=int(features))
     return _dispatch.path_name(plan)
 
 
-def _chunked_forward(xp, q, k, v, shape, causal, dropout_p, rng_state, block_mask):
+def _chunked_forward(xp, q, k, v, shape, causal, dropout_p, rng_state, block_mask, features=NO_FEATURES):
     keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
     return _chunked.forward(q, k, v, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
-                            keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
+                            keep_fn=keep_fn, dropout_p=p_eff, xp=xp, features=features)
 
 
-def _chunked_backward(xp, dout, q, k, v, out, lse, shape, causal, dropout_p, rng_state, block_mask):
+def _chunked_backward(xp, dout, q, k, v, out, lse, shape, causal, dropout_p, rng_state, block_mask,
+                      features=NO_FEATURES):
     keep_fn, p_eff = _chunked_dropout(xp, shape, dropout_p, rng_state)
     return _chunked.backward(dout, q, k, v, out, lse, shape, causal=causal, visible_fn=_visible_fn(xp, shape, block_mask),
-                             keep_fn=keep_fn, dropout_p=p_eff, xp=xp)
+                             keep_fn=keep_fn, dropout_p=p_eff, xp=xp, features=features)
+
+
+def sink_grad(xp, dout, out, lse, sinks):
+    """The gradient of the learnable sinks, for every path (GPU fused, GPU chunked, CPU): one function.
+
+        dsinks[h] = -sum over (b, i) of exp(sinks[h] - lse[b, h, i]) * D[b, h, i],  D = rowsum(dout o out)
+
+    (flashcupy.reference derives it: d out_i / d sink_h = -P_sink_i out_i; it holds with dropout, whose
+    keep-mask is inside out.) dout, out (batch, seqlen_q, nheads, head_dim) in q's dtype; lse (batch,
+    nheads, seqlen_q) as the forward returned it (it includes the sinks); sinks float32 (nheads,).
+    Computed in float32 (float64 for float64 inputs), returned float32 (nheads,) like sinks; on the
+    GPU it is queued on the current stream (no host synchronisation). A row with lse -inf (no visible
+    key and a sink of -inf) contributes 0.
+    """
+    dt = _chunked.compute_dtype(dout.dtype)
+    d = (dout.astype(dt) * out.astype(dt)).sum(axis=-1).transpose(0, 2, 1)  # D, (B, H, Sq)
+    lse = lse.astype(dt, copy=False)
+    lse = xp.where(lse == -xp.inf, 0.0, lse)  # then sinks[h] = -inf too: exp(-inf) = 0, no inf - inf
+    p_sink = xp.exp(sinks.astype(dt)[None, :, None] - lse)  # (B, H, Sq)
+    return (-(p_sink * d).sum(axis=(0, 2))).astype(np.float32, copy=False)
 
 
 def _chunked_dropout(xp, shape, dropout_p, rng_state):
@@ -238,7 +277,7 @@ def _same_array(a, b) -> bool:
 
 
 def _check_matches_forward(forward, xp, dtype, shape, *, out, lse, causal, softmax_scale, dropout_p, block_mask,
-                           allow_tf32):
+                           allow_tf32, features=NO_FEATURES, alibi_slopes=None, sinks=None):
     """ValueError naming the first of the backward's options and arrays that is not the forward's."""
     opts = forward.options
     if causal != opts.causal:
@@ -255,6 +294,16 @@ def _check_matches_forward(forward, xp, dtype, shape, *, out, lse, causal, softm
     if xp is not np and np.dtype(dtype) == np.float32 and allow_tf32 != opts.allow_tf32:
         raise ValueError(f"allow_tf32: expected the forward's allow_tf32={opts.allow_tf32} (float32 on the GPU: "
                          f"it changes the result), got {allow_tf32}")
+    if features.window != tuple(opts.window_size):
+        raise ValueError(f"window_size: expected the forward's window_size={opts.window_size} (as validated; with "
+                         f"causal the right side is -1), got {features.window}")
+    if features.softcap != opts.softcap:
+        raise ValueError(f"softcap: expected the forward's softcap={opts.softcap!r}, got {features.softcap!r}")
+    for name, got, want in (("alibi_slopes", alibi_slopes, opts.alibi_slopes), ("sinks", sinks, opts.sinks)):
+        if (got is None) != (want is None) or (got is not None and not _same_array(got, want)):
+            what = "None" if want is None else "the same array by data pointer, shape and strides"
+            raise ValueError(f"{name}: expected the forward's {name} ({what}; values are not compared), got "
+                             f"{'None' if got is None else 'a different ' + type(got).__name__}")
     for name, got, want in (("out", out, forward.out), ("lse", lse, forward.lse)):
         if not _same_array(got, want):
             raise ValueError(f"{name}: expected the forward's {name} (forward.{name}: the same array by data pointer, "
@@ -263,7 +312,8 @@ def _check_matches_forward(forward, xp, dtype, shape, *, out, lse, causal, softm
 
 
 def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False, seed=None,
-                       block_mask=None, allow_tf32=False) -> AttnForward:
+                       block_mask=None, allow_tf32=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                       sinks=None) -> AttnForward:
     """Attention forward returning the output and the logsumexp the backward needs.
 
     Args:
@@ -289,13 +339,33 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
             TF32 (10-bit mantissa, round to nearest, ties away), so out carries relative errors of
             ~1e-3 (float16's order) instead of float32's ~1e-7; accumulation and softmax stay in
             float32. Several times faster than the exact float32 kernel. Default False: exact FFMA.
+        window_size: (left, right) ints >= -1, flash-attn's sliding window: query i sees key j iff
+            i + offset - left <= j <= i + offset + right, offset = seqlen_k - seqlen_q (bottom-right
+            aligned); -1 leaves that side unbounded; (-1, -1) (default) is no window. With causal both
+            apply (causal is right = 0). Rows that see no key give out 0 and lse -inf.
+        softcap: float >= 0 (0, the default: off), flash-attn's (Gemma 2's) soft-capping: the scaled
+            score s = softmax_scale * q.k becomes softcap * tanh(s / softcap) before the softmax
+            (softmax_scale enters first, inside the tanh).
+        alibi_slopes: float32 (nheads,) or (batch, nheads), or None: flash-attn's ALiBi, adding
+            -slope[h] * |i + seqlen_k - seqlen_q - j| to the scaled score after the softcap (then the
+            mask). The array kind of q (NumPy / CuPy on q's device); float32 only, as flash-attn
+            (other dtypes raise TypeError rather than being converted).
+        sinks: float32 (nheads,), or None: learnable attention sinks (GPT-OSS), one logit per query
+            head in the space of the scaled (capped, biased) scores, that joins every row's softmax
+            denominator without a value vector: P_ij = exp(S'_ij - lse_i) with
+            lse_i = log(sum_j exp(S'_ij) + exp(sinks[h])). lse includes the sink; a row that sees no
+            key gives out 0 and lse = sinks[h]; a sink of -inf is no sink. Same kind rules as alibi_slopes.
+        The four combine with each other, causal, GQA, dropout and block_mask; today every call that
+        uses one runs the chunked path (the NumPy one on the CPU, the chunked path on the GPU: the
+        fused kernels are getting them; kernel_path(..., features=) tells).
 
     Returns:
         AttnForward(out, lse, rng_state), a 3-tuple: out like q; lse (batch, nheads, seqlen_q)
-        natural-log logsumexp of the scaled scores (of the softmax before dropout), float32 (float64
-        for float64 inputs); rng_state the dropout (seed, offset) to give the backward, None without
-        dropout. Its attribute options (AttnOptions: causal, softmax_scale as resolved, dropout_p,
-        block_mask, allow_tf32) is what flash_attn_backward(dout, q, k, v, forward=fwd) repeats and checks.
+        natural-log logsumexp of the scaled scores (of the softmax before dropout; with the sink when
+        sinks are given), float32 (float64 for float64 inputs); rng_state the dropout (seed, offset)
+        to give the backward, None without dropout. Its attribute options (AttnOptions: causal,
+        softmax_scale as resolved, dropout_p, block_mask, allow_tf32, window_size, softcap,
+        alibi_slopes, sinks) is what flash_attn_backward(dout, q, k, v, forward=fwd) repeats and checks.
 
     Non-finite and huge inputs are not checked; what they give (measured on the CPU path):
         - a NaN in row i of q, or a +inf score in it (an inf in q or k of the right sign): out row i
@@ -320,53 +390,86 @@ def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=Fal
         TypeError: non-array inputs (a numpy.ma.MaskedArray too: its mask would be ignored), a host
             __dlpack__ array NumPy cannot import, unsupported or mismatched dtypes, host and device
             arrays mixed, non-bool flags.
-        ValueError: wrong ranks or shapes, nheads not a multiple of nheads_k, bad scalars.
+        ValueError: wrong ranks or shapes, nheads not a multiple of nheads_k, bad scalars, a
+            window_size value < -1, a negative or non-finite softcap, alibi_slopes / sinks of the wrong
+            shape or on another device.
+        TypeError also: window_size not a pair of ints, alibi_slopes / sinks not float32 or of
+            another array kind than q.
         RuntimeError: a block_mask with no copy on the current device while the stream is capturing
             a CUDA graph (BlockMask.prepare).
 
     Host arrays with __dlpack__ (torch / JAX CPU tensors) run on the CPU path and return NumPy.
 
-    Source: FlashAttention-2 forward (arXiv 2307.08691, Algorithm 1); see flashcupy.reference.
+    Source: FlashAttention-2 forward (arXiv 2307.08691, Algorithm 1); see flashcupy.reference. Window,
+    softcap and ALiBi as flash-attn 2.6 (flash_attn_func's window_size, softcap, alibi_slopes).
     """
-    xp, (q, k, v) = array_module(q=q, k=k, v=v)
+    xp, (q, k, v, *feature_arrays) = array_module(q=q, k=k, v=v, **_given_arrays(alibi_slopes, sinks))
+    alibi_slopes, sinks = _put_back(feature_arrays, alibi_slopes, sinks)
     shape = check_qkv(q, k, v, softmax_scale, dropout_p)
     causal = check_bool("causal", causal)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     block_mask = _check_block_mask(block_mask, shape, xp)
+    features = check_features(xp, q, shape, causal=causal, window_size=window_size, softcap=softcap,
+                              alibi_slopes=alibi_slopes, sinks=sinks)
     dropout_p = float(dropout_p)
-    options = AttnOptions(causal, shape.softmax_scale, dropout_p, block_mask, allow_tf32)
+    options = AttnOptions(causal, shape.softmax_scale, dropout_p, block_mask, allow_tf32, features.window,
+                          features.softcap, alibi_slopes, sinks)
     rng_state = None
     if dropout_p > 0:
         rng_state = dropout.default_generator.next_state() if seed is None else dropout.check_rng_state("seed", seed)
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
         out = xp.zeros(q.shape, dtype=q.dtype)
         lse = xp.full((shape.batch, shape.nheads, shape.seqlen_q), -np.inf, dtype=lse_dtype(q.dtype))
+        if features.sinks is not None:  # rows that see no key still see their sink
+            lse[...] = features.sinks.astype(lse.dtype)[None, :, None]
         return AttnForward(out, lse, rng_state, options)
-    if _numpy_float64_to_gpu(xp, q.dtype, shape, "fwd", causal, dropout_p, block_mask, allow_tf32):
+    if _numpy_float64_to_gpu(xp, q.dtype, shape, "fwd", causal, dropout_p, block_mask, allow_tf32, features):
         cp = cupy_or_none()  # NumPy float64 -> float64 kernel -> NumPy
         res = flash_attn_forward(*(cp.asarray(x) for x in (q, k, v)), dropout_p=dropout_p,
                                  softmax_scale=softmax_scale, causal=causal, seed=rng_state, block_mask=block_mask,
-                                 allow_tf32=allow_tf32)
+                                 allow_tf32=allow_tf32, **_features_on_gpu(cp, features))
         return AttnForward(res.out.get(), res.lse.get(), res.rng_state, options)
-    plan = None if xp is np else _plan("fwd", q.dtype, shape, causal, dropout_p, block_mask, allow_tf32)
+    plan = None if xp is np else _plan("fwd", q.dtype, shape, causal, dropout_p, block_mask, allow_tf32,
+                                       features=features.bits)
     if plan is not None and plan.family in (_dispatch.MMA16, _dispatch.WGMMA):
         from . import _gpu
 
         out, lse = _gpu.forward(q, k, v, shape, causal=causal, block_mask=block_mask,
-                                dropout=(dropout_p, rng_state) if dropout_p > 0 else None, config=plan.config)
+                                dropout=(dropout_p, rng_state) if dropout_p > 0 else None, config=plan.config,
+                                features=features)
     elif plan is not None:
         from . import _gpu_simt
 
-        out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal, allow_tf32=allow_tf32, config=plan.config)
+        out, lse = _gpu_simt.forward(q, k, v, shape, causal=causal, allow_tf32=allow_tf32, config=plan.config,
+                                     features=features)
     else:
-        out, lse = _chunked_forward(xp, q, k, v, shape, causal, dropout_p, rng_state, block_mask)
+        out, lse = _chunked_forward(xp, q, k, v, shape, causal, dropout_p, rng_state, block_mask, features)
     return AttnForward(out, lse, rng_state, options)
+
+
+def _given_arrays(alibi_slopes, sinks) -> dict:
+    """The feature arrays that are given, by name, for _arrays.array_module (with q, k, v: one kind)."""
+    return {name: x for name, x in (("alibi_slopes", alibi_slopes), ("sinks", sinks)) if x is not None}
+
+
+def _put_back(converted, alibi_slopes, sinks):
+    """(alibi_slopes, sinks) with the given ones replaced by array_module's conversions, in order."""
+    it = iter(converted)
+    return tuple(None if x is None else next(it) for x in (alibi_slopes, sinks))
+
+
+def _features_on_gpu(cp, features) -> dict:
+    """The feature keywords of a validated Features, with its arrays copied to the current device."""
+    return dict(window_size=features.window, softcap=features.softcap,
+                alibi_slopes=None if features.alibi_slopes is None else cp.asarray(features.alibi_slopes),
+                sinks=None if features.sinks is None else cp.asarray(features.sinks))
 
 
 def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FORWARD, softmax_scale=FROM_FORWARD,
                         causal=FROM_FORWARD, rng_state=FROM_FORWARD, deterministic=False, block_mask=FROM_FORWARD,
-                        allow_tf32=FROM_FORWARD, forward=None):
-    """Gradients of attention with respect to q, k and v, recomputing P from lse.
+                        allow_tf32=FROM_FORWARD, forward=None, window_size=FROM_FORWARD, softcap=FROM_FORWARD,
+                        alibi_slopes=FROM_FORWARD, sinks=FROM_FORWARD):
+    """Gradients of attention with respect to q, k and v (and the sinks), recomputing P from lse.
 
     Two ways to call it:
         fwd = flash_attn_forward(q, k, v, causal=True, ...)
@@ -390,10 +493,17 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
         allow_tf32: as flash_attn_forward: float32 gradients from the TF32 tensor cores (all five
             products take TF32 operands; relative errors ~1e-3). Always bitwise reproducible there.
             With forward=, compared only for float32 on the GPU (elsewhere it changes nothing).
+        window_size, softcap, alibi_slopes, sinks: as given to the forward (flash_attn_forward);
+            with forward=, compared with its options (window_size as validated, softcap by value,
+            the arrays by data pointer, shape and strides). Without forward= they default to
+            (-1, -1), 0.0, None, None. softcap multiplies dS by 1 - tanh^2(s / softcap).
 
     Returns:
         (dq, dk, dv) shaped and typed like q, k, v; dk and dv are summed over the query heads of a
-        group (MQA/GQA). Rows with no visible key contribute nothing.
+        group (MQA/GQA). Rows with no visible key contribute nothing. With sinks: (dq, dk, dv, dsinks),
+        dsinks float32 (nheads,) like sinks: dsinks[h] = -sum over (b, i) of
+        exp(sinks[h] - lse[b, h, i]) * rowsum(dout o out)[b, h, i] (sink_grad; flashcupy.reference
+        derives it), the same function on every path.
 
     Raises: as flash_attn_forward, plus ValueError/TypeError for a dout, out or lse that does not
     match the forward; TypeError for a forward that is not flash_attn_forward's AttnForward; ValueError
@@ -414,13 +524,16 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
             raise TypeError(f"{name}: expected the forward's {name} (or forward=, the AttnForward of "
                             f"flash_attn_forward), got None")
     given = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, block_mask=block_mask,
-                 allow_tf32=allow_tf32)
-    causal, softmax_scale, dropout_p, block_mask, allow_tf32 = (
+                 allow_tf32=allow_tf32, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+                 sinks=sinks)
+    (causal, softmax_scale, dropout_p, block_mask, allow_tf32, window_size, softcap, alibi_slopes, sinks) = (
         (_PLAIN_DEFAULTS[n] if opts is None else getattr(opts, n)) if given[n] is FROM_FORWARD else given[n]
-        for n in ("causal", "softmax_scale", "dropout_p", "block_mask", "allow_tf32"))
+        for n in _OPTION_NAMES)
     if rng_state is FROM_FORWARD:
         rng_state = None if forward is None else forward.rng_state
-    xp, (dout, q, k, v, out, lse) = array_module(dout=dout, q=q, k=k, v=v, out=out, lse=lse)
+    xp, (dout, q, k, v, out, lse, *feature_arrays) = array_module(dout=dout, q=q, k=k, v=v, out=out, lse=lse,
+                                                                   **_given_arrays(alibi_slopes, sinks))
+    alibi_slopes, sinks = _put_back(feature_arrays, alibi_slopes, sinks)
     shape = check_qkv(q, k, v, softmax_scale, dropout_p)
     check_like("dout", dout, q.shape, q.dtype, "q")
     check_like("out", out, q.shape, q.dtype, "q")
@@ -429,11 +542,13 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
     deterministic = check_bool("deterministic", deterministic)
     allow_tf32 = check_bool("allow_tf32", allow_tf32)
     block_mask = _check_block_mask(block_mask, shape, xp)
+    features = check_features(xp, q, shape, causal=causal, window_size=window_size, softcap=softcap,
+                              alibi_slopes=alibi_slopes, sinks=sinks)
     dropout_p = float(dropout_p)
     if opts is not None:
         _check_matches_forward(forward, xp, q.dtype, shape, out=out, lse=lse, causal=causal,
                                softmax_scale=given["softmax_scale"], dropout_p=dropout_p, block_mask=block_mask,
-                               allow_tf32=allow_tf32)
+                               allow_tf32=allow_tf32, features=features, alibi_slopes=alibi_slopes, sinks=sinks)
     if dropout_p > 0:
         if rng_state is None:
             raise ValueError("rng_state: expected the forward's rng_state (seed, offset) when dropout_p > 0, got None")
@@ -445,35 +560,44 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
                          f"dropout: give the backward its dropout_p too), got {rng_state!r}")
     softmax_scale = shape.softmax_scale
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
-        return xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
-    if _numpy_float64_to_gpu(xp, q.dtype, shape, "bwd", causal, dropout_p, block_mask, allow_tf32):
+        grads = xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)
+        return grads if features.sinks is None else (*grads, xp.zeros(shape.nheads, np.float32))
+    if _numpy_float64_to_gpu(xp, q.dtype, shape, "bwd", causal, dropout_p, block_mask, allow_tf32, features):
         cp = cupy_or_none()  # NumPy float64 -> float64 kernels -> NumPy
         grads = flash_attn_backward(*(cp.asarray(x) for x in (dout, q, k, v, out, lse)), dropout_p=dropout_p,
                                     softmax_scale=softmax_scale, causal=causal, rng_state=rng_state,
-                                    deterministic=deterministic, block_mask=block_mask, allow_tf32=allow_tf32)
+                                    deterministic=deterministic, block_mask=block_mask, allow_tf32=allow_tf32,
+                                    **_features_on_gpu(cp, features))
         return tuple(g.get() for g in grads)
     plan = None if xp is np else _plan("bwd", q.dtype, shape, causal, dropout_p, block_mask, allow_tf32,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, features=features.bits)
     if plan is not None and plan.family in (_dispatch.MMA16, _dispatch.WGMMA):
         from . import _gpu
 
-        return _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
-                             dropout=(dropout_p, rng_state) if dropout_p > 0 else None, block_mask=block_mask,
-                             config=plan.config)
-    if plan is not None:
+        grads = _gpu.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
+                              dropout=(dropout_p, rng_state) if dropout_p > 0 else None, block_mask=block_mask,
+                              config=plan.config, features=features)
+    elif plan is not None:
         from . import _gpu_simt
 
-        return _gpu_simt.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
-                                  allow_tf32=allow_tf32, config=plan.config)
-    return _chunked_backward(xp, dout, q, k, v, out, lse, shape, causal, dropout_p, rng_state, block_mask)
+        grads = _gpu_simt.backward(dout, q, k, v, out, lse, shape, causal=causal, deterministic=deterministic,
+                                   allow_tf32=allow_tf32, config=plan.config, features=features)
+    else:
+        grads = _chunked_backward(xp, dout, q, k, v, out, lse, shape, causal, dropout_p, rng_state, block_mask,
+                                  features)
+    if features.sinks is None:
+        return grads
+    return (*grads, sink_grad(xp, dout, out, lse, features.sinks))
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, deterministic=False,
-                    return_lse=False, seed=None, block_mask=None, allow_tf32=False):
+                    return_lse=False, seed=None, block_mask=None, allow_tf32=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, sinks=None):
     """Exact attention softmax(q k^T * softmax_scale) v, computed without storing the attention matrix.
 
     q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim). Arguments,
     errors and the behaviour on NaN, inf and overflow as flash_attn_forward (seed is ignored when
-    dropout_p is 0). Returns out (like q), or (out, lse) when return_lse is True; return_lse and
+    dropout_p is 0; window_size, softcap, alibi_slopes and sinks as there, flash-attn's names). Returns
+    out (like q), or (out, lse) when return_lse is True; return_lse and
     deterministic must be bools (deterministic only concerns a backward: validated, unused here).
     For gradients use flash_attn_forward / flash_attn_backward, or the tape (flashcupy.tape).
     NumPy (and host __dlpack__) in -> NumPy out (CPU); CuPy / GPU __dlpack__ in -> CuPy out (GPU), on
@@ -482,5 +606,6 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *,
     check_bool("deterministic", deterministic)
     return_lse = check_bool("return_lse", return_lse)
     res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed,
-                             block_mask=block_mask, allow_tf32=allow_tf32)
+                             block_mask=block_mask, allow_tf32=allow_tf32, window_size=window_size, softcap=softcap,
+                             alibi_slopes=alibi_slopes, sinks=sinks)
     return (res.out, res.lse) if return_lse else res.out

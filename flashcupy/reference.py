@@ -8,32 +8,58 @@ Shapes (BSHD, as flash-attn):
     q            (batch, seqlen_q, nheads, head_dim)
     k, v         (batch, seqlen_k, nheads_k, head_dim)      nheads % nheads_k == 0 (MQA / GQA)
     out, dout    (batch, seqlen_q, nheads, head_dim)
-    lse          (batch, nheads, seqlen_q)                  natural-log logsumexp of the scaled scores
+    lse          (batch, nheads, seqlen_q)                  natural-log logsumexp of the scores S'
+                                                            (and of the sink, when there is one)
     mask         boolean, broadcastable to (batch, nheads, seqlen_q, seqlen_k); True = visible
     dropout_mask boolean keep-mask, broadcastable to (batch, nheads, seqlen_q, seqlen_k)
+    alibi_slopes (nheads,) or (batch, nheads)               any float dtype here (read as float64)
+    sinks        (nheads,)                                  any float dtype here (read as float64)
 
-Equations (FlashAttention, Dao et al. 2022, arXiv 2205.14135, Sec. 2.2 and App. B.2):
-    S = softmax_scale * Q K^T                    (masked entries = -inf)
-    P = softmax(S) = exp(S - LSE),  LSE = log sum_j exp(S_j)
+Equations (FlashAttention, Dao et al. 2022, arXiv 2205.14135, Sec. 2.2 and App. B.2), with the score
+features of flash-attn (softcap, ALiBi, sliding window) and learnable sinks (issue 16):
+    S  = softmax_scale * Q K^T
+    S' = c tanh(S / c)                           softcap c > 0 (else S' = S; Gemma 2, flash-attn)
+    S' = S' - slope_h |i + Sk - Sq - j|          ALiBi (arXiv 2108.12409, flash-attn's sign and
+                                                 bottom-right alignment), after the softcap
+    S' = -inf where masked                       causal, window, element mask: after both
+    LSE = log(sum_j exp(S'_j) + exp(sink_h))     sink_h: the head's sink logit (-inf, i.e. no term,
+                                                 without sinks)
+    P = exp(S' - LSE)                            (rows sum to 1 - P_sink, P_sink = exp(sink_h - LSE))
     O = (P o Z / (1 - p)) V                      (Z = dropout keep-mask; Z = 1 without dropout)
     dV = (P o Z / (1 - p))^T dO
     dP = (dO V^T) o Z / (1 - p)
     D  = rowsum(dO o O) = rowsum(P o dP)
-    dS = P o (dP - D)
+    dS' = P o (dP - D)
+    dS = dS' o (1 - tanh^2(S / c))               (dS = dS' without softcap; ALiBi adds a constant)
     dQ = softmax_scale * dS K,   dK = softmax_scale * dS^T Q
-A query row with no visible key gives O = 0, LSE = -inf and zero gradients (never NaN).
-Causal masking is aligned bottom-right: query i sees key j iff j <= i + seqlen_k - seqlen_q.
+    dsink_h = -sum over (b, i) of P_sink[b, h, i] * D[b, h, i]
+
+Derivation of dsink: the sink is a logit whose value vector is 0, so LSE_i depends on it through
+exp(sink_h) and O_i does not directly. d LSE_i / d sink_h = exp(sink_h - LSE_i) = P_sink_i, so
+d P_ij / d sink_h = -P_ij P_sink_i, hence d O_i / d sink_h = -P_sink_i O_i (dropout's Z / (1 - p)
+multiplies P_ij and is constant: the identity holds with dropout), and
+d L / d sink_h = sum over (b, i) of dO_i . d O_i / d sink_h = -sum P_sink_i (dO_i . O_i) = -sum P_sink_i D_i.
+(The same as the softmax backward of the row extended by a sink column with dP_sink = 0:
+dS'_sink = P_sink (0 - D).) The sink changes dS' only through P: dS' = P o (dP - D) still holds, with
+D = rowsum(P o dP) over the keys.
+
+Visibility (flashcupy._mask, flash-attn's, offset = seqlen_k - seqlen_q, bottom-right aligned): query i
+sees key j iff j < seqlen_k, and j <= i + offset (causal), and i + offset - left <= j <= i + offset +
+right (window_size (left, right), -1 leaving a side unbounded), and the element mask says so.
+A query row with no visible key gives O = 0, LSE = -inf and zero gradients (never NaN); with a sink it
+gives O = 0 and LSE = sink_h (P_sink = 1, D = 0: no contribution to dsink).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import _mask
+from . import _features, _mask
 
 __all__ = [
     "causal_mask",
     "attention_mask",
+    "attention_scores",
     "attention_probs",
     "attention_forward",
     "attention_backward",
@@ -45,11 +71,15 @@ def causal_mask(seqlen_q: int, seqlen_k: int) -> np.ndarray:
     return _mask.visible(np, np.arange(seqlen_q), np.arange(seqlen_k), seqlen_q, seqlen_k, causal=True)
 
 
-def attention_mask(batch, nheads, seqlen_q, seqlen_k, *, causal=False, mask=None) -> np.ndarray:
-    """The visibility mask, bool (batch, nheads, seqlen_q, seqlen_k): causal AND the element mask."""
+def attention_mask(batch, nheads, seqlen_q, seqlen_k, *, causal=False, mask=None, window_size=(-1, -1)) -> np.ndarray:
+    """The visibility mask, bool (batch, nheads, seqlen_q, seqlen_k): causal AND the sliding window
+    (window_size (left, right): i + offset - left <= j <= i + offset + right, -1 unbounded, offset =
+    seqlen_k - seqlen_q) AND the element mask."""
     visible = np.ones((batch, nheads, seqlen_q, seqlen_k), dtype=bool)
-    if causal:
-        visible &= causal_mask(seqlen_q, seqlen_k)
+    band = _mask.visible(np, np.arange(seqlen_q), np.arange(seqlen_k), seqlen_q, seqlen_k, causal,
+                         tuple(window_size))
+    if band is not None:
+        visible &= band
     if mask is not None:
         visible &= np.asarray(mask, dtype=bool)
     return visible
@@ -64,18 +94,57 @@ def _heads_first(q, k, v):
     return qh, kh, vh
 
 
-def attention_probs(q, k, *, softmax_scale=None, causal=False, mask=None):
-    """Softmax probabilities P and LSE, float64.
+def _slopes(alibi_slopes, batch, nheads):
+    """ALiBi slopes as float64 (B | 1, H, 1, 1), or None."""
+    if alibi_slopes is None:
+        return None
+    s = np.asarray(alibi_slopes, dtype=np.float64)
+    return s.reshape((1 if s.ndim == 1 else batch), nheads, 1, 1)
 
-    Returns P (batch, nheads, seqlen_q, seqlen_k) with rows summing to 1 where any key is visible
-    and 0 otherwise, and LSE (batch, nheads, seqlen_q) with -inf on rows with no visible key.
+
+def attention_scores(q, k, *, softmax_scale=None, causal=False, mask=None, window_size=(-1, -1), softcap=0.0,
+                     alibi_slopes=None):
+    """The scores that enter the softmax, float64: (S', visible, t).
+
+    S' (batch, nheads, seqlen_q, seqlen_k): softcap, then ALiBi, applied to S = softmax_scale * Q K^T
+    (module docstring), -inf where not visible; visible the boolean mask (attention_mask); t =
+    tanh(S / softcap) (same shape) for the softcap derivative 1 - t^2, or None without softcap.
+    softcap (float >= 0, 0 off) and alibi_slopes ((nheads,) or (batch, nheads)) as flash-attn.
     """
     batch, seqlen_q, nheads, head_dim = q.shape
     seqlen_k = k.shape[1]
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     qh, kh, _ = _heads_first(q, k, k)
-    visible = attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal, mask=mask)
-    p, lse, _, _ = softmax_rows(np.where(visible, scale * (qh @ kh.transpose(0, 1, 3, 2)), -np.inf))
+    visible = attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal, mask=mask, window_size=window_size)
+    s, t = _features.score_mod(np, scale * (qh @ kh.transpose(0, 1, 3, 2)), float(softcap),
+                               _slopes(alibi_slopes, batch, nheads), np.arange(seqlen_q), np.arange(seqlen_k),
+                               seqlen_q, seqlen_k)
+    return np.where(visible, s, -np.inf), visible, t
+
+
+def _softmax_with_sink(s, sinks):
+    """softmax_rows of s, with the sink logits (H,) joining each row as one more column without a
+    value. Returns (p (B, H, Sq, Sk), lse (B, H, Sq), p_sink (B, H, Sq) or None)."""
+    if sinks is None:
+        p, lse, _, _ = softmax_rows(s)
+        return p, lse, None
+    sink = np.broadcast_to(np.asarray(sinks, dtype=np.float64).reshape(1, -1, 1, 1), (*s.shape[:3], 1))
+    p, lse, _, _ = softmax_rows(np.concatenate([s, sink], axis=-1))
+    return p[..., :-1], lse, p[..., -1]
+
+
+def attention_probs(q, k, *, softmax_scale=None, causal=False, mask=None, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, sinks=None):
+    """Softmax probabilities P and LSE, float64.
+
+    Returns P (batch, nheads, seqlen_q, seqlen_k) and LSE (batch, nheads, seqlen_q). Without sinks the
+    rows of P sum to 1 where any key is visible and are 0 otherwise, and LSE is -inf on rows with no
+    visible key. With sinks (nheads,) the rows sum to 1 - P_sink, P_sink = exp(sinks[h] - LSE), and LSE
+    includes the sink (LSE = sinks[h] on a row with no visible key). Options as attention_scores.
+    """
+    s, _, _ = attention_scores(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask, window_size=window_size,
+                               softcap=softcap, alibi_slopes=alibi_slopes)
+    p, lse, _ = _softmax_with_sink(s, sinks)
     return p, lse
 
 
@@ -96,23 +165,26 @@ def softmax_rows(s):
     return p, lse, e, denom
 
 
-def attention_forward(q, k, v, *, softmax_scale=None, causal=False, mask=None,
-                      dropout_mask=None, dropout_p=0.0):
+def attention_forward(q, k, v, *, softmax_scale=None, causal=False, mask=None, dropout_mask=None, dropout_p=0.0,
+                      window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
     """Oracle forward. Returns (out (B, Sq, H, D) float64, lse (B, H, Sq) float64).
 
     dropout_mask, if given, is the keep-mask Z; kept probabilities are scaled by 1 / (1 - dropout_p).
+    window_size, softcap, alibi_slopes, sinks: the module docstring's equations (flash-attn's names).
     """
     _, _, vh = _heads_first(q, k, v)
-    p, lse = attention_probs(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask)
+    p, lse = attention_probs(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask, window_size=window_size,
+                             softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     if dropout_mask is not None:
         p = p * np.asarray(dropout_mask, dtype=bool) / (1.0 - dropout_p)
     out = (p @ vh).transpose(0, 2, 1, 3)
     return out, lse
 
 
-def attention_backward(dout, q, k, v, *, softmax_scale=None, causal=False, mask=None,
-                       dropout_mask=None, dropout_p=0.0):
-    """Oracle backward. Returns (dq, dk, dv), float64, shaped like q, k, v.
+def attention_backward(dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, dropout_mask=None,
+                       dropout_p=0.0, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
+    """Oracle backward. Returns (dq, dk, dv), float64, shaped like q, k, v; with sinks (dq, dk, dv,
+    dsinks), dsinks float64 (nheads,) = -sum over (b, i) of P_sink * D (module docstring).
 
     dk and dv are summed over the query heads that share a key/value head (MQA / GQA).
     """
@@ -121,12 +193,15 @@ def attention_backward(dout, q, k, v, *, softmax_scale=None, causal=False, mask=
     scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
     qh, kh, vh = _heads_first(q, k, v)
     do = np.asarray(dout, dtype=np.float64).transpose(0, 2, 1, 3)
-    p, _ = attention_probs(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask)
+    s, _, t = attention_scores(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask, window_size=window_size,
+                               softcap=softcap, alibi_slopes=alibi_slopes)
+    p, _, p_sink = _softmax_with_sink(s, sinks)
     keep = 1.0 if dropout_mask is None else np.asarray(dropout_mask, dtype=bool) / (1.0 - dropout_p)
     p_dropped = p * keep
     dv = p_dropped.transpose(0, 1, 3, 2) @ do
     dp = (do @ vh.transpose(0, 1, 3, 2)) * keep
-    ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))
+    delta = (p * dp).sum(axis=-1, keepdims=True)  # D = rowsum(P o dP) = rowsum(dO o O)
+    ds = _features.softcap_grad(p * (dp - delta), t)
     dq = scale * ds @ kh
     dk = scale * ds.transpose(0, 1, 3, 2) @ qh
 
@@ -134,4 +209,8 @@ def attention_backward(dout, q, k, v, *, softmax_scale=None, causal=False, mask=
         x = x.reshape(batch, nheads_k, nheads // nheads_k, *x.shape[2:]).sum(axis=2)
         return x.transpose(0, 2, 1, 3)
 
-    return dq.transpose(0, 2, 1, 3), to_bshd_kv(dk), to_bshd_kv(dv)
+    grads = (dq.transpose(0, 2, 1, 3), to_bshd_kv(dk), to_bshd_kv(dv))
+    if sinks is None:
+        return grads
+    dsinks = -(p_sink * delta[..., 0]).sum(axis=(0, 2))  # (H,)
+    return (*grads, dsinks)
