@@ -55,7 +55,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from flashcupy import reference
+from flashcupy import _features, reference
 from flashcupy._arrays import bfloat16, dtype_name, lse_dtype
 
 FLOAT64_RTOL = 1e-12
@@ -171,13 +171,36 @@ def _naive_setup(q, k, v, dtype, softmax_scale, tf32=False):
 
 
 ORDERS = ("torch", "design")
+FEATURE_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None)
 
 
-def _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"):
-    """(qs, p, lse, e, denom): the q the scores were formed from (scaled in T for "torch"), P in T,
-    the LSE, exp(S - rowmax) in T and its row sums (1 on rows with no visible key)."""
+def _features_kw(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None) -> dict:
+    """The score features of one problem as NumPy (flashcupy.reference's keywords): window_size a
+    tuple, softcap a float, alibi_slopes and sinks NumPy arrays or None."""
+    return dict(window_size=tuple(int(w) for w in window_size), softcap=float(softcap),
+                alibi_slopes=None if alibi_slopes is None else to_numpy(alibi_slopes),
+                sinks=None if sinks is None else to_numpy(sinks))
+
+
+class _NaiveScores(NamedTuple):
+    qs: object  # the q the scores were formed from (scaled in T for "torch")
+    p: object  # P in T, (B, H, Sq, Sk)
+    lse: object  # (B, H, Sq), float32 / float64
+    e: object  # exp(S' - rowmax) in T, keys only
+    denom: object  # its row sums, with the sink's term (1 on rows with nothing visible)
+    t: object  # tanh(S / softcap) in T, or None
+    p_sink: object  # (B, H, Sq) in the accumulation dtype, or None
+
+
+def _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch", feat=None) -> _NaiveScores:
+    """The softmax of naive attention in T with the score features (feat: _features_kw), as flash-attn's
+    attention_ref (upcast=False): softcap as scores / softcap, tanh, * softcap, each rounded to T; the
+    ALiBi bias (float32) added in the accumulation dtype (torch promotes the T scores to the bias's
+    float32), then the mask (causal, window, element mask); the sink logits (float32) join each row's
+    softmax in the accumulation dtype as a column without a value."""
     if order not in ORDERS:
         raise ValueError(f"order: expected one of {ORDERS}, got {order!r}")
+    feat = _features_kw() if feat is None else feat
     batch, nheads, seqlen_q, _ = qh.shape
     seqlen_k = kh.shape[2]
     if order == "torch":
@@ -186,44 +209,82 @@ def _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"
     else:  # DESIGN.md's S = softmax_scale * Q K^T: the scale after the product
         qs = qh
         s = _round(_mm(qh, kh.swapaxes(-1, -2), dtype, tf32) * scale, dtype)
+    acc = accum_dtype(dtype)
+    t = None
+    if feat["softcap"] > 0:
+        c = feat["softcap"]
+        t = _round(np.tanh(_round(s / c, dtype)), dtype)
+        s = _round(t * c, dtype)
+    if feat["alibi_slopes"] is not None:
+        slopes = reference._slopes(feat["alibi_slopes"], batch, nheads).astype(acc)
+        s = s + _features.alibi_bias(np, slopes, np.arange(seqlen_q), np.arange(seqlen_k), seqlen_q, seqlen_k)
     visible = reference.attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal,
-                                       mask=None if mask is None else to_numpy(mask))
-    p, lse, e, denom = reference.softmax_rows(np.where(visible, s, -np.inf))
-    return qs, _round(p, dtype), lse.astype(lse_dtype(dtype)), _round(e, dtype), denom
+                                       mask=None if mask is None else to_numpy(mask), window_size=feat["window_size"])
+    s = np.where(visible, s, -np.inf)
+    p_sink = None
+    if feat["sinks"] is not None:
+        sink = np.broadcast_to(feat["sinks"].astype(acc).reshape(1, -1, 1, 1), (*s.shape[:3], 1))
+        p, lse, e, denom = reference.softmax_rows(np.concatenate([s, sink], axis=-1))
+        p, e, p_sink = p[..., :-1], e[..., :-1], p[..., -1]
+    else:
+        p, lse, e, denom = reference.softmax_rows(s)
+    return _NaiveScores(qs, _round(p, dtype), lse.astype(lse_dtype(dtype)), _round(e, dtype), denom, t, p_sink)
 
 
-def _naive_probs(qh, kh, dtype, scale, causal, mask, tf32=False, order="torch"):
-    return _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32, order)[:3]
+def _naive_ds(p, dp, dtype, sm: _NaiveScores, softcap):
+    """dS in T from P and dP in T: the softmax backward (accumulation dtype, rounded to T, as torch),
+    then softcap's chain as autograd in T (* softcap, * (1 - t^2), / softcap, each rounded to T).
+    Returns (dS, D) with D = rowsum(P o dP) (accumulation dtype)."""
+    acc = accum_dtype(dtype)
+    delta = (p * dp).sum(axis=-1, keepdims=True, dtype=acc)
+    ds = _round(p * (dp - delta), dtype)
+    if sm.t is not None:
+        ds = _round(_round(_round(ds * softcap, dtype) * (1.0 - sm.t * sm.t), dtype) / softcap, dtype)
+    return ds, delta
 
 
-def naive_forward(q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None, tf32=False, order="torch"):
+def _naive_dsinks(sm: _NaiveScores, delta):
+    """The sinks' gradient of naive attention: its sink column's dS' = P_sink (0 - D), summed over
+    (batch, query) in the accumulation dtype; (nheads,), or None without sinks."""
+    if sm.p_sink is None:
+        return None
+    return -(sm.p_sink * delta[..., 0]).sum(axis=(0, 2))
+
+
+def naive_forward(q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None, tf32=False, order="torch",
+                  window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
     """Attention computed naively in dtype T (default: q's dtype). Returns (out (B, Sq, H, D) in T
     held as float32/float64, lse (B, H, Sq) as float32/float64).
     tf32 (float32 only): q k^T and P V with TF32 operands (tf32_round), float32 accumulation.
     order: "torch" (flash-attn's attention_ref: q scaled in T, out = P V with P normalised in T) or
-    "design" (DESIGN.md's equations: S = softmax_scale * (Q K^T), out = exp(S - m) V / l)."""
+    "design" (DESIGN.md's equations: S = softmax_scale * (Q K^T), out = exp(S - m) V / l).
+    window_size, softcap, alibi_slopes, sinks: flashcupy.reference's features, in T as flash-attn's
+    attention_ref evaluates them (see _naive_softmax)."""
     qh, kh, vh, dtype, scale, _ = _naive_setup(q, k, v, dtype, softmax_scale, tf32)
-    _, p, lse, e, denom = _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32, order)
+    feat = _features_kw(window_size, softcap, alibi_slopes, sinks)
+    sm = _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32, order, feat)
     if order == "torch":
-        out = _mm(p, vh, dtype, tf32)
+        out = _mm(sm.p, vh, dtype, tf32)
     else:  # rows with no visible key have e = 0: out 0
-        out = _round(_mm(e, vh, dtype, tf32) / denom, dtype)
-    return out.transpose(0, 2, 1, 3), lse
+        out = _round(_mm(sm.e, vh, dtype, tf32) / sm.denom, dtype)
+    return out.transpose(0, 2, 1, 3), sm.lse
 
 
 def naive_backward(dout, q, k, v, dtype=None, *, softmax_scale=None, causal=False, mask=None, tf32=False,
-                   order="torch"):
-    """Autograd of naive_forward, each op in dtype T. Returns (dq, dk, dv) shaped like q, k, v.
+                   order="torch", window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
+    """Autograd of naive_forward, each op in dtype T. Returns (dq, dk, dv) shaped like q, k, v, and
+    (dq, dk, dv, dsinks) with sinks (dsinks (nheads,) in the accumulation dtype).
     tf32 (float32 only): every matmul (the forward's two and dV, dP, dQ, dK) with TF32 operands.
     order "design": dK = softmax_scale * (dS^T Q), the scale after the product as for dQ."""
     qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, dtype, softmax_scale, tf32)
+    feat = _features_kw(window_size, softcap, alibi_slopes, sinks)
     do = _round(to_numpy(dout).transpose(0, 2, 1, 3), dtype)
-    qs, p, _ = _naive_probs(qh, kh, dtype, scale, causal, mask, tf32, order)
+    sm = _naive_softmax(qh, kh, dtype, scale, causal, mask, tf32, order, feat)
+    qs, p = sm.qs, sm.p
     acc = accum_dtype(dtype)
     dv = _mm(p.swapaxes(-1, -2), do, dtype, tf32)
     dp = _mm(do, vh.swapaxes(-1, -2), dtype, tf32)
-    # softmax backward, computed in the accumulation dtype and rounded to T (as torch does)
-    ds = _round(p * (dp - (p * dp).sum(axis=-1, keepdims=True, dtype=acc)), dtype)
+    ds, delta = _naive_ds(p, dp, dtype, sm, feat["softcap"])
     dqs = _mm(ds, kh, dtype, tf32)
     dq = _round(dqs * scale, dtype)
     dk = _mm(ds.swapaxes(-1, -2), qs, dtype, tf32)
@@ -235,7 +296,8 @@ def naive_backward(dout, q, k, v, dtype=None, *, softmax_scale=None, causal=Fals
         x = x.reshape(batch, nheads // group, group, seqlen_k, head_dim).sum(axis=2, dtype=acc)
         return _round(x, dtype).transpose(0, 2, 1, 3)
 
-    return dq.transpose(0, 2, 1, 3), ungroup(dk), ungroup(dv)
+    grads = (dq.transpose(0, 2, 1, 3), ungroup(dk), ungroup(dv))
+    return grads if sm.p_sink is None else (*grads, _naive_dsinks(sm, delta))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,7 +338,7 @@ def ulp(x, dtype):
 
 
 def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, score_magnitude=0.0,
-               stored_magnitude=0.0, tf32=False):
+               stored_magnitude=0.0, tf32=False, ulp_dtype=None):
     """Criterion 1 of DESIGN.md's rule (module docstring): the largest |kernel - oracle| allowed at an
     element whose oracle value has magnitude `magnitude` (a scalar or an array: elementwise), for input
     dtype T:
@@ -306,14 +368,17 @@ def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, 
     whose every product had TF32 operands, so dP - D, and with it dq and dk, keeps TF32-sized noise
     even where the exact gradient cancels to 0 (a row with one visible key), where the naive
     attention, whose D is rowsum(P o dP) of its own dP, gives exactly 0.
+    ulp_dtype: the dtype a result is stored in when it is not T (the sinks' gradient: float32): the
+    ulp floor is taken in it (default T); for float64 inputs its rounding, half an ulp, is added.
     """
     dtype = np.dtype(dtype)
     terms = magnitude if term_magnitude is None else term_magnitude
     if dtype == np.float64:
-        return FLOAT64_RTOL * np.maximum(magnitude, terms)
+        stored = 0.0 if ulp_dtype is None else ulp(magnitude, ulp_dtype) / 2
+        return FLOAT64_RTOL * np.maximum(magnitude, terms) + stored
     factor = GRAD_FACTOR if grad else OUT_FACTOR
     stored_eps = TF32_EPS if tf32 else eps(dtype)
-    return (factor * err_naive + ulp(np.asarray(magnitude, dtype=np.float64) + ULP_OFFSET, dtype)
+    return (factor * err_naive + ulp(np.asarray(magnitude, dtype=np.float64) + ULP_OFFSET, dtype if ulp_dtype is None else ulp_dtype)
             + accum_floor(dtype, terms, score_magnitude) + stored_eps * stored_magnitude)
 
 
@@ -388,7 +453,7 @@ class _Rows:
 
 def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
                 score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
-                stored_dtype=None) -> RuleRatios:
+                stored_dtype=None, ulp_dtype=None) -> RuleRatios:
     """err / bound of DESIGN.md's rule for one tensor, by criterion (module docstring; rule_bound,
     statistics_bounds). naive: the naive result in T, a list of them (evaluation orders: err_naive and
     the naive statistics are then the largest over the list), or None for float64.
@@ -398,7 +463,8 @@ def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, 
     stored_magnitude: the scalar floors of rule_bound. terms, stored: elementwise magnitudes shaped like
     the oracle for criterion 2 (Magnitudes: what the kernel rounds to T in the last product, and the
     stored-output mismatch); None: 0, and the scalar stored_magnitude for stored. stored_dtype: the
-    dtype the result is stored in (the LSE: float32), default T.
+    dtype the result is stored in (the LSE: float32), default T. ulp_dtype: rule_bound's (the sinks'
+    gradient: float32).
     """
     dtype = np.dtype(dtype)
     got = to_numpy(got).astype(np.float64)
@@ -406,7 +472,8 @@ def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, 
     err = max_abs_err(got, oracle)
     if dtype == np.float64:
         mag = magnitude_of(oracle) if magnitude is None else magnitude
-        return RuleRatios(_ratio(err, rule_bound(dtype, 0.0, mag, term_magnitude=term_magnitude)), 0.0, 0.0)
+        return RuleRatios(_ratio(err, rule_bound(dtype, 0.0, mag, term_magnitude=term_magnitude, ulp_dtype=ulp_dtype)),
+                          0.0, 0.0)
     naives = [to_numpy(x).astype(np.float64) for x in (naive if isinstance(naive, list) else [naive])]
     if not np.isfinite(err):
         return RuleRatios(float("inf"), float("inf"), float("inf"))
@@ -417,7 +484,7 @@ def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, 
     err_naive = max(max_abs_err(x, oracle) for x in naives)
     kw = dict(grad=grad, term_magnitude=magnitude_of(oracle) if term_magnitude is None else term_magnitude,
               score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32)
-    bound = rule_bound(dtype, err_naive, np.abs(o) if magnitude is None else magnitude, **kw)
+    bound = rule_bound(dtype, err_naive, np.abs(o) if magnitude is None else magnitude, ulp_dtype=ulp_dtype, **kw)
     ratio_max = float((np.abs(e) / bound).max()) if e.size else 0.0
     rms_bound, bias_bounds = statistics_bounds(o, ens, dtype, finite=finite, terms=terms, stored=stored,
                                                stored_dtype=stored_dtype, **kw)
@@ -499,12 +566,12 @@ def statistics_bounds(oracle, naive_errors, dtype, *, finite=None, grad=False, t
 
 def check_rule(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
                score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
-               stored_dtype=None) -> RuleRatios:
+               stored_dtype=None, ulp_dtype=None) -> RuleRatios:
     """Assert DESIGN.md's rule (module docstring) for one tensor: both criteria, by rule_ratios (see
     there for the arguments). Returns the RuleRatios (each <= 1)."""
     r = rule_ratios(name, got, oracle, naive, dtype, grad=grad, magnitude=magnitude, term_magnitude=term_magnitude,
                     score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32, terms=terms,
-                    stored=stored, stored_dtype=stored_dtype)
+                    stored=stored, stored_dtype=stored_dtype, ulp_dtype=ulp_dtype)
     what = dtype_name(np.dtype(dtype)) + (", TF32 products" if tf32 else "")
     assert r.worst <= 1.0, (f"{name} ({what}): err_kernel / bound = {r.max:.3g} (max, criterion 1), "
                             f"{r.rms:.3g} (rms), {r.bias:.3g} (bias, criterion 2); "
@@ -536,21 +603,38 @@ class Magnitudes:
            across rows, added in quadrature); dv: 0.
     keep, p_eff (dropout): the elementwise arrays are those of the dropped problem (P o Z / (1 - p_eff)
     in O and dV, dP o Z / (1 - p_eff) in dS); the scalars stay the undropped problem's.
+
+    Score features (window_size, softcap, alibi_slopes, sinks; flashcupy.reference): P is the oracle's
+    with them; sigma adds |the ALiBi term| to the scores and takes |sinks| too; softcap's factor
+    1 - tanh^2 multiplies P wherever P stands for dS (the dS-terms and the stored-output terms).
+    dsinks (with sinks; (nheads,)): sum over (b, i) of P_sink rowsum(|dO| o |O|), both the scalar terms
+    and stored magnitude (the kernel forms D from out read back in T); dsinks_terms 0 (no T operand),
+    dsinks_stored_elem the quadrature sum over rows (one D per row).
     """
 
-    def __init__(self, q, k, v, dout=None, *, softmax_scale=None, causal=False, mask=None, keep=None, p_eff=0.0):
+    def __init__(self, q, k, v, dout=None, *, softmax_scale=None, causal=False, mask=None, keep=None, p_eff=0.0,
+                 window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
         q, k, v = (to_numpy(x).astype(np.float64) for x in (q, k, v))
+        feat = _features_kw(window_size, softcap, alibi_slopes, sinks)
         batch, seqlen_q, nheads, head_dim = q.shape
         seqlen_k, nheads_k = k.shape[1], k.shape[2]
         group = nheads // nheads_k
         scale = head_dim**-0.5 if softmax_scale is None else float(softmax_scale)
-        p, lse = reference.attention_probs(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask)
+        scores, visible, t = reference.attention_scores(q, k, softmax_scale=softmax_scale, causal=causal, mask=mask,
+                                                        window_size=feat["window_size"], softcap=feat["softcap"],
+                                                        alibi_slopes=feat["alibi_slopes"])
+        p, lse, p_sink = reference._softmax_with_sink(scores, feat["sinks"])
+        pd = p if t is None else p * (1.0 - t * t)  # P o dS/dS' (softcap), where P stands for dS
         qa = np.abs(q).transpose(0, 2, 1, 3)
         ka, va = (np.repeat(np.abs(x).transpose(0, 2, 1, 3), group, axis=1) for x in (k, v))
-        visible = reference.attention_mask(batch, nheads, seqlen_q, seqlen_k, causal=causal,
-                                           mask=None if mask is None else to_numpy(mask))
-        s_abs = np.where(visible, scale * (qa @ ka.swapaxes(-1, -2)), 0.0)
-        self.sigma = max(magnitude_of(s_abs), magnitude_of(lse))
+        s_abs = scale * (qa @ ka.swapaxes(-1, -2))
+        if feat["alibi_slopes"] is not None:
+            slopes = np.abs(reference._slopes(feat["alibi_slopes"], batch, nheads))
+            s_abs = s_abs - _features.alibi_bias(np, slopes, np.arange(seqlen_q), np.arange(seqlen_k), seqlen_q,
+                                                 seqlen_k)
+        s_abs = np.where(visible, s_abs, 0.0)
+        self.sigma = max(magnitude_of(s_abs), magnitude_of(lse),
+                         0.0 if feat["sinks"] is None else magnitude_of(feat["sinks"]))
         pv = p @ va  # (B, H, Sq, D)
         self.out = magnitude_of(pv)
         z = 1.0 if keep is None else to_numpy(keep).astype(np.float64) / (1.0 - p_eff)
@@ -565,38 +649,48 @@ class Magnitudes:
             return
         do = to_numpy(dout).astype(np.float64).transpose(0, 2, 1, 3)
         doa = np.abs(do)
-        terms = p * (doa @ va.swapaxes(-1, -2) + (doa * pv).sum(axis=-1, keepdims=True))
+        terms = pd * (doa @ va.swapaxes(-1, -2) + (doa * pv).sum(axis=-1, keepdims=True))
         self.dq = scale * magnitude_of(terms @ ka)
         self.dk = scale * magnitude_of(group_sum(terms.swapaxes(-1, -2) @ qa))
         self.dv = magnitude_of(group_sum(p.swapaxes(-1, -2) @ doa))
         kh = np.repeat(k.transpose(0, 2, 1, 3), group, axis=1)
         vh = np.repeat(v.transpose(0, 2, 1, 3), group, axis=1)
         d_abs = (doa * np.abs(p @ vh)).sum(axis=-1, keepdims=True)
-        self.dq_stored = scale * magnitude_of(d_abs * (p @ ka))
-        self.dk_stored = scale * magnitude_of(group_sum(p.swapaxes(-1, -2) @ (d_abs * qa)))
+        self.dq_stored = scale * magnitude_of(d_abs * (pd @ ka))
+        self.dk_stored = scale * magnitude_of(group_sum(pd.swapaxes(-1, -2) @ (d_abs * qa)))
         self.dv_stored = 0.0
         # elementwise, of the (dropped) problem: exact dS, its terms and the stored-output mismatch, each a
         # sum of independent rounding errors: added in quadrature
         o_z = pz @ vh
         dp = (do @ vh.swapaxes(-1, -2)) * z
-        ds = p * (dp - (do * o_z).sum(axis=-1, keepdims=True))
+        ds = pd * (dp - (do * o_z).sum(axis=-1, keepdims=True))
         self.dq_terms = scale * bshd(np.sqrt(ds**2 @ ka**2))
         self.dk_terms = scale * bshd(np.sqrt(group_sum((ds**2).swapaxes(-1, -2) @ qa**2)))
         self.dv_terms = bshd(np.sqrt(group_sum((pz**2).swapaxes(-1, -2) @ doa**2)))
         d_q = np.sqrt(((do * o_z) ** 2).sum(axis=-1, keepdims=True))  # (B, H, Sq, 1)
-        self.dq_stored_elem = scale * bshd(d_q * np.abs(p @ kh))
-        self.dk_stored_elem = scale * bshd(np.sqrt(group_sum((p * p).swapaxes(-1, -2) @ (d_q**2 * qa**2))))
+        self.dq_stored_elem = scale * bshd(d_q * np.abs(pd @ kh))
+        self.dk_stored_elem = scale * bshd(np.sqrt(group_sum((pd * pd).swapaxes(-1, -2) @ (d_q**2 * qa**2))))
         self.dv_stored_elem = np.zeros_like(self.dv_terms)
+        if p_sink is not None:
+            self.dsinks = magnitude_of((p_sink * d_abs[..., 0]).sum(axis=(0, 2)))
+            self.dsinks_stored = self.dsinks
+            self.dsinks_terms = np.zeros(nheads)
+            d_abs_z = (doa * np.abs(o_z)).sum(axis=-1)  # (B, H, Sq), of the dropped problem
+            self.dsinks_stored_elem = np.sqrt(((p_sink * d_abs_z) ** 2).sum(axis=(0, 2)))
 
 
-def forward_rule_inputs(q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+def forward_rule_inputs(q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, sinks=None):
     """{"out": kwargs, "lse": kwargs}: what check_rule needs besides (name, got) for a forward on
     q, k, v (oracle, naive, dtype and the floors); the work of assert_forward_rule that does not depend
-    on the kernel's result, so several results can be checked against one problem."""
+    on the kernel's result, so several results can be checked against one problem. window_size,
+    softcap, alibi_slopes, sinks: the score features (flashcupy.reference), in the oracle, the naive
+    attention and the magnitudes."""
     q, k, v = (to_numpy(x) for x in (q, k, v))
     dtype = q.dtype
     tf32 = bool(tf32) and dtype == np.float32
-    kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask)
+    kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask,
+              **_features_kw(window_size, softcap, alibi_slopes, sinks))
     ref_out, ref_lse = reference.attention_forward(q, k, v, **kw)
     if dtype == np.float64:
         nv_out, nv_lse = None, None
@@ -613,28 +707,37 @@ def forward_rule_inputs(q, k, v, *, softmax_scale=None, causal=False, mask=None,
             "lse": dict(oracle=ref_lse, naive=nv_lse, term_magnitude=1.0, stored_dtype=lse_dtype(dtype), **common)}
 
 
-def backward_rule_inputs(dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
-    """{"dq": kwargs, "dk": ..., "dv": ...}: as forward_rule_inputs, for check_rule on the gradients."""
+def backward_rule_inputs(dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False,
+                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
+    """{"dq": kwargs, "dk": ..., "dv": ...} (and "dsinks" with sinks): as forward_rule_inputs, for
+    check_rule on the gradients. dsinks is stored in float32 whatever T is: its ulp floor is float32's
+    (ulp_dtype), and for float64 inputs its bound adds its rounding to float32."""
     dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
     dtype = q.dtype
     tf32 = bool(tf32) and dtype == np.float32
-    kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask)
+    kw = dict(softmax_scale=softmax_scale, causal=causal, mask=mask,
+              **_features_kw(window_size, softcap, alibi_slopes, sinks))
+    names = ("dq", "dk", "dv") if sinks is None else ("dq", "dk", "dv", "dsinks")
     refs = reference.attention_backward(dout, q, k, v, **kw)
     if dtype == np.float64:
-        naives = (None,) * 3
+        naives = (None,) * len(names)
     elif tf32:
         naives = list(zip(*(naive_backward(dout, q, k, v, **kw, tf32=True, order=order) for order in ORDERS)))
         naives = [list(x) for x in naives]  # per gradient: [torch order, design order]
     else:
         naives = naive_backward(dout, q, k, v, **kw)
     mags = Magnitudes(q, k, v, dout, **kw)
-    return {name: dict(oracle=ref, naive=nv, dtype=dtype, grad=True, term_magnitude=getattr(mags, name),
-                       score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"), tf32=tf32,
-                       terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"))
-            for name, ref, nv in zip(("dq", "dk", "dv"), refs, naives)}
+    out = {name: dict(oracle=ref, naive=nv, dtype=dtype, grad=True, term_magnitude=getattr(mags, name),
+                      score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"), tf32=tf32,
+                      terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"))
+           for name, ref, nv in zip(names, refs, naives)}
+    if sinks is not None:
+        out["dsinks"].update(stored_dtype=np.dtype(np.float32), ulp_dtype=np.dtype(np.float32))
+    return out
 
 
-def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False,
+                        window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
     """Check a kernel's (out, lse) for inputs q, k, v against the oracle by DESIGN.md's rule (both
     criteria, module docstring). Returns {"out": RuleRatios, "lse": RuleRatios}.
 
@@ -642,21 +745,31 @@ def assert_forward_rule(out, lse, q, k, v, *, softmax_scale=None, causal=False, 
     tf32: for float32 inputs, T is float32 with TF32 products (allow_tf32=True): err_naive is the
     larger error of naive_forward(..., tf32=True) in the "torch" and the "design" order (see the
     module docstring). Other dtypes ignore it (as allow_tf32 does) and take their own rule.
+    window_size, softcap, alibi_slopes, sinks: the call's score features (flash_attn_forward's).
     """
     if lse is not None:
         lse_np = to_numpy(lse)
         want = lse_dtype(to_numpy(q).dtype)
         assert lse_np.dtype == want, f"lse dtype {lse_np.dtype}, expected {want}"
-    inputs = forward_rule_inputs(q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32)
+    inputs = forward_rule_inputs(q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32,
+                                 window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     got = {"out": out, "lse": lse}
     return {name: check_rule(name, got[name], **kw) for name, kw in inputs.items() if got[name] is not None}
 
 
-def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False):
+def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False,
+                         window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
     """Check a kernel's (dq, dk, dv) against the oracle's gradients by DESIGN.md's rule (both criteria).
     tf32: as assert_forward_rule (err_naive from naive_backward(..., tf32=True), both orders).
-    Returns {"dq": RuleRatios, "dk": ..., "dv": ...}."""
-    inputs = backward_rule_inputs(dout, q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32)
+    With sinks, grads is (dq, dk, dv, dsinks) (flash_attn_backward's 4-tuple) and dsinks is checked too.
+    Returns {"dq": RuleRatios, "dk": ..., "dv": ...} (and "dsinks")."""
+    inputs = backward_rule_inputs(dout, q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32,
+                                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    assert len(grads) == len(inputs), f"{len(grads)} gradients, expected {len(inputs)} ({', '.join(inputs)})"
+    if sinks is not None:
+        got = to_numpy(grads[3])
+        assert got.dtype == np.float32 and got.shape == to_numpy(sinks).shape, \
+            f"dsinks: dtype {got.dtype} shape {got.shape}, expected float32 {to_numpy(sinks).shape}"
     return {name: check_rule(name, g, **kw) for g, (name, kw) in zip(grads, inputs.items())}
 
 
@@ -664,11 +777,15 @@ def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=Fal
 # dropout: naive attention in T with the same keep-mask, and the rule against the oracle given the mask
 
 
-def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None):
+def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None, window_size=(-1, -1), softcap=0.0,
+                       alibi_slopes=None, sinks=None):
     """Naive attention and its autograd in q's dtype T (as naive_forward / naive_backward) with the
-    dropout keep-mask Z applied to P and dP (scaled by 1 / (1 - p_eff)). Returns (out, (dq, dk, dv))."""
+    dropout keep-mask Z applied to P and dP (scaled by 1 / (1 - p_eff)). Returns (out, (dq, dk, dv)),
+    (dq, dk, dv, dsinks) with sinks."""
     qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, None, None)
-    qs, p, _ = _naive_probs(qh, kh, dtype, scale, causal, None if mask is None else to_numpy(mask))
+    feat = _features_kw(window_size, softcap, alibi_slopes, sinks)
+    sm = _naive_softmax(qh, kh, dtype, scale, causal, None if mask is None else to_numpy(mask), feat=feat)
+    qs, p = sm.qs, sm.p
     z = to_numpy(keep) / (1.0 - p_eff)
     pd = _round(p * z, dtype)
     out = _mm(pd, vh, dtype).transpose(0, 2, 1, 3)
@@ -676,7 +793,7 @@ def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None):
     acc = accum_dtype(dtype)
     dv = _mm(pd.swapaxes(-1, -2), do, dtype)
     dp = _round(_mm(do, vh.swapaxes(-1, -2), dtype) * z, dtype)
-    ds = _round(p * (dp - (p * dp).sum(axis=-1, keepdims=True, dtype=acc)), dtype)
+    ds, delta = _naive_ds(p, dp, dtype, sm, feat["softcap"])
     dq = _round(_mm(ds, kh, dtype) * scale, dtype)
     dk = _mm(ds.swapaxes(-1, -2), qs, dtype)
     b, h, sk, d = dk.shape
@@ -684,29 +801,40 @@ def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None):
     def ungroup(x):
         return _round(x.reshape(b, h // group, group, sk, d).sum(axis=2, dtype=acc), dtype).transpose(0, 2, 1, 3)
 
-    return out, (dq.transpose(0, 2, 1, 3), ungroup(dk), ungroup(dv))
+    grads = (dq.transpose(0, 2, 1, 3), ungroup(dk), ungroup(dv))
+    return out, (grads if sm.p_sink is None else (*grads, _naive_dsinks(sm, delta)))
 
 
-def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False, mask=None):
+def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False, mask=None, window_size=(-1, -1),
+                        softcap=0.0, alibi_slopes=None, sinks=None):
     """DESIGN.md's rule for a dropout run against the oracle given the regenerated keep-mask: err_naive
     from naive attention in T with the same mask; criterion 1's term magnitudes of the undropped problem
     times 1 / (1 - p_eff) (an upper bound of the dropped terms), criterion 2's elementwise ones of the
-    dropped problem. grads may be None."""
+    dropped problem. grads may be None; with sinks it is (dq, dk, dv, dsinks). The score features as
+    assert_forward_rule."""
     dout, q, k, v = (to_numpy(x) for x in (dout, q, k, v))
     dtype = q.dtype
     inv = 1.0 / (1.0 - p_eff)
-    mags = Magnitudes(q, k, v, dout, causal=causal, mask=mask, keep=keep, p_eff=p_eff)
-    nv_out, nv_grads = naive_with_dropout(q, k, v, dout, keep, p_eff, causal=causal, mask=mask)
-    ref_out, _ = reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff)
+    feat = _features_kw(window_size, softcap, alibi_slopes, sinks)
+    mags = Magnitudes(q, k, v, dout, causal=causal, mask=mask, keep=keep, p_eff=p_eff, **feat)
+    nv_out, nv_grads = naive_with_dropout(q, k, v, dout, keep, p_eff, causal=causal, mask=mask, **feat)
+    if dtype == np.float64:
+        nv_out, nv_grads = None, (None,) * len(nv_grads)
+    ref_out, _ = reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff,
+                                             **feat)
     check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out * inv, score_magnitude=mags.sigma,
                terms=mags.out_terms)
     if grads is None:
         return
-    refs = reference.attention_backward(dout, q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff)
-    for name, g, r, nv in zip(("dq", "dk", "dv"), grads, refs, nv_grads):
+    refs = reference.attention_backward(dout, q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff,
+                                        **feat)
+    names = ("dq", "dk", "dv") if sinks is None else ("dq", "dk", "dv", "dsinks")
+    assert len(grads) == len(names), f"{len(grads)} gradients, expected {len(names)} ({', '.join(names)})"
+    for name, g, r, nv in zip(names, grads, refs, nv_grads):
+        extra = dict(stored_dtype=np.dtype(np.float32), ulp_dtype=np.dtype(np.float32)) if name == "dsinks" else {}
         check_rule(name, g, r, nv, dtype, grad=True, term_magnitude=getattr(mags, name) * inv,
                    score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv,
-                   terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"))
+                   terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"), **extra)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -715,7 +843,10 @@ def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False,
 
 class Case(NamedTuple):
     """One random attention problem of check_attention: shapes (batch, seqlen_q, seqlen_k, nheads,
-    nheads_k, head_dim), dtype name, causal, softmax_scale (None: head_dim ** -0.5), the NumPy seed."""
+    nheads_k, head_dim), dtype name, causal, softmax_scale (None: head_dim ** -0.5), the NumPy seed,
+    and the score features of flash_attn_forward (default off): window_size (left, right), softcap,
+    alibi_slopes and sinks as tuples of floats (float32 values; feature_kwargs() makes the arrays).
+    The repr names the features only when one is on, so it stays a valid reproducer either way."""
 
     batch: int
     seqlen_q: int
@@ -727,6 +858,28 @@ class Case(NamedTuple):
     causal: bool
     softmax_scale: float | None
     seed: int
+    window_size: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi_slopes: tuple | None = None  # nheads floats, or batch tuples of them
+    sinks: tuple | None = None  # nheads floats
+
+    def __repr__(self):
+        fields = [f"{name}={getattr(self, name)!r}" for name in self._fields
+                  if name not in FEATURE_DEFAULTS or getattr(self, name) != FEATURE_DEFAULTS[name]]
+        return f"Case({', '.join(fields)})"
+
+    def feature_kwargs(self) -> dict:
+        """The keywords of the features that are on (window_size, softcap, alibi_slopes and sinks as
+        float32 NumPy arrays): {} for a plain case, so implementations without them still run it."""
+        kw = {}
+        if tuple(self.window_size) != (-1, -1):
+            kw["window_size"] = tuple(self.window_size)
+        if self.softcap:
+            kw["softcap"] = float(self.softcap)
+        for name in ("alibi_slopes", "sinks"):
+            if getattr(self, name) is not None:
+                kw[name] = np.asarray(getattr(self, name), dtype=np.float32)
+        return kw
 
     def inputs(self, grad: bool = False):
         """(q, k, v) NumPy arrays in BSHD (batch, seqlen, heads, head_dim), drawn from N(0, 1); grad:
@@ -762,7 +915,8 @@ def worst_ratio(ratios) -> float:
     return max(r.worst for r in ratios.values())
 
 
-def assert_attention_close(out, q, k, v, *, lse=None, softmax_scale=None, causal=False, mask=None, tf32=False):
+def assert_attention_close(out, q, k, v, *, lse=None, softmax_scale=None, causal=False, mask=None, tf32=False,
+                           window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
     """Check out = softmax(q k^T * softmax_scale) v (and its log-sum-exp lse, if given) of any
     implementation against the float64 oracle by the rule of this module's docstring.
 
@@ -771,32 +925,62 @@ def assert_attention_close(out, q, k, v, *, lse=None, softmax_scale=None, causal
     (batch, nheads, seqlen_q) float32 (float64 for float64 inputs), natural log. NumPy arrays or
     anything with .get() (CuPy). causal: flash-attn's bottom-right-aligned causal mask; mask: an optional
     boolean (seqlen_q, seqlen_k) mask of visible keys; tf32: float32 with TF32 products.
+    window_size, softcap, alibi_slopes, sinks: flash-attn's score features (flashcupy.reference states
+    them: sliding window, tanh soft-capping, ALiBi, attention sinks in the lse).
     Returns {"out": RuleRatios, ...} (ratios to the bound: <= 1 passes). Raises AssertionError naming the
     output, the error and the bound when the rule fails.
     """
-    return assert_forward_rule(out, lse, q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32)
+    return assert_forward_rule(out, lse, q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask, tf32=tf32,
+                               window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+
+
+SOFTCAPS = (0.5, 1.0, 5.0, 30.0)  # softcap values random_cases / attention_problems draw (30: Gemma 2's)
+
+
+def _f32(values) -> tuple:
+    """Floats rounded to float32, as a (nested) tuple of Python floats (exact in a repr)."""
+    return tuple(_f32(v) for v in values) if np.ndim(values) > 1 else tuple(float(x) for x in
+                                                                            np.asarray(values, np.float32))
+
+
+def _draw_features(rng, case: Case) -> Case:
+    """case with random score features, each on with probability 1/2 (random_cases(features=True))."""
+    w = [int(rng.integers(-1, max(case.seqlen_k, 1) + 1)) if rng.random() < 0.5 else -1 for _ in range(2)]
+    softcap = float(rng.choice(SOFTCAPS)) if rng.random() < 0.5 else 0.0
+    alibi = None
+    if rng.random() < 0.5:
+        shape = (case.nheads,) if rng.random() < 0.5 else (case.batch, case.nheads)
+        alibi = _f32(rng.uniform(0.01, 1.0, shape))
+    sinks = _f32(2.0 * rng.standard_normal(case.nheads)) if rng.random() < 0.5 else None
+    return case._replace(window_size=tuple(w), softcap=softcap, alibi_slopes=alibi, sinks=sinks)
 
 
 def random_cases(n: int, *, seed: int = 0, dtypes=("float16", "bfloat16", "float32", "float64"),
-                 causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128)) -> list:
+                 causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128),
+                 features: bool = False) -> list:
     """n Case records: seqlens 1..max_seqlen (1 and odd lengths included), seqlen_q != seqlen_k, batch
     1-2, nheads_k 1-2 with GQA groups 1-3, the given dtypes (bfloat16 only where ml_dtypes imports) and
-    head dims; a fixed function of seed."""
+    head dims; a fixed function of seed. features=True: each case also draws the score features, each
+    on with probability 1/2 (window sides -1..seqlen_k, softcap from SOFTCAPS, ALiBi slopes in
+    [0.01, 1) of shape (nheads,) or (batch, nheads), sinks ~ N(0, 4)); False (default): none, and the
+    cases are those of earlier versions."""
     rng = np.random.default_rng(seed)
     dtypes = [d for d in dtypes if d != "bfloat16" or bfloat16() is not None]
     out = []
     for i in range(n):
         nheads_k = int(rng.integers(1, 3))
         seqlens = [1, int(rng.integers(1, max_seqlen + 1)), int(rng.integers(1, max_seqlen + 1))]
-        out.append(Case(batch=int(rng.integers(1, 3)), seqlen_q=int(rng.choice(seqlens)),
-                        seqlen_k=int(rng.choice(seqlens[1:])), nheads=nheads_k * int(rng.integers(1, 4)),
-                        nheads_k=nheads_k, head_dim=int(rng.choice(head_dims)), dtype=str(rng.choice(dtypes)),
-                        causal=bool(rng.choice(causal)), softmax_scale=None, seed=int(seed * 100003 + i)))
+        case = Case(batch=int(rng.integers(1, 3)), seqlen_q=int(rng.choice(seqlens)),
+                    seqlen_k=int(rng.choice(seqlens[1:])), nheads=nheads_k * int(rng.integers(1, 4)),
+                    nheads_k=nheads_k, head_dim=int(rng.choice(head_dims)), dtype=str(rng.choice(dtypes)),
+                    causal=bool(rng.choice(causal)), softmax_scale=None, seed=int(seed * 100003 + i))
+        out.append(_draw_features(rng, case) if features else case)
     return out
 
 
 def check_attention(impl, *, cases: int = 50, seed: int = 0, dtypes=("float16", "bfloat16", "float32", "float64"),
-                    causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128)) -> Report:
+                    causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128),
+                    features: bool = False) -> Report:
     """Run impl(q, k, v, causal=..., softmax_scale=...) -> out on `cases` random problems (random_cases)
     and check each by assert_attention_close.
 
@@ -804,15 +988,19 @@ def check_attention(impl, *, cases: int = 50, seed: int = 0, dtypes=("float16", 
     head_dim) and returns out like q (NumPy, or anything with .get(): convert inside impl for other
     frameworks). Returns a Report when every case passes. Raises AssertionError on the first failing
     case, with the rule's message, the case and its reproducer (Case.reproducer()).
+    features=True: the cases carry score features (random_cases), and impl is also given those that
+    are on as keywords, flash-attn's names: window_size=(left, right), softcap=float,
+    alibi_slopes=float32 (nheads,) or (batch, nheads), sinks=float32 (nheads,) (Case.feature_kwargs()).
     """
     results, worst = [], (0.0, None)
     for case in random_cases(cases, seed=seed, dtypes=dtypes, causal=causal, max_seqlen=max_seqlen,
-                             head_dims=head_dims):
+                             head_dims=head_dims, features=features):
         q, k, v = case.inputs()
-        out = impl(q, k, v, causal=case.causal, softmax_scale=case.softmax_scale)
+        feat = case.feature_kwargs()
+        out = impl(q, k, v, causal=case.causal, softmax_scale=case.softmax_scale, **feat)
         try:
             ratio = worst_ratio(assert_attention_close(out, q, k, v, softmax_scale=case.softmax_scale,
-                                                        causal=case.causal))
+                                                        causal=case.causal, **feat))
         except AssertionError as e:
             raise AssertionError(f"{e}\n  case: {case}\n  inputs: {case.reproducer()}") from None
         results.append((ratio, case))
@@ -821,17 +1009,29 @@ def check_attention(impl, *, cases: int = 50, seed: int = 0, dtypes=("float16", 
 
 
 def attention_problems(*, dtypes=("float16", "float32", "float64"), max_seqlen: int = 64,
-                       head_dims=(8, 16, 32, 40, 64)):
+                       head_dims=(8, 16, 32, 40, 64), features: bool = False):
     """A hypothesis strategy of Case records (the shapes of random_cases, drawn by hypothesis so that
-    it shrinks failures): use as @given(case=attention_problems()), then case.inputs()."""
+    it shrinks failures): use as @given(case=attention_problems()), then case.inputs() and, with
+    features=True (each score feature on or off, shrinking towards off), case.feature_kwargs()."""
     from hypothesis import strategies as st
 
     @st.composite
     def problems(draw):
         nheads_k = draw(st.integers(1, 2))
-        return Case(batch=draw(st.integers(1, 2)), seqlen_q=draw(st.integers(1, max_seqlen)),
+        case = Case(batch=draw(st.integers(1, 2)), seqlen_q=draw(st.integers(1, max_seqlen)),
                     seqlen_k=draw(st.integers(1, max_seqlen)), nheads=nheads_k * draw(st.integers(1, 3)),
                     nheads_k=nheads_k, head_dim=draw(st.sampled_from(head_dims)), dtype=draw(st.sampled_from(dtypes)),
                     causal=draw(st.booleans()), softmax_scale=None, seed=draw(st.integers(0, 2**31 - 1)))
+        if not features:
+            return case
+        side = st.one_of(st.just(-1), st.integers(0, max_seqlen))
+        floats = st.floats(0.01, 1.0, width=32)
+        slopes = st.one_of(st.lists(floats, min_size=case.nheads, max_size=case.nheads).map(tuple),
+                           st.lists(st.lists(floats, min_size=case.nheads, max_size=case.nheads).map(tuple),
+                                    min_size=case.batch, max_size=case.batch).map(tuple))
+        sinks = st.lists(st.floats(-6.0, 6.0, width=32), min_size=case.nheads, max_size=case.nheads).map(tuple)
+        return case._replace(window_size=(draw(side), draw(side)),
+                             softcap=draw(st.one_of(st.just(0.0), st.sampled_from(SOFTCAPS))),
+                             alibi_slopes=draw(st.one_of(st.none(), slopes)), sinks=draw(st.one_of(st.none(), sinks)))
 
     return problems()
