@@ -607,9 +607,12 @@ class Magnitudes:
     Score features (window_size, softcap, alibi_slopes, sinks; flashcupy.reference): P is the oracle's
     with them; sigma adds |the ALiBi term| to the scores and takes |sinks| too; softcap's factor
     1 - tanh^2 multiplies P wherever P stands for dS (the dS-terms and the stored-output terms).
-    dsinks (with sinks; (nheads,)): sum over (b, i) of P_sink rowsum(|dO| o |O|), both the scalar terms
-    and stored magnitude (the kernel forms D from out read back in T); dsinks_terms 0 (no T operand),
-    dsinks_stored_elem the quadrature sum over rows (one D per row).
+    dsinks (with sinks; (nheads,)): sum over (b, i) of P_sink rowsum(|dO| o |O|) (float32's accumulation
+    floor); dsinks_terms 0 (no T operand); dsinks_stored and dsinks_stored_elem, per head (an array: the
+    bound is elementwise), sqrt(sum over (b, i) of P_sink^2 rowsum((dO o O)^2)): the kernel forms D from
+    out read back in T, whose rounding is independent across the rows dsinks sums and across each
+    row's head_dim products, so it adds in quadrature (measured: errors <= 0.7 u of it, where u = eps(T)
+    / 2; the floor eps(T) * it is ~3x that, and a 1% error is typically >= 6 u of it).
     """
 
     def __init__(self, q, k, v, dout=None, *, softmax_scale=None, causal=False, mask=None, keep=None, p_eff=0.0,
@@ -673,10 +676,11 @@ class Magnitudes:
         self.dv_stored_elem = np.zeros_like(self.dv_terms)
         if p_sink is not None:
             self.dsinks = magnitude_of((p_sink * d_abs[..., 0]).sum(axis=(0, 2)))
-            self.dsinks_stored = self.dsinks
             self.dsinks_terms = np.zeros(nheads)
-            d_abs_z = (doa * np.abs(o_z)).sum(axis=-1)  # (B, H, Sq), of the dropped problem
-            self.dsinks_stored_elem = np.sqrt(((p_sink * d_abs_z) ** 2).sum(axis=(0, 2)))
+            # per head: the rounding of each row's D (from out read back in T) is independent across the
+            # B * Sq rows it sums, and within a row across the head_dim products: in quadrature
+            self.dsinks_stored_elem = np.sqrt(((p_sink * d_q[..., 0]) ** 2).sum(axis=(0, 2)))
+            self.dsinks_stored = self.dsinks_stored_elem
 
 
 def forward_rule_inputs(q, k, v, *, softmax_scale=None, causal=False, mask=None, tf32=False, window_size=(-1, -1),
@@ -1025,7 +1029,7 @@ def attention_problems(*, dtypes=("float16", "float32", "float64"), max_seqlen: 
         if not features:
             return case
         side = st.one_of(st.just(-1), st.integers(0, max_seqlen))
-        floats = st.floats(0.01, 1.0, width=32)
+        floats = st.floats(2.0**-6, 1.0, width=32)
         slopes = st.one_of(st.lists(floats, min_size=case.nheads, max_size=case.nheads).map(tuple),
                            st.lists(st.lists(floats, min_size=case.nheads, max_size=case.nheads).map(tuple),
                                     min_size=case.batch, max_size=case.batch).map(tuple))
