@@ -161,22 +161,44 @@ def test_simt_config_tables_cover_every_bucket():
         _configs.simt_fwd_config(64, np.float16, False)
 
 
-@pytest.mark.parametrize("arch", [75, 80, 86, 90])
+@pytest.mark.parametrize("arch", [80, 86, 90])
 def test_float64_chooser_picks_dmma_from_sm80(arch):
     for bucket in _configs.HEAD_DIM_BUCKETS:
         for causal in (False, True):
             f = _configs.float_fwd_config(bucket, np.float64, causal, arch)
             b = _configs.float_bwd_config(bucket, np.float64, causal, arch)
-            if arch < 80:  # no cp.async: every family is out, the chunked path runs
-                assert f is None and b is None
-                assert _configs.float_fwd_config(bucket, np.float32, causal, arch) is None
-                continue
             assert isinstance(f, _configs.DmmaFwdConfig)
             assert isinstance(b, _configs.DmmaBwdConfig) == (bucket <= 160)
             assert b is not None or (arch == 86 and bucket == 256)
             # float32 stays on CUDA cores
             assert isinstance(_configs.float_fwd_config(bucket, np.float32, causal, arch), _configs.SimtFwdConfig)
             assert isinstance(_configs.float_bwd_config(bucket, np.float32, causal, arch), _configs.SimtBwdConfig)
+
+
+@pytest.mark.parametrize("device", [75, 70, DeviceInfo(75, 232448, 40, "sm_75 with a large budget")], ids=str)
+def test_no_float_config_before_sm80(device):
+    """Below sm_80 no float chooser returns a kernel (whatever the shared memory): the chunked path runs,
+    because none of these kernels can be built there (test_kernels_cannot_build_for_sm75)."""
+    for bucket in _configs.HEAD_DIM_BUCKETS:
+        for causal in (False, True):
+            for dtype in (np.float32, np.float64):
+                for tf32 in (False, True):
+                    assert _configs.float_fwd_config(bucket, dtype, causal, device, tf32) is None
+                    assert _configs.float_bwd_config(bucket, dtype, causal, device, tf32) is None
+            assert _configs.simt_fwd_config(bucket, np.float32, causal, device) is None
+            assert _configs.tf32_fwd_config(bucket, causal, device) is None
+            assert _configs.dmma_fwd_config(bucket, causal, device) is None
+
+
+def test_kernels_cannot_build_for_sm75():
+    """Why the choosers stop at sm_80: every family loads tiles with cp.async, which ptxas refuses below
+    sm_80 (the float kernels here; the fp16/bf16 ones also use cvt.f16x2.f32). The same kernels build for
+    sm_80 (the compile tests above)."""
+    simt = _configs.simt_fwd_config(64, np.float32, False, 80)
+    dmma = _configs.dmma_fwd_config(64, False, 80)
+    for source, name in (("flash_simt_fwd.cu", simt.kernel_name()), ("flash_dmma_fwd.cu", dmma.kernel_name())):
+        ok, log, _ = _build.nvrtc_compile(source, [name], "sm_75")
+        assert not ok and "Feature 'cp.async' requires .target sm_80" in log, (source, log[-500:])
 
 
 @pytest.mark.parametrize("arch", [80, 86, 90])

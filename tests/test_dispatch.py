@@ -416,6 +416,58 @@ def test_kernel_path_follows_the_device():
     assert kp(F64, 64, on_gpu=True, device=86, dropout_p=0.1) == CHUNKED
 
 
+TF32_PATH = "fused fp32 (TF32 tensor cores)"
+
+
+@pytest.mark.parametrize("device", [DEVICES[80], DEVICES[86], DEVICES[90], *CAPPED.values()],
+                         ids=["sm_80", "sm_86", "sm_90", *CAPPED])
+def test_kernel_path_names_the_tf32_kernels_only_where_they_run(device):
+    """The pure half of tests/test_gpu_tf32.py's test of the same name (that one asks the GPU it runs on):
+    every head dim up to 256 runs the TF32 kernels with allow_tf32 on sm_80+ (under 99 KB too), and only
+    float32 without dropout or a block mask; nothing does below sm_80."""
+    from flashcupy.blocksparse import BlockMask
+
+    kp = interface.kernel_path
+    exact = "fused fp32/fp64 (CUDA cores)"
+    mask = BlockMask(np.ones((2, 2), dtype=bool))
+    for head_dim in (*_configs.HEAD_DIM_BUCKETS, 8, 59, 250):
+        for backward in (False, True):
+            assert kp(F32, head_dim, on_gpu=True, device=device, allow_tf32=True, backward=backward) == TF32_PATH
+            assert kp(F32, head_dim, on_gpu=True, device=device, backward=backward) == exact
+            assert kp(F32, head_dim, on_gpu=True, device=device, allow_tf32=True, dropout_p=0.1,
+                      backward=backward) == CHUNKED
+            assert kp(F32, head_dim, on_gpu=True, device=device, allow_tf32=True, block_mask=mask,
+                      backward=backward) == CHUNKED
+            for dtype in [F16, F64] + ([np.dtype(BF16)] if BF16 is not None else []):
+                same = kp(dtype, head_dim, on_gpu=True, device=device, backward=backward)
+                assert kp(dtype, head_dim, on_gpu=True, device=device, allow_tf32=True, backward=backward) == same
+                assert same != TF32_PATH
+    assert kp(F32, 264, on_gpu=True, device=device, allow_tf32=True) == CHUNKED
+    assert kp(F32, 64, on_gpu=False, device=device, allow_tf32=True) == "NumPy chunked path"
+    assert kp(F32, 64, on_gpu=True, device=75, allow_tf32=True) == CHUNKED
+
+
+def test_tf32_configs_are_float():
+    """Every TF32 config (what tests/test_gpu_tf32.py launches one by one, and CI compiles) is the DMMA
+    template with elem float and the m16n8k8 .tf32 instruction, 16 rows (keys) per warp, within its device's
+    budget; the float32 chooser returns one of them for every bucket on every sm_80+ device class."""
+    fwd, bwd = _configs.all_tf32_fwd_specializations(), _configs.all_tf32_bwd_specializations()
+    assert fwd and bwd
+    for c in fwd:
+        assert isinstance(c, _configs.DmmaFwdConfig) and c.elem == "float" and c.katom == _configs.TF32_KATOM
+        assert c.block_m // c.nwarps == 16
+    for c in bwd:
+        assert isinstance(c, _configs.DmmaBwdConfig) and c.elem == "float"
+        assert c.kv_katom == c.dq_katom == _configs.TF32_KATOM
+        assert c.kv_block_n // c.kv_nwarps == 16 and c.dq_block_m // c.dq_nwarps == 16
+    for device in _configs.reference_devices():
+        for bucket in _configs.HEAD_DIM_BUCKETS:
+            f = _configs.float_fwd_config(bucket, F32, False, device, True)
+            b = _configs.float_bwd_config(bucket, F32, False, device, True)
+            assert f in fwd and b in bwd, (device, bucket)
+            assert max(f.max_smem_bytes, b.max_smem_bytes) <= device.smem_optin
+
+
 def test_kernel_path_without_a_gpu_says_so(monkeypatch):
     monkeypatch.setattr(interface, "gpu_available", lambda: False)
     with pytest.raises(RuntimeError, match="device="):

@@ -109,6 +109,100 @@ def test_backward_needs_rng_state():
         flashcupy.flash_attn_forward(q, k, v, dropout_p=0.5, seed=(1, 2**33))
 
 
+def _philox_scalar(ctr, key):
+    """Philox4x32-10 on Python ints, written from Salmon et al. (SC 2011) independently of
+    flashcupy.dropout.philox4x32_10 (the vectorised one under test)."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def _keep_scalar(seed, offset, nheads, b, h, i, j, p):
+    """One element's keep bit from flashcupy.dropout's docstring formula, element by element."""
+    rp = (i >> 4) * 8 + (i & 7)
+    cq = (j >> 4) * 4 + ((j >> 1) & 3)
+    out = _philox_scalar((cq, rp, b * nheads + h, offset & 0xFFFFFFFF), (seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF))
+    word = 2 * ((i >> 3) & 1) + ((j >> 3) & 1)
+    u = (out[word] >> (16 * (j & 1))) & 0xFFFF
+    return u < dropout.keep_threshold(p)
+
+
+def test_scalar_philox_reproduces_the_known_answers():
+    assert _philox_scalar((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0)) == (
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
+    assert _philox_scalar((0,) * 4, (0, 0)) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.83])
+def test_keep_mask_follows_the_documented_formula_across_tiles(rng, p):
+    """keep_mask against the element formula of flashcupy.dropout's docstring on every element of a ragged
+    problem spanning many 16 x 16 Philox blocks and 128 x 128 kernel tiles, several (batch, head), a 64-bit
+    seed and a nonzero offset: the layout the kernels' bits are compared with."""
+    b, h, sq, sk = 2, 3, 141, 270
+    seed, offset = int(rng.integers(2**64, dtype=np.uint64)), int(rng.integers(1, 2**32))
+    got = dropout.keep_mask(seed, offset, b, h, sq, sk, p)
+    assert got.shape == (b, h, sq, sk) and got.dtype == np.bool_
+    want = np.array([[[[_keep_scalar(seed, offset, h, bi, hi, i, j, p) for j in range(sk)] for i in range(sq)]
+                      for hi in range(h)] for bi in range(b)])
+    np.testing.assert_array_equal(got, want)
+    # every (batch, head) and every 16-row block has its own bits (no counter collision)
+    flat = got.reshape(b * h, sq, sk)
+    assert all(not np.array_equal(flat[0], flat[x]) for x in range(1, b * h))
+    assert not np.array_equal(got[..., :16, :], got[..., 16:32, :])
+
+
+def _kept_bits(xp, fwd, bwd, b, sq, sk, h, d, seed_state, p, rng):
+    """The keep bits a forward and a backward used, read back through the outputs (no GQA: h heads for q,
+    k, v). V = one-hot columns for keys [j0, j0 + d) makes out[b, i, h, c] = P[i, j0 + c] Z / (1 - p), and
+    dout = one-hot columns for query rows [i0, i0 + d) makes dv[b, j, h, c] = P[i0 + c, j] Z / (1 - p); P > 0
+    everywhere (amplitude 0.5 flattens the softmax), so each is nonzero iff kept. Windows cover every key
+    and every query row. Returns (forward bits, backward bits), bool (b, h, sq, sk)."""
+    q, k, _ = random_inputs(rng, b, sq, sk, h, h, d, np.float16, amplitude=0.5)
+    q, k = xp.asarray(q), xp.asarray(k)
+
+    def one_hot(n, start):  # (b, n, h, d): row start + c has a 1 in column c
+        w = np.zeros((b, n, h, d), dtype=np.float16)
+        c = np.arange(min(d, n - start))
+        w[:, start + c, :, c] = 1
+        return xp.asarray(w)
+
+    got_f = np.zeros((b, h, sq, sk), dtype=bool)
+    first = None
+    for j0 in range(0, sk, d):
+        res = fwd(q, k, one_hot(sk, j0), dropout_p=p, seed=seed_state)
+        first = first or res
+        w = min(d, sk - j0)
+        got_f[..., j0:j0 + w] = to_numpy(res.out)[..., :w].transpose(0, 2, 1, 3) != 0
+    got_b = np.zeros((b, h, sq, sk), dtype=bool)
+    v = one_hot(sk, 0)
+    for i0 in range(0, sq, d):
+        _, _, dv = bwd(one_hot(sq, i0), q, k, v, first.out, first.lse, dropout_p=p, rng_state=seed_state)
+        w = min(d, sq - i0)
+        got_b[:, :, i0:i0 + w] = to_numpy(dv)[..., :w].transpose(0, 2, 3, 1) != 0  # (b, h, c, j)
+    return got_f, got_b
+
+
+KEPT_BITS_SHAPE = dict(b=2, sq=200, sk=333, h=3, d=128)  # ragged: 2 query tiles of 128, 3 key windows of 128
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_path_keep_bits_equal_the_generator(rng, p):
+    """The CPU path reads the same bits as keep_mask, through the one-hot read-out the GPU test uses (so the
+    read-out itself is checked here, where CI runs it)."""
+    state = (int(rng.integers(2**40, 2**63)), int(rng.integers(2**32)))
+    s = KEPT_BITS_SHAPE
+    got_f, got_b = _kept_bits(np, flashcupy.flash_attn_forward, flashcupy.flash_attn_backward, **s,
+                              seed_state=state, p=p, rng=rng)
+    want = dropout.keep_mask(*state, s["b"], s["h"], s["sq"], s["sk"], p)
+    np.testing.assert_array_equal(got_f, want)
+    np.testing.assert_array_equal(got_b, want)
+    assert 0 < want.mean() < 1
+
+
 # ------------------------------------------------------------------------------------------- GPU
 
 
@@ -141,21 +235,22 @@ def test_gpu_dropout_matches_oracle_with_regenerated_mask(rng, dtype, head_dim, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_gpu_kernel_bits_equal_numpy_generator(rng, p):
-    """out = P o Z / (1 - p) V with V = identity reads the forward kernel's keep bits; dv with
-    dout = identity reads the backward kernel's."""
+    """The fused fp16 forward's and backward's keep bits equal keep_mask on a ragged problem (2 x 3 heads,
+    200 query rows, 333 keys: several query tiles and key blocks, partial ones at both ends), read back as
+    test_cpu_path_keep_bits_equal_the_generator reads the CPU path's."""
     cp = _cp()
-    b, sq, sk, h, d, state = 2, 128, 128, 3, 128, (2**40 + 17, 9)
-    q, k, _ = random_inputs(rng, b, sq, sk, h, h, d, np.float16)
-    eye = np.broadcast_to(np.eye(sk, d, dtype=np.float16)[None, :, None, :], (b, sk, h, d)).copy()
-    qg, kg, vg = (cp.asarray(x) for x in (q, k, eye))
-    res = flashcupy.flash_attn_forward(qg, kg, vg, dropout_p=p, seed=state)
-    want = dropout.keep_mask(*state, b, h, sq, sk, p)  # (b, h, sq, sk)
-    got = to_numpy(res.out).transpose(0, 2, 1, 3) != 0  # out[b, i, h, j] != 0 iff kept
-    assert np.array_equal(got, want)
-    dout = cp.asarray(np.broadcast_to(np.eye(sq, d, dtype=np.float16)[None, :, None, :], (b, sq, h, d)).copy())
-    _, _, dv = flashcupy.flash_attn_backward(dout, qg, kg, vg, res.out, res.lse, dropout_p=p, rng_state=state)
-    got_bwd = to_numpy(dv).transpose(0, 2, 3, 1) != 0  # dv[b, j, h, i] = P_ij Z_ij / (1 - p)
-    assert np.array_equal(got_bwd, want)
+    state = (int(rng.integers(2**40, 2**63)), int(rng.integers(2**32)))
+    s = KEPT_BITS_SHAPE
+    from flashcupy.interface import kernel_path
+
+    path = kernel_path(np.float16, s["d"], on_gpu=True, dropout_p=p)
+    if path != "fused fp16/bf16 (tensor cores)":
+        pytest.skip(f"this GPU runs {path}: no dropout kernel")
+    got_f, got_b = _kept_bits(cp, flashcupy.flash_attn_forward, flashcupy.flash_attn_backward, **s,
+                              seed_state=state, p=p, rng=rng)
+    want = dropout.keep_mask(*state, s["b"], s["h"], s["sq"], s["sk"], p)
+    np.testing.assert_array_equal(got_f, want)
+    np.testing.assert_array_equal(got_b, want)
 
 
 @pytest.mark.gpu

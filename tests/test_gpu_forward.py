@@ -138,12 +138,33 @@ def test_cuda_graph_capture_and_replay(rng):
     assert_forward_rule(res.out, res.lse, q.get(), k.get(), v.get(), causal=True)
 
 
-def test_dlpack_inputs_zero_copy(rng):
+def test_dlpack_inputs_zero_copy(rng, monkeypatch):
+    """torch CUDA tensors reach the kernel launch as CuPy views of torch's own memory: the launcher sees
+    torch's data pointers, kernel_ready takes them as they are (no copy), and the result passes the rule."""
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("torch without CUDA")
+    from flashcupy import _gpu
+
     q, k, v = random_inputs(rng, 1, 100, 120, 2, 2, 64, np.float16)
     tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
+    seen = []
+    launch = _gpu.forward
+
+    def recording_forward(q_, k_, v_, shape, **kw):
+        seen.append([(int(x.data.ptr), x.shape, x is _gpu.kernel_ready(x, shape.head_dim)) for x in (q_, k_, v_)])
+        return launch(q_, k_, v_, shape, **kw)
+
+    monkeypatch.setattr(_gpu, "forward", recording_forward)
     out = flashcupy.flash_attn_func(tq, tk, tv, causal=True)
+    torch.cuda.synchronize()
+    assert len(seen) == 1, "the fp16 call did not reach flashcupy._gpu.forward"
+    for (ptr, shape, in_place), t in zip(seen[0], (tq, tk, tv)):
+        assert ptr == t.data_ptr() and shape == tuple(t.shape) and in_place
     assert isinstance(out, _cp().ndarray)
     assert_forward_rule(out, None, q, k, v, causal=True)
+    # cupy.from_dlpack (flashcupy._arrays.array_module's conversion) shares torch's memory: torch's write shows
+    view = _cp().from_dlpack(tq)
+    tq.zero_()
+    torch.cuda.synchronize()
+    assert int(view.data.ptr) == tq.data_ptr() and not bool(_cp().any(view))

@@ -259,14 +259,29 @@ def test_dmma_backward_every_config(rng, cfg):
             assert_backward_rule(grads, dout, q, k, v, causal=causal)
 
 
-def test_float64_runs_on_the_tensor_cores_from_sm80():
-    """The chooser's float64 pick on this GPU: DMMA on sm_80+, the DFMA kernel below."""
-    from flashcupy import _configs, _gpu_simt
+@pytest.mark.parametrize("head_dim,bwd_kernel", [(64, "flash_dmma_bwd_kv_kernel"), (200, "flash_simt_bwd_kv_kernel")])
+def test_float64_runs_on_the_tensor_cores_from_sm80(rng, monkeypatch, head_dim, bwd_kernel):
+    """A public float64 call on this GPU launches the FP64 tensor-core kernels (the backward above head_dim
+    160 the DFMA kernels), as recorded at flashcupy._gpu_simt's launch; the results pass the rule. (Which
+    config the choosers return for each arch is checked without a GPU: tests/test_compile_simt.py.)"""
+    from flashcupy import _device, _gpu_simt
 
-    arch = _gpu_simt._arch()
-    cfg = _configs.float_fwd_config(64, np.float64, False, arch)
-    assert isinstance(cfg, _configs.DmmaFwdConfig) == (arch >= 80)
-    assert isinstance(_configs.float_bwd_config(64, np.float64, False, arch), _configs.DmmaBwdConfig) == (arch >= 80)
+    if _device.current_device_info().cc < 80:
+        pytest.skip("below sm_80 float64 runs the chunked path")
+    launched = []
+    launch = _gpu_simt._launch
+
+    def recording_launch(filename, name, *args):
+        launched.append(name)
+        return launch(filename, name, *args)
+
+    monkeypatch.setattr(_gpu_simt, "_launch", recording_launch)
+    q, k, v, dout = random_inputs(rng, 2, 113, 203, 4, 2, head_dim, np.float64, grad=True)
+    out, lse, grads = fwd_bwd(*to_gpu(q, k, v, dout), causal=True)
+    kernels = [name.split("<", 1)[0] for name in launched]
+    assert kernels[0] == "flash_dmma_fwd_kernel" and bwd_kernel in kernels[1:], kernels
+    assert_forward_rule(out, lse, q, k, v, causal=True)
+    assert_backward_rule(grads, dout, q, k, v, causal=True)
 
 
 def _fits_smem(nbytes):
