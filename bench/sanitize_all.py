@@ -17,7 +17,7 @@ FLASHCUPY_SMEM_LIMIT_KB=99 plans the 99 KB class's configurations; --list withou
 - wgmma    the Hopper forward and backward (flashcupy._gpu_sm90, flashcupy._gpu_sm90_bwd), compute
            capability 9.0 only (elsewhere one "skip" line): plain, and the kernels' dropout (forward),
            128x128 block mask and deterministic (backward) modes, which --list marks "kernel only" while
-           the dispatcher does not route them yet;
+           the dispatcher does not route them yet (they run last);
 - simt     exact float32 on CUDA cores (flashcupy._gpu_simt): plain, deterministic (the dQ kernel);
 - dmma     float64 (FP64 tensor cores; the backward above head_dim 160 on CUDA cores): plain;
 - tf32     float32 with allow_tf32 (TF32 tensor cores): plain;
@@ -241,7 +241,8 @@ def _plan_chunked(device):
 
 
 def plan(device, families=FAMILIES):
-    """Every Call of the families for device (a flashcupy._device.DeviceInfo), in order."""
+    """Every Call of the families for device (a flashcupy._device.DeviceInfo): the dispatched ones in family
+    order, then the kernel-only ones (modes not yet run on a GPU: a hang there comes after every other call)."""
     out = []
     for family in families:
         if family == "mma16":
@@ -252,7 +253,7 @@ def plan(device, families=FAMILIES):
             out += _plan_chunked(device)
         else:
             out += _plan_float(family, device)
-    return out
+    return [c for c in out if c.dispatched] + [c for c in out if not c.dispatched]
 
 
 def skipped(device, families=FAMILIES):

@@ -16,8 +16,8 @@
 #   TOOLS ["memcheck racecheck synccheck initcheck"]   FAMILIES [all: mma16 wgmma simt dmma tf32 chunked]
 #   SHARDS [1]  split each tool's calls over this many sanitizer processes (round robin, --shard)
 #   JOBS [1]    sanitizer processes running at once (each tool x shard is one)
-#   WARM_JOBS [8]  processes compiling every kernel first, outside the sanitizers (CuPy's disk cache,
-#                  CUPY_CACHE_DIR [/tmp/cupy-cache-sanitize]); 0 skips the warm-up
+#   WARM_JOBS [nproc, at most 16]  processes compiling every kernel first, outside the sanitizers, into
+#                  CuPy's disk cache (CUPY_CACHE_DIR as set, else CuPy's default: shared with plain runs); 0: none
 #   TIMEOUT [3000] seconds per process (a timed-out log has no summary: it fails)
 #   PYTHON [python3]   SANITIZER [compute-sanitizer on PATH, else /usr/local/cuda/bin/compute-sanitizer]
 # memcheck runs with --report-api-errors no: cuda-bindings' lazy driver-symbol lookup makes host-side
@@ -29,11 +29,11 @@ ROOT=$PWD
 OUT=${OUT:-runs/sanitize}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 TOOLS=${TOOLS:-memcheck racecheck synccheck initcheck}
 FAMILIES=${FAMILIES:-mma16 wgmma simt dmma tf32 chunked}
-SHARDS=${SHARDS:-1}; JOBS=${JOBS:-1}; WARM_JOBS=${WARM_JOBS:-8}; TIMEOUT=${TIMEOUT:-3000}
+ncpu=$(nproc 2>/dev/null || echo 8)
+SHARDS=${SHARDS:-1}; JOBS=${JOBS:-1}; WARM_JOBS=${WARM_JOBS:-$((ncpu < 16 ? ncpu : 16))}; TIMEOUT=${TIMEOUT:-3000}
 PYTHON=${PYTHON:-python3}
 SANITIZER=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy-cache-sanitize}
 SCRIPT=(bench/sanitize_all.py --families $FAMILIES)
 
 [ -x "$SANITIZER" ] || { echo "sanitize_all.sh: no compute-sanitizer (set SANITIZER)" >&2; exit 2; }
@@ -62,6 +62,7 @@ run_one() {  # run_one TOOL SHARD: one sanitizer process; its exit status is app
   timeout -k 5 "$TIMEOUT" "$SANITIZER" --tool "$tool" "${opts[@]}" \
     "$PYTHON" "${SCRIPT[@]}" --shard "$shard/$SHARDS" > "$log" 2>&1
   echo "sanitize_all.sh: exit status $?" >> "$log"
+  echo "finished $tool shard $shard: $("$PYTHON" bench/sanitize_all.py --summarize "$tool" "$log")"
 }
 
 t0=$SECONDS; running=0

@@ -118,6 +118,8 @@ def test_plan_covers_each_feature_and_no_call_twice():
     assert {(c.feature, c.dispatched, c.backward) for c in hopper} == {
         ("plain", True, True), ("dropout", False, False), ("mask128x128", False, True), ("deterministic", False, True)}
     assert all(c.blocks in (None, sa.HOPPER_MASK) for c in hopper)
+    first_undispatched = next(i for i, c in enumerate(calls) if not c.dispatched)
+    assert all(not c.dispatched for c in calls[first_undispatched:])  # kernel-only modes run last
     assert {c.feature for c in calls if c.family == "simt"} == {"plain", "deterministic"}
     assert [c.bwd for c in calls if c.family == "dmma" and c.head_dim > 160] and all(
         isinstance(c.bwd, _configs.SimtBwdConfig) for c in calls if c.family == "dmma" and c.head_dim > 160)
@@ -387,8 +389,10 @@ def _shell(env, **extra):
 def test_shell_passes_a_clean_run_and_prints_one_line_per_tool(fakes):
     res = _shell(fakes, JOBS="4", SHARDS="2")
     assert res.returncode == 0, res.stdout + res.stderr
-    lines = [line for line in res.stdout.splitlines() if line.endswith(": PASS")]
+    lines = [line for line in res.stdout.splitlines() if line.endswith(": PASS") and not line.startswith("finished")]
     assert [line.split(":")[0] for line in lines] == list(sa.TOOLS)
+    progress = [line for line in res.stdout.splitlines() if line.startswith("finished ")]
+    assert len(progress) == 8 and all(line.endswith("2/2 calls ok: PASS") for line in progress)
     assert all("4/4 calls ok over 2 logs" in line for line in lines)
     out = Path(fakes["OUT"])
     assert (out / "summary.txt").read_text().splitlines() == lines
@@ -402,7 +406,7 @@ def test_shell_passes_a_clean_run_and_prints_one_line_per_tool(fakes):
 def test_shell_fails_on_hazard_error_or_missing_summary(fakes, fault, tool):
     res = _shell(fakes, **fault)
     assert res.returncode == 1, res.stdout + res.stderr
-    failed = [line for line in res.stdout.splitlines() if "FAIL" in line]
+    failed = [line for line in res.stdout.splitlines() if "FAIL" in line and not line.startswith("finished")]
     assert len(failed) == 1 and failed[0].startswith(f"{tool}: "), res.stdout
 
 
