@@ -20,8 +20,9 @@ matmul, linear, reshape, transpose, basic indexing and split, embedding (scatter
 accumulate), layer_norm, gelu (tanh approximation), sum, mean, cross_entropy (integer targets), and
 attention twice: flash_attention over flashcupy.flash_attn_forward / flash_attn_backward, and
 naive_attention (matmul, softmax, matmul, the (Sq, Sk) probabilities kept for the backward) for
-comparison; both take causal, GQA, dropout (the same keep-mask for the same seed) and, once flashcupy
-has it, a block mask. A residual connection is `x + f(x)`: add, with x used twice.
+comparison; both take causal, GQA, dropout (the same keep-mask for the same seed), a block mask and
+flash-attn's score features (window_size, softcap, alibi_slopes) and learnable attention sinks: sinks
+may be a Tensor that receives its gradient. A residual connection is `x + f(x)`: add, with x used twice.
 
 Mixed precision: the attention ops take a `dtype` keyword. Their inputs are cast to it (bfloat16 or
 float16 on the GPU), and their gradients are cast back to each input's own dtype, so a model can keep
@@ -41,6 +42,7 @@ import math
 
 import numpy as np
 
+from . import _features, _mask
 from . import dropout as _dropout
 from ._arrays import bfloat16, cupy_or_none
 from ._validate import check_dropout_p
@@ -582,8 +584,24 @@ def _attention_dtype(q, dtype):
     return np.dtype(q.dtype if dtype is None else dtype)
 
 
+def _feature_inputs(alibi_slopes, sinks):
+    """(alibi array or None, sinks Tensor or None, sinks as float32 data or None). alibi_slopes: an array
+    or a Tensor that needs no gradient (ALiBi slopes are fixed, as in flash-attn); sinks: an array or a
+    Tensor, cast to float32 for flashcupy (its gradient is cast back to the Tensor's dtype)."""
+    if isinstance(alibi_slopes, Tensor):
+        if alibi_slopes.requires_grad:
+            raise ValueError("alibi_slopes: expected fixed slopes (a Tensor without requires_grad, or an array); "
+                             "flashcupy computes no gradient for them (as flash-attn)")
+        alibi_slopes = alibi_slopes.data
+    if sinks is None:
+        return alibi_slopes, None, None
+    sinks = _as_tensor(sinks)
+    return alibi_slopes, sinks, sinks.data.astype(np.float32, copy=False)
+
+
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0, seed=None,
-                    block_mask=None, deterministic=False, allow_tf32=False):
+                    block_mask=None, deterministic=False, allow_tf32=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, sinks=None):
     """Attention through flashcupy's flash_attn_forward / flash_attn_backward (O(N) memory).
 
     q (batch, seqlen_q, nheads, head_dim); k, v (batch, seqlen_k, nheads_k, head_dim), nheads a multiple of
@@ -596,9 +614,16 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
         keep-mask, default the next state of flashcupy.dropout's generator, and the backward reuses it).
     block_mask: a flashcupy.blocksparse.BlockMask, passed through to flashcupy (NotImplementedError
         with a flashcupy whose flash_attn_forward has no block_mask yet).
+    window_size, softcap, alibi_slopes: as flashcupy.flash_attn_forward (sliding window, tanh
+        soft-capping, ALiBi; slopes float32 (nheads,) or (batch, nheads), an array or a Tensor
+        without requires_grad: no gradient, as flash-attn).
+    sinks: learnable attention sinks, (nheads,), an array or a Tensor: with requires_grad it receives
+        dsinks (flashcupy.flash_attn_backward's fourth result). Its data is cast to float32 for
+        flashcupy (which takes float32 only) and the gradient back to its dtype.
     Only out and the logsumexp (batch, nheads, seqlen_q) are kept for the backward, which recomputes P.
     """
     q, k, v = _as_tensor(q), _as_tensor(k), _as_tensor(v)
+    alibi_slopes, sinks, sinks_data = _feature_inputs(alibi_slopes, sinks)
     run = _attention_dtype(q, dtype)
     extra = {}
     if block_mask is not None:
@@ -609,21 +634,25 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
         extra["allow_tf32"] = True
     qd, kd, vd = (t.data.astype(run, copy=False) for t in (q, k, v))
     fwd = flash_attn_forward(qd, kd, vd, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed,
+                             window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks_data,
                              **extra)
 
     def backward(g):
         # forward=fwd: the backward repeats the forward's options and rng_state and checks out, lse are its own
-        dq, dk, dv = flash_attn_backward(g.astype(run, copy=False), qd, kd, vd, forward=fwd,
-                                         deterministic=deterministic)
+        dq, dk, dv, *dsinks = flash_attn_backward(g.astype(run, copy=False), qd, kd, vd, forward=fwd,
+                                                  deterministic=deterministic)
         _accumulate(q, dq)
         _accumulate(k, dk)
         _accumulate(v, dv)
+        if sinks is not None:
+            _accumulate(sinks, dsinks[0])
 
-    return _make(fwd.out.astype(q.dtype, copy=False), (q, k, v), backward)
+    parents = (q, k, v) if sinks is None else (q, k, v, sinks)
+    return _make(fwd.out.astype(q.dtype, copy=False), parents, backward)
 
 
 def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dropout_p=0.0, seed=None,
-                    block_mask=None):
+                    block_mask=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None):
     """Attention as matmul, softmax, matmul, materialising P (batch, nheads, seqlen_q, seqlen_k).
 
     Same arguments, layout and results as flash_attention (the comparison path). In dtype T: every
@@ -637,9 +666,15 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     the same seed, so both ops compute the same function; the (Sq, Sk) mask is kept for the backward.
     block_mask: a flashcupy.blocksparse.BlockMask, applied through its element_mask (keys outside the
     active blocks are masked like the causal ones).
+    window_size, softcap, alibi_slopes, sinks: as flash_attention, in the softmax's dtype (float32;
+    float64 for float64): the score modifier is flashcupy.reference's (flashcupy._features.score_mod),
+    the window joins the causal mask (flashcupy._mask), the sink joins each row's denominator, and
+    dsinks = -sum over (batch, query) of P_sink * rowsum(P o dP). Not validated beyond their shapes
+    (the flash op validates).
     """
     dropout_p = check_dropout_p(dropout_p)
     q, k, v = _as_tensor(q), _as_tensor(k), _as_tensor(v)
+    alibi_slopes, sinks, _ = _feature_inputs(alibi_slopes, sinks)
     xp = q.xp
     run = _attention_dtype(q, dtype)
     acc = np.dtype(np.float64) if run == np.float64 else np.dtype(np.float32)  # softmax dtype
@@ -662,22 +697,36 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     qg = grouped(q.data)  # (B, Hk, G, Sq, D)
     kg = in_t(k.data).transpose(0, 2, 1, 3)[:, :, None]  # (B, Hk, 1, Sk, D)
     vg = in_t(v.data).transpose(0, 2, 1, 3)[:, :, None]  # (B, Hk, 1, Sk, D)
+    group = nheads // nheads_k
+
+    def per_head(x):  # (H,) or (B, H) -> (B | 1, Hk, G, 1, 1) in the softmax dtype
+        x = xp.asarray(x).astype(acc, copy=False)
+        return x.reshape(1 if x.ndim == 1 else x.shape[0], nheads_k, group, 1, 1)
+
     s = in_t(qg @ kg.swapaxes(-1, -2)).astype(acc, copy=False) * scale  # (B, Hk, G, Sq, Sk)
-    if causal:
-        i = xp.arange(seqlen_q)[:, None]
-        j = xp.arange(seqlen_k)[None, :]
-        s = xp.where(j <= i + (seqlen_k - seqlen_q), s, -xp.inf)
+    s, tanh_s = _features.score_mod(xp, s, float(softcap), None if alibi_slopes is None else per_head(alibi_slopes),
+                                    xp.arange(seqlen_q), xp.arange(seqlen_k), seqlen_q, seqlen_k)
+    band = _mask.visible(xp, xp.arange(seqlen_q), xp.arange(seqlen_k), seqlen_q, seqlen_k, causal, tuple(window_size))
+    if band is not None:
+        s = xp.where(band, s, -xp.inf)
     if block_mask is not None:
         block_mask.check(batch, nheads, seqlen_q, seqlen_k)
         visible = block_mask.element_mask(seqlen_q, seqlen_k, xp=xp)  # (B | 1, H | 1, Sq, Sk)
         visible = xp.broadcast_to(visible, (visible.shape[0], nheads, seqlen_q, seqlen_k))
         s = xp.where(visible.reshape(visible.shape[0], nheads_k, nheads // nheads_k, seqlen_q, seqlen_k), s, -xp.inf)
     m = s.max(axis=-1, keepdims=True)
+    sink = None if sinks is None else per_head(sinks.data)  # (1, Hk, G, 1, 1)
+    if sink is not None:
+        m = xp.maximum(m, sink)
     m = xp.where(m == -xp.inf, 0.0, m)  # rows with no visible key: keep exp finite, P = 0
     p = xp.exp(s - m)
     del s
     denom = p.sum(axis=-1, keepdims=True)
-    p /= xp.where(denom > 0, denom, 1.0)  # (B, Hk, G, Sq, Sk), float32
+    if sink is not None:  # the sink joins the denominator, without a value
+        denom = denom + xp.exp(sink - m)
+    denom = xp.where(denom > 0, denom, 1.0)
+    p /= denom  # (B, Hk, G, Sq, Sk), float32
+    p_sink = None if sink is None else xp.exp(sink - m) / denom  # (B, Hk, G, Sq, 1)
     keep = None
     if dropout_p:  # keep / (1 - p_eff), (B, Hk, G, Sq, Sk); P stays undropped for the softmax backward
         seed, offset = (_dropout.default_generator.next_state() if seed is None
@@ -702,13 +751,17 @@ def naive_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
         dp = in_t(gg @ vg.swapaxes(-1, -2)).astype(acc, copy=False)  # (B, Hk, G, Sq, Sk)
         if keep is not None:
             dp *= keep
-        ds = p * (dp - (p * dp).sum(axis=-1, keepdims=True))  # softmax backward
+        delta = (p * dp).sum(axis=-1, keepdims=True)  # D = rowsum(P o dP)
+        ds = p * (dp - delta)  # softmax backward
         del dp
-        ds = in_t(ds * scale)
+        if sinks is not None and sinks.requires_grad:  # the sink column's dS = P_sink (0 - D)
+            _accumulate(sinks, (-(p_sink * delta).sum(axis=(0, 3, 4))).reshape(nheads).astype(sinks.dtype))
+        ds = in_t(_features.softcap_grad(ds, tanh_s) * scale)
         if q.requires_grad:
             _accumulate(q, ungroup(in_t(ds @ kg)))
         if k.requires_grad:
             dk = in_t(ds.swapaxes(-1, -2) @ qg).sum(axis=2, dtype=acc)  # (B, Hk, Sk, D)
             _accumulate(k, dk.transpose(0, 2, 1, 3))
 
-    return _make(ungroup(out).astype(q.dtype, copy=False), (q, k, v), backward)
+    parents = (q, k, v) if sinks is None else (q, k, v, sinks)
+    return _make(ungroup(out).astype(q.dtype, copy=False), parents, backward)
