@@ -192,7 +192,8 @@ def kernel_path(dtype, head_dim: int, *, on_gpu: bool, dropout_p: float = 0.0, b
                            "(a flashcupy._device.DeviceInfo or a compute capability such as 86) to ask about one")
     shape = AttnShape(1, 1, 1, 1, 1, int(head_dim), 1.0)
     if isinstance(features, bool) or not isinstance(features, (int, np.integer)) or not 0 <= features <= FEAT_ALL:
-        raise ValueError(f"features: expected an int of flashcupy._features FEAT_* bits (0..{FEAT_ALL}), got {features!r}")
+        raise ValueError(f"features: expected an int of flashcupy._features FEAT_* bits (0..{FEAT_ALL}), "
+                         f"got {features!r}")
     plan = _plan("bwd" if backward else "fwd", dtype, shape, False, float(dropout_p), block_mask, allow_tf32, device,
                  features=int(features))
     return _dispatch.path_name(plan)

@@ -378,7 +378,8 @@ def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, 
         return FLOAT64_RTOL * np.maximum(magnitude, terms) + stored
     factor = GRAD_FACTOR if grad else OUT_FACTOR
     stored_eps = TF32_EPS if tf32 else eps(dtype)
-    return (factor * err_naive + ulp(np.asarray(magnitude, dtype=np.float64) + ULP_OFFSET, dtype if ulp_dtype is None else ulp_dtype)
+    floor_dtype = dtype if ulp_dtype is None else ulp_dtype
+    return (factor * err_naive + ulp(np.asarray(magnitude, dtype=np.float64) + ULP_OFFSET, floor_dtype)
             + accum_floor(dtype, terms, score_magnitude) + stored_eps * stored_magnitude)
 
 

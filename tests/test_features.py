@@ -318,7 +318,8 @@ def test_unbounded_window_and_minus_inf_sinks_are_bitwise_no_feature(dtype, caus
     dk, dv; dsinks is 0), also with dropout, a block mask and softcap / ALiBi on both sides."""
     b, sq, sk, h, hk, d = 2, 141, 79, 4, 2, 16
     q, k, v, do = random_inputs(rng, b, sq, sk, h, hk, d, dtype, grad=True)
-    common = dict(causal=causal, dropout_p=0.15, seed=(int(rng.integers(2**31)), 0), block_mask=_block_mask(rng, h, sq, sk))
+    common = dict(causal=causal, dropout_p=0.15, seed=(int(rng.integers(2**31)), 0),
+                  block_mask=_block_mask(rng, h, sq, sk))
     for base in ({}, draw_features(rng, b, h, sk, window=False, sinks=False)):
         ref = flash_attn_forward(q, k, v, **common, **base)
         ref_g = flash_attn_backward(do, q, k, v, forward=ref)
