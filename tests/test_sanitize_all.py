@@ -50,7 +50,8 @@ def test_list_needs_no_gpu_and_names_every_family():
         count = next(line for line in lines if line.startswith(f"{family}: "))
         assert int(count.split()[1]) > 0, count
         assert any(line.startswith(f"  {family} ") for line in lines), family
-    assert "kernel only: not dispatched yet" in res.stdout  # the Hopper modes the dispatcher does not route
+    undispatched = [c for c in sa.plan(H200) if not c.dispatched]  # the Hopper modes not routed yet
+    assert res.stdout.count("kernel only: not dispatched yet") == len(undispatched)
     res = _run("--list", "--cc", "80")  # no Hopper family off sm_90: one skip line says so
     assert res.returncode == 0 and "skip wgmma:" in res.stdout and "wgmma: 0 calls" in res.stdout
     assert "mma16 " in res.stdout and "chunked " in res.stdout
@@ -115,8 +116,16 @@ def test_plan_covers_each_feature_and_no_call_twice():
     assert {c.head_dim for c in mma if c.feature == "deterministic"} == {
         sa.HEAD_DIM[b] for b in _configs.HEAD_DIM_BUCKETS if _configs.bwd_config(b, np.float16, False, H200).dq_atomic}
     hopper = [c for c in calls if c.family == "wgmma"]
-    assert {(c.feature, c.dispatched, c.backward) for c in hopper} == {
-        ("plain", True, True), ("dropout", False, False), ("mask128x128", False, True), ("deterministic", False, True)}
+    assert {(c.feature, c.backward) for c in hopper} == {
+        ("plain", True), ("dropout", False), ("mask128x128", True), ("deterministic", True)}
+    for c in hopper:  # "kernel only" exactly where the dispatcher sends the problem elsewhere
+        dt = sa._np_dtype(c.dtype)
+        f = _dispatch.forward_plan(dt, c.head_dim, c.causal, H200, dropout=c.dropout, sparse_blocks=c.blocks)
+        b = _dispatch.backward_plan(dt, c.head_dim, c.causal, H200, sparse_blocks=c.blocks,
+                                    deterministic=c.deterministic)
+        routed = f == (_dispatch.WGMMA, c.fwd) and (not c.backward or b == (_dispatch.WGMMA, c.bwd))
+        assert c.dispatched == routed, c.name
+    assert all(c.dispatched for c in hopper if c.feature == "plain")
     assert all(c.blocks in (None, sa.HOPPER_MASK) for c in hopper)
     first_undispatched = next(i for i, c in enumerate(calls) if not c.dispatched)
     assert all(not c.dispatched for c in calls[first_undispatched:])  # kernel-only modes run last
