@@ -48,7 +48,7 @@ def on_gpu(kw):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256])
 @pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_gpu_features_match_oracle(dtype, feature, head_dim, causal, rng):
@@ -103,3 +103,21 @@ def test_gpu_feature_arrays_must_be_on_the_gpu(rng):
         flashcupy.flash_attn_forward(q, k, v, alibi_slopes=np.zeros(2, np.float32))
     with pytest.raises(TypeError, match="float32"):
         flashcupy.flash_attn_forward(q, k, v, sinks=cp.zeros(2, cp.float64))
+
+
+def test_gpu_tape_learnable_sinks(rng):
+    """flashcupy.tape.flash_attention on CuPy tensors with a sinks Tensor: its gradient (and dq, dk, dv)
+    by the rule against the oracle."""
+    cp = _cp()
+    from flashcupy import tape as T
+
+    dtype = np.dtype(np.float16)
+    q, k, v, do = random_inputs(rng, 2, 100, 140, 4, 2, 64, dtype, grad=True)
+    sinks = (2.0 * rng.standard_normal(4)).astype(np.float32)
+    kw = dict(causal=True, window_size=(40, 0), softcap=5.0)
+    ts = [T.Tensor(cp.asarray(x), requires_grad=True) for x in (q, k, v, sinks)]
+    out = T.flash_attention(*ts[:3], sinks=ts[3], **kw)
+    out.backward(cp.asarray(do))
+    assert isinstance(ts[3].grad, cp.ndarray) and ts[3].grad.dtype == np.float32
+    assert_forward_rule(out.data, None, q, k, v, sinks=sinks, **kw)
+    assert_backward_rule([t.grad for t in ts], do, q, k, v, sinks=sinks, **kw)
