@@ -65,6 +65,18 @@ class Sm90BwdConfig:
         return (f"flash_bwd_sm90_kernel<{self.traits(elem)}, {'true' if causal else 'false'}, "
                 f"{'true' if deterministic else 'false'}{_feat(feat)}>")
 
+    def takes_features(self, features: int, deterministic: bool = False) -> bool:
+        """Whether this tile runs issue 16's FEAT_* bits (a sink never reaches the backward kernel). The
+        hd64 tile (128 queries: S^T and dP^T take 128 of the consumers' 240 registers) spills 36-600 B
+        with softcap or ALiBi, so it takes only the window (12-36 B); the hd128 tile takes all of them.
+        A window is not taken with deterministic=True: the dQ turnstiles count key blocks from 0."""
+        from ._features import FEAT_LOCAL, FEAT_SINK
+
+        features &= ~FEAT_SINK
+        if deterministic and features & FEAT_LOCAL:
+            return False
+        return self.head_dim >= 128 or not features & ~FEAT_LOCAL
+
     def takes_block_mask(self, block_q: int, block_k: int) -> bool:
         """Blocks of whole tiles: block_k a multiple of the 128 keys of a CTA, block_q a power-of-two
         multiple of block_m (TileWalk)."""
@@ -107,12 +119,13 @@ def plan_config(head_dim: int, device, *, causal: bool = False, dropout=False, s
     None where this family does not run it (not sm_90, dropout, a block mask, head_dim > 128, the
     shared-memory budget, FLASHCUPY_SM90=0 / FLASHCUPY_SM90_BWD=0), and deterministic=True: the kernel has
     a deterministic mode (the dQ writer's turnstiles, backward(deterministic=True)) that has not yet run
-    on a GPU, so the dispatcher keeps deterministic calls on the mma.sync family until it has."""
+    on a GPU, so the dispatcher keeps deterministic calls on the mma.sync family until it has; features:
+    the call's FEAT_* bits, where the tile takes them (Sm90BwdConfig.takes_features)."""
     if (not enabled() or device.cc != 90 or dropout or deterministic or sparse_blocks is not None
             or head_dim > 128):
         return None
     cfg = config_for(head_dim, causal)
-    return cfg if device.fits(cfg.smem_bytes) else None
+    return cfg if device.fits(cfg.smem_bytes) and cfg.takes_features(features, deterministic) else None
 
 
 def lpt_group(pairs: int, seqlen_q: int, head_dim: int, budget_mb: int) -> int:
