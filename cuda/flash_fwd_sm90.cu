@@ -275,8 +275,11 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         const int row = row_lo + 8 * r;
         const float l = quad_sum(row_sum[r]);
         float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
-        float row_lse = l > 0.f ? row_max[r] * softmax_scale + logf(l) : -FC_INF;
-        add_sink(inv_l, row_lse, sink);  // FEAT_SINK; nothing otherwise
+        [[maybe_unused]] float row_lse = 0.f;  // FEAT_SINK: the sink joins l; without it the code is as before
+        if constexpr ((FEAT & FEAT_SINK) != 0) {
+            row_lse = l > 0.f ? row_max[r] * softmax_scale + logf(l) : -FC_INF;
+            add_sink(inv_l, row_lse, sink);
+        }
         if (row < seqlen_q) {
             u16* o_row = out.ptr<u16>(batch, head, row);
 #pragma unroll
@@ -285,7 +288,9 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
                 if (col < head_dim)
                     *reinterpret_cast<u32*>(o_row + col) = Elem::pack2(acc_o[4 * j + 2 * r] * inv_l, acc_o[4 * j + 2 * r + 1] * inv_l);
             }
-            if (lane % 4 == 0) lse[stats_index(p, batch, head, row)] = row_lse;
+            if (lane % 4 == 0)
+                lse[stats_index(p, batch, head, row)] =
+                    (FEAT & FEAT_SINK) ? row_lse : l > 0.f ? row_max[r] * softmax_scale + logf(l) : -FC_INF;
         }
     }
 }

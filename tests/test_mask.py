@@ -20,6 +20,11 @@ using std::max; using std::min;
 #define __forceinline__ inline
 static inline int __clz(int x) { return __builtin_clz((unsigned)x); }
 template <typename T> static inline T __ldg(const T* p) { return *p; }
+#include <cmath>
+#include <cstring>
+using std::exp; using std::log1p; using std::tanh; using std::abs;
+static inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+static inline double __longlong_as_double(long long x) { double d; std::memcpy(&d, &x, 8); return d; }
 """
 
 MAIN = r"""
