@@ -28,6 +28,9 @@ Routing (today's rules, plus the device gates):
 - float32 / float64, head_dim <= 256, no dropout, no block mask: float64 on the FP64 tensor cores
   ("dmma"; the backward above head_dim 160 on CUDA cores, "simt"), float32 with allow_tf32 on the TF32
   tensor cores ("tf32"), other float32 on CUDA cores ("simt"); float_fwd_config / float_bwd_config.
+- issue 16's features (window_size, softcap, alibi_slopes, sinks: flashcupy._features FEAT_* bits) run in
+  every family above, each in its FEAT specialization, except in the Hopper backward at head_dim <= 64
+  with softcap or ALiBi (its tile spills there: Sm90BwdConfig.takes_features), which gives mma.sync.
 - everything else (other dtypes, head_dim > 256, fp32/fp64 with dropout or a block mask): None.
 - device gates: compute capability < 8.0 gives None for every family (all load tiles with cp.async);
   a configuration whose shared memory exceeds device.smem_optin is never returned: the choosers fall
@@ -79,20 +82,22 @@ def _is_float(dtype) -> bool:
 def _plan(direction: str, dtype, head_dim: int, causal: bool, device, dropout, sparse_blocks, allow_tf32,
           deterministic=False, features=0):
     device = as_device(device)
-    if head_dim > MAX_FUSED_HEAD_DIM or features:  # issue 16's features: the chunked path until the kernels take them
+    if head_dim > MAX_FUSED_HEAD_DIM:
         return None
     if is_half(dtype):
         if direction == "fwd":
             from . import _gpu_sm90
 
-            cfg = _gpu_sm90.plan_config(head_dim, device, causal=causal, dropout=dropout, sparse_blocks=sparse_blocks)
+            cfg = _gpu_sm90.plan_config(head_dim, device, causal=causal, dropout=dropout, sparse_blocks=sparse_blocks,
+                                        features=features)
             if cfg is not None:
                 return Plan(WGMMA, cfg)
         else:
             from . import _gpu_sm90_bwd
 
             cfg = _gpu_sm90_bwd.plan_config(head_dim, device, causal=causal, dropout=dropout,
-                                            sparse_blocks=sparse_blocks, deterministic=deterministic)
+                                            sparse_blocks=sparse_blocks, deterministic=deterministic,
+                                            features=features)
             if cfg is not None:
                 return Plan(WGMMA, cfg)
         choose = _configs.fwd_config if direction == "fwd" else _configs.bwd_config

@@ -592,3 +592,28 @@ def test_sm90_bwd_lpt_groups_fit_the_grid():
     assert g(3, 1024, 64, 32) == 3 and g(16, 1 << 20, 128, 16) == 1
     pairs = 3 * 65535 + 1
     assert -(-pairs // g(pairs, 1 << 20, 128, 16)) <= 65535
+
+
+def test_features_route_to_each_familys_feature_kernels():
+    """Issue 16's FEAT_* bits keep a call in its family (each family compiles its FEAT specializations),
+    except the Hopper backward's hd64 tile with softcap or ALiBi (mma.sync); a sink never changes the
+    backward's plan; compute capability < 8.0 stays chunked."""
+    from flashcupy._features import FEAT_ALIBI, FEAT_ALL, FEAT_LOCAL, FEAT_SINK, FEAT_SOFTCAP
+
+    h200, a100 = DEVICES[90], DEVICES[80]
+    for feat in (FEAT_LOCAL, FEAT_SOFTCAP, FEAT_ALIBI, FEAT_SINK, FEAT_ALL):
+        for hd in (64, 128):
+            assert _dispatch.forward_plan(F16, hd, True, h200, features=feat).family == _dispatch.WGMMA
+        assert _dispatch.backward_plan(F16, 128, True, h200, features=feat).family == _dispatch.WGMMA
+        assert _dispatch.forward_plan(F16, 256, False, h200, features=feat).family == _dispatch.MMA16
+        assert _dispatch.backward_plan(F16, 128, False, a100, features=feat).family == _dispatch.MMA16
+        assert _dispatch.forward_plan(F32, 64, False, h200, features=feat).family == _dispatch.SIMT
+        assert _dispatch.backward_plan(F64, 64, True, h200, features=feat).family == _dispatch.DMMA
+        assert _dispatch.forward_plan(F32, 64, False, h200, allow_tf32=True, features=feat).family == _dispatch.TF32
+        assert _dispatch.forward_plan(F16, 64, False, DEVICES[75], features=feat) is None
+        assert _dispatch.forward_plan(F32, 64, False, h200, dropout=True, features=feat) is None  # as without
+    for feat, family in ((FEAT_LOCAL, _dispatch.WGMMA), (FEAT_SINK, _dispatch.WGMMA), (FEAT_LOCAL | FEAT_SINK, _dispatch.WGMMA),
+                         (FEAT_SOFTCAP, _dispatch.MMA16), (FEAT_ALIBI, _dispatch.MMA16), (FEAT_ALL, _dispatch.MMA16)):
+        assert _dispatch.backward_plan(F16, 64, False, h200, features=feat).family == family, feat
+    cfg = _gpu_sm90_bwd.config_for(128)
+    assert not cfg.takes_features(FEAT_LOCAL, deterministic=True) and cfg.takes_features(FEAT_SOFTCAP, deterministic=True)
