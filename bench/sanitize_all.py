@@ -23,6 +23,8 @@ FLASHCUPY_SMEM_LIMIT_KB=99 plans the 99 KB class's configurations; --list withou
 - tf32     float32 with allow_tf32 (TF32 tensor cores): plain;
 - chunked  the chunked GPU path through the public API with FLASHCUPY_FORCE_CC=75: float32 plain,
            dropout, block mask; float16 and float64 plain.
+Every fused family also runs issue 16's features (SCORE_FEATURES): "window" (a sliding window alone) and
+"scores" (window, softcap, ALiBi and sinks together), each in its FEAT specialization.
 
 A call is planned only if it launches a specialization (config, causal, dropout, dQ mode, block mask
 or not) that no earlier call of its family launched. One head dim per bucket (HEAD_DIM: the full
@@ -56,6 +58,12 @@ TOOLS = ("memcheck", "racecheck", "synccheck", "initcheck")
 
 BATCH, SEQLEN_Q, SEQLEN_K, NHEADS, NHEADS_K = 2, 200, 333, 4, 2
 DROPOUT_P, RNG_STATE = 0.17, (0x5EED_0F_F1A5, 7)
+# issue 16's score features: "window" (FEAT_LOCAL alone) and "scores" (window, softcap, ALiBi (batch, nheads)
+# slopes, sinks) in every fused family; a window of 70 keys back and 20 ahead of the bottom-right diagonal
+SCORE_FEATURES = ("window", "scores")
+SCORE_BUCKETS = (64, 128, 256)  # the mma.sync family's buckets that run them (the float families: 64, 128
+# causal, "scores" only; the Hopper tiles: all), so racecheck of the whole plan stays a few minutes
+WINDOW, SOFTCAP = (70, 20), 15.0
 # bucket -> head dim of its calls: full width at 32 / 64 / 128 / 192, 8 short at the others
 HEAD_DIM = {32: 32, 64: 64, 96: 88, 128: 128, 160: 152, 192: 192, 224: 216, 256: 248}
 MASK_CLASSES = ((64, 64), (64, 128), (128, 64), (128, 128))  # the choosers' SPARSE_CLASSES, and 128x128
@@ -85,6 +93,14 @@ class Call:
     @property
     def deterministic(self) -> bool:
         return self.feature == "deterministic"
+
+    @property
+    def feat(self) -> int:
+        """The call's issue 16 FEAT_* bits: "window" the sliding window alone, "scores" every feature
+        (window, softcap, ALiBi, sinks); 0 otherwise."""
+        from flashcupy._features import FEAT_ALL, FEAT_LOCAL
+
+        return {"window": FEAT_LOCAL, "scores": FEAT_ALL}.get(self.feature, 0)
 
     @property
     def blocks(self):
@@ -147,26 +163,29 @@ def _plan_mma16(device):
     from flashcupy import _dispatch
 
     plan = _Plan()
-    features = ("plain", "dropout", "deterministic") + tuple(f"mask{bq}x{bk}" for bq, bk in MASK_CLASSES)
+    features = (("plain", "dropout", "deterministic") + tuple(f"mask{bq}x{bk}" for bq, bk in MASK_CLASSES)
+                + SCORE_FEATURES)
     with _env(FLASHCUPY_SM90="0"):  # the mma.sync family as on every GPU but sm_90
         for i, bucket in enumerate(HEAD_DIM):
             hd = HEAD_DIM[bucket]
             for causal in (False, True):
                 dtype = _half(i + causal)
                 for feature in features:
+                    if feature in SCORE_FEATURES and bucket not in SCORE_BUCKETS:
+                        continue
                     call = Call("mma16", dtype, hd, causal, feature)
-                    kw = dict(dropout=call.dropout, sparse_blocks=call.blocks)
+                    kw = dict(dropout=call.dropout, sparse_blocks=call.blocks, features=call.feat)
                     f = _dispatch.forward_plan(_np_dtype(dtype), hd, causal, device, **kw)
                     b = _dispatch.backward_plan(_np_dtype(dtype), hd, causal, device, deterministic=call.deterministic,
                                                 **kw)
                     if f is None or f.family != _dispatch.MMA16:
                         continue  # nothing fused fits this device: the chunked family covers it
                     masked = call.blocks is not None
-                    keys = [("fwd", f.config, causal, call.dropout, masked)]
+                    keys = [("fwd", f.config, causal, call.dropout, masked, call.feat)]
                     backward = b is not None and b.family == _dispatch.MMA16
                     if backward:  # else the chunked path runs this backward
                         keys.append(("bwd", b.config, causal, call.dropout, masked,
-                                     b.config.atomic_dq(call.deterministic, call.dropout)))
+                                     b.config.atomic_dq(call.deterministic, call.dropout), call.feat))
                     plan.add(Call("mma16", dtype, hd, causal, feature, f.config, b.config if backward else None,
                                   backward), keys)
     return plan.calls
@@ -188,18 +207,19 @@ def _plan_wgmma(device):
                     continue
                 bwd_fits = device.fits(bcfg.smem_bytes)  # no Hopper backward under a 99 KB cap
                 mask = "mask{}x{}".format(*HOPPER_MASK)
-                for feature, backward in (("plain", True), ("dropout", False), (mask, True), ("deterministic", True)):
+                for feature, backward in (("plain", True), ("dropout", False), (mask, True), ("deterministic", True),
+                                          *((f, True) for f in SCORE_FEATURES)):
                     backward = backward and bwd_fits
                     call = Call("wgmma", dtype, hd, causal, feature)
-                    kw = dict(dropout=call.dropout, sparse_blocks=call.blocks)
+                    kw = dict(dropout=call.dropout, sparse_blocks=call.blocks, features=call.feat)
                     f = _dispatch.forward_plan(_np_dtype(dtype), hd, causal, device, **kw)
                     b = _dispatch.backward_plan(_np_dtype(dtype), hd, causal, device, deterministic=call.deterministic,
                                                 **kw)
                     routed = f == (_dispatch.WGMMA, fcfg) and (not backward or b == (_dispatch.WGMMA, bcfg))
                     masked = call.blocks is not None
-                    keys = [("fwd", fcfg, causal, call.dropout, masked)]
+                    keys = [("fwd", fcfg, causal, call.dropout, masked, call.feat)]
                     if backward:
-                        keys.append(("bwd", bcfg, causal, masked, call.deterministic))
+                        keys.append(("bwd", bcfg, causal, masked, call.deterministic, call.feat))
                     plan.add(Call("wgmma", dtype, hd, causal, feature, fcfg, bcfg if backward else None, backward,
                                   routed), keys)
     return plan.calls
@@ -211,22 +231,26 @@ def _plan_float(family, device):
 
     dtype = "fp64" if family == "dmma" else "fp32"
     tf32 = family == "tf32"
-    features = ("plain", "deterministic") if family == "simt" else ("plain",)  # the others: always the dQ kernel
-    plan = _Plan()
+    features = (("plain", "deterministic") if family == "simt" else ("plain",)) + SCORE_FEATURES
+    plan = _Plan()  # simt's deterministic: the dQ kernel; the others always take it
     for bucket in HEAD_DIM:
         hd = HEAD_DIM[bucket]
         for causal in (False, True):
             for feature in features:
+                if feature in SCORE_FEATURES and (feature != "scores" or bucket not in (64, 128) or not causal):
+                    continue
                 det = feature == "deterministic"
-                f = _dispatch.forward_plan(_np_dtype(dtype), hd, causal, device, allow_tf32=tf32)
-                b = _dispatch.backward_plan(_np_dtype(dtype), hd, causal, device, allow_tf32=tf32, deterministic=det)
+                feat = Call(family, dtype, hd, causal, feature).feat
+                f = _dispatch.forward_plan(_np_dtype(dtype), hd, causal, device, allow_tf32=tf32, features=feat)
+                b = _dispatch.backward_plan(_np_dtype(dtype), hd, causal, device, allow_tf32=tf32, deterministic=det,
+                                            features=feat)
                 # float64 is one family whichever kernels run it; float32 falls back from TF32 to SIMT
                 if f is None or (family != "dmma" and f.family != family):
                     continue
                 backward = b is not None and (family == "dmma" or b.family == family)
-                keys = [("fwd", f.config, causal)]
+                keys = [("fwd", f.config, causal, feat)]
                 if backward:
-                    keys.append(("bwd", b.config, causal, det or b.config.dq_kernel_always))
+                    keys.append(("bwd", b.config, causal, det or b.config.dq_kernel_always, feat))
                 notes = (f"bwd {b.family}",) if backward and b.family != f.family else ()
                 plan.add(Call(family, dtype, hd, causal, feature, f.config, b.config if backward else None, backward,
                               notes=notes), keys)
@@ -288,6 +312,19 @@ class _Inputs:
                                                      (SEQLEN_Q, NHEADS)))
         return tuple(cp.asarray(x).astype(_np_dtype(dtype)) for x in self.host[head_dim])
 
+    def features(self, feat: int):
+        """A flashcupy._features.Features with the FEAT_* bits of feat on (device arrays), or None."""
+        if not feat:
+            return None
+        import cupy as cp
+
+        from flashcupy._features import FEAT_ALIBI, FEAT_LOCAL, FEAT_SINK, FEAT_SOFTCAP, Features
+
+        return Features(window=WINDOW if feat & FEAT_LOCAL else (-1, -1), softcap=SOFTCAP if feat & FEAT_SOFTCAP else 0.0,
+                        alibi_slopes=cp.asarray(self.rng.uniform(0.01, 0.5, (BATCH, NHEADS)).astype(np.float32))
+                        if feat & FEAT_ALIBI else None,
+                        sinks=cp.asarray(self.rng.standard_normal(NHEADS).astype(np.float32)) if feat & FEAT_SINK else None)
+
     def block_mask(self, blocks):
         from flashcupy.blocksparse import BlockMask
 
@@ -315,6 +352,7 @@ def run_call(call: Call, inputs: _Inputs) -> None:
 
     q, k, v, do = inputs.get(call.dtype, call.head_dim)
     mask = None if call.blocks is None else inputs.block_mask(call.blocks)
+    feats = inputs.features(call.feat)
     shape = check_qkv(q, k, v)
     dropout = (DROPOUT_P, RNG_STATE) if call.dropout else None
     grads = ()
@@ -326,16 +364,19 @@ def run_call(call: Call, inputs: _Inputs) -> None:
             grads = interface.flash_attn_backward(do, q, k, v, forward=fwd)
         out, lse = fwd.out, fwd.lse
     elif call.family in ("mma16", "wgmma"):
-        out, lse = _gpu.forward(q, k, v, shape, causal=call.causal, dropout=dropout, block_mask=mask, config=call.fwd)
+        out, lse = _gpu.forward(q, k, v, shape, causal=call.causal, dropout=dropout, block_mask=mask, config=call.fwd,
+                                features=feats)
         if call.backward:
             grads = _gpu.backward(do, q, k, v, out, lse, shape, causal=call.causal, deterministic=call.deterministic,
-                                  dropout=dropout, block_mask=mask, config=call.bwd)
+                                  dropout=dropout, block_mask=mask, config=call.bwd, features=feats)
     else:
         tf32 = call.family == "tf32"
-        out, lse = _gpu_simt.forward(q, k, v, shape, causal=call.causal, allow_tf32=tf32, config=call.fwd)
+        out, lse = _gpu_simt.forward(q, k, v, shape, causal=call.causal, allow_tf32=tf32, config=call.fwd,
+                                     features=feats)
         if call.backward:
             grads = _gpu_simt.backward(do, q, k, v, out, lse, shape, causal=call.causal,
-                                       deterministic=call.deterministic, allow_tf32=tf32, config=call.bwd)
+                                       deterministic=call.deterministic, allow_tf32=tf32, config=call.bwd,
+                                       features=feats)
     cp.cuda.Device().synchronize()
     _check_finite(call, [("out", out), ("lse", lse), *zip(("dq", "dk", "dv"), grads)])
 

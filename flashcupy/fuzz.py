@@ -1,9 +1,11 @@
 """flashcupy fuzz: a time-boxed campaign of random attention problems through flashcupy's public API
-(the forward and the backward, causal and not, GQA, ragged lengths, every dtype) on this machine's GPU,
-or on the CPU path without one, each checked against the float64 oracle by flashcupy.testing's rule.
+(the forward and the backward, causal and not, GQA, ragged lengths, every dtype, and the score features:
+sliding window, softcap, ALiBi, sinks) on this machine's GPU, or on the CPU path without one, each
+checked against the float64 oracle by flashcupy.testing's rule.
 
     flashcupy fuzz --minutes 5                 # until 5 minutes or --max-examples cases
-    flashcupy fuzz --case "Case(batch=1, ...)" --features bwd    # replay one case (what a failure prints)
+    flashcupy fuzz --features none             # plain attention only (no window / softcap / ALiBi / sinks)
+    flashcupy fuzz --case "Case(batch=1, ...)" --directions fwd    # replay one case (what a failure prints)
 
 Prints progress (cases/s, failures; a tqdm bar where tqdm is installed), writes a JSON report with
 --json, and for every failure a command that reproduces it. Exit status 1 on any failure, 0 otherwise.
@@ -15,8 +17,12 @@ import argparse
 import json
 import time
 
+import numpy as np
 
-FEATURES = ("fwd", "bwd")
+
+DIRECTIONS = ("fwd", "bwd")
+FEATURES = ("window", "softcap", "alibi", "sinks")  # testing.Case fields: window_size, softcap, alibi_slopes, sinks
+_CASE_FIELD = {"window": "window_size", "softcap": "softcap", "alibi": "alibi_slopes", "sinks": "sinks"}
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -25,8 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-examples", type=int, default=1000, help="stop after this many cases")
     p.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES),
                    help="dtypes to draw (bfloat16 only where ml_dtypes imports)")
-    p.add_argument("--features", nargs="+", choices=FEATURES, default=list(FEATURES),
+    p.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS),
                    help="fwd: the forward (out, lse); bwd: the gradients as well")
+    p.add_argument("--features", nargs="+", choices=FEATURES + ("none",), default=list(FEATURES),
+                   help="score features a case may draw, each on with probability 1/2 (none: plain attention)")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="gpu: CuPy arrays (the fused kernels); cpu: NumPy arrays (the CPU path); auto: gpu if usable")
     p.add_argument("--max-seqlen", type=int, default=256, help="largest seqlen_q / seqlen_k drawn")
@@ -47,35 +55,46 @@ def _on_gpu(device: str) -> bool:
     return gpu_available()
 
 
-def _forward(q, k, v, causal):  # the calls under test (a seam for tests)
+def _forward(q, k, v, causal, **features):  # the calls under test (a seam for tests)
     import flashcupy
 
-    return flashcupy.flash_attn_forward(q, k, v, causal=causal)
+    return flashcupy.flash_attn_forward(q, k, v, causal=causal, **features)
 
 
-def _backward(dout, q, k, v, res, causal):
+def _backward(dout, q, k, v, res, causal, **features):
     import flashcupy
 
-    return flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=causal)
+    return flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=causal, **features)
 
 
-def check_case(case, features, gpu: bool) -> float:
-    """Run one Case through the features; returns its worst error / bound ratio. Raises AssertionError
-    (the rule's message) where it fails."""
+def check_case(case, directions, gpu: bool) -> float:
+    """Run one Case in the directions ("fwd", "bwd"), with its score features; returns its worst error /
+    bound ratio. Raises AssertionError (the rule's message) where it fails."""
     from . import testing
 
     q, k, v, dout = case.inputs(grad=True)
-    args = (q, k, v, dout)
+    feats = case.feature_kwargs()  # NumPy float32 arrays for slopes / sinks: the oracle's
+    args, call_feats = (q, k, v, dout), feats
     if gpu:
         import cupy
 
         args = tuple(cupy.asarray(x) for x in args)
-    res = _forward(*args[:3], case.causal)
-    worst = testing.worst_ratio(testing.assert_forward_rule(res.out, res.lse, q, k, v, causal=case.causal))
-    if "bwd" in features:
-        grads = _backward(args[3], *args[:3], res, case.causal)
-        worst = max(worst, testing.worst_ratio(testing.assert_backward_rule(grads, dout, q, k, v, causal=case.causal)))
+        call_feats = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in feats.items()}
+    res = _forward(*args[:3], case.causal, **call_feats)
+    worst = testing.worst_ratio(testing.assert_forward_rule(res.out, res.lse, q, k, v, causal=case.causal, **feats))
+    if "bwd" in directions:
+        grads = _backward(args[3], *args[:3], res, case.causal, **call_feats)
+        worst = max(worst, testing.worst_ratio(testing.assert_backward_rule(grads, dout, q, k, v, causal=case.causal,
+                                                                            **feats)))
     return worst
+
+
+def _restrict(case, features):
+    """The case with the score features not in `features` turned off."""
+    from . import testing
+
+    off = {_CASE_FIELD[f]: testing.FEATURE_DEFAULTS[_CASE_FIELD[f]] for f in FEATURES if f not in features}
+    return case._replace(**off) if off else case
 
 
 def parse_case(text: str):
@@ -103,10 +122,12 @@ def _cases(args):
     if args.case:
         yield parse_case(args.case)
         return
+    feats = [f for f in args.features if f != "none"]
     block = 0
     while True:  # blocks of random_cases, each a function of (seed, block)
-        yield from testing.random_cases(256, seed=args.seed * 1000003 + block, dtypes=tuple(args.dtypes),
-                                        max_seqlen=args.max_seqlen)
+        for case in testing.random_cases(256, seed=args.seed * 1000003 + block, dtypes=tuple(args.dtypes),
+                                         max_seqlen=args.max_seqlen, features=bool(feats)):
+            yield _restrict(case, feats)
         block += 1
 
 
@@ -144,18 +165,19 @@ def run(args) -> int:
                 break
             n += 1
             try:
-                ratio = check_case(case, args.features, gpu)
+                ratio = check_case(case, args.directions, gpu)
                 if ratio > worst[0]:
                     worst = (ratio, case)
             except AssertionError as e:
                 failures.append({"case": repr(case), "error": str(e).splitlines()[0][:500],
-                                 "reproduce": f"flashcupy fuzz --device {'gpu' if gpu else 'cpu'} --features "
-                                              f"{' '.join(args.features)} --case \"{case!r}\""})
+                                 "reproduce": f"flashcupy fuzz --device {'gpu' if gpu else 'cpu'} --directions "
+                                              f"{' '.join(args.directions)} --case \"{case!r}\""})
             progress.update(n, len(failures), n / max(time.monotonic() - t0, 1e-9))
     finally:
         progress.close()
     seconds = time.monotonic() - t0
-    report = {"device": "gpu" if gpu else "cpu", "features": args.features, "dtypes": args.dtypes, "seed": args.seed,
+    report = {"device": "gpu" if gpu else "cpu", "directions": args.directions, "features": args.features,
+              "dtypes": args.dtypes, "seed": args.seed,
               "cases": n, "seconds": round(seconds, 3), "cases_per_s": round(n / max(seconds, 1e-9), 2),
               "worst_ratio": worst[0], "worst_case": None if worst[1] is None else repr(worst[1]),
               "failures": failures}

@@ -117,19 +117,26 @@ def test_plan_covers_each_feature_and_no_call_twice():
         sa.HEAD_DIM[b] for b in _configs.HEAD_DIM_BUCKETS if _configs.bwd_config(b, np.float16, False, H200).dq_atomic}
     hopper = [c for c in calls if c.family == "wgmma"]
     assert {(c.feature, c.backward) for c in hopper} == {
-        ("plain", True), ("dropout", False), ("mask128x128", True), ("deterministic", True)}
+        ("plain", True), ("dropout", False), ("mask128x128", True), ("deterministic", True), ("window", True),
+        ("scores", True)}
+    # issue 16's features in every fused family, each call in its FEAT specialization
+    for family in ("mma16", "wgmma", "simt", "dmma", "tf32"):
+        assert {c.feature for c in calls if c.family == family} >= {"scores"}, family
+    assert all(c.feat for c in calls if c.feature in sa.SCORE_FEATURES)
+    assert not any(c.feat for c in calls if c.feature not in sa.SCORE_FEATURES)
     for c in hopper:  # "kernel only" exactly where the dispatcher sends the problem elsewhere
         dt = sa._np_dtype(c.dtype)
-        f = _dispatch.forward_plan(dt, c.head_dim, c.causal, H200, dropout=c.dropout, sparse_blocks=c.blocks)
+        f = _dispatch.forward_plan(dt, c.head_dim, c.causal, H200, dropout=c.dropout, sparse_blocks=c.blocks,
+                                   features=c.feat)
         b = _dispatch.backward_plan(dt, c.head_dim, c.causal, H200, sparse_blocks=c.blocks,
-                                    deterministic=c.deterministic)
+                                    deterministic=c.deterministic, features=c.feat)
         routed = f == (_dispatch.WGMMA, c.fwd) and (not c.backward or b == (_dispatch.WGMMA, c.bwd))
         assert c.dispatched == routed, c.name
     assert all(c.dispatched for c in hopper if c.feature == "plain")
     assert all(c.blocks in (None, sa.HOPPER_MASK) for c in hopper)
     first_undispatched = next(i for i, c in enumerate(calls) if not c.dispatched)
     assert all(not c.dispatched for c in calls[first_undispatched:])  # kernel-only modes run last
-    assert {c.feature for c in calls if c.family == "simt"} == {"plain", "deterministic"}
+    assert {c.feature for c in calls if c.family == "simt"} == {"plain", "deterministic", "scores"}
     assert [c.bwd for c in calls if c.family == "dmma" and c.head_dim > 160] and all(
         isinstance(c.bwd, _configs.SimtBwdConfig) for c in calls if c.family == "dmma" and c.head_dim > 160)
     assert all(isinstance(c.fwd, _configs.DmmaFwdConfig) and c.fwd.elem == "float" for c in calls if c.family == "tf32")
@@ -148,7 +155,8 @@ def test_99kb_plan_runs_only_fitting_configs_and_forward_only_where_the_backward
     assert ("dmma", 248) in fwd_only  # float64 backward above 224 runs chunked at 99 KB
     # no Hopper backward fits 99 KB: the forward's modes only (deterministic would repeat the plain forward)
     hopper = [c for c in calls if c.family == "wgmma"]
-    assert {c.feature for c in hopper} == {"plain", "dropout", "mask128x128"} and not any(c.backward for c in hopper)
+    assert ({c.feature for c in hopper} == {"plain", "dropout", "mask128x128", "window", "scores"}
+            and not any(c.backward for c in hopper))
     assert {c.head_dim for c in hopper} == {64}  # the hd128 tile needs 229 KB
 
 

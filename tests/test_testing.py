@@ -92,22 +92,44 @@ def test_fuzz_catches_a_broken_forward_and_prints_a_reproducer(monkeypatch, caps
 
     real = fuzz._forward
 
-    def broken(q, k, v, causal):
-        res = real(q, k, v, causal)
+    def broken(q, k, v, causal, **features):
+        res = real(q, k, v, causal, **features)
         return res._replace(out=(np.asarray(res.out, np.float64) * 1.01).astype(q.dtype))
 
     monkeypatch.setattr(fuzz, "_forward", broken)
-    rc, out = _fuzz(["--max-examples", "6", "--max-seqlen", "40", "--dtypes", "float16", "--features", "fwd"], capsys)
+    rc, out = _fuzz(["--max-examples", "6", "--max-seqlen", "40", "--dtypes", "float16", "--directions", "fwd"], capsys)
     assert rc == 1 and "FAIL Case(" in out and "reproduce: flashcupy fuzz" in out
     line = next(ln for ln in out.splitlines() if "reproduce:" in ln)
     case = line.split('--case "', 1)[1].rstrip('"')
-    rc, out = _fuzz(["--features", "fwd", "--case", case], capsys)  # the replay fails the same way
+    rc, out = _fuzz(["--directions", "fwd", "--case", case], capsys)  # the replay fails the same way
     assert rc == 1 and "1 cases" in out
     monkeypatch.setattr(fuzz, "_forward", real)
-    rc, out = _fuzz(["--features", "fwd", "--case", case], capsys)  # and passes once the bug is gone
+    rc, out = _fuzz(["--directions", "fwd", "--case", case], capsys)  # and passes once the bug is gone
     assert rc == 0, out
 
 
 def test_fuzz_rejects_a_case_that_is_not_one(capsys):
     rc, _ = _fuzz(["--case", "42"], capsys)
     assert rc == 2
+
+
+def test_fuzz_draws_the_score_features_it_is_given(monkeypatch, capsys):
+    """--features picks which of window / softcap / ALiBi / sinks a case may draw (none: plain); the calls
+    under test receive them as flash-attn's keywords, and a campaign with them passes on the CPU path."""
+    from flashcupy import fuzz
+
+    seen = []
+    real = fuzz._forward
+
+    def spy(q, k, v, causal, **features):
+        seen.append(set(features))
+        return real(q, k, v, causal, **features)
+
+    monkeypatch.setattr(fuzz, "_forward", spy)
+    rc, out = _fuzz(["--max-examples", "24", "--max-seqlen", "40", "--features", "window", "sinks"], capsys)
+    assert rc == 0, out
+    drawn = set().union(*seen)
+    assert drawn == {"window_size", "sinks"}, drawn  # 24 cases at probability 1/2 each: both appear
+    seen.clear()
+    rc, out = _fuzz(["--max-examples", "8", "--max-seqlen", "40", "--features", "none"], capsys)
+    assert rc == 0 and seen and all(not s for s in seen)
