@@ -10,6 +10,8 @@
 # fwdtests  tests/test_gpu_sm90.py (the Hopper forward)
 # fwdab     the Hopper forward of bench/ab/base (device_ab.sh make-base) against this tree, same run
 # full      the whole GPU suite
+# features  bench/bench_features.py: issue 16's feature costs vs the plain causal kernel (and FlexAttention)
+# sanall    bench/sanitize_all.sh: compute-sanitizer over every family x feature ($SAN_TOOLS, default all four)
 # shards    the whole GPU suite as $PAR (default 6) pytest processes over a round-robin split of its test ids,
 #           at once (the NumPy oracle is CPU-bound), then again under FLASHCUPY_SMEM_LIMIT_KB=99 unless
 #           NO99=1; SHARD_K is a -k expression for every pytest (e.g. "not deterministic")
@@ -91,6 +93,11 @@ PY
       echo "== shards${lim:+ at $lim KB}:"; for f in "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log; do echo "   $(basename "$f"): $(tail -1 "$f")"; done
       grep -h "^FAILED\|^ERROR" "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log | head -30
     done ;;
+  features)
+    T python3 bench/bench_features.py ${FEAT_ARGS:-} --json "$LOG/features.json" > "$LOG/features.log" 2>&1; tail -14 "$LOG/features.log" ;;
+  sanall)
+    OUT=$LOG/sanitize TOOLS="${SAN_TOOLS:-memcheck racecheck synccheck initcheck}" JOBS=${SAN_JOBS:-4} \
+      TIMEOUT=${STAGE_TIMEOUT:-540} bash bench/sanitize_all.sh 2>&1 | tail -8 ;;
   full)
     T python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
   esac
