@@ -37,7 +37,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 
 import numpy as np
@@ -577,9 +576,6 @@ def cross_entropy(logits, targets):
 
 # -- attention --------------------------------------------------------------------------------------
 
-_FLASH_KEYWORDS = frozenset(inspect.signature(flash_attn_forward).parameters)
-
-
 def _attention_dtype(q, dtype):
     return np.dtype(q.dtype if dtype is None else dtype)
 
@@ -612,8 +608,7 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     causal, softmax_scale, dropout_p, seed, deterministic, allow_tf32: as flashcupy.flash_attn_forward / _backward
         (causal is aligned bottom-right when seqlen_q != seqlen_k; with dropout, seed picks the
         keep-mask, default the next state of flashcupy.dropout's generator, and the backward reuses it).
-    block_mask: a flashcupy.blocksparse.BlockMask, passed through to flashcupy (NotImplementedError
-        with a flashcupy whose flash_attn_forward has no block_mask yet).
+    block_mask: a flashcupy.blocksparse.BlockMask, passed through to flashcupy.
     window_size, softcap, alibi_slopes: as flashcupy.flash_attn_forward (sliding window, tanh
         soft-capping, ALiBi; slopes float32 (nheads,) or (batch, nheads), an array or a Tensor
         without requires_grad: no gradient, as flash-attn).
@@ -627,8 +622,6 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dtype=None, dr
     run = _attention_dtype(q, dtype)
     extra = {}
     if block_mask is not None:
-        if "block_mask" not in _FLASH_KEYWORDS:
-            raise NotImplementedError("block_mask: flashcupy's attention has no block-sparse mask yet")
         extra["block_mask"] = block_mask
     if allow_tf32:
         extra["allow_tf32"] = True

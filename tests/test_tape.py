@@ -343,21 +343,6 @@ def test_attention_block_mask_matches_oracle(op, causal, rng):
     np.testing.assert_array_equal(out.data[:, 64:, 0], 0.0)
 
 
-def test_flash_attention_block_mask_needs_the_keyword(monkeypatch, rng):
-    """tape.flash_attention passes block_mask through to flash_attn_forward; against a flash_attn_forward
-    without that keyword (an older flashcupy) it raises NotImplementedError instead of dropping the mask."""
-    from flashcupy import blocksparse
-
-    assert "block_mask" in T._FLASH_KEYWORDS  # this flashcupy takes it: the test above runs the real path
-    q, k, v, _ = attention_inputs(int(rng.integers(2**31)), 1, 64, 64, 1, 1, 4)
-    mask = blocksparse.BlockMask(np.ones((1, 1), dtype=bool), 64, 64)
-    monkeypatch.setattr(T, "_FLASH_KEYWORDS", T._FLASH_KEYWORDS - {"block_mask"})
-    with pytest.raises(NotImplementedError, match="block_mask"):
-        T.flash_attention(Tensor(q), Tensor(k), Tensor(v), block_mask=mask)
-    out = T.flash_attention(Tensor(q), Tensor(k), Tensor(v))  # without a mask it still runs
-    np.testing.assert_allclose(out.data, reference.attention_forward(q, k, v)[0], rtol=0, atol=1e-12)
-
-
 def test_naive_attention_rejects_bad_dropout():
     q, k, v, _ = attention_inputs(0, 1, 2, 2, 1, 1, 4)
     with pytest.raises(ValueError, match="dropout_p"):
