@@ -11,6 +11,10 @@ Public API:
         explicitly; without it the options default to 0.0, None, False, None, None, False as in flash-attn.
     AttnOptions: the forward's options the backward repeats (AttnForward.options).
     BlockMask (flashcupy.blocksparse): an immutable block-sparse mask.
+    flash_attn_varlen_func / flash_attn_varlen_forward / flash_attn_varlen_backward (flashcupy.varlen):
+        packed sequences (total, nheads, head_dim) with int32 cu_seqlens, flash-attn's varlen API.
+    flash_attn_with_kvcache: decoding over a contiguous or paged KV cache, appending in place.
+    merge_attention(out_parts, lse_parts): the exact merge of partial results over disjoint key sets.
     flashcupy.reference: the NumPy float64 oracle (the specification).
 Layout BSHD; see README.md for the conventions.
 """
@@ -18,6 +22,15 @@ Layout BSHD; see README.md for the conventions.
 from . import blocksparse, dropout, reference
 from .blocksparse import BlockMask
 from .interface import AttnForward, AttnOptions, flash_attn_backward, flash_attn_forward, flash_attn_func
+from .varlen import (
+    VarlenForward,
+    VarlenOptions,
+    flash_attn_varlen_backward,
+    flash_attn_varlen_forward,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    merge_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -30,5 +43,12 @@ __all__ = [
     "flash_attn_backward",
     "flash_attn_forward",
     "flash_attn_func",
+    "flash_attn_varlen_backward",
+    "flash_attn_varlen_forward",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "merge_attention",
     "reference",
+    "VarlenForward",
+    "VarlenOptions",
 ]

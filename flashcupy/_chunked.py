@@ -170,3 +170,61 @@ def backward(dout, q, k, v, out, lse, shape, *, causal=False, visible_fn=None, k
     dk = dk.transpose(0, 2, 1, 3)
     dv = dv.transpose(0, 2, 1, 3)
     return dq.astype(q.dtype, copy=False), dk.astype(k.dtype, copy=False), dv.astype(v.dtype, copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variable-length batches (issue 17): each sequence is one dense problem of batch 1 on slices of the
+# packed arrays, through forward / backward above (so a sequence gives the bits it gives alone).
+
+
+def sequence_shape(shape, len_q: int, len_k: int):
+    """The AttnShape of one sequence of a varlen call: batch 1, its own lengths, the call's heads."""
+    from ._validate import AttnShape
+
+    return AttnShape(1, int(len_q), int(len_k), shape.nheads, shape.nheads_k, shape.head_dim, shape.softmax_scale)
+
+
+def sequence_features(features, b: int):
+    """The call's Features for sequence b: (batch, nheads) ALiBi slopes become that sequence's row."""
+    slopes = features.alibi_slopes
+    if slopes is None or slopes.ndim == 1:
+        return features
+    return _features.Features(window=features.window, softcap=features.softcap, alibi_slopes=slopes[b:b + 1],
+                              sinks=features.sinks)
+
+
+def varlen_forward(q, k, v, bounds, shape, *, causal=False, keep_fn_of=None, dropout_p=0.0, xp=np,
+                   features=_features.NONE):
+    """q (total_q, H, D), k, v (total_k, Hk, D); bounds: host (q0, q1, k0, k1) per sequence (q rows
+    [q0, q1) attend keys [k0, k1)); shape: the call's AttnShape (heads, head_dim, scale). keep_fn_of(b,
+    shape_b): sequence b's keep_fn (dropout). Returns out like q (rows of no sequence, or of a sequence
+    with no key: 0) and lse (H, total_q) (-inf there, or the sink)."""
+    out = xp.zeros(q.shape, dtype=q.dtype)
+    lse = xp.full((shape.nheads, q.shape[0]), -np.inf, dtype=lse_dtype(q.dtype))
+    for b, (q0, q1, k0, k1) in enumerate(bounds):
+        if q1 == q0:
+            continue
+        sb = sequence_shape(shape, q1 - q0, k1 - k0)
+        o, l = forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], sb, causal=causal,
+                       keep_fn=None if keep_fn_of is None else keep_fn_of(b, sb), dropout_p=dropout_p, xp=xp,
+                       features=sequence_features(features, b))
+        out[q0:q1] = o[0]
+        lse[:, q0:q1] = l[0]
+    return out, lse
+
+
+def varlen_backward(dout, q, k, v, out, lse, bounds, shape, *, causal=False, keep_fn_of=None, dropout_p=0.0, xp=np,
+                    features=_features.NONE):
+    """The gradients of varlen_forward: (dq, dk, dv) like q, k, v; keys no sequence attends get 0."""
+    dq = xp.zeros(q.shape, dtype=q.dtype)
+    dk = xp.zeros(k.shape, dtype=k.dtype)
+    dv = xp.zeros(v.shape, dtype=v.dtype)
+    for b, (q0, q1, k0, k1) in enumerate(bounds):
+        if q1 == q0 or k1 == k0:
+            continue
+        sb = sequence_shape(shape, q1 - q0, k1 - k0)
+        g = backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], out[None, q0:q1],
+                     lse[None, :, q0:q1], sb, causal=causal, keep_fn=None if keep_fn_of is None else keep_fn_of(b, sb),
+                     dropout_p=dropout_p, xp=xp, features=sequence_features(features, b))
+        dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
+    return dq, dk, dv

@@ -175,3 +175,77 @@ def check_features(xp, q, shape: AttnShape, *, causal: bool, window_size=(-1, -1
                                   "(nheads,) or (batch, nheads)")
     sk = _check_feature_array("sinks", sinks, xp, q, ((shape.nheads,),), "(nheads,): one logit per query head")
     return Features(window=(left, right), softcap=cap, alibi_slopes=slopes, sinks=sk)
+
+
+# ---------------------------------------------------------------------------------------------------
+# varlen and KV-cache index arrays (issue 17). Shapes, dtypes and kinds are checked without reading
+# device memory; the value checks take the host copy that host_ints makes in one transfer.
+
+
+def check_rank3(name, x):
+    """x: an array of rank 3 (total, nheads, head_dim), flash-attn's varlen layout."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an array (NumPy, CuPy or __dlpack__), got {type(x).__name__}")
+    if len(x.shape) != 3:
+        raise ValueError(f"{name}: expected rank 3 (total, nheads, head_dim), got shape {tuple(x.shape)}")
+
+
+def check_int32_array(name, x, xp, like, shape, what):
+    """x: an int32 array of xp's kind on like's device, of the given shape (None entries: any size).
+    Reads no values. Raises TypeError (not an array, dtype) and ValueError (shape, device)."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an int32 array {what}, got {type(x).__name__}")
+    if x.dtype != np.int32:
+        raise TypeError(f"{name}: expected dtype int32 {what} (as flash-attn), got {dtype_name(x.dtype)}")
+    if len(x.shape) != len(shape) or any(want is not None and int(got) != want for got, want in zip(x.shape, shape)):
+        want = "(" + ", ".join("n" if s is None else str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise ValueError(f"{name}: expected shape {want} {what}, got {tuple(x.shape)}")
+    if xp is not np and x.device.id != like.device.id:
+        raise ValueError(f"{name}: expected an array on q's device (cuda:{like.device.id}), got one on "
+                         f"cuda:{x.device.id}")
+
+
+def host_ints(xp, *arrays):
+    """NumPy int64 copies of int arrays (None stays None). On CuPy, one device-to-host transfer for all
+    of them (a host synchronisation on the current stream); on NumPy, no copy of the data is needed."""
+    given = [a for a in arrays if a is not None]
+    if xp is np:
+        flat = [np.asarray(a).astype(np.int64).ravel() for a in given]
+    else:
+        whole = xp.concatenate([a.ravel() for a in given]).get().astype(np.int64) if given else np.zeros(0, np.int64)
+        sizes = np.cumsum([0] + [int(a.size) for a in given])
+        flat = [whole[sizes[i]:sizes[i + 1]] for i in range(len(given))]
+    it = iter(flat)
+    return [None if a is None else next(it).reshape(a.shape) for a in arrays]
+
+
+def check_cu_seqlens(name, cu, total, total_name) -> np.ndarray:
+    """cu: the host copy (int64, (batch + 1,)) of an int32 cu_seqlens: starts at 0, never decreases, ends
+    at total (the first dimension of total_name). Returns the lengths (batch,). ValueError otherwise,
+    naming the first offending entry."""
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name}: expected batch + 1 >= 1 entries, got none")
+    if cu[0] != 0:
+        raise ValueError(f"{name}: expected entry 0 to be 0, got {int(cu[0])}")
+    lengths = np.diff(cu)
+    bad = np.flatnonzero(lengths < 0)
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{name}: expected non-decreasing offsets, got entry {i + 1} = {int(cu[i + 1])} < entry "
+                         f"{i} = {int(cu[i])}")
+    if cu[-1] != total:
+        raise ValueError(f"{name}: expected the last entry to equal {total_name}.shape[0] = {total}, got "
+                         f"{int(cu[-1])}")
+    return lengths
+
+
+def check_max_seqlen(name, value, lengths, what) -> int:
+    """value: an int >= 0 and >= every length (the host lengths of what). Returns it as an int."""
+    if not _is_int(value):
+        raise TypeError(f"{name}: expected an int >= 0, got {type(value).__name__}")
+    value = int(value)
+    longest = int(lengths.max()) if lengths.size else 0
+    if value < 0 or value < longest:
+        raise ValueError(f"{name}: expected an int >= every length of {what} (the longest is {longest}), "
+                         f"got {value}")
+    return value

@@ -48,6 +48,14 @@ sees key j iff j < seqlen_k, and j <= i + offset (causal), and i + offset - left
 right (window_size (left, right), -1 leaving a side unbounded), and the element mask says so.
 A query row with no visible key gives O = 0, LSE = -inf and zero gradients (never NaN); with a sink it
 gives O = 0 and LSE = sink_h (P_sink = 1, D = 0: no contribution to dsink).
+
+Variable-length batches (flash-attn's varlen layout, issue 17) are per-sequence dense attention, by
+definition: sequence b holds query rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q (total_q, nheads,
+head_dim) and keys [cu_seqlens_k[b], cu_seqlens_k[b] + n_b) of k, v (total_k, nheads_k, head_dim),
+n_b = seqused_k[b] if given else the length in cu_seqlens_k; it is the dense problem of batch 1 on
+those slices (causal and window bottom-right within the sequence, ALiBi's row b). LSE is (nheads,
+total_q). A sequence with no query row contributes nothing; one with no key gives O = 0, LSE = -inf
+(or the sink) and zero gradients; keys no sequence attends get zero gradients.
 """
 
 from __future__ import annotations
@@ -63,6 +71,8 @@ __all__ = [
     "attention_probs",
     "attention_forward",
     "attention_backward",
+    "varlen_attention_forward",
+    "varlen_attention_backward",
 ]
 
 
@@ -214,3 +224,58 @@ def attention_backward(dout, q, k, v, *, softmax_scale=None, causal=False, mask=
         return grads
     dsinks = -(p_sink * delta[..., 0]).sum(axis=(0, 2))  # (H,)
     return (*grads, dsinks)
+
+
+def _sequences(cu_seqlens_q, cu_seqlens_k, seqused_k=None):
+    """[(q0, q1, k0, k1)] per sequence from host cu_seqlens (and seqused_k)."""
+    cq, ck = (np.asarray(c, dtype=np.int64) for c in (cu_seqlens_q, cu_seqlens_k))
+    used = np.diff(ck) if seqused_k is None else np.asarray(seqused_k, dtype=np.int64)
+    return [(int(cq[b]), int(cq[b + 1]), int(ck[b]), int(ck[b] + used[b])) for b in range(len(cq) - 1)]
+
+
+def _sequence_kw(kw, b, q0, q1, k0, k1, dropout_mask):
+    """The dense keywords of sequence b: ALiBi's row b, the padded dropout mask's corner."""
+    kw = dict(kw)
+    slopes = kw.get("alibi_slopes")
+    if slopes is not None and np.ndim(slopes) == 2:
+        kw["alibi_slopes"] = np.asarray(slopes)[b:b + 1]
+    if dropout_mask is not None:
+        kw["dropout_mask"] = np.asarray(dropout_mask, dtype=bool)[b:b + 1, :, :q1 - q0, :k1 - k0]
+    return kw
+
+
+def varlen_attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None, dropout_mask=None, **kw):
+    """Oracle varlen forward: each sequence through attention_forward (module docstring). q (total_q,
+    nheads, head_dim), k, v (total_k, nheads_k, head_dim); cu_seqlens int (batch + 1,); seqused_k int
+    (batch,) or None. dropout_mask: the keep-mask, broadcastable to (batch, nheads, max_seqlen_q,
+    max_seqlen_k) (sequence b reads its corner [b, :, :len_q, :len_k]). kw: attention_forward's
+    (softmax_scale, causal, window_size, softcap, alibi_slopes (nheads,) or (batch, nheads), sinks,
+    dropout_p). Returns (out (total_q, nheads, head_dim) float64, lse (nheads, total_q) float64)."""
+    nheads = q.shape[1]
+    out = np.zeros(q.shape, dtype=np.float64)
+    lse = np.full((nheads, q.shape[0]), -np.inf)
+    if kw.get("sinks") is not None:
+        lse[...] = np.asarray(kw["sinks"], dtype=np.float64)[:, None]
+    for b, (q0, q1, k0, k1) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k, seqused_k)):
+        if q1 > q0 and k1 > k0:
+            o, l = attention_forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                                     **_sequence_kw(kw, b, q0, q1, k0, k1, dropout_mask))
+            out[q0:q1], lse[:, q0:q1] = o[0], l[0]
+    return out, lse
+
+
+def varlen_attention_backward(dout, q, k, v, cu_seqlens_q, cu_seqlens_k, *, seqused_k=None, dropout_mask=None,
+                              **kw):
+    """Oracle varlen backward: (dq, dk, dv) float64 like q, k, v (and dsinks (nheads,), summed over the
+    sequences, with sinks), each sequence through attention_backward; arguments as
+    varlen_attention_forward."""
+    dq, dk, dv = (np.zeros(x.shape) for x in (q, k, v))
+    dsinks = None if kw.get("sinks") is None else np.zeros(q.shape[1])
+    for b, (q0, q1, k0, k1) in enumerate(_sequences(cu_seqlens_q, cu_seqlens_k, seqused_k)):
+        if q1 > q0 and k1 > k0:
+            g = attention_backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                                   **_sequence_kw(kw, b, q0, q1, k0, k1, dropout_mask))
+            dq[q0:q1], dk[k0:k1], dv[k0:k1] = g[0][0], g[1][0], g[2][0]
+            if dsinks is not None:
+                dsinks += g[3]
+    return (dq, dk, dv) if dsinks is None else (dq, dk, dv, dsinks)
