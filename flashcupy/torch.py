@@ -23,7 +23,8 @@ Where it runs:
   ordered with torch's work and no call synchronises with the host; the results come back zero-copy
   (torch.from_dlpack). Their memory is CuPy's pool's (freed into it, for reuse on that stream, when
   torch drops the tensor). A result flashcupy returns strided (dk, dv of GQA, a padded head_dim) is
-  made contiguous, one copy, so the real op's strides are the fake's.
+  made contiguous, one copy, so the real op's strides are the fake's. bfloat16 crosses as an int16 view
+  and is viewed as ml_dtypes.bfloat16 in CuPy (no DLPack bfloat16 support needed; still no copy).
 - CPU tensors go to NumPy without a copy (tensor.detach().numpy(); bfloat16 is viewed as int16 and
   then as ml_dtypes.bfloat16, no float32 round trip) and flashcupy's CPU path runs (the NumPy chunked
   path: float16 / bfloat16 compute in float32, float32 / float64 in their own precision); its NumPy
@@ -78,17 +79,27 @@ def _last_dim_unit(t: Tensor) -> Tensor:
     return t if t.dim() == 0 or t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-def _numpy_of(t: Tensor) -> np.ndarray:
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(bfloat16())  # same bytes: ml_dtypes bfloat16 is NumPy's bf16
-    return t.numpy()
+def _converters(to_array, from_array):
+    """(torch -> array, array -> torch), both without a copy. bfloat16 crosses as int16 (the same bytes)
+    and is viewed as ml_dtypes.bfloat16 on the far side, so it needs no DLPack bfloat16 support from
+    NumPy (none) or CuPy (from 14 only)."""
+    bf16 = bfloat16()
+
+    def to_flashcupy(t: Tensor):
+        t = t.detach()
+        if t.dtype == torch.bfloat16:
+            return to_array(t.view(torch.int16)).view(bf16)
+        return to_array(t)
+
+    def to_torch(a) -> Tensor:
+        if a.dtype == bf16:
+            return from_array(a.view(np.int16)).view(torch.bfloat16)
+        return from_array(a)
+
+    return to_flashcupy, to_torch
 
 
-def _torch_of_numpy(a: np.ndarray) -> Tensor:
-    if a.dtype == bfloat16():
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
+_NUMPY_SIDE = _converters(lambda t: t.numpy(), torch.from_numpy)
 
 
 @contextlib.contextmanager
@@ -96,7 +107,7 @@ def _flashcupy_side(device: torch.device):
     """(to_flashcupy, to_torch) converters for tensors on device; on CUDA, inside that device's CuPy
     context and torch's current stream."""
     if device.type == "cpu":
-        yield _numpy_of, _torch_of_numpy
+        yield _NUMPY_SIDE
         return
     if device.type != "cuda":
         raise TypeError(f"q: expected a CPU or CUDA tensor, got one on {device}")
@@ -105,8 +116,8 @@ def _flashcupy_side(device: torch.device):
     index = torch.cuda.current_device() if device.index is None else device.index
     stream = torch.cuda.current_stream(index)
     with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream.cuda_stream, index):
-        # __dlpack__(stream=) is asked for the current stream on both sides: the same one, so no event
-        yield (lambda t: cupy.from_dlpack(t.detach())), torch.from_dlpack
+        # __dlpack__(stream=) asks for the current stream on both sides: the same one, so no event is queued
+        yield _converters(cupy.from_dlpack, torch.from_dlpack)
 
 
 def _rng_tensor(rng_state) -> Tensor:

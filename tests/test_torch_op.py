@@ -121,6 +121,36 @@ def test_cpu_strided_inputs_and_expanded_dout(rng):
     assert_backward_rule(tuple(to_np(x.grad) for x in (q, k, v)), don, qn, kn, vn, causal=True)
 
 
+def test_cpu_one_tensor_as_q_k_v_accumulates_its_gradients(rng):
+    """flash_attn_func(x, x, x): autograd sums dq + dk + dv into x.grad (a tensor used three times)."""
+    (xn, _, _, don), _ = problem(rng, torch.float64, seqlen_q=21, seqlen_k=21, nheads=2, nheads_k=2)
+    x = to_torch(xn, requires_grad=True)
+    out = fct.flash_attn_func(x, x, x, causal=True)
+    (out * to_torch(don)).sum().backward()
+    want = sum(flashcupy.reference.attention_backward(don, xn, xn, xn, causal=True))
+    np.testing.assert_allclose(to_np(x.grad), want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_inputs_and_outputs_are_not_copied(rng, dtype, monkeypatch):
+    """flashcupy reads the tensors' own memory (NumPy views; bfloat16 through an int16 view) and out
+    is the memory flashcupy wrote (torch.from_numpy)."""
+    seen = {}
+    real = fct.interface.flash_attn_forward
+
+    def spy(q, k, v, **kw):
+        res = real(q, k, v, **kw)
+        seen.update(q=q, k=k, out=res.out)
+        return res
+
+    monkeypatch.setattr(fct.interface, "flash_attn_forward", spy)
+    _, (q, k, v, _) = problem(rng, dtype)
+    out = fct.flash_attn_func(q, k, v)
+    assert seen["q"].dtype == np_dtype(dtype)
+    for name, t in (("q", q), ("k", k), ("out", out)):
+        assert seen[name].__array_interface__["data"][0] == t.data_ptr(), name
+
+
 def test_cpu_options_window_softcap_alibi_sinks(rng):
     (qn, kn, vn, don), (q, k, v, dout) = problem(rng, torch.float32, nheads=4, nheads_k=2)
     slopes_n = rng.uniform(0.05, 0.5, 4).astype(np.float32)
@@ -200,6 +230,7 @@ def test_compile_fullgraph_forward_backward(rng, backend):
         if backend == "inductor" and "compil" in str(e).lower() and "flashcupy" not in str(e):
             pytest.skip(f"inductor cannot compile here: {type(e).__name__}")
         raise
+    assert out.requires_grad
     loss.backward()
     grads = tuple(x.grad.clone() for x in (q, k, v))
     assert_forward_rule(to_np(out), None, qn, kn, vn, causal=True)
