@@ -51,6 +51,9 @@ from torch import Tensor
 from . import interface
 from ._arrays import bfloat16
 
+if not hasattr(torch.library, "custom_op") or not hasattr(torch.library, "register_autograd"):
+    raise ImportError(f"flashcupy.torch needs torch >= 2.4 (torch.library.custom_op), got torch {torch.__version__}")
+
 __all__ = ["flash_attn_func"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
