@@ -68,7 +68,26 @@ class _AttnForwardTuple(NamedTuple):
     rng_state: object  # dropout (seed, offset), or None without dropout
 
 
-class AttnForward(_AttnForwardTuple):
+class _ForwardRecord:
+    """The (out, lse, rng_state) tuple of a forward plus an immutable .options attribute (not a fourth
+    item): the shared body of AttnForward and flashcupy.varlen.VarlenForward (mixed in before their
+    NamedTuple)."""
+
+    options = None  # the options record on records made by a forward (set per instance in __new__)
+
+    def __new__(cls, out, lse, rng_state, options=None):
+        self = super().__new__(cls, out, lse, rng_state)
+        self.__dict__["options"] = options
+        return self
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable: cannot set {name!r}")
+
+    def __reduce__(self):
+        return type(self), (self.out, self.lse, self.rng_state, self.options)
+
+
+class AttnForward(_ForwardRecord, _AttnForwardTuple):
     """What flash_attn_forward returns: the 3-tuple (out, lse, rng_state), and .options (AttnOptions).
 
     `out, lse, rng_state = flash_attn_forward(...)` unpacks as always; options is an attribute, not a
@@ -77,19 +96,6 @@ class AttnForward(_AttnForwardTuple):
     Immutable. A record built by hand, or by _replace / _make, has options None and cannot be passed
     as forward=.
     """
-
-    options = None  # AttnOptions on records made by flash_attn_forward (set per instance in __new__)
-
-    def __new__(cls, out, lse, rng_state, options: AttnOptions | None = None):
-        self = super().__new__(cls, out, lse, rng_state)
-        self.__dict__["options"] = options
-        return self
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"AttnForward is immutable: cannot set {name!r}")
-
-    def __reduce__(self):
-        return AttnForward, (self.out, self.lse, self.rng_state, self.options)
 
     def __repr__(self):
         return (f"AttnForward(out={self.out!r}, lse={self.lse!r}, rng_state={self.rng_state!r}, "

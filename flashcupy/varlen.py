@@ -41,12 +41,10 @@ from ._validate import (
     check_rank3,
     host_ints,
 )
-from .interface import FROM_FORWARD, _given_arrays, _put_back, _same_array, sink_grad
+from .interface import FROM_FORWARD, _ForwardRecord, _given_arrays, _put_back, _same_array, sink_grad
 
 __all__ = ["VarlenOptions", "VarlenForward", "flash_attn_varlen_func", "flash_attn_varlen_forward",
            "flash_attn_varlen_backward", "flash_attn_with_kvcache", "merge_attention"]
-
-PATH = "chunked path, per sequence"  # what every call of this module runs today (NumPy or CuPy)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,22 +78,9 @@ class _VarlenForwardTuple(NamedTuple):
     rng_state: object  # dropout (seed, offset), or None
 
 
-class VarlenForward(_VarlenForwardTuple):
+class VarlenForward(_ForwardRecord, _VarlenForwardTuple):
     """What flash_attn_varlen_forward returns: the 3-tuple (out, lse, rng_state) and .options
     (VarlenOptions), as flashcupy.AttnForward. Immutable."""
-
-    options = None
-
-    def __new__(cls, out, lse, rng_state, options: VarlenOptions | None = None):
-        self = super().__new__(cls, out, lse, rng_state)
-        self.__dict__["options"] = options
-        return self
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"VarlenForward is immutable: cannot set {name!r}")
-
-    def __reduce__(self):
-        return VarlenForward, (self.out, self.lse, self.rng_state, self.options)
 
 
 _ARRAY_OPTIONS = ("cu_seqlens_q", "cu_seqlens_k", "seqused_k", "alibi_slopes", "sinks")
