@@ -60,18 +60,20 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1, xp=np):
 
 
 def keep_mask(seed: int, offset: int, batch: int, nheads: int, seqlen_q: int, seqlen_k: int,
-              dropout_p: float, *, rows=None, xp=np):
-    """The exact keep-mask the kernels use: bool (batch, nheads, len(rows), seqlen_k).
+              dropout_p: float, *, rows=None, batches=None, xp=np):
+    """The exact keep-mask the kernels use: bool (len(batches), nheads, len(rows), seqlen_k).
 
-    rows: (i0, i1) for query rows [i0, i1) (default: all rows). xp: numpy or cupy.
+    rows: (i0, i1) for query rows [i0, i1) (default: all rows); batches: (b0, b1) for batch entries
+    [b0, b1) (default: all batch entries; a varlen sequence b takes (b, b + 1)). xp: numpy or cupy.
     """
     i0, i1 = (0, seqlen_q) if rows is None else rows
+    b0, b1 = (0, batch) if batches is None else batches
     i = xp.arange(i0, i1, dtype=xp.int64)[:, None]
     j = xp.arange(seqlen_k, dtype=xp.int64)[None, :]
-    bh = xp.arange(batch * nheads, dtype=xp.int64).reshape(batch, nheads, 1, 1)
+    bh = xp.arange(b0 * nheads, b1 * nheads, dtype=xp.int64).reshape(b1 - b0, nheads, 1, 1)
     rp = (i >> 4) * 8 + (i & 7)
     cq = (j >> 4) * 4 + ((j >> 1) & 3)
-    shape = (batch, nheads, i1 - i0, seqlen_k)
+    shape = (b1 - b0, nheads, i1 - i0, seqlen_k)
     ctr = [xp.broadcast_to(x, shape) for x in (cq, rp, bh, xp.asarray(int(offset) & _MASK32))]
     out = philox4x32_10(*ctr, int(seed) & _MASK32, (int(seed) >> 32) & _MASK32, xp=xp)
     word = xp.broadcast_to(2 * ((i >> 3) & 1) + ((j >> 3) & 1), shape)

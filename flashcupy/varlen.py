@@ -157,9 +157,8 @@ def _varlen_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqle
 def _keep_fn_of(xp, shape, dropout_p, rng_state):
     """Sequence b's keep_fn for the chunked path: the corner [b, :, :len_q, :len_k] of the dense keep-mask
     flashcupy.dropout.keep_mask(seed, offset, batch, nheads, max_seqlen_q, max_seqlen_k) (the bits depend
-    on (b, h, i, j) only, i and j local to the sequence). None without dropout. keep_mask has no batch
-    offset, so sequence b draws b + 1 sequences' bits and keeps its own (O(batch) extra work per sequence
-    with dropout, on the chunked path only)."""
+    on (b, h, i, j) only, i and j local to the sequence): keep_mask's batches=(b, b + 1). None without
+    dropout."""
     if not dropout_p:
         return None
     seed, offset = rng_state
@@ -167,7 +166,7 @@ def _keep_fn_of(xp, shape, dropout_p, rng_state):
     def keep_fn_of(b, sb):
         def keep_fn(i0, i1):
             return dropout.keep_mask(seed, offset, b + 1, shape.nheads, sb.seqlen_q, sb.seqlen_k, dropout_p,
-                                     rows=(i0, i1), xp=xp)[b:b + 1]
+                                     rows=(i0, i1), batches=(b, b + 1), xp=xp)
         return keep_fn
 
     return keep_fn_of

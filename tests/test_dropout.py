@@ -262,3 +262,15 @@ def test_gpu_same_state_bitwise_equal_other_offset_differs(rng):
     c = flashcupy.flash_attn_forward(q, k, v, dropout_p=0.1, seed=(3, 2))
     assert cp.array_equal(a.out.view(cp.uint16), b.out.view(cp.uint16))
     assert not cp.array_equal(a.out.view(cp.uint16), c.out.view(cp.uint16))
+
+
+def test_keep_mask_batches_is_the_slice_of_the_whole_mask():
+    """keep_mask(..., batches=(b0, b1)) is the [b0:b1] slice of the whole batch's mask, with rows too."""
+    from flashcupy import dropout
+
+    rng = np.random.default_rng()
+    seed, offset = int(rng.integers(2**63)), int(rng.integers(2**31))
+    whole = dropout.keep_mask(seed, offset, 5, 3, 37, 41, 0.3)
+    for b0, b1 in ((0, 5), (2, 3), (1, 4), (4, 5)):
+        part = dropout.keep_mask(seed, offset, 5, 3, 37, 41, 0.3, batches=(b0, b1), rows=(7, 30))
+        np.testing.assert_array_equal(part, whole[b0:b1, :, 7:30])
