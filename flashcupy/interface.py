@@ -472,6 +472,21 @@ def _features_on_gpu(cp, features) -> dict:
                 sinks=None if features.sinks is None else cp.asarray(features.sinks))
 
 
+def _backward_rng_state(dropout_p: float, rng_state, forward):
+    """A backward's rng_state, checked: the forward's (seed, offset) when dropout_p > 0 (equal to
+    forward.rng_state when a forward record is given), None with dropout_p = 0. ValueError otherwise."""
+    if dropout_p > 0:
+        if rng_state is None:
+            raise ValueError("rng_state: expected the forward's rng_state (seed, offset) when dropout_p > 0, got None")
+        rng_state = dropout.check_rng_state("rng_state", rng_state)
+        if forward is not None and rng_state != forward.rng_state:
+            raise ValueError(f"rng_state: expected the forward's rng_state {forward.rng_state!r}, got {rng_state!r}")
+    elif rng_state is not None:
+        raise ValueError(f"rng_state: expected None with dropout_p=0 (an rng_state comes from a forward with "
+                         f"dropout: give the backward its dropout_p too), got {rng_state!r}")
+    return rng_state
+
+
 def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FORWARD, softmax_scale=FROM_FORWARD,
                         causal=FROM_FORWARD, rng_state=FROM_FORWARD, deterministic=False, block_mask=FROM_FORWARD,
                         allow_tf32=FROM_FORWARD, forward=None, window_size=FROM_FORWARD, softcap=FROM_FORWARD,
@@ -556,15 +571,7 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
         _check_matches_forward(forward, xp, q.dtype, shape, out=out, lse=lse, causal=causal,
                                softmax_scale=given["softmax_scale"], dropout_p=dropout_p, block_mask=block_mask,
                                allow_tf32=allow_tf32, features=features, alibi_slopes=alibi_slopes, sinks=sinks)
-    if dropout_p > 0:
-        if rng_state is None:
-            raise ValueError("rng_state: expected the forward's rng_state (seed, offset) when dropout_p > 0, got None")
-        rng_state = dropout.check_rng_state("rng_state", rng_state)
-        if forward is not None and rng_state != forward.rng_state:
-            raise ValueError(f"rng_state: expected the forward's rng_state {forward.rng_state!r}, got {rng_state!r}")
-    elif rng_state is not None:
-        raise ValueError(f"rng_state: expected None with dropout_p=0 (an rng_state comes from a forward with "
-                         f"dropout: give the backward its dropout_p too), got {rng_state!r}")
+    rng_state = _backward_rng_state(dropout_p, rng_state, forward)
     softmax_scale = shape.softmax_scale
     if shape.batch * shape.nheads * shape.seqlen_q == 0 or shape.seqlen_k == 0:
         grads = xp.zeros(q.shape, q.dtype), xp.zeros(k.shape, k.dtype), xp.zeros(v.shape, v.dtype)

@@ -41,7 +41,7 @@ from ._validate import (
     check_rank3,
     host_ints,
 )
-from .interface import FROM_FORWARD, _ForwardRecord, _given_arrays, _put_back, _same_array, sink_grad
+from .interface import FROM_FORWARD, _backward_rng_state, _ForwardRecord, _given_arrays, _put_back, _same_array, sink_grad
 
 __all__ = ["VarlenOptions", "VarlenForward", "flash_attn_varlen_func", "flash_attn_varlen_forward",
            "flash_attn_varlen_backward", "flash_attn_with_kvcache", "merge_attention"]
@@ -319,15 +319,7 @@ def flash_attn_varlen_backward(dout, q, k, v, out=None, lse=None, cu_seqlens_q=F
     dropout_p = float(kw["dropout_p"])
     if opts is not None:
         _check_matches(forward, p, bool(kw["causal"]), dropout_p, out, lse)
-    if dropout_p > 0:
-        if rng_state is None:
-            raise ValueError("rng_state: expected the forward's rng_state (seed, offset) when dropout_p > 0, got None")
-        rng_state = dropout.check_rng_state("rng_state", rng_state)
-        if forward is not None and rng_state != forward.rng_state:
-            raise ValueError(f"rng_state: expected the forward's rng_state {forward.rng_state!r}, got {rng_state!r}")
-    elif rng_state is not None:
-        raise ValueError(f"rng_state: expected None with dropout_p=0 (an rng_state comes from a forward with "
-                         f"dropout), got {rng_state!r}")
+    rng_state = _backward_rng_state(dropout_p, rng_state, forward)
     p_eff = dropout.effective_dropout_p(dropout_p) if dropout_p > 0 else 0.0
     grads = _chunked.varlen_backward(dout, p.q, p.k, p.v, out, lse, p.bounds, shape, causal=bool(kw["causal"]),
                                      keep_fn_of=_keep_fn_of(xp, shape, dropout_p, rng_state), dropout_p=p_eff, xp=xp,

@@ -61,3 +61,15 @@ def rng(request):
     request.node.user_properties.append(("seed", seed))
     print(f"rng seed: {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def cpu_path_only():
+    """NumPy float64 stays on the CPU even where FLASHCUPY_NUMPY_FLOAT64_ON_GPU=1 opts in (module scope:
+    hypothesis tests take no function fixtures). Modules of CPU-path tests use it through
+    pytest.mark.usefixtures("cpu_path_only")."""
+    from flashcupy import interface
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
+        yield

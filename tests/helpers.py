@@ -94,3 +94,10 @@ def sweep_candidates():
     fwd = [SimtFwdConfig("float", hd, *c) for hd, cs in mod.FWD_SWEEP.items() for c in cs]
     bwd = [DmmaBwdConfig(hd, *c) for hd, cs in mod.DMMA_BWD_SWEEP.items() for c in cs]
     return fwd, bwd
+
+
+def msg(*parts):
+    """A regex matching the parts in order, each escaped (pytest.raises(match=...))."""
+    import re
+
+    return ".*".join(re.escape(p) for p in parts)

@@ -37,21 +37,13 @@ from flashcupy import _chunked, _features, blocksparse, dropout, interface, refe
 from flashcupy._arrays import bfloat16, dtype_name
 from flashcupy.interface import flash_attn_backward, flash_attn_forward, flash_attn_func
 
-pytestmark = pytest.mark.filterwarnings("error")
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.usefixtures("cpu_path_only")]
 
 DTYPES = float_dtypes()
 DTYPE_IDS = [dtype_name(d) for d in DTYPES]
 FD_STEP = 1e-5
 FD_RTOL = 1e-6
 STRICT = dict(divide="raise", invalid="raise", over="raise")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_path_only():
-    """NumPy float64 stays on the CPU (module scope: hypothesis tests take no function fixtures)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
-        yield
 
 
 def draw_features(rng, batch, nheads, seqlen_k, *, window=True, softcap=True, alibi=True, sinks=True):

@@ -12,21 +12,14 @@ from helpers import backward_rule_inputs, check_rule, magnitude_of, max_abs_err,
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashcupy import interface, reference
+from flashcupy import reference
 from flashcupy import tape as T
 from flashcupy._arrays import bfloat16
 from flashcupy.tape import Tensor, no_grad
 
-pytestmark = pytest.mark.filterwarnings("error")
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.usefixtures("cpu_path_only")]
 
 FD_STEP = 1e-6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_path_only():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
-        yield
 
 
 @st.composite

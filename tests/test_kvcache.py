@@ -7,32 +7,20 @@ Fresh random inputs every run (never zeros); warnings are errors.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
-from helpers import assert_forward_rule, float_dtypes, same_bits
+from helpers import assert_forward_rule, float_dtypes, msg, same_bits
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashcupy import flash_attn_with_kvcache, interface
+from flashcupy import flash_attn_with_kvcache
 from flashcupy._arrays import dtype_name, lse_dtype
 
-pytestmark = pytest.mark.filterwarnings("error")
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.usefixtures("cpu_path_only")]
 
 DTYPES = float_dtypes()
 PAGE = 16
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_path_only():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
-        yield
-
-
-def msg(*parts):
-    return ".*".join(re.escape(p) for p in parts)
 
 
 def normal(rng, shape, dtype, a=1.0):

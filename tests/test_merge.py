@@ -8,31 +8,19 @@ Fresh random inputs every run; warnings are errors.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
-from helpers import assert_forward_rule, float_dtypes, random_inputs, same_bits
+from helpers import assert_forward_rule, float_dtypes, msg, random_inputs, same_bits
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flashcupy import flash_attn_forward, interface, merge_attention
+from flashcupy import flash_attn_forward, merge_attention
 from flashcupy._arrays import lse_dtype
 
-pytestmark = pytest.mark.filterwarnings("error")
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.usefixtures("cpu_path_only")]
 
 DTYPES = float_dtypes()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_path_only():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
-        yield
-
-
-def msg(*parts):
-    return ".*".join(re.escape(p) for p in parts)
 
 
 def split_keys(rng, seqlen_k, nparts):

@@ -13,16 +13,15 @@ Fresh random inputs every run (never zeros); warnings are errors.
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
-from helpers import assert_backward_rule, assert_dropout_rule, assert_forward_rule, float_dtypes, same_bits
+from helpers import assert_backward_rule, assert_dropout_rule, assert_forward_rule, float_dtypes, msg, same_bits
 from hypothesis import example, given
 from hypothesis import strategies as st
 
 import flashcupy
-from flashcupy import dropout, interface, reference
+from flashcupy import dropout, reference
 from flashcupy._arrays import dtype_name, lse_dtype
 from flashcupy.interface import flash_attn_backward, flash_attn_forward, flash_attn_func
 from flashcupy.varlen import (
@@ -32,23 +31,12 @@ from flashcupy.varlen import (
     flash_attn_varlen_func,
 )
 
-pytestmark = pytest.mark.filterwarnings("error")
+pytestmark = [pytest.mark.filterwarnings("error"), pytest.mark.usefixtures("cpu_path_only")]
 
 DTYPES = float_dtypes()
 HEADS = [(1, 1), (2, 1), (4, 2), (3, 3)]  # (nheads, nheads_k): MHA, MQA, GQA
 LENGTHS = st.sampled_from([0, 0, 1, 1, 2, 3, 5, 7, 8, 16, 17])  # zeros, 1, odd, even
 LONG = 97  # "one long" sequence: several chunks' worth beside the short ones
-
-
-@pytest.fixture(autouse=True, scope="module")
-def cpu_path_only():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
-        yield
-
-
-def msg(*parts):
-    return ".*".join(re.escape(p) for p in parts)
 
 
 def cu(lengths):
