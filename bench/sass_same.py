@@ -1,7 +1,7 @@
 """Is a kernel change invisible to the kernels it should not touch? Compare their SASS (NVRTC -> cubin ->
 nvdisasm, no GPU) between this tree and a base tree, up to register numbers and labels.
 
-    python bench/sass_same.py dump OUT.json [--arch sm_90a] [--set h200]   # run with PYTHONPATH=<tree>
+    python bench/sass_same.py dump OUT.json [--arch sm_90a] [--set h200|features]   # PYTHONPATH=<tree>
     python bench/sass_same.py compare BASE.json NEW.json
 
 `dump` compiles, in the tree on PYTHONPATH, the plain (FEAT = 0) specializations the dispatcher launches
@@ -24,6 +24,27 @@ import sys
 import tempfile
 
 TOOLS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tools")
+
+
+def feature_names() -> dict:
+    """{source: [kernel names]} of every forward family's FEAT specializations on an H200's chosen tiles
+    (FEAT_SINK alone and all four features, hd 64 / 128, causal or not): the check for a change to the
+    forwards' epilogues (--set features)."""
+    from flashcupy import _configs, _gpu_sm90
+    from flashcupy._device import as_device
+    from flashcupy._features import FEAT_ALL, FEAT_SINK
+
+    dev, out = as_device(90), collections.defaultdict(set)
+    for hd in (64, 128):
+        for causal in (False, True):
+            for f in (FEAT_SINK, FEAT_ALL):
+                out["flash_fwd.cu"].add(_configs.fwd_config(hd, "float16", causal, dev, None).kernel_name("Bf16", causal, False, f))
+                sm = _gpu_sm90.config_for(hd, causal)
+                out[_gpu_sm90.SOURCE].add(sm.kernel_name("Bf16", causal, False, f))
+                for dtype, tf32 in (("float32", False), ("float32", True), ("float64", False)):
+                    c = _configs.float_fwd_config(hd, dtype, causal, dev, tf32)
+                    out[c.source].add(c.kernel_name(f))
+    return {k: sorted(v) for k, v in out.items()}
 
 
 def h200_names() -> dict:
@@ -68,8 +89,8 @@ def normalize(line: str) -> str:
     return line.strip()
 
 
-def dump(path: str, arch: str) -> None:
-    names = h200_names()  # imports flashcupy from PYTHONPATH first (tools/sass.py would put its own tree first)
+def dump(path: str, arch: str, which: str = "h200") -> None:
+    names = h200_names() if which == "h200" else feature_names()  # imports flashcupy from PYTHONPATH first (tools/sass.py would put its own tree first)
     import flashcupy
 
     print(f"flashcupy from {os.path.dirname(flashcupy.__file__)}", flush=True)
@@ -121,12 +142,14 @@ def main():
     d = sub.add_parser("dump")
     d.add_argument("out")
     d.add_argument("--arch", default="sm_90a")
+    d.add_argument("--set", dest="which", choices=("h200", "features"), default="h200",
+                   help="h200: the plain kernels an H200 launches; features: the forwards' FEAT specializations")
     c = sub.add_parser("compare")
     c.add_argument("base")
     c.add_argument("new")
     args = ap.parse_args()
     if args.cmd == "dump":
-        dump(args.out, args.arch)
+        dump(args.out, args.arch, args.which)
     else:
         sys.exit(compare(args.base, args.new))
 

@@ -184,14 +184,10 @@ flash_dmma_fwd_kernel(const __grid_constant__ AttnParams p) {
     for (int h = 0; h < R8; ++h) {
         const T l = quad_sum(row_sum[h]);
         inv_l[h] = l > T(0) ? T(1) / l : T(0);
-        [[maybe_unused]] T lse = T(0);  // FEAT_SINK: the sink joins l; without it the code is as before
-        if constexpr ((FEAT & FEAT_SINK) != 0) {
-            lse = l > T(0) ? row_max[h] * ScaleOf<T>::scale(p) + Simt<T>::log(l) : -inf;
-            add_sink(inv_l[h], lse, sink);
-        }
+        const auto lse_keys = [&] { return l > T(0) ? row_max[h] * ScaleOf<T>::scale(p) + Simt<T>::log(l) : -inf; };
+        const RowEnd<FEAT, T> end(inv_l[h], lse_keys, sink);
         const int row = warp_row0 + 8 * h + g;
-        if (t == 0 && m0 + row < seqlen_q)
-            lse_tile[row] = (FEAT & FEAT_SINK) ? lse : l > T(0) ? row_max[h] * ScaleOf<T>::scale(p) + Simt<T>::log(l) : -inf;
+        if (t == 0 && m0 + row < seqlen_q) lse_tile[row] = end.stored(lse_keys);
 #pragma unroll
         for (int p = 0; p < DP; ++p)
 #pragma unroll

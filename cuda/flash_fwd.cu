@@ -279,12 +279,8 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
         for (int r = 0; r < 2; ++r) {
             const float l = quad_sum(row_sum[mt][r]);
             float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
-            // FEAT_SINK: the sink joins l (lse and O's factor here); without it the code is as before
-            [[maybe_unused]] float lse = 0.f;
-            if constexpr ((FEAT & FEAT_SINK) != 0) {
-                lse = l > 0.f ? row_max[mt][r] * softmax_scale + logf(l) : -FC_INF;
-                add_sink(inv_l, lse, sink);
-            }
+            const auto lse_keys = [&] { return l > 0.f ? row_max[mt][r] * softmax_scale + logf(l) : -FC_INF; };
+            const RowEnd<FEAT, float> end(inv_l, lse_keys, sink);
             const int row = warp_row0 + mt * 16 + lane / 4 + r * 8;
 #pragma unroll
             for (int dt = 0; dt < DT; ++dt) {
@@ -292,7 +288,7 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
                 *reinterpret_cast<u32*>(&s_q[row * PITCH + dt * 8 + (lane % 4) * 2]) = packed;
             }
             if (lane % 4 == 0 && m0 + row < seqlen_q)
-                lse_tile[row] = (FEAT & FEAT_SINK) ? lse : l > 0.f ? row_max[mt][r] * softmax_scale + logf(l) : -FC_INF;
+                lse_tile[row] = end.stored(lse_keys);
         }
     __syncwarp();
     constexpr int CHUNKS = SmemRow<HEAD_DIM>::CHUNKS;

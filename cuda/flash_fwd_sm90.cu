@@ -275,7 +275,10 @@ flash_fwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         const int row = row_lo + 8 * r;
         const float l = quad_sum(row_sum[r]);
         float inv_l = l > 0.f ? (DROPOUT ? dropout.scale : 1.f) / l : 0.f;
-        [[maybe_unused]] float row_lse = 0.f;  // FEAT_SINK: the sink joins l; without it the code is as before
+        // FEAT_SINK: the sink joins l. Spelled out rather than through flash_mask.cuh's RowEnd (the other
+        // forwards' form): with RowEnd's lambda ptxas schedules this epilogue differently (same instructions,
+        // another order) in the plain kernels too, whose SASS is kept as it was when they ran on the GPU.
+        [[maybe_unused]] float row_lse = 0.f;
         if constexpr ((FEAT & FEAT_SINK) != 0) {
             row_lse = l > 0.f ? row_max[r] * softmax_scale + logf(l) : -FC_INF;
             add_sink(inv_l, row_lse, sink);

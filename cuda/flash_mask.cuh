@@ -174,6 +174,27 @@ __device__ __forceinline__ void add_sink(T& o_scale, T& lse, T sink) {
     o_scale = o_scale / (T(1) + m_exp(d));
     lse = d > T(0) ? sink + m_log1p(m_exp(-d)) : lse + m_log1p(m_exp(d));
 }
+// The end of one softmax row in a forward's epilogue, for every family: o_scale (the factor O gets,
+// 1 / l or 0) picks up FEAT's sink here, and stored() gives the lse to store. lse_keys() is the family's
+// lse of the keys alone (its own base and scale); without FEAT_SINK it is only evaluated where stored()
+// is, so the plain kernels' epilogues compile as they did before the features.
+template <int FEAT, typename T>
+struct RowEnd {
+    [[maybe_unused]] T lse = T(0);
+    template <typename F>
+    __device__ __forceinline__ RowEnd(T& o_scale, const F& lse_keys, T sink) {
+        if constexpr ((FEAT & FEAT_SINK) != 0) {
+            lse = lse_keys();
+            add_sink(o_scale, lse, sink);
+        }
+    }
+    template <typename F>
+    __device__ __forceinline__ T stored(const F& lse_keys) const {
+        if constexpr ((FEAT & FEAT_SINK) != 0) return lse;
+        else return lse_keys();
+    }
+};
+
 // The sink of head as T; -inf without FEAT_SINK (add_sink then compiles to nothing).
 template <int FEAT, typename T = float>
 __device__ __forceinline__ T sink_of(const AttnParams& p, int head) {

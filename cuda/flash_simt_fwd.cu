@@ -185,11 +185,8 @@ flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
     for (int i = 0; i < TM; ++i) {
         const T l = sum8(row_sum[i]);
         T inv_l = l > T(0) ? T(1) / l : T(0);
-        [[maybe_unused]] T lse = T(0);  // FEAT_SINK: the sink joins l; without it the code is as before
-        if constexpr ((FEAT & FEAT_SINK) != 0) {
-            lse = l > T(0) ? row_max[i] * ScaleOf<T>::scale(p) + M::log(l) : -M::inf();
-            add_sink(inv_l, lse, sink);
-        }
+        const auto lse_keys = [&] { return l > T(0) ? row_max[i] * ScaleOf<T>::scale(p) + M::log(l) : -M::inf(); };
+        const RowEnd<FEAT, T> end(inv_l, lse_keys, sink);
         const int row = warp_row0 + lr + 4 * i;
         if (m0 + row < seqlen_q) {
 #pragma unroll
@@ -202,8 +199,7 @@ flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
                     *reinterpret_cast<Chunk<T>*>(o_tile + row * o_row_stride + col) = c;
                 }
             }
-            if (lc == 0)
-                lse_tile[row] = (FEAT & FEAT_SINK) ? lse : l > T(0) ? row_max[i] * ScaleOf<T>::scale(p) + M::log(l) : -M::inf();
+            if (lc == 0) lse_tile[row] = end.stored(lse_keys);
         }
     }
 }
