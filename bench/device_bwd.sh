@@ -10,11 +10,15 @@
 # fwdtests  tests/test_gpu_sm90.py (the Hopper forward)
 # fwdab     the Hopper forward of bench/ab/base (device_ab.sh make-base) against this tree, same run
 # full      the whole GPU suite
+# warm      compile every sanitizer-plan kernel (bench/sanitize_all.py --shard i/$WARM_JOBS) at the default
+#           limit and at 99 KB (unless NO99=1) into CUPY_CACHE_DIR, in parallel
+# cache-load / cache-save   CuPy's kernel cache in and out of a call: cache-save writes
+#           $OUT/cupy-cache.tar.zst.part-*; copy them into .kcache/ of the carried tree, and cache-load unpacks them
 # features  bench/bench_features.py: issue 16's feature costs vs the plain causal kernel (and FlexAttention)
 # sanall    bench/sanitize_all.sh: compute-sanitizer over every family x feature ($SAN_TOOLS, default all four)
-# shards    the whole GPU suite as $PAR (default 6) pytest processes over a round-robin split of its test ids,
+# shards    the whole GPU suite as $PAR (default 6) pytest processes over contiguous blocks of its test ids,
 #           at once (the NumPy oracle is CPU-bound), then again under FLASHCUPY_SMEM_LIMIT_KB=99 unless
-#           NO99=1; SHARD_K is a -k expression for every pytest (e.g. "not deterministic")
+#           NO99=1 (ONLY99=1: that run alone, here and in warm); SHARD_K is a -k expression for every pytest (e.g. "not deterministic")
 # Every log goes into one archive, $OUT/bwd-logs-<stages>.tgz (the device tool brings back at most 8 files); the
 # short lines print as each stage ends.
 set -o pipefail
@@ -22,15 +26,17 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-runs/bwd}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 LOG=$(mktemp -d /tmp/bwd-logs.XXXX)
-export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT CUPY_CACHE_DIR=/tmp/cupy-cache-bwd
+export PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-/tmp/cupy-cache-bwd}
 ARCHIVE=$OUT/bwd-logs-$(echo "$*" | tr ' ' '-').tgz  # one archive per invocation (several fit in one call)
 pack() { tar -czf "$ARCHIVE" -C "$LOG" . ; }
-# STAGE_TIMEOUT (seconds): each stage's commands are killed after it (a hang leaves the other stages and logs)
-T() { timeout -k 5 "${STAGE_TIMEOUT:-3000}" "$@"; }
+# STAGE_TIMEOUT (seconds): each stage's commands are killed after it (a hang leaves the other stages and logs);
+# TIMEOUT_<stage> (e.g. TIMEOUT_warm=200) overrides it for one stage
+T() { timeout -k 5 "$stage_timeout" "$@"; }
 trap pack EXIT
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader | tee "$LOG/device.txt"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit --format=csv,noheader | tee "$LOG/device.txt"
 for stage in "$@"; do
   t0=$SECONDS
+  v=TIMEOUT_${stage//-/_}; stage_timeout=${!v:-${STAGE_TIMEOUT:-3000}}
   case $stage in
   tests)
     T python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu_sm90_bwd.py tests/test_dispatch.py} 2>&1 | tee "$LOG/tests.log" | tail -4 ;;
@@ -81,9 +87,15 @@ PY
     kargs=(); [ -n "${SHARD_K:-}" ] && kargs=(-k "$SHARD_K")
     T python3 -m pytest -m gpu tests -q -p no:cacheprovider --collect-only "${kargs[@]}" 2>/dev/null | grep '::' > "$LOG/ids.txt"
     n=${PAR:-6}; echo "== $(wc -l < "$LOG/ids.txt") GPU tests in $n shards"
-    for i in $(seq 0 $((n - 1))); do awk -v n=$n -v i=$i 'NR % n == i' "$LOG/ids.txt" > "$LOG/ids-$i.txt"; done
+    # contiguous blocks, not round robin: neighbouring ids share kernels, so the shards compile mostly
+    # different kernels at once instead of all missing CuPy's disk cache on the same one
+    tot=$(wc -l < "$LOG/ids.txt")
+    for i in $(seq 0 $((n - 1))); do
+      awk -v n=$n -v i=$i -v t=$tot 'int((NR - 1) * n / t) == i' "$LOG/ids.txt" > "$LOG/ids-$i.txt"
+    done
     for lim in "" 99; do
       [ -n "$lim" ] && [ -n "${NO99:-}" ] && continue
+      [ -z "$lim" ] && [ -n "${ONLY99:-}" ] && continue
       for i in $(seq 0 $((n - 1))); do
         mapfile -t ids < "$LOG/ids-$i.txt"
         FLASHCUPY_SMEM_LIMIT_KB=$lim T python3 -m pytest -q -p no:cacheprovider "${kargs[@]}" "${ids[@]}" \
@@ -97,7 +109,30 @@ PY
     T python3 bench/bench_features.py ${FEAT_ARGS:-} --json "$LOG/features.json" > "$LOG/features.log" 2>&1; tail -14 "$LOG/features.log" ;;
   sanall)
     OUT=$LOG/sanitize TOOLS="${SAN_TOOLS:-memcheck racecheck synccheck initcheck}" JOBS=${SAN_JOBS:-4} \
-      TIMEOUT=${STAGE_TIMEOUT:-540} bash bench/sanitize_all.sh 2>&1 | tail -8 ;;
+      TIMEOUT=$stage_timeout bash bench/sanitize_all.sh 2>&1 | tail -8 ;;
+  warm)  # compile every kernel the sanitizer plan calls (one small call each), $WARM_JOBS processes, at
+         # the default shared-memory limit and at 99 KB unless NO99=1, into CUPY_CACHE_DIR
+    for lim in "" 99; do
+      [ -n "$lim" ] && [ -n "${NO99:-}" ] && continue
+      [ -z "$lim" ] && [ -n "${ONLY99:-}" ] && continue
+      nw=${WARM_JOBS:-16}
+      for i in $(seq 0 $((nw - 1))); do
+        FLASHCUPY_SMEM_LIMIT_KB=$lim T python3 bench/sanitize_all.py --shard "$i/$nw" > "$LOG/warm${lim}-$i.log" 2>&1 &
+      done
+      wait
+      echo "== warm${lim:+ at $lim KB}: $(cat "$LOG"/warm${lim}-*.log | grep -c '^ok ') calls ok; not ok:"
+      grep -h -v "^ok \|^#" "$LOG"/warm${lim}-*.log | head -8
+    done
+    echo "   cache: $(ls "$CUPY_CACHE_DIR" | wc -l) files, $(du -sh "$CUPY_CACHE_DIR" | cut -f1)" ;;
+  cache-load)  # unpack the kernel cache carried in .kcache/ (cache-save's parts) into CUPY_CACHE_DIR
+    mkdir -p "$CUPY_CACHE_DIR"
+    ls "$ROOT"/.kcache/cupy-cache.tar.zst.part-* > /dev/null 2>&1 &&
+      cat "$ROOT"/.kcache/cupy-cache.tar.zst.part-* | zstd -d | tar -x -C "$CUPY_CACHE_DIR"
+    echo "== cache: $(ls "$CUPY_CACHE_DIR" | wc -l) files" ;;
+  cache-save)  # CUPY_CACHE_DIR as one zstd tar in 15 MiB parts, $OUT/cupy-cache.tar.zst.part-aa, -ab, ...
+               # (the device tool brings back 16 MiB a file); copy them into .kcache/ of the carried tree
+    tar -C "$CUPY_CACHE_DIR" -cf - . | zstd -12 -T0 -q | split -b 15M - "$OUT/cupy-cache.tar.zst.part-"
+    echo "== cache: $(ls "$CUPY_CACHE_DIR" | wc -l) files, $(du -sh "$CUPY_CACHE_DIR" | cut -f1) -> $(cat "$OUT"/cupy-cache.tar.zst.part-* | wc -c) B in $(ls "$OUT"/cupy-cache.tar.zst.part-* | wc -l) parts" ;;
   full)
     T python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
   esac

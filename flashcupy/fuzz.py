@@ -24,6 +24,7 @@ DIRECTIONS = ("fwd", "bwd")
 FEATURES = ("window", "softcap", "alibi", "sinks")  # testing.Case fields: window_size, softcap, alibi_slopes, sinks
 _CASE_FIELD = {"window": "window_size", "softcap": "softcap", "alibi": "alibi_slopes", "sinks": "sinks"}
 DTYPES = ("float16", "bfloat16", "float32", "float64")
+HEAD_DIMS = (8, 16, 32, 40, 64, 128)  # testing.random_cases' default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="gpu: CuPy arrays (the fused kernels); cpu: NumPy arrays (the CPU path); auto: gpu if usable")
     p.add_argument("--max-seqlen", type=int, default=256, help="largest seqlen_q / seqlen_k drawn")
+    p.add_argument("--head-dims", nargs="+", type=int, default=list(HEAD_DIMS), metavar="HEAD_DIM",
+                   help="head dims to draw (every one up to 256 runs fused on the GPU; 192 and 256 take the "
+                        "fp16/bf16 mma.sync family on an H100 / H200)")
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="float32 cases run with allow_tf32=True (the TF32 tensor-core kernels) and are checked "
+                        "against the TF32 naive error (flashcupy.testing's tf32 rule)")
     p.add_argument("--seed", type=int, default=0, help="the campaign's cases are a function of it")
     p.add_argument("--case", default=None, help="replay one flashcupy.testing.Case(...) (as a failure prints it)")
     p.add_argument("--json", default=None, help="write the report here")
@@ -55,21 +62,22 @@ def _on_gpu(device: str) -> bool:
     return gpu_available()
 
 
-def _forward(q, k, v, causal, **features):  # the calls under test (a seam for tests)
+def _forward(q, k, v, causal, **kw):  # the calls under test (a seam for tests)
     import flashcupy
 
-    return flashcupy.flash_attn_forward(q, k, v, causal=causal, **features)
+    return flashcupy.flash_attn_forward(q, k, v, causal=causal, **kw)
 
 
-def _backward(dout, q, k, v, res, causal, **features):
+def _backward(dout, q, k, v, res, causal, **kw):
     import flashcupy
 
-    return flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=causal, **features)
+    return flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=causal, **kw)
 
 
-def check_case(case, directions, gpu: bool) -> float:
+def check_case(case, directions, gpu: bool, allow_tf32: bool = False) -> float:
     """Run one Case in the directions ("fwd", "bwd"), with its score features; returns its worst error /
-    bound ratio. Raises AssertionError (the rule's message) where it fails."""
+    bound ratio. Raises AssertionError (the rule's message) where it fails. allow_tf32: a float32 case
+    runs with allow_tf32=True and is checked by the rule's tf32 form (other dtypes are unaffected)."""
     from . import testing
 
     q, k, v, dout = case.inputs(grad=True)
@@ -80,12 +88,16 @@ def check_case(case, directions, gpu: bool) -> float:
 
         args = tuple(cupy.asarray(x) for x in args)
         call_feats = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in feats.items()}
+    tf32 = allow_tf32 and case.dtype == "float32"
+    if tf32:
+        call_feats = dict(call_feats, allow_tf32=True)
     res = _forward(*args[:3], case.causal, **call_feats)
-    worst = testing.worst_ratio(testing.assert_forward_rule(res.out, res.lse, q, k, v, causal=case.causal, **feats))
+    worst = testing.worst_ratio(testing.assert_forward_rule(res.out, res.lse, q, k, v, causal=case.causal, tf32=tf32,
+                                                            **feats))
     if "bwd" in directions:
         grads = _backward(args[3], *args[:3], res, case.causal, **call_feats)
         worst = max(worst, testing.worst_ratio(testing.assert_backward_rule(grads, dout, q, k, v, causal=case.causal,
-                                                                            **feats)))
+                                                                            tf32=tf32, **feats)))
     return worst
 
 
@@ -126,7 +138,8 @@ def _cases(args):
     block = 0
     while True:  # blocks of random_cases, each a function of (seed, block)
         for case in testing.random_cases(256, seed=args.seed * 1000003 + block, dtypes=tuple(args.dtypes),
-                                         max_seqlen=args.max_seqlen, features=bool(feats)):
+                                         max_seqlen=args.max_seqlen, head_dims=tuple(args.head_dims),
+                                         features=bool(feats)):
             yield _restrict(case, feats)
         block += 1
 
@@ -154,6 +167,11 @@ class _Progress:
 
 
 def run(args) -> int:
+    bad = [d for d in args.head_dims if not 1 <= d <= 256]
+    if bad:
+        from .cli import CommandError
+
+        raise CommandError(f"--head-dims: expected head dims in 1..256, got {bad}")
     gpu = _on_gpu(args.device)
     t0 = time.monotonic()
     deadline = t0 + 60 * args.minutes
@@ -165,19 +183,20 @@ def run(args) -> int:
                 break
             n += 1
             try:
-                ratio = check_case(case, args.directions, gpu)
+                ratio = check_case(case, args.directions, gpu, args.allow_tf32)
                 if ratio > worst[0]:
                     worst = (ratio, case)
             except AssertionError as e:
                 failures.append({"case": repr(case), "error": str(e).splitlines()[0][:500],
                                  "reproduce": f"flashcupy fuzz --device {'gpu' if gpu else 'cpu'} --directions "
-                                              f"{' '.join(args.directions)} --case \"{case!r}\""})
+                                              f"{' '.join(args.directions)}{' --allow-tf32' if args.allow_tf32 else ''} "
+                                              f"--case \"{case!r}\""})
             progress.update(n, len(failures), n / max(time.monotonic() - t0, 1e-9))
     finally:
         progress.close()
     seconds = time.monotonic() - t0
     report = {"device": "gpu" if gpu else "cpu", "directions": args.directions, "features": args.features,
-              "dtypes": args.dtypes, "seed": args.seed,
+              "dtypes": args.dtypes, "head_dims": args.head_dims, "allow_tf32": args.allow_tf32, "seed": args.seed,
               "cases": n, "seconds": round(seconds, 3), "cases_per_s": round(n / max(seconds, 1e-9), 2),
               "worst_ratio": worst[0], "worst_case": None if worst[1] is None else repr(worst[1]),
               "failures": failures}

@@ -133,3 +133,38 @@ def test_fuzz_draws_the_score_features_it_is_given(monkeypatch, capsys):
     seen.clear()
     rc, out = _fuzz(["--max-examples", "8", "--max-seqlen", "40", "--features", "none"], capsys)
     assert rc == 0 and seen and all(not s for s in seen)
+
+
+def test_fuzz_head_dims_and_allow_tf32_reach_the_calls(monkeypatch, capsys, tmp_path):
+    """--head-dims picks the head dims drawn; --allow-tf32 gives float32 cases allow_tf32=True (and the
+    rule's tf32 form) and no other dtype; both are in the report and in a failure's reproducer."""
+    import json
+
+    from flashcupy import fuzz
+
+    seen = []
+    real = fuzz._forward
+
+    def spy(q, k, v, causal, **kw):
+        seen.append((q.shape[-1], q.dtype.name, kw.get("allow_tf32", False)))
+        return real(q, k, v, causal, **kw)
+
+    monkeypatch.setattr(fuzz, "_forward", spy)
+    rc, out = _fuzz(["--max-examples", "12", "--max-seqlen", "24", "--head-dims", "24", "256", "--allow-tf32",
+                     "--dtypes", "float32", "float64", "--features", "none", "--json", str(tmp_path / "r.json")], capsys)
+    assert rc == 0, out
+    assert {d for d, _, _ in seen} == {24, 256}, seen
+    assert all(tf32 == (dt == "float32") for _, dt, tf32 in seen) and {dt for _, dt, _ in seen} == {"float32", "float64"}
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["head_dims"] == [24, 256] and report["allow_tf32"] is True
+
+    def broken(q, k, v, causal, **kw):
+        res = real(q, k, v, causal, **kw)
+        return res._replace(out=(np.asarray(res.out, np.float64) * 1.01).astype(q.dtype))
+
+    monkeypatch.setattr(fuzz, "_forward", broken)
+    rc, out = _fuzz(["--max-examples", "3", "--max-seqlen", "24", "--allow-tf32", "--dtypes", "float32",
+                     "--directions", "fwd"], capsys)
+    assert rc == 1 and "--allow-tf32 --case" in out
+    rc, out = _fuzz(["--head-dims", "0"], capsys)
+    assert rc == 2
