@@ -13,7 +13,7 @@
 # warm      compile every sanitizer-plan kernel (bench/sanitize_all.py --shard i/$WARM_JOBS) at the default
 #           limit and at 99 KB (unless NO99=1) into CUPY_CACHE_DIR, in parallel
 # cache-load / cache-save   CuPy's kernel cache in and out of a call: cache-save writes
-#           $OUT/cupy-cache.tar.zst.part-*; copy them into .kcache/ of the carried tree, and cache-load unpacks them
+#           $OUT/cupy-cache.tar.xz.part-*; copy them into .kcache/ of the carried tree, and cache-load unpacks them
 # features  bench/bench_features.py: issue 16's feature costs vs the plain causal kernel (and FlexAttention)
 # sanall    bench/sanitize_all.sh: compute-sanitizer over every family x feature ($SAN_TOOLS, default all four)
 # shards    the whole GPU suite as $PAR (default 6) pytest processes over contiguous blocks of its test ids,
@@ -87,6 +87,7 @@ PY
     kargs=(); [ -n "${SHARD_K:-}" ] && kargs=(-k "$SHARD_K")
     T python3 -m pytest -m gpu tests -q -p no:cacheprovider --collect-only "${kargs[@]}" 2>/dev/null | grep '::' > "$LOG/ids.txt"
     n=${PAR:-6}; echo "== $(wc -l < "$LOG/ids.txt") GPU tests in $n shards"
+    thr=$(( $(nproc) / n )); [ $thr -lt 1 ] && thr=1  # BLAS threads per shard: the oracle's matmuls, not oversubscribed
     # contiguous blocks, not round robin: neighbouring ids share kernels, so the shards compile mostly
     # different kernels at once instead of all missing CuPy's disk cache on the same one
     tot=$(wc -l < "$LOG/ids.txt")
@@ -98,12 +99,14 @@ PY
       [ -z "$lim" ] && [ -n "${ONLY99:-}" ] && continue
       for i in $(seq 0 $((n - 1))); do
         mapfile -t ids < "$LOG/ids-$i.txt"
-        FLASHCUPY_SMEM_LIMIT_KB=$lim T python3 -m pytest -q -p no:cacheprovider "${kargs[@]}" "${ids[@]}" \
+        FLASHCUPY_TEST_TIMES=$LOG/times${lim:+-${lim}kb}-$i.txt FLASHCUPY_SMEM_LIMIT_KB=$lim OMP_NUM_THREADS=$thr OPENBLAS_NUM_THREADS=$thr MKL_NUM_THREADS=$thr \
+          T python3 -m pytest -q -p no:cacheprovider --durations=12 "${kargs[@]}" "${ids[@]}" \
           > "$LOG/shard${lim:+-${lim}kb}-$i.log" 2>&1 &
       done
       wait
       echo "== shards${lim:+ at $lim KB}:"; for f in "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log; do echo "   $(basename "$f"): $(tail -1 "$f")"; done
       grep -h "^FAILED\|^ERROR" "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log | head -30
+      echo "   slowest:"; cat "$LOG"/times${lim:+-${lim}kb}-*.txt 2>/dev/null | sort -rn | head -8
     done ;;
   features)
     T python3 bench/bench_features.py ${FEAT_ARGS:-} --json "$LOG/features.json" > "$LOG/features.log" 2>&1; tail -14 "$LOG/features.log" ;;
@@ -126,13 +129,13 @@ PY
     echo "   cache: $(ls "$CUPY_CACHE_DIR" | wc -l) files, $(du -sh "$CUPY_CACHE_DIR" | cut -f1)" ;;
   cache-load)  # unpack the kernel cache carried in .kcache/ (cache-save's parts) into CUPY_CACHE_DIR
     mkdir -p "$CUPY_CACHE_DIR"
-    ls "$ROOT"/.kcache/cupy-cache.tar.zst.part-* > /dev/null 2>&1 &&
-      cat "$ROOT"/.kcache/cupy-cache.tar.zst.part-* | zstd -d | tar -x -C "$CUPY_CACHE_DIR"
+    ls "$ROOT"/.kcache/cupy-cache.tar.xz.part-* > /dev/null 2>&1 &&
+      cat "$ROOT"/.kcache/cupy-cache.tar.xz.part-* | xz -d | tar -x -C "$CUPY_CACHE_DIR"
     echo "== cache: $(ls "$CUPY_CACHE_DIR" | wc -l) files" ;;
-  cache-save)  # CUPY_CACHE_DIR as one zstd tar in 15 MiB parts, $OUT/cupy-cache.tar.zst.part-aa, -ab, ...
+  cache-save)  # CUPY_CACHE_DIR as one xz tar in 15 MiB parts, $OUT/cupy-cache.tar.zst.part-aa, -ab, ...
                # (the device tool brings back 16 MiB a file); copy them into .kcache/ of the carried tree
-    tar -C "$CUPY_CACHE_DIR" -cf - . | zstd -12 -T0 -q | split -b 15M - "$OUT/cupy-cache.tar.zst.part-"
-    echo "== cache: $(ls "$CUPY_CACHE_DIR" | wc -l) files, $(du -sh "$CUPY_CACHE_DIR" | cut -f1) -> $(cat "$OUT"/cupy-cache.tar.zst.part-* | wc -c) B in $(ls "$OUT"/cupy-cache.tar.zst.part-* | wc -l) parts" ;;
+    tar -C "$CUPY_CACHE_DIR" -cf - . | xz -6 -T0 | split -b 15M - "$OUT/cupy-cache.tar.xz.part-"
+    echo "== cache: $(ls "$CUPY_CACHE_DIR" | wc -l) files, $(du -sh "$CUPY_CACHE_DIR" | cut -f1) -> $(cat "$OUT"/cupy-cache.tar.xz.part-* | wc -c) B in $(ls "$OUT"/cupy-cache.tar.xz.part-* | wc -l) parts" ;;
   full)
     T python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
   esac

@@ -73,3 +73,12 @@ def cpu_path_only():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
         yield
+
+
+_TIMES = os.environ.get("FLASHCUPY_TEST_TIMES")  # a file: "seconds outcome nodeid" appended per test as it ends
+
+
+def pytest_runtest_logreport(report):
+    if _TIMES and (report.when == "call" or report.outcome != "passed"):
+        with open(_TIMES, "a") as f:
+            f.write(f"{report.duration:8.2f} {report.when}:{report.outcome} {report.nodeid}\n")
