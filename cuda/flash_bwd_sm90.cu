@@ -387,8 +387,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         fence_proxy_async();
         mbar_arrive(dq_full(wg));
     };
+    // The masked / unmasked choice is the CTA's (all BLOCK_N keys), not this warpgroup's 64: each
+    // inlined copy of `tile` has its own bar.sync 1, so a per-warpgroup choice (one consumer on the causal
+    // diagonal or the key tail, the other not) had the two warpgroups meet at different bar.sync
+    // instructions, which compute-sanitizer synccheck reports as a divergent barrier (bench/NOTES.md).
     for (int m0 = m_first; m0 >= 0; m0 = rows.next(), ++i) {
-        if (mask.partial(m0, BLOCK_M, kv0, 64)) tile(true, m0);
+        if (mask.partial(m0, BLOCK_M, n0, BLOCK_N)) tile(true, m0);
         else tile(false, m0);
     }
 

@@ -152,14 +152,20 @@ def test_deterministic_backward_is_bitwise_reproducible(rng, dtype, causal):
         assert all(same_bits(a, b) for a, b in zip(first, again))
 
 
-def test_numpy_float64_runs_on_the_gpu_and_returns_numpy(rng, monkeypatch):
-    from flashcupy import _gpu_simt
+def test_numpy_float64_runs_on_the_gpu_when_opted_in_and_returns_numpy(rng, monkeypatch):
+    """NumPy float64 stays on the CPU path by default; with interface.NUMPY_FLOAT64_ON_GPU = True it runs
+    the GPU's float64 kernels and comes back as NumPy."""
+    from flashcupy import _gpu_simt, interface
 
     calls = []
     for name in ("forward", "backward"):
         fn = getattr(_gpu_simt, name)
         monkeypatch.setattr(_gpu_simt, name, lambda *a, _fn=fn, _n=name, **kw: calls.append(_n) or _fn(*a, **kw))
     q, k, v, dout = random_inputs(rng, 2, 90, 150, 4, 2, 64, np.float64, grad=True)
+    monkeypatch.setattr(interface, "NUMPY_FLOAT64_ON_GPU", False)
+    flashcupy.flash_attn_forward(q, k, v, causal=True)
+    assert calls == []
+    monkeypatch.setattr(interface, "NUMPY_FLOAT64_ON_GPU", True)
     res = flashcupy.flash_attn_forward(q, k, v, causal=True)
     grads = flashcupy.flash_attn_backward(dout, q, k, v, res.out, res.lse, causal=True)
     assert calls == ["forward", "backward"]

@@ -124,11 +124,15 @@ def test_large_scores_past_the_key_tail(rng):
 
 
 def test_public_backward_takes_the_sm90_path(rng, monkeypatch):
-    """flash_attn_backward on an H100/H200 runs the wgmma backward for fp16/bf16 without dropout, block
-    mask or deterministic; deterministic=True (until the sm_90a deterministic mode has run on a GPU and is
-    dispatched) and FLASHCUPY_SM90_BWD=0 run the mma.sync family."""
+    """flash_attn_backward on an H100/H200 runs the wgmma backward for fp16/bf16 without dropout or block
+    mask, deterministic=True included (bitwise the same twice); FLASHCUPY_SM90_BWD=0 runs the mma.sync
+    family."""
     from flashcupy import _gpu_sm90_bwd
 
+    from flashcupy._device import current_device_info
+
+    if _gpu_sm90_bwd.plan_config(128, current_device_info(), causal=True) is None:  # e.g. FLASHCUPY_SMEM_LIMIT_KB=99
+        pytest.skip("this device (or its shared-memory cap) does not run the sm_90a kernel at head_dim 128")
     calls = []
     real = _gpu_sm90_bwd.backward
     monkeypatch.setattr(_gpu_sm90_bwd, "backward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -140,8 +144,11 @@ def test_public_backward_takes_the_sm90_path(rng, monkeypatch):
     assert_backward_rule(g, do, q, k, v, causal=True)
     calls.clear()
     g = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=True, deterministic=True)
-    assert not calls
+    assert calls, "deterministic=True did not take the sm_90a backward"
     assert_backward_rule(g, do, q, k, v, causal=True)
+    g2 = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=True, deterministic=True)
+    assert all(bool((a == b).all()) for a, b in zip(g, g2))
+    calls.clear()
     monkeypatch.setenv("FLASHCUPY_SM90_BWD", "0")
     g = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=True)
     assert not calls
