@@ -10,6 +10,7 @@
 # fwdtests  tests/test_gpu_sm90.py (the Hopper forward)
 # fwdab     the Hopper forward of bench/ab/base (device_ab.sh make-base) against this tree, same run
 # full      the whole GPU suite
+# fuzz      flashcupy fuzz --device gpu in $FUZZ_PROCS processes over every family ($OUT/fuzz-report.json)
 # warm      compile every sanitizer-plan kernel (bench/sanitize_all.py --shard i/$WARM_JOBS) at the default
 #           limit and at 99 KB (unless NO99=1) into CUPY_CACHE_DIR, in parallel
 # cache-load / cache-save   CuPy's kernel cache in and out of a call: cache-save writes
@@ -136,6 +137,40 @@ PY
                # (the device tool brings back 16 MiB a file); copy them into .kcache/ of the carried tree
     tar -C "$CUPY_CACHE_DIR" -cf - . | xz -6 -T0 | split -b 15M - "$OUT/cupy-cache.tar.xz.part-"
     echo "== cache: $(ls "$CUPY_CACHE_DIR" | wc -l) files, $(du -sh "$CUPY_CACHE_DIR" | cut -f1) -> $(cat "$OUT"/cupy-cache.tar.xz.part-* | wc -c) B in $(ls "$OUT"/cupy-cache.tar.xz.part-* | wc -l) parts" ;;
+  fuzz)  # flashcupy fuzz on the GPU (issue 19): $FUZZ_PROCS processes at once (default 12), $FUZZ_MINUTES each
+         # (default 5), each a seed and one of four draws so every family runs: the default dispatch (Hopper
+         # fp16/bf16 hd <= 128, SIMT fp32, DMMA fp64), FLASHCUPY_SM90=0 (the mma.sync family), head dims
+         # 160-256 (mma.sync above 128; SIMT / DMMA there), --allow-tf32 float32 (TF32); then one merged report
+    np_=${FUZZ_PROCS:-12}; thr=$(( $(nproc) / np_ )); [ $thr -lt 1 ] && thr=1
+    for i in $(seq 0 $((np_ - 1))); do
+      case $((i % 4)) in
+        0) env_=(); args=() ;;
+        1) env_=(FLASHCUPY_SM90=0); args=(--dtypes float16 bfloat16) ;;
+        2) env_=(); args=(--head-dims 160 192 224 256) ;;
+        3) env_=(); args=(--allow-tf32 --dtypes float32) ;;
+      esac
+      env "${env_[@]}" OMP_NUM_THREADS=$thr OPENBLAS_NUM_THREADS=$thr timeout -k 5 "$stage_timeout" python3 -m flashcupy fuzz --device gpu \
+        --seed $((1000 + i)) --minutes "${FUZZ_MINUTES:-5}" --max-examples 1000000 "${args[@]}" ${FUZZ_ARGS:-} \
+        --json "$LOG/fuzz-$i.json" > "$LOG/fuzz-$i.log" 2>&1 &
+    done
+    wait
+    python3 - "$LOG" "$OUT/fuzz-report.json" <<'PY'
+import glob, json, sys
+reports = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/fuzz-*.json"))]
+cases = sum(r["cases"] for r in reports)
+fails = [f for r in reports for f in r["failures"]]
+worst = max(reports, key=lambda r: r["worst_ratio"]) if reports else None
+merged = {"processes": len(reports), "cases": cases, "failures": fails,
+          "worst_ratio": worst["worst_ratio"] if worst else None, "worst_case": worst["worst_case"] if worst else None,
+          "runs": [{k: r[k] for k in ("seed", "dtypes", "head_dims", "allow_tf32", "features", "cases", "seconds",
+                                      "worst_ratio")} for r in reports]}
+json.dump(merged, open(sys.argv[2], "w"), indent=1)
+print(f"== fuzz: {cases} cases in {len(reports)} processes, {len(fails)} failures, worst error / bound "
+      f"{merged['worst_ratio']}")
+for f in fails[:5]:
+    print("   FAIL", f["reproduce"])
+PY
+    ;;
   full)
     T python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
   esac

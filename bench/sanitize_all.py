@@ -385,7 +385,8 @@ def run_call(call: Call, inputs: _Inputs) -> None:
 # sanitize_all.sh's verdict on a log
 
 
-_ERRORS = re.compile(r"^=+ ERROR SUMMARY: (\d+) errors?", re.M)
+# "ERROR SUMMARY: N errors" (not its follow-up "ERROR SUMMARY: M errors were not printed", past --print-limit)
+_ERRORS = re.compile(r"^=+ ERROR SUMMARY: (\d+) errors?\s*$", re.M)
 _RACES = re.compile(r"^=+ RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)", re.M)
 _PLAN = re.compile(r"^plan: (\d+) calls", re.M)
 _DONE = re.compile(r"^done: (\d+) calls ok", re.M)

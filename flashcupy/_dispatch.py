@@ -21,7 +21,7 @@ Routing (today's rules, plus the device gates):
 - float16 / bfloat16 forward on compute capability 9.0, head_dim <= 128, no dropout, no block mask:
   the Hopper family ("wgmma", flashcupy._gpu_sm90; FLASHCUPY_SM90=0 turns it off).
 - float16 / bfloat16 backward on compute capability 9.0, head_dim <= 128, no dropout, no block mask,
-  deterministic or not (not both deterministic and a window): the Hopper backward ("wgmma",
+  not deterministic (see _gpu_sm90_bwd.plan_config): the Hopper backward ("wgmma",
   flashcupy._gpu_sm90_bwd; FLASHCUPY_SM90=0 or FLASHCUPY_SM90_BWD=0 turn it off).
 - float16 / bfloat16, head_dim <= 256: the mma.sync family ("mma16"), with dropout and block masks
   fused; fwd_config / bwd_config pick the tiles.

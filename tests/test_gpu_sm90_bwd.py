@@ -124,11 +124,10 @@ def test_large_scores_past_the_key_tail(rng):
 
 
 def test_public_backward_takes_the_sm90_path(rng, monkeypatch):
-    """flash_attn_backward on an H100/H200 runs the wgmma backward for fp16/bf16 without dropout or block
-    mask, deterministic=True included (bitwise the same twice); FLASHCUPY_SM90_BWD=0 runs the mma.sync
-    family."""
+    """flash_attn_backward on an H100/H200 runs the wgmma backward for fp16/bf16 without dropout, block
+    mask or deterministic; deterministic=True (not yet dispatched: plan_config) and FLASHCUPY_SM90_BWD=0
+    run the mma.sync family."""
     from flashcupy import _gpu_sm90_bwd
-
     from flashcupy._device import current_device_info
 
     if _gpu_sm90_bwd.plan_config(128, current_device_info(), causal=True) is None:  # e.g. FLASHCUPY_SMEM_LIMIT_KB=99
@@ -144,11 +143,8 @@ def test_public_backward_takes_the_sm90_path(rng, monkeypatch):
     assert_backward_rule(g, do, q, k, v, causal=True)
     calls.clear()
     g = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=True, deterministic=True)
-    assert calls, "deterministic=True did not take the sm_90a backward"
+    assert not calls
     assert_backward_rule(g, do, q, k, v, causal=True)
-    g2 = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=True, deterministic=True)
-    assert all(bool((a == b).all()) for a, b in zip(g, g2))
-    calls.clear()
     monkeypatch.setenv("FLASHCUPY_SM90_BWD", "0")
     g = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=True)
     assert not calls
@@ -174,16 +170,25 @@ def test_block_mask_on_the_sm90_path(rng, causal):
         _backward_sm90(q, k, v, do, causal=causal, block_mask=bs.BlockMask(narrow, 128, 64))
 
 
+@pytest.mark.parametrize("after_deterministic", [False, True], ids=["fresh", "after_deterministic"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_graph_capture_and_repeat(rng, causal):
+def test_graph_capture_and_repeat(rng, causal, after_deterministic):
     """Captured into a CUDA graph on a non-default stream, the replay gives finite gradients within the
-    rule (the dQ additions are unordered, so bits may differ from the eager call)."""
+    rule (the dQ additions are unordered, so bits may differ from the eager call); the eager call is
+    checked too. after_deterministic: a forced deterministic Hopper backward runs first in the same
+    process (the one H200 run that routed deterministic calls there failed this test, both causal
+    settings, dq about 1e4 off, while it had passed in the run before: bench/NOTES.md)."""
     import cupy as cp
 
+    if after_deterministic:
+        q0, k0, v0, do0 = random_inputs(rng, 1, 257, 257, 2, 2, 128, HALF_DTYPES[-1], grad=True)
+        assert_backward_rule(_backward_sm90(q0, k0, v0, do0, causal=True, deterministic=True), do0, q0, k0, v0,
+                             causal=True)
     q, k, v, do = random_inputs(rng, 2, 333, 517, 4, 2, 128, HALF_DTYPES[-1], grad=True)
     qg, kg, vg, dog = to_gpu(q, k, v, do)
     res = flashcupy.flash_attn_forward(qg, kg, vg, causal=causal)
-    flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=causal)  # compiles outside
+    eager = flashcupy.flash_attn_backward(dog, qg, kg, vg, res.out, res.lse, causal=causal)  # compiles outside
+    assert_backward_rule(eager, do, q, k, v, causal=causal)
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
         stream.begin_capture()

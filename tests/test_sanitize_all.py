@@ -317,6 +317,16 @@ def test_nonzero_error_count_fails(tool, n):
     assert not passed and f"{n} errors" in line and "FAIL" in line
 
 
+def test_error_count_is_the_summary_not_the_unprinted_count():
+    """Past --print-limit the tool adds "ERROR SUMMARY: M errors were not printed" after the total (the
+    H200 synccheck log of 2026-12-03: 832 errors, 732 not printed); the count is the total."""
+    text = _log("synccheck", summary="========= ERROR SUMMARY: 832 errors\n"
+                                     "========= ERROR SUMMARY: 732 errors were not printed. Use --print-limit "
+                                     "option to adjust the number of printed errors")
+    passed, line = sa.summarize("synccheck", text)
+    assert not passed and "832 errors" in line and "732" not in line
+
+
 @pytest.mark.parametrize("counts", [(1, 1, 0), (2, 0, 2), (5, 3, 2)])
 def test_racecheck_hazard_fails(counts):
     h, e, w = counts
