@@ -31,10 +31,15 @@
 //      as soon as P^T is packed, so it runs while dS^T is computed (that keeps P^T packed beside the fp32
 //      S^T and dP^T: at hd64 with 128-row tiles ptxas serializes the wgmmas, so hd64 takes 1).
 //      DETERMINISTIC (a kernel flag): the dQ writer adds the chunks of each 64-row dQ tile in key-block
-//      order. CTA j waits until the tile's turnstile (dq_turnstiles) reads j, adds, waits until its additions
-//      have completed in global memory (not only read from shared memory: flash-attn #2244 / PR #2510),
-//      then releases j + 1. The key blocks that add to a tile are always blocks 0 .. J of the (batch, head)
-//      (the causal / dense walks begin at nondecreasing query tiles), so j is the count before it.
+//      order. CTA j waits until the tile's turnstile (dq_turnstiles) reads its turn (Mask::dq_turn), adds,
+//      waits until its additions have completed in global memory (not only read from shared memory:
+//      flash-attn #2244 / PR #2510), then adds 1. The key blocks that add to a tile are a contiguous range
+//      [first, last]; non-causal, turns ascend from `first` and blocks launch in ascending order; causal,
+//      they descend from `last` (each key block walks its query tiles from its diagonal up, so the last
+//      block reaches a query tile first; ascending turns made every block wait for block 0's walk to
+//      get there: 1.6-1.7x the default's time at 2k-16k, bench/NOTES.md) and the key blocks launch in
+//      descending order (shortest walks first, the reverse of LPT), so a CTA only waits on CTAs
+//      launched before it.
 //      LPT (causal only): longest key blocks first within groups of (batch, head) pairs whose Q, dO and
 //      dQ accumulator fit in L2 (FA3's LPT backward scheduler does the same): grid (n_blocks * G, groups),
 //      x = key block * G + pair within the group. A plain longest-first order over every head (tried
@@ -147,8 +152,11 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
         const int n_blocks = cdiv(p.seqlen_k, BLOCK_N), group = gridDim.x / n_blocks;
         const int pair = blockIdx.y * group + (int)(blockIdx.x % group);
         n_block = blockIdx.x / group;
+        if constexpr (DETERMINISTIC) n_block = n_blocks - 1 - n_block;  // descending turns: last block first
         if (pair >= p.batch * p.nheads) return;  // the last group's missing pairs (before any barrier)
         head = pair % p.nheads, batch = pair / p.nheads;
+    } else if constexpr (DETERMINISTIC && CAUSAL) {
+        n_block = gridDim.x - 1 - n_block;  // grid (n_blocks, h, b): descending key blocks within a head
     }
     const int head_k = head / p.group;
     const int n0 = n_block * BLOCK_N;
@@ -200,11 +208,12 @@ flash_bwd_sm90_kernel(const __grid_constant__ AttnParams p, const __grid_constan
             int* const sem = DETERMINISTIC ? dq_turnstiles(p) + ((i64)batch * nheads + head) * (stats_rows_padded(p) / 64) : nullptr;
             int i = 0;
             for (int m0 = m_first; m0 >= 0; m0 = rows.next(), ++i) {
+                const int turn = DETERMINISTIC ? mask.dq_turn<BLOCK_N>(m0, BLOCK_M, n_block, CAUSAL) : 0;
 #pragma unroll
                 for (int w = 0; w < Tr::CONSUMERS; ++w) {
                     const int qt = m0 / 64 + w / PANELS;  // the 64-row dQ tile of chunk w
                     mbar_wait(dq_full(w), i & 1);
-                    if (DETERMINISTIC && w % PANELS == 0) sem_wait_eq(sem + qt, n_block);
+                    if (DETERMINISTIC && w % PANELS == 0) sem_wait_eq(sem + qt, turn);
                     const i64 chunk = dq_chunk_index(p, batch, head, qt, w % PANELS);
                     bulk_reduce_add_f32(dq_accum + chunk, s_dq + w * Tr::DQ_CHUNK, Tr::DQ_CHUNK);
                     bulk_commit();

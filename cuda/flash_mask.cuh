@@ -60,6 +60,18 @@ struct Mask {
         first = key_begin(r0) / TILE * TILE;
         count = max(0, cdiv(key_end(r0 + rows - 1) - first, TILE));
     }
+    // Deterministic dQ (the KV-outer backwards): the turn of key tile kt (TILE keys) among the key tiles
+    // whose CTAs walk the query tile of rows [r0, r0 + rows) (TileWalk from query_begin(kt TILE) to
+    // query_end(kt TILE + TILE - 1)); those are key tiles first .. first + count - 1 of key_tiles over
+    // the rows that exist (the query tile clamped to seqlen_q), so the turns are 0 .. count - 1, once
+    // each. descending: the last key tile adds first (causal: the order in which the walks, each
+    // starting at its diagonal, reach the query tile; the launch order must then put higher key tiles
+    // first); else the first one does (launch order ascending).
+    template <int TILE>
+    __device__ __forceinline__ int dq_turn(int r0, int rows, int kt, bool descending) const {
+        // last key tile: cdiv(key_end(last row), TILE) - 1; first: key_begin(r0) / TILE (key_tiles)
+        return descending ? cdiv(key_end(min(r0 + rows, seqlen_q) - 1), TILE) - 1 - kt : kt - key_begin(r0) / TILE;
+    }
     // The query tiles (indices) [begin, end) of TILE rows that see a key of [k0, k0 + keys).
     template <int TILE>
     __device__ __forceinline__ void query_tiles(int k0, int keys, int& begin, int& end) const {

@@ -113,3 +113,63 @@ def test_window_is_off_by_default():
     assert _mask.band(5, 9, False) == (None, None)
     assert _mask.band(5, 9, True) == (None, 4)
     assert _mask.band(5, 9, False, (2, 1)) == (2, 5)
+
+
+# ---- the deterministic dQ turns of the KV-outer backward (Mask::dq_turn, flash_bwd_sm90.cu's dQ writer)
+
+TURN_MAIN = r"""
+int main() {
+    int sq, sk, causal, wl, wr, desc;
+    while (scanf("%d %d %d %d %d %d", &sq, &sk, &causal, &wl, &wr, &desc) == 6) {
+        AttnParams p = {};
+        p.seqlen_q = sq, p.seqlen_k = sk, p.mask.causal = causal, p.mask.window_left = wl, p.mask.window_right = wr;
+        const Mask m(p, causal != 0, true);
+        SparseList dense = {};
+        for (int kt = 0; kt * TN < sk; ++kt) {  // each key tile's walk, as the kernel's TileWalk over rows
+            const int n0 = kt * TN;
+            TileWalk<TM> rows(m.query_end(n0 + TN - 1), dense, 0, 0, n0);
+            for (int r0 = rows.first(m.query_begin(n0)); r0 >= 0; r0 = rows.next())
+                printf("%d %d %d\n", kt, r0, m.dq_turn<TN>(r0, TM, kt, desc != 0));
+        }
+        printf("E\n");
+    }
+}
+"""
+
+TURN_CASES = [(sq, sk, causal, wl, wr)
+              for sq, sk in [(1, 1), (64, 128), (65, 129), (300, 421), (421, 300), (128, 640), (640, 128), (333, 517)]
+              for causal in (0, 1)
+              for wl, wr in [(-1, -1), (100, -1), (-1, 0), (200, 30), (0, 0)]]
+
+
+@pytest.mark.parametrize("tm", [64, 128])
+def test_dq_turns_are_a_contiguous_order_each_ceiling_launched_first(tmp_path, tm):
+    """For every query tile, the CTAs (key tiles of 128) that walk it get turns 0 .. n-1 once each, and
+    the CTA a turn waits on (turn - 1) is launched before it: a higher key tile with descending turns
+    (causal; the kernel then launches key tiles in descending order), a lower one with ascending turns.
+    Otherwise a deterministic call would deadlock or add in an order that depends on timing."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler")
+    src = tmp_path / "turn.cpp"
+    body = _build.load_source("flash_mask.cuh").replace("#pragma once", "")
+    src.write_text(SHIM + f"constexpr int TM = {tm}, TN = 128;\n" + body + TURN_MAIN)
+    exe = tmp_path / "turn"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-o", str(exe), str(src)], check=True, capture_output=True)
+    cases = [c + (desc,) for c in TURN_CASES for desc in (0, 1) if desc == c[2] or c[3:] == (-1, -1)]
+    stdin = "\n".join(" ".join(map(str, c)) for c in cases) + "\n"
+    out = subprocess.run([str(exe)], input=stdin, capture_output=True, text=True, check=True).stdout.split("E\n")
+    for case, block in zip(cases, out):
+        desc = case[-1]
+        walkers = {}
+        rows = [tuple(map(int, ln.split())) for ln in block.strip().split("\n") if ln]
+        for kt, r0, turn in rows:
+            walkers.setdefault(r0, []).append((kt, turn))
+        assert rows or case[1] == 0, case
+        for r0, ws in walkers.items():
+            kts = sorted(kt for kt, _ in ws)
+            assert kts == list(range(kts[0], kts[-1] + 1)), (case, r0, kts)  # a contiguous range
+            turns = dict((t, kt) for kt, t in ws)
+            assert sorted(turns) == list(range(len(ws))), (case, r0, ws)
+            for t in range(1, len(ws)):  # the one waited on comes earlier in the launch order
+                assert (turns[t - 1] > turns[t]) if desc else (turns[t - 1] < turns[t]), (case, r0, ws)
