@@ -9,6 +9,8 @@ Public API:
                         deterministic=False, block_mask, allow_tf32, forward=None) -> (dq, dk, dv)
         forward=fwd (the AttnForward) repeats the forward's options and checks every one given
         explicitly; without it the options default to 0.0, None, False, None, None, False as in flash-attn.
+    flash_attn_qkvpacked_func(qkv, ...) / flash_attn_kvpacked_func(q, kv, ...): flash_attn_func on
+        flash-attn's packed layouts (batch, seqlen, 3 | 2, heads, head_dim), as views.
     AttnOptions: the forward's options the backward repeats (AttnForward.options).
     BlockMask (flashcupy.blocksparse): an immutable block-sparse mask.
     flash_attn_varlen_func / flash_attn_varlen_forward / flash_attn_varlen_backward (flashcupy.varlen):
@@ -21,7 +23,8 @@ Layout BSHD; see README.md for the conventions.
 
 from . import blocksparse, dropout, reference
 from .blocksparse import BlockMask
-from .interface import AttnForward, AttnOptions, flash_attn_backward, flash_attn_forward, flash_attn_func
+from .interface import (AttnForward, AttnOptions, flash_attn_backward, flash_attn_forward, flash_attn_func,
+                        flash_attn_kvpacked_func, flash_attn_qkvpacked_func)
 from .varlen import (
     VarlenForward,
     VarlenOptions,
@@ -43,6 +46,8 @@ __all__ = [
     "flash_attn_backward",
     "flash_attn_forward",
     "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
     "flash_attn_varlen_backward",
     "flash_attn_varlen_forward",
     "flash_attn_varlen_func",

@@ -605,21 +605,52 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *, deterministic=False,
                     return_lse=False, seed=None, block_mask=None, allow_tf32=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, sinks=None):
+                    softcap=0.0, alibi_slopes=None, sinks=None, return_attn_probs=False):
     """Exact attention softmax(q k^T * softmax_scale) v, computed without storing the attention matrix.
 
     q: (batch, seqlen_q, nheads, head_dim); k, v: (batch, seqlen_k, nheads_k, head_dim). Arguments,
     errors and the behaviour on NaN, inf and overflow as flash_attn_forward (seed is ignored when
     dropout_p is 0; window_size, softcap, alibi_slopes and sinks as there, flash-attn's names). Returns
-    out (like q), or (out, lse) when return_lse is True; return_lse and
-    deterministic must be bools (deterministic only concerns a backward: validated, unused here).
+    out (like q), or (out, lse) when return_lse is True; return_attn_probs is flash-attn's name for
+    it (accepted as an alias: no probabilities are returned, lse is what they would be computed from).
+    deterministic (a bool, as flash-attn's): the forward is always bitwise reproducible, so it changes
+    nothing here; it concerns a backward (flash_attn_backward, the tape).
     For gradients use flash_attn_forward / flash_attn_backward, or the tape (flashcupy.tape).
     NumPy (and host __dlpack__) in -> NumPy out (CPU); CuPy / GPU __dlpack__ in -> CuPy out (GPU), on
     the current stream.
     """
     check_bool("deterministic", deterministic)
-    return_lse = check_bool("return_lse", return_lse)
+    return_lse = check_bool("return_lse", return_lse) | check_bool("return_attn_probs", return_attn_probs)
     res = flash_attn_forward(q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, seed=seed,
                              block_mask=block_mask, allow_tf32=allow_tf32, window_size=window_size, softcap=softcap,
                              alibi_slopes=alibi_slopes, sinks=sinks)
     return (res.out, res.lse) if return_lse else res.out
+
+
+def _unpack(name, x, n, what):
+    """The n views x[:, :, i] of a packed (batch, seqlen, n, heads, head_dim) array (no copy)."""
+    if x.ndim != 5 or int(x.shape[2]) != n:
+        raise ValueError(f"{name}: expected shape (batch, seqlen, {n}, {what}, head_dim), got {tuple(x.shape)}")
+    return tuple(x[:, :, i] for i in range(n))
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
+    """flash_attn_func on packed self-attention inputs, flash-attn's flash_attn_qkvpacked_func.
+
+    qkv: (batch, seqlen, 3, nheads, head_dim), q, k, v along axis 2 (views, no copy); every other
+    argument and the result as flash_attn_func (keyword-only there). Raises ValueError for another
+    shape, TypeError for a non-array, then as flash_attn_func.
+    """
+    q, k, v = _unpack("qkv", array_module(qkv=qkv)[1][0], 3, "nheads")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, **kwargs)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, **kwargs):
+    """flash_attn_func with k and v packed, flash-attn's flash_attn_kvpacked_func.
+
+    q: (batch, seqlen_q, nheads, head_dim); kv: (batch, seqlen_k, 2, nheads_k, head_dim), k and v
+    along axis 2 (views, no copy); every other argument and the result as flash_attn_func. Raises
+    ValueError for another kv shape, TypeError for a non-array, then as flash_attn_func.
+    """
+    k, v = _unpack("kv", array_module(kv=kv)[1][0], 2, "nheads_k")
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, **kwargs)

@@ -362,3 +362,30 @@ def test_empty_sizes(dtype, sizes, causal, rng):
         assert g.shape == x.shape and (g == 0).all()
     ref_out, ref_lse = reference.attention_forward(q, k, v, causal=causal)
     assert (ref_out == 0).all() and np.isneginf(ref_lse).all()
+
+
+def test_packed_layouts_and_return_attn_probs(rng):
+    """flash_attn_qkvpacked_func / flash_attn_kvpacked_func are flash_attn_func on views of flash-attn's
+    packed layouts (the same bits), return_attn_probs is return_lse's alias, and wrong packings raise
+    naming the argument."""
+    from flashcupy import flash_attn_kvpacked_func, flash_attn_qkvpacked_func
+
+    qkv = rng.standard_normal((2, 19, 3, 4, 16)).astype(np.float32)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    want, lse = flash_attn_func(q, k, v, causal=True, softmax_scale=0.3, return_lse=True)
+    np.testing.assert_array_equal(flash_attn_qkvpacked_func(qkv, 0.0, 0.3, True), want)
+    got, got_lse = flash_attn_qkvpacked_func(qkv, softmax_scale=0.3, causal=True, return_attn_probs=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got_lse, lse)
+    assert_forward_rule(got, got_lse, q, k, v, causal=True, softmax_scale=0.3)
+    kv = rng.standard_normal((2, 23, 2, 2, 16)).astype(np.float32)
+    np.testing.assert_array_equal(flash_attn_kvpacked_func(q, kv, causal=True),
+                                  flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], causal=True))
+    with pytest.raises(ValueError, match=r"qkv: expected shape \(batch, seqlen, 3, nheads, head_dim\)"):
+        flash_attn_qkvpacked_func(qkv[:, :, :2])
+    with pytest.raises(ValueError, match=r"kv: expected shape \(batch, seqlen, 2, nheads_k, head_dim\)"):
+        flash_attn_kvpacked_func(q, kv[..., 0])
+    with pytest.raises(TypeError, match="qkv"):
+        flash_attn_qkvpacked_func([1, 2, 3])
+    with pytest.raises(TypeError, match="return_attn_probs"):
+        flash_attn_func(q, k, v, return_attn_probs=1)
