@@ -4,7 +4,8 @@ Speed (TFLOP/s), peak memory and accuracy against the float64 oracle for each pr
 when installed) with a progress bar while it runs, a JSON file, PNG plots (matplotlib when installed)
 and the README's headline table in Markdown.
 
-    flashcupy bench --quick       # bf16, head dims 64/128, seqlens 1k/4k/16k, fwd and fwd+bwd, causal both
+    flashcupy bench --quick       # on a GPU: bf16, head dims 64/128, seqlens 1k/4k/16k, fwd and fwd+bwd, causal both
+                                  # (without one, or --device cpu: fp32, head dims 32/64, seqlens 128/256, ~10 s)
     flashcupy bench --mode bwd --dtype fp16 --head-dims 128 --seqlens 2048 8192 --causal yes
     flashcupy bench --list        # which providers this environment has
     flashcupy bench --markdown bench/results/nvidia-h200-quick.json   # headline table for the README
@@ -108,6 +109,10 @@ PRESETS = {
     "quick": dict(modes=["fwd", "fwd+bwd"], dtypes=["bf16"], head_dims=[64, 128], seqlens=[1024, 4096, 16384],
                   causal=[False, True], densities=[1.0], hidden=HIDDEN, tokens=TOKENS, warmup_ms=10.0,
                   rep_ms=40.0, min_reps=5, max_quadratic_seqlen=4096),
+    # --device cpu --quick: a minute or so of NumPy
+    "cpu-quick": dict(modes=["fwd", "fwd+bwd"], dtypes=["fp32"], head_dims=[32, 64], seqlens=[128, 256],
+                      causal=[False, True], densities=[1.0], hidden=256, tokens=1024, warmup_ms=5.0, rep_ms=20.0,
+                      min_reps=3, max_quadratic_seqlen=4096),
     # --device cpu: NumPy-sized shapes
     "cpu": dict(modes=["fwd", "fwd+bwd"], dtypes=["fp32"], head_dims=[32, 64], seqlens=[128, 256, 512],
                 causal=[False, True], densities=[1.0], hidden=256, tokens=2048, warmup_ms=20.0, rep_ms=100.0,
@@ -533,9 +538,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="block-sparse densities in (0, 1]; 1 = dense (default 1)")
     g.add_argument("--providers", nargs="+", metavar="NAME",
                    help=f"providers or groups (default all): {', '.join(PROVIDERS)}; groups {', '.join(ALIASES)}")
-    g.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
-                   help="gpu (default): CuPy/torch/JAX on the current CUDA device; cpu: NumPy (and CPU torch/JAX), "
-                        "small shapes")
+    g.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
+                   help="gpu: CuPy/torch/JAX on the current CUDA device; cpu: NumPy (and CPU torch/JAX), small "
+                        "shapes (its own presets, --quick included); auto (default): gpu where CuPy has a GPU, else cpu")
     g.add_argument("--hidden", type=int, help=f"nheads * head_dim (default {HIDDEN})")
     g.add_argument("--tokens", type=int, help=f"batch * seqlen (default {TOKENS})")
     m = p.add_argument_group("method")
@@ -624,15 +629,24 @@ def resolve_providers(names) -> list:
 
 
 def make_plan(args) -> Plan:
-    """The run's Plan: the preset (quick, cpu or default), overridden by every option given."""
-    preset = "quick" if args.quick else ("cpu" if args.device == "cpu" else "default")
+    """The run's Plan: the preset (default or quick on a GPU, cpu or cpu-quick on the CPU), overridden by
+    every option given. --device auto is gpu where CuPy has a usable GPU, else cpu."""
+    device = args.device
+    if device == "auto":
+        from ._arrays import gpu_available
+
+        device = "gpu" if gpu_available() else "cpu"
+    if device == "cpu":
+        preset = "cpu-quick" if args.quick else "cpu"
+    else:
+        preset = "quick" if args.quick else "default"
     base = dict(PRESETS[preset])
 
     def pick(name, value):
         return base[name] if value is None else value
 
     plan = Plan(
-        device=args.device, preset=preset,
+        device=device, preset=preset,
         modes=list(dict.fromkeys(pick("modes", args.modes))),
         dtypes=list(dict.fromkeys(pick("dtypes", args.dtypes))),
         head_dims=list(dict.fromkeys(pick("head_dims", args.head_dims))),
@@ -1933,7 +1947,7 @@ def run(args) -> int:
     except ValueError as e:  # a bug here must not lose the measurements: write them, then say so
         invalid = str(e)
     stem = args.name or (_slug(result["env"]["device"].get("name") or plan.device)
-                         if plan.device == "gpu" else "cpu") + ("-quick" if plan.preset == "quick" else "")
+                         if plan.device == "gpu" else "cpu") + ("-quick" if plan.preset in ("quick", "cpu-quick") else "")
     written = write_outputs(result, args.out, stem, args.json, plots=not args.no_plots)
     table_stream = sys.stderr if args.json == "-" else sys.stdout
     print("\nproviders:", file=table_stream)

@@ -267,14 +267,32 @@ def parse(*argv):
 
 
 def test_plans():
-    quick = parse("--quick")
+    quick = parse("--quick", "--device", "gpu")
     assert (quick.dtypes, quick.head_dims, quick.seqlens) == (["bf16"], [64, 128], [1024, 4096, 16384])
     assert quick.modes == ["fwd", "fwd+bwd"] and quick.causal == [False, True]
     assert (quick.hidden, quick.tokens) == (2048, 16384)
-    full = parse("--mode", "fwd", "--mode", "bwd", "--dtype", "fp16", "--causal", "yes", "--seqlens", "512")
+    full = parse("--device", "gpu", "--mode", "fwd", "--mode", "bwd", "--dtype", "fp16", "--causal", "yes",
+                 "--seqlens", "512")
     assert full.modes == ["fwd", "bwd"] and full.dtypes == ["fp16"] and full.causal == [True]
     assert full.seqlens == [512] and full.head_dims == [64, 128]
     assert parse("--quick", "--head-dims", "96").head_dims == [96]  # an option overrides the preset
+
+
+def test_cpu_presets_win_on_the_cpu(monkeypatch):
+    """--device cpu picks the CPU presets, --quick included (it used to run the GPU's bf16 16k-token
+    sweep on NumPy); --device auto (the default) is cpu where CuPy has no GPU, gpu where it has one."""
+    from flashcupy import _arrays
+
+    cpu_quick = parse("--quick", "--device", "cpu")
+    assert (cpu_quick.device, cpu_quick.preset, cpu_quick.dtypes) == ("cpu", "cpu-quick", ["fp32"])
+    assert max(cpu_quick.seqlens) <= 256 and cpu_quick.tokens <= 1024
+    assert parse("--device", "cpu").preset == "cpu"
+    monkeypatch.setattr(_arrays, "gpu_available", lambda: False)
+    auto = parse("--quick")
+    assert (auto.device, auto.preset) == ("cpu", "cpu-quick")
+    monkeypatch.setattr(_arrays, "gpu_available", lambda: True)
+    auto = parse("--quick")
+    assert (auto.device, auto.preset) == ("gpu", "quick")
     with pytest.raises(bench.CommandError, match="densities"):
         parse("--densities", "0")
 
