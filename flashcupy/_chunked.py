@@ -7,7 +7,7 @@ are those of flashcupy.reference, evaluated in float32 (float64 for float64 inpu
 features of issue 16 (flashcupy._features.Features: sliding window, softcap, ALiBi, sinks) through
 the oracle's own score modifier (flashcupy._features.score_mod). With a sliding window a chunk
 computes only the keys its rows can see (flashcupy._mask.key_range), so time and memory fall with
-the window's width.
+the window's width, and a causal chunk stops at its last row's diagonal.
 
 Layout inside: heads are grouped as (batch, nheads_k, group, seqlen, head_dim), so MQA/GQA needs no
 repeat of k and v, and dk, dv come out summed over the group by the matmul itself.
@@ -54,9 +54,10 @@ def _per_head(x, shape, dt):
 
 
 def _keys(shape, i0, i1, causal, features):
-    """(j0, j1): the key columns rows [i0, i1) compute; all of them unless a sliding window is set (so
-    the calls without one keep their exact operations)."""
-    if features.window == (-1, -1):
+    """(j0, j1): the key columns rows [i0, i1) compute: those any of them can see under causal and the
+    sliding window (flashcupy._mask.key_range), all of them without either. A causal call so computes
+    about half the scores of a non-causal one instead of all of them (issue 18: it was the slower)."""
+    if not causal and features.window == (-1, -1):
         return 0, shape.seqlen_k
     return _mask.key_range(i0, i1, shape.seqlen_q, shape.seqlen_k, causal, features.window)
 
@@ -80,12 +81,13 @@ def _scores(xp, qc, kg, shape, i0, i1, causal, visible_fn, features=_features.NO
     """(S', t): the scores of rows [i0, i1) against keys [j0, j1) (default all), (B, Hk, G, c, j1 - j0),
     modified (softcap, ALiBi: _features.score_mod) and -inf where not visible; t = tanh(S / softcap) or None."""
     j0, j1 = (0, shape.seqlen_k) if keys is None else keys
-    s = (qc @ kg[:, :, :, j0:j1].swapaxes(-1, -2)) * shape.softmax_scale  # (B, Hk, G, c, Sk)
+    # the scale on the (c, D) rows rather than on the (c, Sk) scores: one pass less over the scores
+    s = (qc * qc.dtype.type(shape.softmax_scale)) @ kg[:, :, :, j0:j1].swapaxes(-1, -2)  # (B, Hk, G, c, Sk)
     s, t = _features.score_mod(xp, s, features.softcap, slopes, xp.arange(i0, i1), xp.arange(j0, j1),
                                shape.seqlen_q, shape.seqlen_k)
     vis = _visible(xp, shape, i0, i1, causal, visible_fn, features.window, (j0, j1))
     if vis is not None:
-        s = xp.where(vis, s, -xp.inf)
+        xp.copyto(s, -xp.inf, where=~vis)  # in place (s is a fresh array here)
     return s, t
 
 
@@ -113,15 +115,16 @@ def forward(q, k, v, shape, *, causal=False, visible_fn=None, keep_fn=None, drop
         if sink is not None:  # the sink joins the row: max(-inf, m) and l + exp(-inf) leave a -inf sink bitwise out
             m = xp.maximum(m, sink)
         m = xp.where(m == -xp.inf, 0.0, m)  # rows with no visible key: keep exp() finite
-        p = xp.exp(s - m)
+        s -= m
+        p = xp.exp(s, out=s)  # in place: P unnormalized
         l = p.sum(axis=-1, keepdims=True)
         if sink is not None:
             l = l + xp.exp(sink - m)
-        p /= xp.where(l > 0, l, 1.0)
         lse[..., i0:i1] = xp.where(l > 0, xp.log(xp.where(l > 0, l, 1.0)) + m, -xp.inf)[..., 0]
         if keep_fn is not None:
-            p = p * _keep(xp, keep_fn, shape, i0, i1, (j0, j1)) * (1.0 / (1.0 - dropout_p))
-        out[:, i0:i1] = _ungroup(p @ vg[:, :, :, j0:j1])
+            p *= _keep(xp, keep_fn, shape, i0, i1, (j0, j1)) * (1.0 / (1.0 - dropout_p))
+        # out = (P / l) V computed as (P V) / l: the division on (c, D) instead of (c, Sk)
+        out[:, i0:i1] = _ungroup((p @ vg[:, :, :, j0:j1]) / xp.where(l > 0, l, 1.0))
     lse = lse.reshape(shape.batch, shape.nheads, shape.seqlen_q)
     return out.astype(q.dtype, copy=False), lse.astype(lse_dtype(q.dtype), copy=False)
 
@@ -154,8 +157,8 @@ def backward(dout, q, k, v, out, lse, shape, *, causal=False, visible_fn=None, k
             continue
         qc, doc = qg[:, :, :, i0:i1], dog[:, :, :, i0:i1]
         s, t = _scores(xp, qc, kg, shape, i0, i1, causal, visible_fn, features, slopes, (j0, j1))
-        p = xp.exp(s - lse_g[:, :, :, i0:i1])
-        del s
+        s -= lse_g[:, :, :, i0:i1]
+        p = xp.exp(s, out=s)  # in place (the scores are not needed again)
         vc = vg[:, :, :, j0:j1]
         dp = doc @ vc.swapaxes(-1, -2)
         if keep_fn is not None:
@@ -164,7 +167,9 @@ def backward(dout, q, k, v, out, lse, shape, *, causal=False, visible_fn=None, k
             dp *= z
         else:
             dv[:, :, j0:j1] += (p.swapaxes(-1, -2) @ doc).sum(axis=2)
-        ds = _features.softcap_grad(p * (dp - delta[:, :, :, i0:i1]), t)
+        dp -= delta[:, :, :, i0:i1]
+        dp *= p  # dS' = P o (dP - D), in place
+        ds = _features.softcap_grad(dp, t)
         dq[:, i0:i1] = _ungroup((ds @ kg[:, :, :, j0:j1]) * shape.softmax_scale)
         dk[:, :, j0:j1] += (ds.swapaxes(-1, -2) @ qc).sum(axis=2) * shape.softmax_scale
     dk = dk.transpose(0, 2, 1, 3)
