@@ -24,6 +24,16 @@ class CommandError(Exception):
     """A subcommand's options cannot work together (the message says which and why)."""
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except where X is None (the option's real default
+    depends on other options or the device, and its help text says it) or False (a flag)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(argv) -> argparse.ArgumentParser:
     from . import __version__
 
@@ -38,7 +48,7 @@ def build_parser(argv) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_line, description=(module.__doc__ or help_line).split("\n\n")[0],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_DefaultsHelp)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -28,10 +28,19 @@ Mixed precision: the attention ops take a `dtype` keyword. Their inputs are cast
 float16 on the GPU), and their gradients are cast back to each input's own dtype, so a model can keep
 float32 master weights and activations while attention runs on the half-precision kernels.
 
+A second backward() through a graph whose activations were released raises RuntimeError (as in
+PyTorch); pass retain_graph=True to the first. Leaves accumulate grads over calls: zero_grad() (or
+`t.grad = None`) between optimizer steps. `from flashcupy.tape import *` does not export `sum` (it
+would shadow the builtin); use `tape.sum` or `Tensor.sum`.
+
 Example:
+    import numpy as np
+    from flashcupy.tape import Tensor, cross_entropy, linear
+    x, targets = np.random.randn(5, 3), np.array([0, 1, 1, 0, 1])
     w = Tensor(np.random.randn(3, 2), requires_grad=True)
     loss = cross_entropy(linear(Tensor(x), w), targets)
     loss.backward()          # w.grad now holds d(loss)/dw
+    w.zero_grad()            # before the next step's backward()
 """
 
 from __future__ import annotations
@@ -62,7 +71,6 @@ __all__ = [
     "embedding",
     "layer_norm",
     "gelu",
-    "sum",
     "mean",
     "cross_entropy",
     "flash_attention",
@@ -96,7 +104,7 @@ def array_module_of(data):
 class Tensor:
     """An array with a gradient slot and, if an op made it, the closure that back-propagates into its parents."""
 
-    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "name")
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "name", "_freed")
     __array_ufunc__ = None  # `ndarray + Tensor` defers to Tensor.__radd__ instead of looping over elements
 
     def __init__(self, data, requires_grad=False, name=None):
@@ -110,6 +118,7 @@ class Tensor:
         self._parents = ()
         self._backward = None
         self.name = name
+        self._freed = False  # an op's output whose closure a backward() released
 
     # -- properties ---------------------------------------------------------------------------------
     @property
@@ -155,11 +164,16 @@ class Tensor:
         (seed 1). retain_graph=False releases the saved activations on the way; True keeps the graph
         for another backward(). Interior grads are always released once used.
         Raises ValueError for a tensor of more than one element without a seed, RuntimeError for a
-        tensor that needs no gradient (made under no_grad, or from constants only).
+        tensor that needs no gradient (made under no_grad, or from constants only) and for a graph that
+        an earlier backward() already released (a second backward() without retain_graph=True).
         """
         if not self.requires_grad:
             raise RuntimeError("backward(): this tensor does not require a gradient "
                                "(it was made under no_grad, or only from tensors that need none)")
+        _freed_error = ("backward(): this graph was already released by an earlier backward(); call the "
+                        "first with retain_graph=True to go through it twice")
+        if self._freed:
+            raise RuntimeError(_freed_error)
         xp = self.xp
         if grad is None:
             if self.size != 1:
@@ -169,6 +183,8 @@ class Tensor:
         if tuple(grad.shape) != self.shape:
             raise ValueError(f"backward(): expected a seed gradient of shape {self.shape}, got {tuple(grad.shape)}")
         order = _topological_order(self)
+        if any(node._freed for node in order):
+            raise RuntimeError(_freed_error)
         _accumulate(self, grad)
         while order:
             node = order.pop()  # reverse topological order: every consumer of node has already run
@@ -177,9 +193,10 @@ class Tensor:
             node._backward(node.grad)
             node.grad = None  # interior grads are spent once passed on (a retained graph starts clean)
             if not retain_graph:
-                node._backward, node._parents = None, ()
+                node._backward, node._parents, node._freed = None, (), True
 
     def zero_grad(self):
+        """Drop the accumulated gradient (backward() adds into .grad; call this between steps)."""
         self.grad = None
 
     # -- operators ----------------------------------------------------------------------------------
@@ -547,14 +564,28 @@ def cross_entropy(logits, targets):
     """Mean softmax cross-entropy in nats. logits (..., V) float; targets (...) integers in [0, V).
 
     Returns a 0-d tensor. Computed stably through logsumexp; d(logits) = (softmax - onehot) / N.
+    Raises TypeError for targets that are not an integer array, ValueError for a shape that does not
+    match and, for NumPy targets, for a value outside [0, V). CuPy targets are not read on the host (no
+    synchronisation): an out-of-range one makes the loss NaN instead of indexing another class.
     """
     logits = _as_tensor(logits)
     targets = targets.data if isinstance(targets, Tensor) else targets
     xp = logits.xp
     vocab = logits.shape[-1]
+    if not hasattr(targets, "dtype") or targets.dtype.kind not in "iu":
+        got = getattr(getattr(targets, "dtype", None), "name", type(targets).__name__)
+        raise TypeError(f"cross_entropy: targets: expected an integer array of class indices, got {got}")
     if tuple(targets.shape) != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets of shape {tuple(targets.shape)} do not match logits "
                          f"{logits.shape} (expected {logits.shape[:-1]})")
+    bad = None
+    if isinstance(targets, np.ndarray):
+        if targets.size and (targets.min() < 0 or targets.max() >= vocab):
+            v = targets[(targets < 0) | (targets >= vocab)].flat[0]
+            raise ValueError(f"cross_entropy: targets: expected class indices in [0, {vocab}), got {int(v)}")
+    else:
+        bad = (targets < 0) | (targets >= vocab)  # on the device: NaN loss instead of a host check
+        targets = xp.where(bad, 0, targets)
     x = logits.data.reshape(-1, vocab)  # (N, V)
     t = targets.reshape(-1, 1)  # (N, 1)
     n = x.shape[0]
@@ -563,6 +594,8 @@ def cross_entropy(logits, targets):
     s = e.sum(axis=-1, keepdims=True)
     lse = xp.log(s) + m  # (N, 1)
     loss = (lse - xp.take_along_axis(x, t, axis=-1)).mean()
+    if bad is not None:
+        loss = xp.where(bad.any(), xp.nan, loss)
 
     def backward(g):
         p = e / s  # softmax, (N, V)

@@ -98,11 +98,12 @@ def add_arguments(p):
     p.add_argument("--heads", type=int, help="attention heads; width must be a multiple (GPU 6, CPU 4)")
     p.add_argument("--lr", type=float, help="peak learning rate (GPU 1e-3, CPU 3e-3)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (GPU 100, CPU 50)")
-    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
+    p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="gpu: CuPy on the current CUDA device; cpu: NumPy; auto: gpu where CuPy has a GPU")
     p.add_argument("--dtype", choices=tuple(ATTENTION_DTYPES), help="dtype attention runs in "
                    "(GPU default bf16; CPU default fp32); everything else is float32")
     p.add_argument("--eval-every", type=int, help="validation loss every N steps (default 100)")
-    p.add_argument("--log-every", type=int, help="read losses back and refresh the progress bar every N steps")
+    p.add_argument("--log-every", type=int, help="read losses back and refresh the progress bar every N steps (default 10)")
     p.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz) at the end or on Ctrl-C")
     p.add_argument("--resume", metavar="PATH", help="continue from a checkpoint written by --save (its text, "
                    "model, schedule and seed unless given again; --steps extends the run)")

@@ -553,3 +553,76 @@ def test_gpu_flash_op_passes_allow_tf32(rng):
     assert all(bool(cp.array_equal(t.grad, g)) for t, g in zip(ts, want))
     exact = flashcupy.flash_attn_func(q, k, v, causal=True)
     assert not bool(cp.array_equal(out.data, exact))
+
+
+# ---- the tape as a user meets it (issue 21)
+
+
+def test_module_docstring_example_runs():
+    """The example in flashcupy.tape's docstring runs as written and does what its comments say."""
+    import textwrap
+
+    from flashcupy import tape
+
+    code = textwrap.dedent(tape.__doc__.split("Example:\n", 1)[1])
+    scope = {}
+    exec(compile(code, "tape-docstring", "exec"), scope)
+    w = scope["w"]
+    assert w.grad is None  # zero_grad() at the end
+    loss = scope["cross_entropy"](scope["linear"](Tensor(scope["x"]), w), scope["targets"])
+    loss.backward()
+    assert w.grad is not None and w.grad.shape == (3, 2) and np.isfinite(w.grad).all()
+
+
+def test_second_backward_through_a_released_graph_raises(rng):
+    w = Tensor(rng.standard_normal((3, 2)), requires_grad=True)
+    x = Tensor(rng.standard_normal((4, 3)))
+    loss = T.cross_entropy(T.linear(x, w), np.array([0, 1, 1, 0]))
+    loss.backward()
+    first = w.grad.copy()
+    with pytest.raises(RuntimeError, match="already released"):
+        loss.backward()
+    np.testing.assert_array_equal(w.grad, first)  # nothing was added
+    h = T.linear(x, w)  # a new loss over a shared, already released part also raises
+    loss2 = T.cross_entropy(h, np.array([1, 1, 0, 0]))
+    loss3 = loss2 * 2.0
+    loss3.backward()
+    with pytest.raises(RuntimeError, match="already released"):
+        (loss2 * 3.0).backward()
+    w.zero_grad()
+    loss4 = T.cross_entropy(T.linear(x, w), np.array([0, 1, 1, 0]))
+    loss4.backward(retain_graph=True)
+    loss4.backward()  # retained once: a second pass adds the same gradient again
+    np.testing.assert_allclose(w.grad, 2 * first, rtol=1e-12)
+
+
+def test_star_import_leaves_the_builtin_sum():
+    scope = {}
+    exec("from flashcupy.tape import *", scope)
+    assert "sum" not in scope and "Tensor" in scope and "mean" in scope
+
+
+@pytest.mark.parametrize("targets, exc, text", [
+    (np.array([0, -1, 1]), ValueError, r"in \[0, 4\), got -1"),
+    (np.array([0, 4, 1]), ValueError, r"in \[0, 4\), got 4"),
+    (np.array([0.0, 1.0, 2.0]), TypeError, "integer array"),
+    ([0, 1, 2], TypeError, "integer array"),
+])
+def test_cross_entropy_rejects_bad_targets(rng, targets, exc, text):
+    logits = Tensor(rng.standard_normal((3, 4)), requires_grad=True)
+    with pytest.raises(exc, match=text):
+        T.cross_entropy(logits, targets)
+
+
+@pytest.mark.gpu
+def test_cross_entropy_out_of_range_cupy_target_gives_nan(rng):
+    """On the GPU targets are not read on the host: an out-of-range one makes the loss NaN (not another
+    class's value); in range, the loss equals NumPy's."""
+    import cupy
+
+    logits = rng.standard_normal((3, 4))
+    good = T.cross_entropy(Tensor(cupy.asarray(logits)), cupy.asarray([0, 3, 1]))
+    np.testing.assert_allclose(float(good.item()), float(T.cross_entropy(Tensor(logits), np.array([0, 3, 1])).item()),
+                               rtol=1e-12)
+    bad = T.cross_entropy(Tensor(cupy.asarray(logits)), cupy.asarray([0, -1, 1]))
+    assert np.isnan(bad.item())
