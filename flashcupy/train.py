@@ -80,6 +80,7 @@ class TrainConfig:
     save: str | None = None
     resume: str | None = None
     out: str = "runs"
+    compare_torch: bool = False
 
 
 # -- command line --------------------------------------------------------------------------------------
@@ -110,6 +111,9 @@ def add_arguments(p):
     p.add_argument("--out", metavar="DIR", default="runs", help="where the JSON summary and loss-curve PNG go")
     p.add_argument("--seed", type=int, help="seeds the initial weights and the batch order (default 0, or the "
                    "checkpoint's when resuming)")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="then train the same model in PyTorch in this process (same init, batches, schedule and "
+                        "AdamW; bf16 autocast and SDPA on a GPU) and report both loss curves and tokens/s")
 
 
 def run(args) -> int:
@@ -145,7 +149,7 @@ def resolve(cfg: TrainConfig, xp, checkpoint_config: dict | None = None) -> Trai
                 raise CommandError(f"--{key.replace('_', '-')} {given} does not match the checkpoint being "
                                    f"resumed ({checkpoint_config[key]})")
         for key, value in checkpoint_config.items():
-            if key in ("save", "resume", "device", "dtype", "out"):  # per invocation or per device
+            if key in ("save", "resume", "device", "dtype", "out", "compare_torch"):  # per invocation or device
                 continue
             if getattr(cfg, key, None) is None:
                 setattr(cfg, key, value)
@@ -489,7 +493,7 @@ class StopFlag:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def plot_losses(path, history, entropy, cfg, title) -> str | None:
+def plot_losses(path, history, entropy, cfg, title, other=None) -> str | None:
     """Write the loss curve as a PNG; returns None (and says why) when matplotlib is absent."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -505,6 +509,12 @@ def plot_losses(path, history, entropy, cfg, title) -> str | None:
     if history["val"]:
         steps, losses = zip(*history["val"])
         ax.plot(steps, losses, "o-", ms=3, label="validation")
+    if other is not None:  # (label, {"train": [...], "val": [(step, loss), ...]}): a second run, e.g. PyTorch's
+        label, hist = other
+        ax.plot(np.arange(1, len(hist["train"]) + 1), hist["train"], lw=0.8, alpha=0.6, label=f"{label} train")
+        if hist["val"]:
+            steps, losses = zip(*hist["val"])
+            ax.plot(steps, losses, "s--", ms=3, label=f"{label} validation")
     ax.axhline(entropy, color="gray", ls="--", lw=0.8, label=f"unigram entropy {entropy:.3f}")
     ax.axhline(0.6 * entropy, color="gray", ls=":", lw=0.8, label="0.6 x unigram entropy")
     ax.set_xlabel("step")
@@ -535,6 +545,8 @@ def train(cfg: TrainConfig) -> dict:
     """Run a training job; returns the summary it also writes as JSON."""
     wall_start = time.perf_counter()
     xp = pick_device(cfg.device)
+    if cfg.compare_torch and cfg.resume:
+        raise CommandError("--compare-torch trains both models from the start: not with --resume")
     state = load_checkpoint(cfg.resume) if cfg.resume else None
     cfg = resolve(cfg, xp, None if state is None else state["config"])
     data, corpus = load_corpus(cfg.text)
@@ -626,7 +638,14 @@ def train(cfg: TrainConfig) -> dict:
     base = unique_path(out_dir / f"{run_name(cfg, xp)}.json")
     title = (f"{cfg.attention} attention, {cfg.layers}x{cfg.width}, {cfg.batch_size}x{cfg.seq_len} bytes, "
              f"{device}")
-    plot = plot_losses(base.with_suffix(".png"), history, entropy, cfg, title) if history["train"] else None
+    twin = None
+    if cfg.compare_torch and not interrupted:
+        from . import _train_torch
+
+        print("--compare-torch: the same model, batches and optimizer in PyTorch ...", flush=True)
+        twin = _train_torch.run_twin(cfg, train_bytes, val_bytes, on_gpu=xp is not np)
+    other = None if twin is None else (f"PyTorch {twin['torch']}", {"train": twin["train_losses"], "val": twin["val_losses"]})
+    plot = plot_losses(base.with_suffix(".png"), history, entropy, cfg, title, other) if history["train"] else None
     summary = {
         "command": "flashcupy train",
         "config": dataclasses.asdict(cfg),
@@ -656,6 +675,17 @@ def train(cfg: TrainConfig) -> dict:
         "val_losses": history["val"],
         "files": {"summary": str(base), "plot": plot, "checkpoint": cfg.save},
     }
+    if twin is not None:
+        from . import _train_torch
+
+        summary["torch"] = twin
+        summary["comparison"] = _train_torch.compare(summary, twin)
+        c = summary["comparison"]
+        print(f"PyTorch {twin['torch']} ({twin['device']}, autocast {twin['autocast']}): "
+              f"{twin['tokens_per_s']:,.0f} tokens/s; flashcupy / PyTorch = {c['tokens_per_s_ratio']:.2f}x; "
+              f"mean train loss over the last {c['tail_steps']} steps {c['tail_train_loss_flashcupy']:.4f} vs "
+              f"{c['tail_train_loss_torch']:.4f} (step-to-step noise {c['train_loss_noise']:.4f}); final val "
+              f"{summary['final_val_loss']} vs {twin['final_val_loss']}")
     base.write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: summary[k] for k in ("steps", "interrupted", "final_train_loss", "final_val_loss",
                                               "unigram_entropy", "val_loss_over_unigram_entropy", "tokens_per_s",

@@ -195,6 +195,25 @@ def test_parameter_count_and_init():
     assert model.params["wte"].grad.base is model.flat_grad  # grads are views of the flat buffer
 
 
+def test_compare_torch_trains_the_identical_model(tmp_path, text_file):
+    """--compare-torch: the PyTorch twin (same init, batches, schedule, AdamW, clipping) follows
+    flashcupy's run step for step on the CPU in float32 (both exact; only summation order differs),
+    and the summary holds both runs and their comparison. Skipped without torch (as in CI)."""
+    pytest.importorskip("torch")
+    s = run_train(tmp_path, "--text", str(text_file), "--steps", "12", "--eval-every", "6", *TINY, "--compare-torch")
+    twin, c = s["torch"], s["comparison"]
+    assert len(twin["train_losses"]) == 12 and [st for st, _ in twin["val_losses"]] == [6, 12]
+    np.testing.assert_allclose(twin["train_losses"], s["train_losses"], rtol=1e-5)
+    assert twin["final_val_loss"] == pytest.approx(s["final_val_loss"], rel=1e-5)
+    assert c["tokens_per_s_ratio"] > 0 and c["tail_steps"] >= 1 and twin["autocast"] is None
+
+
+def test_compare_torch_refuses_resume(tmp_path, text_file, capsys):
+    assert cli.main(["train", "--text", str(text_file), *TINY, "--resume", str(tmp_path / "x.npz"),
+                     "--compare-torch", "--out", str(tmp_path)]) == 2
+    assert "--compare-torch" in capsys.readouterr().err
+
+
 # -- GPU -----------------------------------------------------------------------------------------------
 
 
