@@ -10,6 +10,7 @@
 # fwdtests  tests/test_gpu_sm90.py (the Hopper forward)
 # fwdab     the Hopper forward of bench/ab/base (device_ab.sh make-base) against this tree, same run
 # full      the whole GPU suite
+# probe     bench/graph_probe.py under each condition (Hopper backward under CUDA-graph replay)
 # fuzz      flashcupy fuzz --device gpu in $FUZZ_PROCS processes over every family ($OUT/fuzz-report.json)
 # warm      compile every sanitizer-plan kernel (bench/sanitize_all.py --shard i/$WARM_JOBS) at the default
 #           limit and at 99 KB (unless NO99=1) into CUPY_CACHE_DIR, in parallel
@@ -171,6 +172,11 @@ for f in fails[:5]:
     print("   FAIL", f["reproduce"])
 PY
     ;;
+  probe)  # bench/graph_probe.py under each condition (the Hopper backward's CUDA-graph failure)
+    for variant in "" "--before det" "--before nondet" "--keep" "--pool async" "--causal 1"; do
+      echo "== graph_probe $variant:"; T python3 bench/graph_probe.py $variant 2>&1 | tail -5
+    done
+    echo "== graph_probe, FLASHCUPY_SM90_BWD=0:"; FLASHCUPY_SM90_BWD=0 T python3 bench/graph_probe.py 2>&1 | tail -5 ;;
   full)
     T python3 -m pytest -m gpu tests -q -p no:cacheprovider --maxfail=25 2>&1 | tee "$LOG/pytest.log" | tail -6 ;;
   esac
