@@ -108,10 +108,17 @@ def _arrays(ctx, first):
         return
     import cupy
 
-    ptr = int(first.__cuda_array_interface__["data"][0])
-    device = cupy.cuda.runtime.pointerGetAttributes(ptr).device if ptr else cupy.cuda.runtime.getDevice()
+    device = int(first.__dlpack_device__()[1])
     with cupy.cuda.Device(device), cupy.cuda.ExternalStream(int(ctx.stream), device):
         yield _cupy_view, True
+
+
+def _store(dst, src):
+    """dst[...] = src (XLA's output buffer from flashcupy's result), on the current stream; 2-byte types
+    through a uint16 view, so bfloat16 needs no arithmetic support from the array module."""
+    if dst.dtype.itemsize == 2 and src.dtype == dst.dtype:
+        dst, src = dst.view(np.uint16), src.view(np.uint16)
+    dst[...] = src
 
 
 def _feature_kwargs(opts: _Options, extra):
@@ -127,9 +134,8 @@ def _forward_callback(opts: _Options, dtypes, ctx, outs, *args):
     with _arrays(ctx, args[0]) as (view, _):
         arrs = [view(b, dt) for b, dt in zip(args, dtypes)]
         res = flashcupy.flash_attn_forward(*arrs[:3], **_feature_kwargs(opts, arrs[3:]))
-        out, lse = view(outs[0], dtypes[0]), view(outs[1], lse_dtype(dtypes[0]))
-        out[...] = res.out
-        lse[...] = res.lse
+        _store(view(outs[0], dtypes[0]), res.out)
+        _store(view(outs[1], lse_dtype(dtypes[0])), res.lse)
 
 
 def _backward_callback(opts: _Options, dtypes, ctx, outs, *args):
@@ -144,7 +150,7 @@ def _backward_callback(opts: _Options, dtypes, ctx, outs, *args):
         grads = flashcupy.flash_attn_backward(dout, q, k, v, out, lse, deterministic=opts.deterministic,
                                               allow_tf32=opts.allow_tf32, **kw)
         for buf, g, dt in zip(outs, grads, (t, t, t, np.float32)):
-            view(buf, dt)[...] = g
+            _store(view(buf, dt), g)
 
 
 def _forward_call(opts: _Options, q, k, v, slopes, sinks):
