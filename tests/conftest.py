@@ -17,6 +17,9 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# JAX (tests/test_jax.py, the benchmark's JAX peers) would otherwise take 75% of the GPU's memory on its
+# first GPU use, and every CuPy test after it in the process would have the rest
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 settings.register_profile(
     "ci",

@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave GPU memory to CuPy's pool too
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # as conftest: leave GPU memory to CuPy's pool
 pytest.importorskip("jax.experimental.buffer_callback")
 
 import jax  # noqa: E402
