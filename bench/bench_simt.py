@@ -32,17 +32,12 @@ import sys
 
 import numpy as np
 
-# float32 SIMT: head_dim -> [(block_m, block_n, nwarps, min_ctas)] and [(block_m, block_n, nwarps)]
-FWD_SWEEP = {
-    64: [(64, 64, 4, 1), (64, 32, 4, 1), (128, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1), (128, 64, 4, 1)],
-    # hd128: CTAs/SM (smem, regs) x rows per thread TM; LDS.128 per 128 FFMA (S, PV) in NOTES.md
-    128: [(32, 64, 4, 1),   # default: 2 CTAs (94 KB smem), TM 2
-          (64, 16, 4, 3),   # 3 CTAs (57 KB, 163 regs), TM 4
-          (32, 32, 4, 4),   # 4 CTAs (56 KB, 124-128 regs), TM 2
-          (64, 32, 8, 2),   # 2 CTAs x 8 warps (78 KB, 124-128 regs), TM 2
-          (64, 32, 4, 1),   # 2 CTAs (78 KB, 192-238 regs), TM 4
-          (32, 16, 4, 4)],  # 4 CTAs (37 KB, 114 regs), TM 2, 16-key steps
-}
+# float32 SIMT forward (FWD_SWEEP) and float64 DMMA backward (DMMA_BWD_SWEEP): in flashcupy._configs, which the
+# tests read them from (tests/helpers.py sweep_candidates)
+from flashcupy._configs import DMMA_BWD_SWEEP
+from flashcupy._configs import SIMT_FWD_SWEEP as FWD_SWEEP
+
+# float32 SIMT backward: head_dim -> [(block_m, block_n, nwarps)]
 BWD_SWEEP = {64: [(32, 64, 4), (64, 64, 4), (64, 64, 8), (64, 32, 4), (32, 32, 4)]}
 # float64 DMMA: head_dim -> [(block_m, block_n, nwarps, katom)] and
 # [(kv_block_m, kv_block_n, kv_nwarps, d_split, dq_block_m, dq_block_n, dq_nwarps, kv_katom, dq_katom)]
@@ -50,20 +45,6 @@ DMMA_FWD_SWEEP = {
     64: [(64, 32, 4, 16), (64, 32, 4, 8), (64, 32, 4, 4), (64, 64, 4, 16), (128, 32, 8, 16), (32, 32, 4, 4),
          (32, 64, 4, 4)],
     128: [(64, 16, 4, 16), (64, 16, 4, 8), (64, 16, 4, 4), (128, 16, 8, 16), (32, 32, 4, 4), (32, 16, 4, 4)],
-}
-DMMA_BWD_SWEEP = {
-    64: [(16, 64, 4, 1, 64, 32, 4, 16, 16), (16, 64, 4, 1, 64, 32, 4, 8, 8), (16, 64, 4, 1, 64, 32, 4, 4, 4),
-         (16, 32, 4, 1, 64, 32, 4, 4, 16), (32, 32, 4, 1, 64, 16, 4, 4, 16), (16, 64, 4, 1, 32, 32, 4, 16, 4)],
-    # hd128, (..., kv_stages): KV and dQ kernels at 1 CTA x 4 warps per SM by default (128 / 160 KB smem);
-    # single-buffered Q/dO (stages 1) and 32-row dQ tiles give 2 CTAs per SM (bench/NOTES.md).
-    128: [(16, 32, 4, 1, 64, 16, 4, 4, 16, 2),   # default: KV 1x4 warps, dQ 1x4 warps
-          (16, 32, 4, 1, 64, 16, 4, 4, 16, 1),   # KV 2x4 warps
-          (16, 32, 4, 1, 32, 16, 4, 4, 4, 2),    # dQ 2x4 warps (m8n8k4)
-          (16, 32, 4, 1, 32, 16, 4, 4, 4, 1),    # both 2x4 warps
-          (16, 64, 8, 1, 64, 16, 8, 4, 4, 1),    # both 1x8 warps (m8n8k4)
-          (16, 32, 4, 1, 64, 16, 8, 4, 4, 1),    # KV 2x4, dQ 1x8
-          (16, 32, 2, 2, 32, 16, 2, 16, 16, 1),  # both 2x2 warps of 16 rows (m16n8k16), KV d_split 2
-          (16, 64, 4, 2, 64, 16, 4, 16, 16, 2)], # KV 16-key warps, d_split 2 (192 KB: sm_90 only)
 }
 
 

@@ -814,3 +814,32 @@ def float_specializations(devices=None):
                 for tf32 in (False, True):
                     out += [float_fwd_config(bucket, dtype, False, dev, tf32), float_bwd_config(bucket, dtype, False, dev, tf32)]
     return _dedup(out)
+
+
+# The candidates bench/bench_simt.py --sweep times; tests/helpers.py sweep_candidates() compiles and checks them.
+# float32 SIMT forward: head_dim -> [(block_m, block_n, nwarps, min_ctas)], SimtFwdConfig("float", head_dim, *c)
+SIMT_FWD_SWEEP = {
+    64: [(64, 64, 4, 1), (64, 32, 4, 1), (128, 64, 8, 1), (32, 64, 4, 1), (32, 32, 4, 1), (128, 64, 4, 1)],
+    # hd128: CTAs/SM (smem, regs) x rows per thread TM; LDS.128 per 128 FFMA (S, PV) in NOTES.md
+    128: [(32, 64, 4, 1),   # default: 2 CTAs (94 KB smem), TM 2
+          (64, 16, 4, 3),   # 3 CTAs (57 KB, 163 regs), TM 4
+          (32, 32, 4, 4),   # 4 CTAs (56 KB, 124-128 regs), TM 2
+          (64, 32, 8, 2),   # 2 CTAs x 8 warps (78 KB, 124-128 regs), TM 2
+          (64, 32, 4, 1),   # 2 CTAs (78 KB, 192-238 regs), TM 4
+          (32, 16, 4, 4)],  # 4 CTAs (37 KB, 114 regs), TM 2, 16-key steps
+}
+# float64 DMMA backward: head_dim -> [DmmaBwdConfig's fields after head_dim], DmmaBwdConfig(head_dim, *c)
+DMMA_BWD_SWEEP = {
+    64: [(16, 64, 4, 1, 64, 32, 4, 16, 16), (16, 64, 4, 1, 64, 32, 4, 8, 8), (16, 64, 4, 1, 64, 32, 4, 4, 4),
+         (16, 32, 4, 1, 64, 32, 4, 4, 16), (32, 32, 4, 1, 64, 16, 4, 4, 16), (16, 64, 4, 1, 32, 32, 4, 16, 4)],
+    # hd128, (..., kv_stages): KV and dQ kernels at 1 CTA x 4 warps per SM by default (128 / 160 KB smem);
+    # single-buffered Q/dO (stages 1) and 32-row dQ tiles give 2 CTAs per SM (bench/NOTES.md).
+    128: [(16, 32, 4, 1, 64, 16, 4, 4, 16, 2),   # default: KV 1x4 warps, dQ 1x4 warps
+          (16, 32, 4, 1, 64, 16, 4, 4, 16, 1),   # KV 2x4 warps
+          (16, 32, 4, 1, 32, 16, 4, 4, 4, 2),    # dQ 2x4 warps (m8n8k4)
+          (16, 32, 4, 1, 32, 16, 4, 4, 4, 1),    # both 2x4 warps
+          (16, 64, 8, 1, 64, 16, 8, 4, 4, 1),    # both 1x8 warps (m8n8k4)
+          (16, 32, 4, 1, 64, 16, 8, 4, 4, 1),    # KV 2x4, dQ 1x8
+          (16, 32, 2, 2, 32, 16, 2, 16, 16, 1),  # both 2x2 warps of 16 rows (m16n8k16), KV d_split 2
+          (16, 64, 4, 2, 64, 16, 4, 16, 16, 2)], # KV 16-key warps, d_split 2 (192 KB: sm_90 only)
+}

@@ -80,19 +80,12 @@ def bhsd_view(x):
 
 
 def sweep_candidates():
-    """(SimtFwdConfig list, DmmaBwdConfig list) of bench/bench_simt.py's FWD_SWEEP / DMMA_BWD_SWEEP,
-    every head dim listed there."""
-    import importlib.util
-    import os
+    """(SimtFwdConfig list, DmmaBwdConfig list) of flashcupy._configs' SIMT_FWD_SWEEP / DMMA_BWD_SWEEP (the
+    tables bench/bench_simt.py --sweep times), every head dim listed there."""
+    from flashcupy._configs import DMMA_BWD_SWEEP, SIMT_FWD_SWEEP, DmmaBwdConfig, SimtFwdConfig
 
-    from flashcupy._configs import DmmaBwdConfig, SimtFwdConfig
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_simt.py")
-    spec = importlib.util.spec_from_file_location("_bench_simt", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    fwd = [SimtFwdConfig("float", hd, *c) for hd, cs in mod.FWD_SWEEP.items() for c in cs]
-    bwd = [DmmaBwdConfig(hd, *c) for hd, cs in mod.DMMA_BWD_SWEEP.items() for c in cs]
+    fwd = [SimtFwdConfig("float", hd, *c) for hd, cs in SIMT_FWD_SWEEP.items() for c in cs]
+    bwd = [DmmaBwdConfig(hd, *c) for hd, cs in DMMA_BWD_SWEEP.items() for c in cs]
     return fwd, bwd
 
 
