@@ -91,13 +91,14 @@ def check_case(case, directions, gpu: bool, allow_tf32: bool = False) -> float:
     tf32 = allow_tf32 and case.dtype == "float32"
     if tf32:
         call_feats = dict(call_feats, allow_tf32=True)
-    res = _forward(*args[:3], case.causal, **call_feats)
+    scale = case.softmax_scale
+    res = _forward(*args[:3], case.causal, softmax_scale=scale, **call_feats)
     worst = testing.worst_ratio(testing.assert_forward_rule(res.out, res.lse, q, k, v, causal=case.causal, tf32=tf32,
-                                                            **feats))
+                                                            softmax_scale=scale, **feats))
     if "bwd" in directions:
-        grads = _backward(args[3], *args[:3], res, case.causal, **call_feats)
+        grads = _backward(args[3], *args[:3], res, case.causal, softmax_scale=scale, **call_feats)
         worst = max(worst, testing.worst_ratio(testing.assert_backward_rule(grads, dout, q, k, v, causal=case.causal,
-                                                                            tf32=tf32, **feats)))
+                                                                            tf32=tf32, softmax_scale=scale, **feats)))
     return worst
 
 
@@ -137,11 +138,23 @@ def _cases(args):
     feats = [f for f in args.features if f != "none"]
     block = 0
     while True:  # blocks of random_cases, each a function of (seed, block)
+        rng = np.random.default_rng([args.seed, block, 7])
         for case in testing.random_cases(256, seed=args.seed * 1000003 + block, dtypes=tuple(args.dtypes),
                                          max_seqlen=args.max_seqlen, head_dims=tuple(args.head_dims),
                                          features=bool(feats)):
-            yield _restrict(case, feats)
+            yield _with_scale(_restrict(case, feats), rng)
         block += 1
+
+
+def _with_scale(case, rng):
+    """The case with a drawn softmax_scale in half of the cases (random_cases always leaves the default):
+    0 (every score 0: the kernels' special case) in one case in sixteen, else uniform in
+    [0, 2 / sqrt(head_dim)), rounded to float32."""
+    u = rng.random()
+    if u < 0.5:
+        return case
+    scale = 0.0 if u < 0.5625 else float(np.float32(rng.uniform(0.0, 2.0) / np.sqrt(case.head_dim)))
+    return case._replace(softmax_scale=scale)
 
 
 class _Progress:

@@ -122,7 +122,7 @@ def test_fuzz_draws_the_score_features_it_is_given(monkeypatch, capsys):
     real = fuzz._forward
 
     def spy(q, k, v, causal, **features):
-        seen.append(set(features))
+        seen.append(set(features) - {"softmax_scale"})
         return real(q, k, v, causal, **features)
 
     monkeypatch.setattr(fuzz, "_forward", spy)
@@ -168,3 +168,28 @@ def test_fuzz_head_dims_and_allow_tf32_reach_the_calls(monkeypatch, capsys, tmp_
     assert rc == 1 and "--allow-tf32 --case" in out
     rc, out = _fuzz(["--head-dims", "0"], capsys)
     assert rc == 2
+
+
+def test_fuzz_draws_softmax_scales_including_zero(monkeypatch, capsys):
+    """The campaign draws softmax_scale (0 included: the kernels' zeroed-q special case) and gives it to
+    the calls under test and to the rule; a forward that ignored it is caught."""
+    from flashcupy import fuzz
+
+    seen = []
+    real = fuzz._forward
+
+    def spy(q, k, v, causal, **kw):
+        seen.append(kw.get("softmax_scale"))
+        return real(q, k, v, causal, **kw)
+
+    monkeypatch.setattr(fuzz, "_forward", spy)
+    rc, out = _fuzz(["--max-examples", "64", "--max-seqlen", "24", "--features", "none", "--directions", "fwd"], capsys)
+    assert rc == 0, out
+    assert None in seen and 0.0 in seen and any(s not in (None, 0.0) for s in seen), seen
+
+    def ignores_scale(q, k, v, causal, softmax_scale=None, **kw):
+        return real(q, k, v, causal, **kw)
+
+    monkeypatch.setattr(fuzz, "_forward", ignores_scale)
+    rc, out = _fuzz(["--max-examples", "64", "--max-seqlen", "24", "--features", "none", "--directions", "fwd"], capsys)
+    assert rc == 1 and "softmax_scale=" in out
