@@ -283,6 +283,21 @@ def _same_array(a, b) -> bool:
                       and a.dtype == b.dtype and _address(a) == _address(b))
 
 
+def _check_same_arrays(forward, out, lse, **optional):
+    """ValueError naming the first of optional (name=(given, forward's), None allowed) or of out / lse that
+    is not the forward's own array (_same_array: by data pointer, shape and strides, values never read)."""
+    for name, (got, want) in optional.items():
+        if (got is None) != (want is None) or (got is not None and not _same_array(got, want)):
+            what = "None" if want is None else "the same array by data pointer, shape and strides"
+            raise ValueError(f"{name}: expected the forward's {name} ({what}; values are not compared), got "
+                             f"{'None' if got is None else 'a different ' + type(got).__name__}")
+    for name, got, want in (("out", out, forward.out), ("lse", lse, forward.lse)):
+        if not _same_array(got, want):
+            raise ValueError(f"{name}: expected the forward's {name} (forward.{name}: the same array by data pointer, "
+                             f"shape and strides; values are not compared), got a different "
+                             f"{type(got).__name__} of shape {tuple(got.shape)}")
+
+
 def _check_matches_forward(forward, xp, dtype, shape, *, out, lse, causal, softmax_scale, dropout_p, block_mask,
                            allow_tf32, features=NO_FEATURES, alibi_slopes=None, sinks=None):
     """ValueError naming the first of the backward's options and arrays that is not the forward's."""
@@ -306,16 +321,7 @@ def _check_matches_forward(forward, xp, dtype, shape, *, out, lse, causal, softm
                          f"causal the right side is -1), got {features.window}")
     if features.softcap != opts.softcap:
         raise ValueError(f"softcap: expected the forward's softcap={opts.softcap!r}, got {features.softcap!r}")
-    for name, got, want in (("alibi_slopes", alibi_slopes, opts.alibi_slopes), ("sinks", sinks, opts.sinks)):
-        if (got is None) != (want is None) or (got is not None and not _same_array(got, want)):
-            what = "None" if want is None else "the same array by data pointer, shape and strides"
-            raise ValueError(f"{name}: expected the forward's {name} ({what}; values are not compared), got "
-                             f"{'None' if got is None else 'a different ' + type(got).__name__}")
-    for name, got, want in (("out", out, forward.out), ("lse", lse, forward.lse)):
-        if not _same_array(got, want):
-            raise ValueError(f"{name}: expected the forward's {name} (forward.{name}: the same array by data pointer, "
-                             f"shape and strides; values are not compared), got a different "
-                             f"{type(got).__name__} of shape {tuple(got.shape)}")
+    _check_same_arrays(forward, out, lse, alibi_slopes=(alibi_slopes, opts.alibi_slopes), sinks=(sinks, opts.sinks))
 
 
 def flash_attn_forward(q, k, v, *, dropout_p=0.0, softmax_scale=None, causal=False, seed=None,

@@ -56,7 +56,7 @@ _KDLCPU = 1  # DLPack device type of host memory
 
 class _Options(NamedTuple):  # the static part of a call (hashable: custom_vjp's nondiff argument)
     causal: bool
-    softmax_scale: float | None
+    softmax_scale: float  # resolved (head_dim ** -0.5 for None)
     window_size: tuple
     softcap: float
     deterministic: bool
@@ -71,17 +71,18 @@ def _stand_in(x):
     return np.broadcast_to(np.zeros((), dtype=np.dtype(x.dtype)), tuple(x.shape))
 
 
-def _check(q, k, v, opts: _Options, alibi_slopes, sinks):
-    """flashcupy's own checks of the arguments (flash_attn_forward's messages), at trace time."""
+def _check(q, k, v, *, causal, softmax_scale, window_size, softcap, alibi_slopes, sinks):
+    """flashcupy's own checks of the arguments (flash_attn_forward's messages), at trace time. Returns
+    (AttnShape with the resolved softmax_scale, Features with the validated window and softcap)."""
     for name, x in (("q", q), ("k", k), ("v", v), ("alibi_slopes", alibi_slopes), ("sinks", sinks)):
         if x is not None and not (hasattr(x, "shape") and hasattr(x, "dtype")):
             raise TypeError(f"{name}: expected a JAX array, got {type(x).__name__}")
     qs, ks, vs = (_stand_in(x) for x in (q, k, v))
-    shape = check_qkv(qs, ks, vs, opts.softmax_scale)
-    check_features(np, qs, shape, causal=opts.causal, window_size=opts.window_size, softcap=opts.softcap,
-                   alibi_slopes=None if alibi_slopes is None else _stand_in(alibi_slopes),
-                   sinks=None if sinks is None else _stand_in(sinks))
-    return shape
+    shape = check_qkv(qs, ks, vs, softmax_scale)
+    features = check_features(np, qs, shape, causal=causal, window_size=window_size, softcap=softcap,
+                              alibi_slopes=None if alibi_slopes is None else _stand_in(alibi_slopes),
+                              sinks=None if sinks is None else _stand_in(sinks))
+    return shape, features
 
 
 def _cupy_view(buf, dtype):
@@ -101,16 +102,16 @@ def _cupy_view(buf, dtype):
 
 @contextlib.contextmanager
 def _arrays(ctx, first):
-    """(view, on_gpu): view(buffer, dtype) gives the NumPy (CPU) or CuPy (GPU) array over a Buffer; on
-    the GPU the block runs on XLA's stream and on the buffers' device."""
+    """view(buffer, dtype): the NumPy (CPU) or CuPy (GPU) array over a Buffer; on the GPU the block runs
+    on XLA's stream and on the buffers' device."""
     if int(first.__dlpack_device__()[0]) == _KDLCPU:
-        yield (lambda buf, dtype: np.asarray(buf).view(dtype)), False
+        yield lambda buf, dtype: np.asarray(buf).view(dtype)
         return
     import cupy
 
     device = int(first.__dlpack_device__()[1])
     with cupy.cuda.Device(device), cupy.cuda.ExternalStream(int(ctx.stream), device):
-        yield _cupy_view, True
+        yield _cupy_view
 
 
 def _store(dst, src):
@@ -121,19 +122,26 @@ def _store(dst, src):
     dst[...] = src
 
 
-def _feature_kwargs(opts: _Options, extra):
+def _call_kwargs(opts: _Options, extra):
+    """The options flash_attn_forward and flash_attn_backward both take, with the optional arrays."""
     it = iter(extra)
     return dict(causal=opts.causal, softmax_scale=opts.softmax_scale, window_size=opts.window_size,
                 softcap=opts.softcap, allow_tf32=opts.allow_tf32,
                 alibi_slopes=next(it) if opts.has_slopes else None, sinks=next(it) if opts.has_sinks else None)
 
 
+def _operands(q, k, v, slopes, sinks):
+    """(the optional arrays that are given, the dtypes of q, k, v and of those)."""
+    extra = [x for x in (slopes, sinks) if x is not None]
+    return extra, tuple(np.dtype(x.dtype) for x in (q, k, v, *extra))
+
+
 def _forward_callback(opts: _Options, dtypes, ctx, outs, *args):
     import flashcupy
 
-    with _arrays(ctx, args[0]) as (view, _):
+    with _arrays(ctx, args[0]) as view:
         arrs = [view(b, dt) for b, dt in zip(args, dtypes)]
-        res = flashcupy.flash_attn_forward(*arrs[:3], **_feature_kwargs(opts, arrs[3:]))
+        res = flashcupy.flash_attn_forward(*arrs[:3], **_call_kwargs(opts, arrs[3:]))
         _store(view(outs[0], dtypes[0]), res.out)
         _store(view(outs[1], lse_dtype(dtypes[0])), res.lse)
 
@@ -141,21 +149,17 @@ def _forward_callback(opts: _Options, dtypes, ctx, outs, *args):
 def _backward_callback(opts: _Options, dtypes, ctx, outs, *args):
     import flashcupy
 
-    with _arrays(ctx, args[0]) as (view, _):
+    with _arrays(ctx, args[0]) as view:
         t = dtypes[0]
         arrs = [view(b, dt) for b, dt in zip(args, (t, t, t, t, t, lse_dtype(t)) + tuple(dtypes[3:]))]
-        dout, q, k, v, out, lse = arrs[:6]
-        kw = _feature_kwargs(opts, arrs[6:])
-        kw.pop("allow_tf32")
-        grads = flashcupy.flash_attn_backward(dout, q, k, v, out, lse, deterministic=opts.deterministic,
-                                              allow_tf32=opts.allow_tf32, **kw)
+        grads = flashcupy.flash_attn_backward(*arrs[:6], deterministic=opts.deterministic,
+                                              **_call_kwargs(opts, arrs[6:]))
         for buf, g, dt in zip(outs, grads, (t, t, t, np.float32)):
             _store(view(buf, dt), g)
 
 
 def _forward_call(opts: _Options, q, k, v, slopes, sinks):
-    extra = [x for x in (slopes, sinks) if x is not None]
-    dtypes = tuple(np.dtype(x.dtype) for x in (q, k, v, *extra))
+    extra, dtypes = _operands(q, k, v, slopes, sinks)
     b, sq, h, _ = q.shape
     result = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, sq), lse_dtype(q.dtype)))
     call = buffer_callback(functools.partial(_forward_callback, opts, dtypes), result, vmap_method="sequential")
@@ -175,8 +179,7 @@ def _attention_fwd(opts: _Options, q, k, v, slopes, sinks):
 def _attention_bwd(opts: _Options, residuals, cotangents):
     q, k, v, slopes, sinks, out, lse = residuals
     dout = cotangents[0]  # lse's cotangent is zero: flash_attention returns it under stop_gradient
-    extra = [x for x in (slopes, sinks) if x is not None]
-    dtypes = tuple(np.dtype(x.dtype) for x in (q, k, v, *extra))
+    extra, dtypes = _operands(q, k, v, slopes, sinks)
     result = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
     if sinks is not None:
         result.append(jax.ShapeDtypeStruct(sinks.shape, jnp.float32))
@@ -226,14 +229,13 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, dropout_p=0.0,
                          f"on the host); expected 0.0, got {dropout_p!r}")
     if block_mask is not None:
         raise ValueError("block_mask: flashcupy.jax.flash_attention does not take block masks yet; expected None")
-    opts = _Options(causal=check_bool("causal", causal), softmax_scale=softmax_scale,
-                    window_size=tuple(window_size) if isinstance(window_size, (tuple, list)) else window_size,
-                    softcap=softcap, deterministic=check_bool("deterministic", deterministic),
+    causal = check_bool("causal", causal)
+    shape, features = _check(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                             softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    opts = _Options(causal=causal, softmax_scale=shape.softmax_scale, window_size=features.window,
+                    softcap=features.softcap, deterministic=check_bool("deterministic", deterministic),
                     allow_tf32=check_bool("allow_tf32", allow_tf32), has_slopes=alibi_slopes is not None,
                     has_sinks=sinks is not None)
-    _check(q, k, v, opts, alibi_slopes, sinks)
     return_lse = check_bool("return_lse", return_lse)
-    opts = opts._replace(softmax_scale=None if softmax_scale is None else float(softmax_scale),
-                         window_size=tuple(int(w) for w in opts.window_size), softcap=float(softcap))
     out, lse = _attention(opts, q, k, v, alibi_slopes, sinks)
     return (out, jax.lax.stop_gradient(lse)) if return_lse else out

@@ -78,6 +78,8 @@ __all__ = [
 ]
 
 _grad_enabled = True
+_FREED = ("backward(): this graph was already released by an earlier backward(); call the first with "
+          "retain_graph=True to go through it twice")
 
 
 @contextlib.contextmanager
@@ -170,10 +172,8 @@ class Tensor:
         if not self.requires_grad:
             raise RuntimeError("backward(): this tensor does not require a gradient "
                                "(it was made under no_grad, or only from tensors that need none)")
-        _freed_error = ("backward(): this graph was already released by an earlier backward(); call the "
-                        "first with retain_graph=True to go through it twice")
         if self._freed:
-            raise RuntimeError(_freed_error)
+            raise RuntimeError(_FREED)
         xp = self.xp
         if grad is None:
             if self.size != 1:
@@ -184,7 +184,7 @@ class Tensor:
             raise ValueError(f"backward(): expected a seed gradient of shape {self.shape}, got {tuple(grad.shape)}")
         order = _topological_order(self)
         if any(node._freed for node in order):
-            raise RuntimeError(_freed_error)
+            raise RuntimeError(_FREED)
         _accumulate(self, grad)
         while order:
             node = order.pop()  # reverse topological order: every consumer of node has already run

@@ -41,7 +41,8 @@ from ._validate import (
     check_rank3,
     host_ints,
 )
-from .interface import FROM_FORWARD, _backward_rng_state, _ForwardRecord, _given_arrays, _put_back, _same_array, sink_grad
+from .interface import (FROM_FORWARD, _backward_rng_state, _check_same_arrays, _ForwardRecord, _given_arrays, _put_back,
+                        sink_grad)
 
 __all__ = ["VarlenOptions", "VarlenForward", "flash_attn_varlen_func", "flash_attn_varlen_forward",
            "flash_attn_varlen_backward", "flash_attn_with_kvcache", "merge_attention"]
@@ -340,17 +341,7 @@ def _check_matches(forward, p, causal, dropout_p, out, lse):
             raise ValueError(f"{name}: expected the forward's {name}={getattr(opts, name)!r}{extra}, got {value!r}")
     arrays = dict(cu_seqlens_q=p.cu_seqlens_q, cu_seqlens_k=p.cu_seqlens_k, seqused_k=p.seqused_k,
                   alibi_slopes=p.alibi_slopes, sinks=p.sinks)
-    for name, got in arrays.items():
-        want = getattr(opts, name)
-        if (got is None) != (want is None) or (got is not None and not _same_array(got, want)):
-            what = "None" if want is None else "the same array by data pointer, shape and strides"
-            raise ValueError(f"{name}: expected the forward's {name} ({what}; values are not compared), got "
-                             f"{'None' if got is None else 'a different ' + type(got).__name__}")
-    for name, got, want in (("out", out, forward.out), ("lse", lse, forward.lse)):
-        if not _same_array(got, want):
-            raise ValueError(f"{name}: expected the forward's {name} (forward.{name}: the same array by data "
-                             f"pointer, shape and strides; values are not compared), got a different "
-                             f"{type(got).__name__} of shape {tuple(got.shape)}")
+    _check_same_arrays(forward, out, lse, **{name: (got, getattr(opts, name)) for name, got in arrays.items()})
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
