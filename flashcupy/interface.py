@@ -283,6 +283,25 @@ def _same_array(a, b) -> bool:
                       and a.dtype == b.dtype and _address(a) == _address(b))
 
 
+def _forward_record(forward, cls, producer: str, out, lse):
+    """(forward's options or None, out, lse) for a backward given forward= (a cls record from producer)
+    and / or out and lse: those default to forward's. TypeError for another kind of forward, a record
+    without options, or out / lse missing."""
+    if forward is not None and not (isinstance(forward, cls) and forward.options is not None):
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        got = (f"{article} {cls.__name__} without options (built by hand or by _replace)" if isinstance(forward, cls)
+               else type(forward).__name__)
+        raise TypeError(f"forward: expected the {cls.__name__} returned by {producer}, got {got}")
+    if forward is not None:
+        out = forward.out if out is None else out
+        lse = forward.lse if lse is None else lse
+    for name, x in (("out", out), ("lse", lse)):
+        if x is None:
+            raise TypeError(f"{name}: expected the forward's {name} (or forward=, the {cls.__name__} of "
+                            f"{producer}), got None")
+    return None if forward is None else forward.options, out, lse
+
+
 def _check_same_arrays(forward, out, lse, **optional):
     """ValueError naming the first of optional (name=(given, forward's), None allowed) or of out / lse that
     is not the forward's own array (_same_array: by data pointer, shape and strides, values never read)."""
@@ -539,18 +558,7 @@ def flash_attn_backward(dout, q, k, v, out=None, lse=None, *, dropout_p=FROM_FOR
 
     Source: FlashAttention backward (arXiv 2205.14135, Algorithm 4; arXiv 2307.08691, Algorithm 2).
     """
-    if forward is not None and not (isinstance(forward, AttnForward) and forward.options is not None):
-        got = ("an AttnForward without options (built by hand or by _replace)" if isinstance(forward, AttnForward)
-               else type(forward).__name__)
-        raise TypeError(f"forward: expected the AttnForward returned by flash_attn_forward, got {got}")
-    opts = None if forward is None else forward.options
-    if forward is not None:
-        out = forward.out if out is None else out
-        lse = forward.lse if lse is None else lse
-    for name, x in (("out", out), ("lse", lse)):
-        if x is None:
-            raise TypeError(f"{name}: expected the forward's {name} (or forward=, the AttnForward of "
-                            f"flash_attn_forward), got None")
+    opts, out, lse = _forward_record(forward, AttnForward, "flash_attn_forward", out, lse)
     given = dict(causal=causal, softmax_scale=softmax_scale, dropout_p=dropout_p, block_mask=block_mask,
                  allow_tf32=allow_tf32, window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
                  sinks=sinks)

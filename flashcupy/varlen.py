@@ -41,8 +41,8 @@ from ._validate import (
     check_rank3,
     host_ints,
 )
-from .interface import (FROM_FORWARD, _backward_rng_state, _check_same_arrays, _ForwardRecord, _given_arrays, _put_back,
-                        sink_grad)
+from .interface import (FROM_FORWARD, _backward_rng_state, _check_same_arrays, _forward_record, _ForwardRecord,
+                        _given_arrays, _put_back, sink_grad)
 
 __all__ = ["VarlenOptions", "VarlenForward", "flash_attn_varlen_func", "flash_attn_varlen_forward",
            "flash_attn_varlen_backward", "flash_attn_with_kvcache", "merge_attention"]
@@ -270,17 +270,7 @@ def flash_attn_varlen_backward(dout, q, k, v, out=None, lse=None, cu_seqlens_q=F
 
     Source: FlashAttention backward (arXiv 2205.14135 Algorithm 4; arXiv 2307.08691 Algorithm 2), per sequence.
     """
-    if forward is not None and not (isinstance(forward, VarlenForward) and forward.options is not None):
-        raise TypeError(f"forward: expected the VarlenForward returned by flash_attn_varlen_forward, got "
-                        f"{type(forward).__name__}")
-    opts = forward.options if forward is not None else None
-    if forward is not None:
-        out = forward.out if out is None else out
-        lse = forward.lse if lse is None else lse
-    for name, x in (("out", out), ("lse", lse)):
-        if x is None:
-            raise TypeError(f"{name}: expected the forward's {name} (or forward=, the VarlenForward of "
-                            f"flash_attn_varlen_forward), got None")
+    opts, out, lse = _forward_record(forward, VarlenForward, "flash_attn_varlen_forward", out, lse)
     given = dict(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
                  max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
                  window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
