@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_backward_rule, assert_dropout_rule, assert_forward_rule, float_dtypes, random_inputs
+from helpers import (FUZZ_REGRESSIONS, assert_backward_rule, assert_dropout_rule, assert_forward_rule, float_dtypes,
+                     random_inputs)
 
 import flashcupy
 from flashcupy import blocksparse, dropout
@@ -121,3 +122,12 @@ def test_gpu_tape_learnable_sinks(rng):
     assert isinstance(ts[3].grad, cp.ndarray) and ts[3].grad.dtype == np.float32
     assert_forward_rule(out.data, None, q, k, v, sinks=sinks, **kw)
     assert_backward_rule([t.grad for t in ts], do, q, k, v, sinks=sinks, **kw)
+
+
+@pytest.mark.parametrize("text, allow_tf32", FUZZ_REGRESSIONS, ids=[f"case{i}" for i in range(len(FUZZ_REGRESSIONS))])
+def test_gpu_fuzz_regressions(text, allow_tf32):
+    """The GPU fuzz campaign's failures (tests/helpers.py FUZZ_REGRESSIONS), replayed as flashcupy fuzz
+    --case does: forward and backward on the GPU, by the rule."""
+    from flashcupy import fuzz
+
+    assert fuzz.check_case(fuzz.parse_case(text), ("fwd", "bwd"), gpu=True, allow_tf32=allow_tf32) <= 1.0

@@ -30,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from helpers import (backward_rule_inputs, check_rule, dtype_name, eps, forward_rule_inputs, random_inputs,
-                     rule_ratios, ulp)
+from helpers import (FUZZ_REGRESSIONS, backward_rule_inputs, check_rule, dtype_name, eps, forward_rule_inputs,
+                     random_inputs, rule_ratios, ulp)
 
 import flashcupy
 from flashcupy import reference
@@ -254,3 +254,34 @@ def test_rule_passes_real_kernels_and_rejects_mutants(rng, dtype, shape, causal)
                 continue
             with pytest.raises(AssertionError, match=rf"{name} \({dtype_name(dtype)}\): err_kernel / bound"):
                 check_rule(name, x, **inputs[name])
+
+
+# ---------------------------------------------------------------------------------------------------
+# scores of the positions alone (softmax_scale 0): the fuzz campaign's regressions
+
+
+@pytest.mark.parametrize("text, tf32", FUZZ_REGRESSIONS, ids=[f"case{i}" for i in range(len(FUZZ_REGRESSIONS))])
+def test_position_only_scores_pass_naive_and_reject_one_percent(text, tf32):
+    """With softmax_scale 0 and ALiBi, P's roundings recur across rows: naive attention in either order
+    (a correct implementation of DESIGN.md's equations) passes out and dv, and out x 1.01, x 0.99 and
+    dv x 1.01 are still rejected. Before Magnitudes.se_factor the design order's out failed the bias
+    criterion at 1.8x its bound (case0), as the H200 kernels did."""
+    from flashcupy import testing
+    from flashcupy.fuzz import parse_case
+
+    case = parse_case(text)
+    q, k, v, dout = case.inputs(grad=True)
+    feats = case.feature_kwargs()
+    tf32 = tf32 and case.dtype == "float32"
+    kw = dict(causal=case.causal, softmax_scale=0.0, tf32=tf32)
+    fwd = forward_rule_inputs(q, k, v, **kw, **feats)
+    bwd = backward_rule_inputs(dout, q, k, v, **kw, **feats)
+    assert fwd["out"]["se_factor"] > 1 and bwd["dv"]["se_factor"] == fwd["out"]["se_factor"]
+    for order in testing.ORDERS:
+        out, _ = testing.naive_forward(q, k, v, order=order, **kw, **testing._features_kw(**feats))
+        dv = testing.naive_backward(dout, q, k, v, order=order, **kw, **testing._features_kw(**feats))[2]
+        check_rule("out", out, **fwd["out"])
+        check_rule("dv", dv, **bwd["dv"])
+    for name, inputs, factor in (("out", fwd["out"], 1.01), ("out", fwd["out"], 0.99), ("dv", bwd["dv"], 1.01)):
+        with pytest.raises(AssertionError, match=rf"{name} \("):
+            check_rule(name, (inputs["oracle"] * factor).astype(q.dtype), **inputs)
