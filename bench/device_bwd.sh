@@ -17,6 +17,7 @@
 # cache-load / cache-save   CuPy's kernel cache in and out of a call: cache-save writes
 #           $OUT/cupy-cache.tar.xz.part-*; copy them into .kcache/ of the carried tree, and cache-load unpacks them
 # features  bench/bench_features.py: issue 16's feature costs vs the plain causal kernel (and FlexAttention)
+# decode    bench/bench_decode.py: the split-KV decode kernels vs torch SDPA, $DECODE_ARGS (issue 17)
 # sanall    bench/sanitize_all.sh: compute-sanitizer over every family x feature ($SAN_TOOLS, default all four)
 # shards    the whole GPU suite as $PAR (default 6) pytest processes over contiguous blocks of its test ids,
 #           at once (the NumPy oracle is CPU-bound), then again under FLASHCUPY_SMEM_LIMIT_KB=99 unless
@@ -110,6 +111,8 @@ PY
       grep -h "^FAILED\|^ERROR" "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log | head -30
       echo "   slowest:"; cat "$LOG"/times${lim:+-${lim}kb}-*.txt 2>/dev/null | sort -rn | head -8
     done ;;
+  decode)  # issue 17: flash_attn_with_kvcache's split-KV kernels vs torch SDPA (eager and CUDA-graph replays)
+    T python3 bench/bench_decode.py ${DECODE_ARGS:-} --json "$LOG/decode.json" > "$LOG/decode.log" 2>&1; tail -24 "$LOG/decode.log" ;;
   features)
     T python3 bench/bench_features.py ${FEAT_ARGS:-} --json "$LOG/features.json" > "$LOG/features.log" 2>&1; tail -14 "$LOG/features.log" ;;
   sanall)

@@ -31,9 +31,13 @@ struct Mask {
     // causal: the family's compile-time flag (fp16/bf16 kernels) or p.mask.causal (run time); local:
     // whether the kernel reads p.mask.window_* (a compile-time flag: false builds no window code, and
     // with a constant causal the compiler folds every branch below).
-    __device__ __forceinline__ Mask(const AttnParams& p, bool causal, bool local = false) {
-        seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k;
-        const int offset = p.seqlen_k - p.seqlen_q;
+    __device__ __forceinline__ Mask(const AttnParams& p, bool causal, bool local = false)
+        : Mask(p, p.seqlen_q, p.seqlen_k, causal, local) {}
+    // One sequence's lengths given explicitly (KV-cache rows and varlen sequences of different lengths;
+    // the diagonal is aligned to that sequence's end).
+    __device__ __forceinline__ Mask(const AttnParams& p, int seqlen_q_, int seqlen_k_, bool causal, bool local) {
+        seqlen_q = seqlen_q_, seqlen_k = seqlen_k_;
+        const int offset = seqlen_k_ - seqlen_q_;
         const int wr = local ? p.mask.window_right : -1, wl = local ? p.mask.window_left : -1;
         causal_band = causal || wr >= 0;
         left_band = wl >= 0;
@@ -145,12 +149,16 @@ struct ScoreMod {
     T cap_in = T(0), cap_out = T(0), slope = T(0);  // scale / softcap, softcap / scale, slope / scale
     int offset = 0;
 
-    __device__ __forceinline__ explicit ScoreMod(const AttnParams& p, int batch, int head) {
+    ScoreMod() = default;  // off until assigned (arrays of them: one per row of a decode CTA)
+    __device__ __forceinline__ explicit ScoreMod(const AttnParams& p, int batch, int head)
+        : ScoreMod(p, batch, head, p.seqlen_q, p.seqlen_k) {}
+    // One sequence's lengths given explicitly (as Mask's).
+    __device__ __forceinline__ ScoreMod(const AttnParams& p, int batch, int head, int seqlen_q, int seqlen_k) {
         const T scale = T(p.scale);
         if constexpr (SOFTCAP) cap_in = scale / T(p.softcap), cap_out = T(p.softcap) / scale;
         if constexpr (ALIBI) {
             slope = T(__ldg(p.alibi_slopes + batch * p.alibi_batch_stride + head)) / scale;
-            offset = p.seqlen_k - p.seqlen_q;
+            offset = seqlen_k - seqlen_q;
         }
     }
     __device__ __forceinline__ T tanh_(T x) const {

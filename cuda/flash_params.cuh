@@ -91,6 +91,13 @@ struct AttnParams {
     const float* alibi_slopes; // (nheads,) or (batch, nheads)
     i64 alibi_batch_stride;
     const float* sinks;        // (nheads,) learnable attention sinks
+
+    // Split-KV decoding (cuda/flash_decode.cu): each of num_splits CTAs of a row writes its partial
+    // result, o_accum (num_splits, batch, nheads, seqlen_q, head_dim) and lse_accum (num_splits, batch,
+    // nheads, seqlen_q), in the compute type (float; double for float64); the combine kernel merges them.
+    void* o_accum;
+    void* lse_accum;
+    int num_splits;
 };
 
 // The scale of the scores as the family's element type: float kernels work in base 2 (exp2 of

@@ -37,7 +37,8 @@ ATTN_PARAMS = np.dtype(
     + [("mask", MASK_PARAMS), ("dropout", DROPOUT_PARAMS), ("dkv_fp32", "<i4"), ("dq_atomic", "<i4")]
     + [("cu_seqlens_q", _PTR), ("cu_seqlens_k", _PTR), ("seqused_k", _PTR), ("block_table", _PTR),
        ("block_table_stride", "<i8"), ("page_size", "<i4"), ("softcap", "<f8"), ("alibi_slopes", _PTR),
-       ("alibi_batch_stride", "<i8"), ("sinks", _PTR)],
+       ("alibi_batch_stride", "<i8"), ("sinks", _PTR), ("o_accum", _PTR), ("lse_accum", _PTR),
+       ("num_splits", "<i4")],
     align=True)
 
 # cuda/flash_bwd.cu's ConvertParams (the dQ / GQA-sum conversion kernel).
@@ -97,7 +98,7 @@ def sparse_record(block_mask, direction: str) -> tuple:
 
 def attn_params(shape, *, head_dim: int, scale: float, grad_scale: float | None = None, causal: bool = False,
                 window=(-1, -1), dropout=None, block_mask=None, dkv_fp32: bool = False, dq_atomic: bool = False,
-                features=None, **arrays) -> np.void:
+                features=None, num_splits: int = 0, page_size: int = 0, **arrays) -> np.void:
     """One AttnParams record, by value.
 
     shape: flashcupy._validate.AttnShape.
@@ -108,14 +109,18 @@ def attn_params(shape, *, head_dim: int, scale: float, grad_scale: float | None 
     replaces window=), softcap, alibi_slopes (float32 (nheads,) or (batch, nheads), on the device) and
     sinks (float32 (nheads,)); the kernels read each only in a specialization with its FEAT_* bit.
     dropout: None or (dropout_p, (seed, offset)). block_mask: a flashcupy.BlockMask or None. arrays: any of q, k, v, out, dout, dq, dk, dv
-    (BSHD arrays), lse, delta, lse_exp, dq_accum (contiguous); unnamed ones are null.
+    (BSHD arrays), lse, delta, lse_exp, dq_accum, o_accum, lse_accum, seqused_k (contiguous) and
+    block_table (int32 (batch, max_blocks), its row stride recorded); unnamed ones are null.
+    num_splits, page_size: the split-KV decode kernel's (cuda/flash_decode.cu; 0 elsewhere).
     """
     rec = np.zeros((), dtype=ATTN_PARAMS)
     for name, x in arrays.items():
         if name in TENSORS:
             rec[name] = tensor4(x)
-        elif name in ("lse", "delta", "lse_exp", "dq_accum"):
+        elif name in ("lse", "delta", "lse_exp", "dq_accum", "o_accum", "lse_accum", "seqused_k"):
             rec[name] = data_ptr(x)
+        elif name == "block_table":
+            rec[name], rec["block_table_stride"] = data_ptr(x), x.strides[0] // x.dtype.itemsize
         else:
             raise TypeError(f"attn_params: unknown array {name!r}")
     rec["batch"], rec["seqlen_q"], rec["seqlen_k"] = shape.batch, shape.seqlen_q, shape.seqlen_k
@@ -136,6 +141,7 @@ def attn_params(shape, *, head_dim: int, scale: float, grad_scale: float | None 
                    sparse_record(block_mask, "q"))
     rec["dropout"] = dropout_record(dropout)
     rec["dkv_fp32"], rec["dq_atomic"] = int(dkv_fp32), int(dq_atomic)
+    rec["num_splits"], rec["page_size"] = int(num_splits), int(page_size)
     return as_arg(rec)
 
 

@@ -22,6 +22,7 @@ host synchronisation, so these calls cannot be captured into a CUDA graph yet.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -476,9 +477,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
         softmax_scale, window_size, softcap, alibi_slopes: as flashcupy.flash_attn_forward (alibi
             (nheads,) or (batch, nheads)). causal and the window are aligned to the end of each row's
             visible cache: query i of seqlen_q sees key j <= i + L_b - seqlen_q, L_b the visible length.
-        num_splits: an int >= 0, flash-attn's split-KV count (0: chosen automatically); the chunked
-            path computes each row exactly in one pass and ignores it (the split-KV kernels will honour
-            it, deterministic for a fixed value).
+        num_splits: an int >= 0, flash-attn's split-KV count (0: chosen automatically; at most 256);
+            the decode kernels honour it (deterministic for a fixed value), the chunked path computes
+            each row exactly in one pass and ignores it.
         return_softmax_lse: also return lse (batch, nheads, seqlen_q), float32 (float64 for float64).
 
     Returns out (batch, seqlen_q, nheads, head_dim) like q, or (out, lse). A row with no visible key
@@ -490,8 +491,15 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
     argument (and the row).
 
     Host reads: cache_seqlens and block_table (when they are arrays) are copied to the host in one
-    transfer (a synchronisation on CuPy), where their values are checked. Runs the chunked exact path
-    per batch row on NumPy and CuPy (the fused decode / paged / split-KV kernels come later).
+    transfer (a synchronisation on CuPy), where their values are checked.
+
+    Kernels: on CuPy with head_dim 32, 64, 128 or 256 and 16-byte aligned rows (q and the caches
+    read in place), the split-KV decode kernels (cuda/flash_decode.cu): one CTA per (split, KV head,
+    batch row) takes all group * seqlen_q query rows of that KV head, the keys are split over
+    num_splits CTAs (0: about four CTAs per SM, flashcupy._gpu_decode.auto_splits) and a combine
+    kernel merges the parts; products and sums in float32 (float64 for float64), deterministic for
+    a fixed num_splits. Otherwise (NumPy, other head dims or strides, FLASHCUPY_DECODE=0) the chunked
+    exact path per batch row, which ignores num_splits.
 
     Source: flash-attn's flash_attn_with_kvcache (cache_seqlens, block_table, in-place append);
     FlashAttention-2 (arXiv 2307.08691); flash-decoding's split-KV merge is merge_attention.
@@ -601,6 +609,18 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
                                  f"{nblocks_or_batch}), got block_table[{b}, {int(bad[0])}] = {int(used[bad[0]])}")
     if k is not None and seqlen_new:
         _append(xp, k_cache, v_cache, got["k"], got["v"], hs, hbt, page_size if paged else None)
+    if seqlen_q and _decode_kernels_take(xp, q, k_cache, v_cache):
+        from . import _gpu_decode
+
+        if seqlens_is_array:  # the visible lengths, on the device without a transfer
+            vis = (got["cache_seqlens"] + seqlen_new).astype(np.int32)
+        else:
+            vis = xp.full(batch, int(visible[0]) if batch else 0, dtype=np.int32)
+        out, lse = _gpu_decode.forward(q, k_cache, v_cache, vis, int(visible.max(initial=0)), shape0, causal=causal,
+                                       features=features, num_splits=int(num_splits),
+                                       block_table=xp.ascontiguousarray(bt) if paged else None,
+                                       page_size=page_size if paged else 0)
+        return (out, lse) if return_softmax_lse else out
     out = xp.zeros(q.shape, dtype=q.dtype)
     lse = xp.full((batch, nheads, seqlen_q), -np.inf, dtype=lse_dtype(q.dtype))
     for b in range(batch):
@@ -613,6 +633,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=N
                                   features=_chunked.sequence_features(features, b))
         out[b], lse[b] = ob[0], lb[0]
     return (out, lse) if return_softmax_lse else out
+
+
+def _decode_kernels_take(xp, q, k_cache, v_cache) -> bool:
+    """CuPy inputs the split-KV decode kernels read in place (flashcupy._gpu_decode.supported), unless
+    FLASHCUPY_DECODE=0 (the chunked path per row, for comparison)."""
+    if xp is np or os.environ.get("FLASHCUPY_DECODE", "1") in ("0", ""):
+        return False
+    from . import _gpu_decode
+
+    return _gpu_decode.supported(q, k_cache, v_cache)
 
 
 def _visible_cache(xp, cache, b, n, block_table, page_size):

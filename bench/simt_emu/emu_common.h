@@ -145,6 +145,33 @@ inline void tf32_m16n8k4(float (&c)[2][2], float a0, float a1, float b) {
     emu_warp_sync();
 }
 
+// cuda/flash_decode.cu: 16-byte loads as uint4, the fp16 / bf16 element tags of flash_common.cuh (here
+// from the host's _Float16 and bit operations: to_float exact, pack2 round to nearest even as
+// cvt.rn), __hiloint2double, __ffs.
+struct alignas(16) uint4 { u32 x, y, z, w; };
+inline double __hiloint2double(int hi, int lo) {
+    const unsigned long long u = ((unsigned long long)(u32)hi << 32) | (u32)lo;
+    double d; std::memcpy(&d, &u, 8); return d;
+}
+inline int __ffs(int x) { return __builtin_ffs(x); }
+struct Fp16 {
+    static u32 pack2(float lo, float hi) {
+        _Float16 a = (_Float16)lo, b = (_Float16)hi;
+        u16 ua, ub; std::memcpy(&ua, &a, 2); std::memcpy(&ub, &b, 2);
+        return (u32)ua | ((u32)ub << 16);
+    }
+    static float to_float(u16 x) { _Float16 h; std::memcpy(&h, &x, 2); return (float)h; }
+};
+struct Bf16 {
+    static u16 round(float f) {
+        u32 u; std::memcpy(&u, &f, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x40);  // NaN stays NaN
+        return (u16)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    static u32 pack2(float lo, float hi) { return (u32)round(lo) | ((u32)round(hi) << 16); }
+    static float to_float(u16 x) { return __int_as_float(((u32)x) << 16); }
+};
+
 inline float atomicAdd(float* p, float x) { return std::atomic_ref<float>(*p).fetch_add(x); }
 inline double atomicAdd(double* p, double x) { return std::atomic_ref<double>(*p).fetch_add(x); }
 
