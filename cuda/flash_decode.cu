@@ -23,8 +23,10 @@
 // Paged KV (PAGED): key t of row b is slot t % page_size of page block_table[b, t / page_size]
 // (p.k / p.v: (num_blocks, page_size, nheads_k, head_dim), batch_stride = one page).
 //
-// Versions (numbers in bench/NOTES.md, "Split-KV decode kernel"):
+// Versions (numbers in bench/NOTES.md, "Split-KV decode kernel"; old ones in bench/experiments/):
 //   v1  CUDA-core dot products, butterfly reductions, one online softmax per key group.
+//   v2  K / V staged as raw 16-byte chunks, the next iteration's loaded before this one's arithmetic;
+//       scores of all rows first, then the softmax, then P V (one key's chunks converted at a time).
 #include "flash_common.cuh"
 #include "flash_simt.cuh"
 
@@ -36,11 +38,13 @@ struct DecodeElem16 {
     using S = u16;  // storage
     using C = float;
     static constexpr int VEC = 8;
-    static __device__ __forceinline__ void load(C (&x)[VEC], const void* src) {
-        const uint4 w = __ldg(reinterpret_cast<const uint4*>(src));
+    static __device__ __forceinline__ void convert(C (&x)[VEC], const uint4& w) {
         const u32 ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) x[2 * i] = H::to_float((u16)(ws[i] & 0xffff)), x[2 * i + 1] = H::to_float((u16)(ws[i] >> 16));
+    }
+    static __device__ __forceinline__ void load(C (&x)[VEC], const void* src) {
+        convert(x, __ldg(reinterpret_cast<const uint4*>(src)));
     }
     static __device__ __forceinline__ void store(void* dst, const C (&x)[VEC]) {
         uint4 w;
@@ -55,13 +59,15 @@ struct DecodeElemWide {
     using S = F;
     using C = F;
     static constexpr int VEC = 16 / sizeof(F);
-    static __device__ __forceinline__ void load(C (&x)[VEC], const void* src) {
-        const uint4 w = __ldg(reinterpret_cast<const uint4*>(src));  // one 128-bit read-only load
+    static __device__ __forceinline__ void convert(C (&x)[VEC], const uint4& w) {
         if constexpr (sizeof(F) == 4) {
             x[0] = __int_as_float(w.x), x[1] = __int_as_float(w.y), x[2] = __int_as_float(w.z), x[3] = __int_as_float(w.w);
         } else {
             x[0] = __hiloint2double(w.y, w.x), x[1] = __hiloint2double(w.w, w.z);
         }
+    }
+    static __device__ __forceinline__ void load(C (&x)[VEC], const void* src) {
+        convert(x, __ldg(reinterpret_cast<const uint4*>(src)));  // one 128-bit read-only load
     }
     static __device__ __forceinline__ void store(void* dst, const C (&x)[VEC]) {
         Chunk<F> c;
@@ -85,8 +91,9 @@ struct DecodeTraits {
     static constexpr int NWARPS = NWARPS_;
     static constexpr int NTHREADS = 32 * NWARPS;
     // __launch_bounds__ minimum CTAs per SM: without one NVRTC's ptxas capped the registers near 96 and
-    // spilled; 3 (<= 168 registers) keeps three CTAs' loads in flight per SM, 2 for the larger row counts
-    static constexpr int MIN_CTAS = ROWS <= 4 ? 3 : 2;
+    // spilled; 3 (<= 168 registers) keeps three CTAs' loads in flight per SM, 2 for the larger row counts,
+    // float64, and the paged / featured kernels (their page-table reads and score modifiers spilled at 168)
+    static constexpr int MIN_CTAS = ROWS <= 4 && sizeof(C) == 4 ? 3 : 2;
     static constexpr int VEC = El::VEC;
     static constexpr int CHUNKS = HEAD_DIM / VEC;                // 16-byte chunks per key row
     static constexpr int LPK = CHUNKS < 32 ? CHUNKS : 32;        // lanes per key
@@ -115,7 +122,7 @@ __device__ __forceinline__ const S* key_row(const Tensor4& t, const AttnParams& 
 }
 
 template <typename Tr, int FEAT = 0, bool PAGED = false>
-__global__ void __launch_bounds__(Tr::NTHREADS, Tr::MIN_CTAS)
+__global__ void __launch_bounds__(Tr::NTHREADS, FEAT == 0 && !PAGED ? Tr::MIN_CTAS : 2)
 flash_decode_kernel(const __grid_constant__ AttnParams p) {
     using S = typename Tr::S;
     using El = typename Tr::El;
@@ -168,40 +175,57 @@ flash_decode_kernel(const __grid_constant__ AttnParams p) {
 #pragma unroll
             for (int e = 0; e < VEC; ++e) o[i][c][e] = C(0);
     }
-    for (int k0 = k_lo; k0 < k_hi; k0 += KT) {
-        C kx[U][CPL][VEC], vx[U][CPL][VEC];
-        int key[U];
+    // K and V of an iteration as raw 16-byte chunks (4 registers each, converted where used); the next
+    // iteration's are loaded before this one is computed (v2: the loads of one iteration overlap the
+    // arithmetic of the previous one)
+    uint4 kr[U][CPL], vr[U][CPL];
+    auto load_iteration = [&](uint4 (&kd)[U][CPL], uint4 (&vd)[U][CPL], int k0) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            key[u] = k0 + (u * NWARPS + warp) * KPW + kgroup;
-            const int kr = min(key[u], k_hi - 1);  // past the range: a valid row, masked below
-            const S* kp = key_row<PAGED, S>(p.k, p, table, batch, head_k, kr, page_shift);
-            const S* vp = key_row<PAGED, S>(p.v, p, table, batch, head_k, kr, page_shift);
+            const int kk = min(k0 + (u * NWARPS + warp) * KPW + kgroup, k_hi - 1);  // past the range: a valid row, masked
+            const S* kp = key_row<PAGED, S>(p.k, p, table, batch, head_k, kk, page_shift);
+            const S* vp = key_row<PAGED, S>(p.v, p, table, batch, head_k, kk, page_shift);
 #pragma unroll
-            for (int c = 0; c < CPL; ++c) El::load(kx[u][c], kp + (sub + c * LPK) * VEC);
+            for (int c = 0; c < CPL; ++c) kd[u][c] = __ldg(reinterpret_cast<const uint4*>(kp + (sub + c * LPK) * VEC));
 #pragma unroll
-            for (int c = 0; c < CPL; ++c) El::load(vx[u][c], vp + (sub + c * LPK) * VEC);
+            for (int c = 0; c < CPL; ++c) vd[u][c] = __ldg(reinterpret_cast<const uint4*>(vp + (sub + c * LPK) * VEC));
         }
+    };
+    if (k_lo < k_hi) load_iteration(kr, vr, k_lo);
+    for (int k0 = k_lo; k0 < k_hi; k0 += KT) {
+        uint4 kn[U][CPL], vn[U][CPL];
+        if (k0 + KT < k_hi) load_iteration(kn, vn, k0 + KT);
+        int key[U];
 #pragma unroll
-        for (int i = 0; i < ROWS; ++i) {
-            C s[U];
+        for (int u = 0; u < U; ++u) key[u] = k0 + (u * NWARPS + warp) * KPW + kgroup;
+        // scores of every (row, key): one key's chunks converted at a time, dot products, butterfly sums
+        C s[ROWS][U];
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
+        for (int u = 0; u < U; ++u) {
+            C kx[CPL][VEC];
+#pragma unroll
+            for (int c = 0; c < CPL; ++c) El::convert(kx[c], kr[u][c]);
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i) {
                 C acc = C(0);
 #pragma unroll
                 for (int c = 0; c < CPL; ++c)
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) acc = fmadd(q[i][c][e], kx[u][c][e], acc);
+                    for (int e = 0; e < VEC; ++e) acc = fmadd(q[i][c][e], kx[c][e], acc);
 #pragma unroll
                 for (int off = LPK / 2; off > 0; off /= 2) acc += shfl_xor(acc, off);
                 if constexpr (Mod::ACTIVE) acc = mod[i].apply(acc, qrow[i], key[u]);
-                s[u] = key[u] < k_hi && mask.visible(qrow[i], key[u]) ? acc * scale_exp : neg_inf<C>();
+                s[i][u] = key[u] < k_hi && mask.visible(qrow[i], key[u]) ? acc * scale_exp : neg_inf<C>();
             }
+        }
+        // online softmax per row: s becomes P (0 where masked), O and l rescaled to the new max
+#pragma unroll
+        for (int i = 0; i < ROWS; ++i) {
             C mx = m[i];
 #pragma unroll
-            for (int u = 0; u < U; ++u) mx = Simt<C>::max(mx, s[u]);
-            if (mx == neg_inf<C>()) continue;  // nothing visible yet in this key group: O, l stay 0
-            const C alpha = exp_c(m[i] - mx);  // exp(-inf) = 0 on the first visible key
+            for (int u = 0; u < U; ++u) mx = Simt<C>::max(mx, s[i][u]);
+            const bool any = mx != neg_inf<C>();  // nothing visible yet in this key group: O, l stay 0
+            const C alpha = any ? exp_c(m[i] - mx) : C(1);  // exp(-inf) = 0 on the first visible key
             m[i] = mx, l[i] *= alpha;
 #pragma unroll
             for (int c = 0; c < CPL; ++c)
@@ -209,14 +233,27 @@ flash_decode_kernel(const __grid_constant__ AttnParams p) {
                 for (int e = 0; e < VEC; ++e) o[i][c][e] *= alpha;
 #pragma unroll
             for (int u = 0; u < U; ++u) {
-                const C pu = exp_c(s[u] - mx);
-                l[i] += pu;
+                s[i][u] = any ? exp_c(s[i][u] - mx) : C(0);
+                l[i] += s[i][u];
+            }
+        }
+        // O += P V: one key's value chunks converted at a time
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            C vx[CPL][VEC];
+#pragma unroll
+            for (int c = 0; c < CPL; ++c) El::convert(vx[c], vr[u][c]);
+#pragma unroll
+            for (int i = 0; i < ROWS; ++i)
 #pragma unroll
                 for (int c = 0; c < CPL; ++c)
 #pragma unroll
-                    for (int e = 0; e < VEC; ++e) o[i][c][e] = fmadd(pu, vx[u][c][e], o[i][c][e]);
-            }
+                    for (int e = 0; e < VEC; ++e) o[i][c][e] = fmadd(s[i][u], vx[c][e], o[i][c][e]);
         }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int c = 0; c < CPL; ++c) kr[u][c] = kn[u][c], vr[u][c] = vn[u][c];
     }
     // merge the KPW key groups of the warp (lanes sub + LPK g hold the same elements)
 #pragma unroll

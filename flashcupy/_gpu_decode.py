@@ -66,23 +66,20 @@ class DecodeConfig:
 def decode_config(dtype, head_dim: int, rows_needed: int) -> DecodeConfig:
     """The specialization for rows_needed = group x seqlen_q query rows per KV head. A lane holds
     CPL x VEC elements of a key row (w registers of compute type: 8 for fp16 / bf16, 4-8 for float32,
-    4-16 for float64); its q and O take 2 x rows x w registers and the K, V loads in flight 2 x u x w,
-    so rows and u shrink as w grows (tests/test_compile_decode.py checks that none spills; float64
-    rows 16 did, 1.4 KB)."""
+    4-16 for float64); its q and O take 2 x rows x w registers and the raw K, V chunks of two iterations
+    16 x u x CPL, so rows and u shrink as w and CPL grow (tests/test_compile_decode.py checks that none
+    spills; float64 at 16 rows did, 1.4 KB, and float32 hd256 at u 8, 620 B)."""
     elem = ELEM[dtype_name(np.dtype(dtype))]
     vec = {"Fp16": 8, "Bf16": 8, "float": 4, "double": 2}[elem]
     chunks = head_dim // vec
     per_lane = (chunks // min(chunks, 32)) * vec * (2 if elem == "double" else 1)  # registers per row
-    rows_max = 8 if per_lane <= 8 else 4
+    rows_max = 8 if elem != "double" else 4 if per_lane <= 4 else 2  # float64: two registers a value
     rows = 1
     while rows < min(rows_needed, rows_max):
         rows *= 2
-    if per_lane <= 4:
-        u = 8 if rows <= 2 else 4
-    elif per_lane <= 8:
-        u = 8 if rows == 1 else 4 if rows <= 4 else 2
-    else:
-        u = 2 if rows <= 2 else 1
+    # loads in flight: U x CPL chunks of K and of V, twice (this iteration's and the next's), 4 registers each
+    cpl = chunks // min(chunks, 32)
+    u = max(1, (8 if rows == 1 else 4 if rows <= 4 else 2) // cpl)
     return DecodeConfig(elem, head_dim, rows, u)
 
 
