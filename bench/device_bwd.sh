@@ -18,6 +18,7 @@
 #           $OUT/cupy-cache.tar.xz.part-*; copy them into .kcache/ of the carried tree, and cache-load unpacks them
 # features  bench/bench_features.py: issue 16's feature costs vs the plain causal kernel (and FlexAttention)
 # decode    bench/bench_decode.py: the split-KV decode kernels vs torch SDPA, $DECODE_ARGS (issue 17)
+# sandecode compute-sanitizer ($SAN_TOOLS, default all four) over bench/sanitize_decode.py's decode calls
 # sanall    bench/sanitize_all.sh: compute-sanitizer over every family x feature ($SAN_TOOLS, default all four)
 # shards    the whole GPU suite as $PAR (default 6) pytest processes over contiguous blocks of its test ids,
 #           at once (the NumPy oracle is CPU-bound), then again under FLASHCUPY_SMEM_LIMIT_KB=99 unless
@@ -110,6 +111,13 @@ PY
       echo "== shards${lim:+ at $lim KB}:"; for f in "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log; do echo "   $(basename "$f"): $(tail -1 "$f")"; done
       grep -h "^FAILED\|^ERROR" "$LOG"/shard${lim:+-${lim}kb}-[0-9]*.log | head -30
       echo "   slowest:"; cat "$LOG"/times${lim:+-${lim}kb}-*.txt 2>/dev/null | sort -rn | head -8
+    done ;;
+  sandecode)  # compute-sanitizer over bench/sanitize_decode.py (the decode kernels; compiled outside the tools first)
+    T python3 bench/sanitize_decode.py > "$LOG/sandecode-plain.log" 2>&1 || { tail -5 "$LOG/sandecode-plain.log"; continue; }
+    for tool in ${SAN_TOOLS:-memcheck racecheck synccheck initcheck}; do
+      opts=(); [ $tool = memcheck ] && opts=(--report-api-errors no)
+      T compute-sanitizer --tool $tool "${opts[@]}" python3 bench/sanitize_decode.py > "$LOG/sandecode-$tool.log" 2>&1
+      echo "== decode $tool: $(grep -c '^ok ' "$LOG/sandecode-$tool.log") calls ok; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$LOG/sandecode-$tool.log" | tail -1)"
     done ;;
   decode)  # issue 17: flash_attn_with_kvcache's split-KV kernels vs torch SDPA (eager and CUDA-graph replays)
     T python3 bench/bench_decode.py ${DECODE_ARGS:-} --json "$LOG/decode.json" > "$LOG/decode.log" 2>&1; tail -24 "$LOG/decode.log" ;;
