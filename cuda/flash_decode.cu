@@ -27,6 +27,7 @@
 //   v1  CUDA-core dot products, butterfly reductions, one online softmax per key group.
 //   v2  K / V staged as raw 16-byte chunks, the next iteration's loaded before this one's arithmetic;
 //       scores of all rows first, then the softmax, then P V (one key's chunks converted at a time).
+//   v3  paged: page-table entries read one iteration ahead of the K / V loads they address.
 #include "flash_common.cuh"
 #include "flash_simt.cuh"
 
@@ -109,18 +110,6 @@ template <> __device__ __forceinline__ float exp_c<float>(float x) { return fast
 template <> __device__ __forceinline__ double exp_c<double>(double x) { return ::exp(x); }
 template <typename C> __device__ __forceinline__ C shfl_xor(C x, int m) { return __shfl_xor_sync(0xffffffffu, x, m); }
 
-// The start of key `key` of (batch, kv head) in the cache (contiguous, or through the page table).
-template <bool PAGED, typename S>
-__device__ __forceinline__ const S* key_row(const Tensor4& t, const AttnParams& p, const int* table, int batch,
-                                            int head_k, int key, int page_shift) {
-    if constexpr (PAGED) {
-        const int page = __ldg(table + (key >> page_shift));
-        return t.ptr<const S>(page, head_k, key & (p.page_size - 1));
-    } else {
-        return t.ptr<const S>(batch, head_k, key);
-    }
-}
-
 template <typename Tr, int FEAT = 0, bool PAGED = false>
 __global__ void __launch_bounds__(Tr::NTHREADS, FEAT == 0 && !PAGED ? Tr::MIN_CTAS : 2)
 flash_decode_kernel(const __grid_constant__ AttnParams p) {
@@ -179,22 +168,39 @@ flash_decode_kernel(const __grid_constant__ AttnParams p) {
     // iteration's are loaded before this one is computed (v2: the loads of one iteration overlap the
     // arithmetic of the previous one)
     uint4 kr[U][CPL], vr[U][CPL];
-    auto load_iteration = [&](uint4 (&kd)[U][CPL], uint4 (&vd)[U][CPL], int k0) {
+    // paged: the page of each of a lane's keys, read one iteration before its K / V loads (v3), so the
+    // page-table read and the loads it addresses are not one dependent chain of two memory latencies
+    auto key_of = [&](int k0, int u) { return min(k0 + (u * NWARPS + warp) * KPW + kgroup, k_hi - 1); };  // past the range: a valid row, masked
+    auto pages_of = [&](int (&pg)[U], int k0) {
+        if constexpr (PAGED) {
+#pragma unroll
+            for (int u = 0; u < U; ++u) pg[u] = __ldg(table + (key_of(k0, u) >> page_shift));
+        }
+    };
+    auto load_iteration = [&](uint4 (&kd)[U][CPL], uint4 (&vd)[U][CPL], int k0, const int (&pg)[U]) {
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int kk = min(k0 + (u * NWARPS + warp) * KPW + kgroup, k_hi - 1);  // past the range: a valid row, masked
-            const S* kp = key_row<PAGED, S>(p.k, p, table, batch, head_k, kk, page_shift);
-            const S* vp = key_row<PAGED, S>(p.v, p, table, batch, head_k, kk, page_shift);
+            const int kk = key_of(k0, u);
+            const S* kp = PAGED ? p.k.ptr<const S>(pg[u], head_k, kk & (p.page_size - 1)) : p.k.ptr<const S>(batch, head_k, kk);
+            const S* vp = PAGED ? p.v.ptr<const S>(pg[u], head_k, kk & (p.page_size - 1)) : p.v.ptr<const S>(batch, head_k, kk);
 #pragma unroll
             for (int c = 0; c < CPL; ++c) kd[u][c] = __ldg(reinterpret_cast<const uint4*>(kp + (sub + c * LPK) * VEC));
 #pragma unroll
             for (int c = 0; c < CPL; ++c) vd[u][c] = __ldg(reinterpret_cast<const uint4*>(vp + (sub + c * LPK) * VEC));
         }
     };
-    if (k_lo < k_hi) load_iteration(kr, vr, k_lo);
+    [[maybe_unused]] int pg[U];  // paged: the pages of the next iteration to load
+    if (k_lo < k_hi) {
+        pages_of(pg, k_lo);
+        load_iteration(kr, vr, k_lo, pg);
+        pages_of(pg, k_lo + KT);
+    }
     for (int k0 = k_lo; k0 < k_hi; k0 += KT) {
         uint4 kn[U][CPL], vn[U][CPL];
-        if (k0 + KT < k_hi) load_iteration(kn, vn, k0 + KT);
+        if (k0 + KT < k_hi) {
+            load_iteration(kn, vn, k0 + KT, pg);
+            pages_of(pg, k0 + 2 * KT);
+        }
         int key[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) key[u] = k0 + (u * NWARPS + warp) * KPW + kgroup;
