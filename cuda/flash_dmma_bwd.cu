@@ -29,6 +29,10 @@
 //   v1.1 KV kernel: STAGES = 1 (single-buffered Q/dO) option, for 2 CTAs per SM at hd128.
 //   v2  templated over T: float = TF32 m16n8k8 (16-key / 16-row warps), 4 floats per 16-byte chunk.
 //   v2.1 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
+//   v2.2 the KV kernel's element mask by Mask::visible_rt: one ISETP per element under need_mask, as
+//        before v2.1 (visible()'s run-time causal test added a PLOP3 and an IADD3 per element on every
+//        tile). The dQ kernel keeps visible(): with visible_rt two hd128 m16n8k16 sweep configs
+//        (<double, 128, 32|64, 16, 2|4, 16>) spill 4 B at sm_90a.
 #include "flash_dmma.cuh"
 
 template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int D_SPLIT_, int KATOM_, int STAGES_>
@@ -198,7 +202,7 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
                     if constexpr (ScoreMod<FEAT, T>::ACTIVE) dmod = mod.apply_grad(score, qi, kj);
                     T pr = Simt<T>::exp_base(fmadd(score, scale_exp, -lse_c[jn][e]));
                     // select, not multiply: a masked score may overflow exp (its row's LSE excludes it)
-                    if (need_mask && !mask.visible<false>(qi, kj)) pr = T(0);
+                    if (need_mask && !mask.visible_rt<false>(qi, kj)) pr = T(0);
                     acc_s[jn][h][e] = pr;
                     acc_dp[jn][h][e] = pr * (acc_dp[jn][h][e] - dlt_c[jn][e]);
                     if constexpr (ScoreMod<FEAT, T>::ACTIVE) acc_dp[jn][h][e] *= dmod;

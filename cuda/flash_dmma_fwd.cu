@@ -23,6 +23,7 @@
 //       P in registers, single-buffered K/V.
 //   v2  templated over T: float = TF32 m16n8k8 (16-row warps), 4 floats per 16-byte chunk.
 //   v2.1 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
+//   v2.2 the element mask by Mask::visible_rt (one compare per element on diagonal tiles).
 #include "flash_dmma.cuh"
 
 template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int KATOM_>
@@ -132,7 +133,7 @@ flash_dmma_fwd_kernel(const __grid_constant__ AttnParams p) {
                     for (int h = 0; h < R8; ++h)
 #pragma unroll
                         for (int e = 0; e < 2; ++e)
-                            if (!mask.visible(m0 + warp_row0 + 8 * h + g, n0 + 8 * jn + 2 * t + e))
+                            if (!mask.visible_rt(m0 + warp_row0 + 8 * h + g, n0 + 8 * jn + 2 * t + e))
                                 acc_s[jn][h][e] = -inf;
             }
 

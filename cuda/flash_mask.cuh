@@ -98,6 +98,17 @@ struct Mask {
         const int d = key - row;
         return !(KEY_TAIL && key >= seqlen_k) && !(causal_band && d > hi) && !(left_band && d < lo);
     }
+    // visible() for the families whose causal flag is a run-time value (fp32 / fp64: SIMT, DMMA,
+    // TF32). The same set: without an upper diagonal hi is 2^30, which key - row never exceeds (rows
+    // and keys < 2^30), so causal_band needs no test, and the bound is compared against row + hi,
+    // which the compiler adds once per row: one ISETP per element and bound. visible()'s run-time
+    // causal_band test and per-element key - row cost these kernels an IADD3 + ISETP + PLOP3 per
+    // element (bench/NOTES.md, "fp32 / fp64 A/B regression at the SASS level"); a compile-time causal
+    // (fp16 / bf16, Hopper) folds that test away, so those keep visible().
+    template <bool KEY_TAIL = true>
+    __device__ __forceinline__ bool visible_rt(int row, int key) const {
+        return !(KEY_TAIL && key >= seqlen_k) && key <= row + hi && !(left_band && key < row + lo);
+    }
 };
 
 // Compile-time features of a kernel specialization (issue 16), the FEAT_* bits of flashcupy/_features.py:

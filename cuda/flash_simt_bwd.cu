@@ -25,6 +25,8 @@
 // Versions (numbers in bench/NOTES.md, "fp32/fp64 SIMT kernels"):
 //   v1  FA2 structure, single-buffered Q/dO, dQ by atomics or by a second Q-outer kernel.
 //   v1.1 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
+//   v1.2 P / dS loop split on Mask::partial (no per-element test on unmasked tiles, as before v1.1),
+//        the element mask by Mask::visible_rt (bench/NOTES.md, "fp32 / fp64 A/B regression at the SASS level").
 #include "flash_simt.cuh"
 
 // How a CTA covers an (R x C) tile of units (rows or 16-byte chunks): warps are a (WR x NWARPS/WR)
@@ -129,22 +131,17 @@ __device__ __forceinline__ void load_row_stats(const SimtBwdSmem<Tr>& s, const t
     }
 }
 
-// P and dS of one (query tile m0, key tile n0) pair into shared memory, from Q, dO, K, V, LSE, D
-// already there: S = Q K^T, dP = dO V^T, P = exp(S c - LSE) (0 where masked), dS = P o (dP - D)
-// (times the score modifier's derivative when there is one).
-template <typename Tr, bool STORE_P, int FEAT>
-__device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const SimtBwdThread<Tr>& t,
-                                               const AttnParams& p, const Mask& mask, int batch, int head, int m0,
-                                               int n0, typename Tr::T scale_exp) {
+// P = exp(S c - LSE) and dS = P o (dP - D) of one tile into shared memory, from S and dP in registers.
+// MASKED: the tile is partial (flash_mask.cuh); an unmasked tile compiles without the per-element
+// test, as the kernels before the mask layer did (the compiler split that loop on their need_mask).
+template <typename Tr, bool STORE_P, int FEAT, bool MASKED>
+__device__ __forceinline__ void p_ds_to_smem(const SimtBwdSmem<Tr>& s, const SimtBwdThread<Tr>& t, const AttnParams& p,
+                                             const Mask& mask, int batch, int head, int m0, int n0,
+                                             typename Tr::T scale_exp,
+                                             const typename Tr::T (&acc_s)[Tr::A_TM][Tr::A_TN],
+                                             const typename Tr::T (&acc_dp)[Tr::A_TM][Tr::A_TN]) {
     using T = typename Tr::T;
-    constexpr int TM = Tr::A_TM, TN = Tr::A_TN, RS = Tr::A_RS, KS = Tr::A_KS;
-    constexpr int PITCH = Tr::PITCH, P_PITCH = Tr::P_PITCH;
-    T acc_s[TM][TN], acc_dp[TM][TN];
-    zero(acc_s);
-    mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_s, s.q + t.a_row * PITCH, s.k + t.a_key * PITCH);
-    zero(acc_dp);
-    mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_dp, s.dout + t.a_row * PITCH, s.v + t.a_key * PITCH);
-    const bool need_mask = mask.partial(m0, Tr::BLOCK_M, n0, Tr::BLOCK_N);
+    constexpr int TM = Tr::A_TM, TN = Tr::A_TN, RS = Tr::A_RS, KS = Tr::A_KS, P_PITCH = Tr::P_PITCH;
     using Mod = ScoreMod<FEAT, T>;
     [[maybe_unused]] const Mod mod(p, batch, head);
 #pragma unroll
@@ -158,13 +155,34 @@ __device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const S
             if constexpr (Mod::ACTIVE) dmod = mod.apply_grad(score, m0 + r, n0 + c);
             T pr = Simt<T>::exp_base(fmadd(score, scale_exp, -lse));
             // select, not multiply: a masked score may overflow exp (its row's LSE excludes it)
-            if (need_mask && !mask.visible(m0 + r, n0 + c)) pr = T(0);
+            if (MASKED && !mask.visible_rt(m0 + r, n0 + c)) pr = T(0);
             if (STORE_P) sts(s.p + r * P_PITCH + c, pr);
             T ds = pr * (acc_dp[i][j] - delta);
             if constexpr (Mod::ACTIVE) ds *= dmod;
             sts(s.ds + r * P_PITCH + c, ds);
         }
     }
+}
+
+// P and dS of one (query tile m0, key tile n0) pair into shared memory, from Q, dO, K, V, LSE, D
+// already there: S = Q K^T, dP = dO V^T, P = exp(S c - LSE) (0 where masked), dS = P o (dP - D)
+// (times the score modifier's derivative when there is one).
+template <typename Tr, bool STORE_P, int FEAT>
+__device__ __forceinline__ void scores_to_smem(const SimtBwdSmem<Tr>& s, const SimtBwdThread<Tr>& t,
+                                               const AttnParams& p, const Mask& mask, int batch, int head, int m0,
+                                               int n0, typename Tr::T scale_exp) {
+    using T = typename Tr::T;
+    constexpr int TM = Tr::A_TM, TN = Tr::A_TN, RS = Tr::A_RS, KS = Tr::A_KS;
+    constexpr int PITCH = Tr::PITCH;
+    T acc_s[TM][TN], acc_dp[TM][TN];
+    zero(acc_s);
+    mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_s, s.q + t.a_row * PITCH, s.k + t.a_key * PITCH);
+    zero(acc_dp);
+    mma_nt<T, TM, TN, Tr::HEAD_DIM, PITCH, PITCH, RS, KS>(acc_dp, s.dout + t.a_row * PITCH, s.v + t.a_key * PITCH);
+    if (mask.partial(m0, Tr::BLOCK_M, n0, Tr::BLOCK_N))
+        p_ds_to_smem<Tr, STORE_P, FEAT, true>(s, t, p, mask, batch, head, m0, n0, scale_exp, acc_s, acc_dp);
+    else
+        p_ds_to_smem<Tr, STORE_P, FEAT, false>(s, t, p, mask, batch, head, m0, n0, scale_exp, acc_s, acc_dp);
 }
 
 // p.q, p.dout: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim);

@@ -18,6 +18,7 @@
 // Versions (numbers in bench/NOTES.md, "fp32/fp64 SIMT kernels"):
 //   v1  FA2 structure on CUDA cores, 4x8-lane warps, register micro-tiles, single-buffered K/V.
 //   v1.1 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
+//   v1.2 the element mask by Mask::visible_rt (one compare per element on diagonal tiles).
 #include "flash_simt.cuh"
 
 template <typename T_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_, int MIN_CTAS_>
@@ -139,7 +140,7 @@ flash_simt_fwd_kernel(const __grid_constant__ AttnParams p) {
                 for (int i = 0; i < TM; ++i)
 #pragma unroll
                     for (int jj = 0; jj < TN; ++jj)
-                        if (!mask.visible(m0 + warp_row0 + lr + 4 * i, n0 + lc + 8 * jj)) acc_s[i][jj] = -M::inf();
+                        if (!mask.visible_rt(m0 + warp_row0 + lr + 4 * i, n0 + lc + 8 * jj)) acc_s[i][jj] = -M::inf();
             }
 
             // Online softmax: m_new = max(m, rowmax S); P = exp(S*c - m_new*c); O and l rescaled by

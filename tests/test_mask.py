@@ -1,6 +1,6 @@
 """cuda/flash_mask.cuh against flashcupy/_mask.py (the rule the chunked path and the oracle use):
 the header is compiled for the host with g++ (a shim for the few CUDA built-ins it uses) and asked,
-for many (seqlen_q, seqlen_k, causal, window), every element's visibility and every tile's key range,
+for many (seqlen_q, seqlen_k, causal, window), every element's visibility (visible and visible_rt) and every tile's key range,
 query range, partial flag and any_visible flag; each must agree with, or cover, the Python rule."""
 
 import itertools
@@ -36,6 +36,12 @@ int main() {
         const Mask m(p, causal != 0, true);
         for (int i = 0; i < sq; ++i) { for (int j = 0; j < sk; ++j) putchar('0' + m.visible(i, j)); }
         putchar('\n');
+        for (int i = 0; i < sq; ++i) { for (int j = 0; j < sk; ++j) putchar('0' + m.visible_rt(i, j)); }
+        putchar('\n');
+        int same = 1;  // KEY_TAIL = false, keys past seqlen_k and rows past seqlen_q included (tile padding)
+        for (int i = 0; i < sq + tq; ++i)
+            for (int j = 0; j < sk + tk; ++j) same &= m.visible<false>(i, j) == m.visible_rt<false>(i, j);
+        printf("S %d\n", same);
         for (int r0 = 0; r0 < sq; r0 += tq) {
             const int r1 = min(sq, r0 + tq) - 1;
             printf("R %d %d %d\n", r0, m.key_begin(r0), m.key_end(r1));
@@ -84,7 +90,10 @@ def test_header_agrees_with_python_rule(host_mask, idx):
     vis = np.array([c == "1" for c in lines[0]]).reshape(sq, sk)
     want = _expected(sq, sk, causal, wl, wr)
     np.testing.assert_array_equal(vis, want)
-    for ln in lines[1:]:
+    # visible_rt (the run-time-causal families' element test) is the same set, with and without KEY_TAIL
+    np.testing.assert_array_equal(np.array([c == "1" for c in lines[1]]).reshape(sq, sk), want)
+    assert lines[2] == "S 1", CASES[idx]
+    for ln in lines[3:]:
         kind, *v = ln.split()
         v = list(map(int, v))
         if kind == "R":  # every visible key of rows [r0, r0 + tq) lies in [key_begin, key_end)
