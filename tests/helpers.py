@@ -40,6 +40,28 @@ FUZZ_REGRESSIONS = [
 ]
 
 # ---------------------------------------------------------------------------------------------------
+# paged KV caches (flash_attn_with_kvcache's tests, CPU and GPU)
+
+
+def to_paged(rng, cache, page=16, spare=3):
+    """The contiguous cache (batch, seqlen_cache, hk, d) as pages in a shuffled pool with `spare` pages of
+    fresh noise, and its block_table (batch, seqlen_cache // page) int32."""
+    b, s, hk, d = cache.shape
+    nb = s // page
+    pool = rng.standard_normal((b * nb + spare, page, hk, d)).astype(cache.dtype)
+    table = rng.permutation(b * nb + spare)[:b * nb].reshape(b, nb).astype(np.int32)
+    for r in range(b):
+        for j in range(nb):
+            pool[table[r, j]] = cache[r, j * page:(j + 1) * page]
+    return pool, table
+
+
+def from_paged(pool, table):
+    """The contiguous cache the pages of block_table hold, row by row."""
+    return np.stack([np.concatenate([pool[p] for p in row]) for row in table])
+
+
+# ---------------------------------------------------------------------------------------------------
 # GPU-side inputs
 
 

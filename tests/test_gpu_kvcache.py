@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_forward_rule, float_dtypes, same_bits
+from helpers import assert_forward_rule, float_dtypes, same_bits, to_paged
 
 from flashcupy import flash_attn_with_kvcache
 from flashcupy._arrays import dtype_name
@@ -28,17 +28,6 @@ def _cp():
 
 def normal(rng, shape, dtype):
     return rng.standard_normal(shape).astype(dtype)
-
-
-def paged_of(rng, cache, page=PAGE, spare=3):
-    b, s, hk, d = cache.shape
-    nb = s // page
-    pool = normal(rng, (b * nb + spare, page, hk, d), cache.dtype)
-    table = rng.permutation(b * nb + spare)[:b * nb].reshape(b, nb).astype(np.int32)
-    for r in range(b):
-        for j in range(nb):
-            pool[table[r, j]] = cache[r, j * page:(j + 1) * page]
-    return pool, table
 
 
 def check_rows(out, lse, q, k, v, lens, causal, **feats):
@@ -79,7 +68,7 @@ def test_paged_append_and_features(dtype, causal, rng):
     cp = _cp()
     batch, cap, h, hk, d, sq = 4, 8 * PAGE, 8, 2, 128, 3
     kc, vc = normal(rng, (batch, cap, hk, d), dtype), normal(rng, (batch, cap, hk, d), dtype)
-    kp, table = paged_of(rng, kc)
+    kp, table = to_paged(rng, kc, PAGE)
     vp = kp.copy()
     for r in range(batch):  # v pages at the same table positions
         for j in range(cap // PAGE):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import assert_forward_rule, float_dtypes, msg, same_bits
+from helpers import assert_forward_rule, float_dtypes, from_paged, msg, same_bits, to_paged
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -25,23 +25,6 @@ PAGE = 16
 
 def normal(rng, shape, dtype, a=1.0):
     return (a * rng.standard_normal(shape)).astype(dtype)
-
-
-def to_paged(rng, cache, page=PAGE, spare=3):
-    """The contiguous cache (batch, seqlen_cache, hk, d) as pages in a shuffled pool with spare pages of
-    noise, and its block_table (batch, seqlen_cache // page) int32."""
-    b, s, hk, d = cache.shape
-    nb = s // page
-    pool = normal(rng, (b * nb + spare, page, hk, d), cache.dtype)
-    table = rng.permutation(b * nb + spare)[:b * nb].reshape(b, nb).astype(np.int32)
-    for r in range(b):
-        for j in range(nb):
-            pool[table[r, j]] = cache[r, j * page:(j + 1) * page]
-    return pool, table
-
-
-def from_paged(pool, table):
-    return np.stack([np.concatenate([pool[p] for p in row]) for row in table])
 
 
 @given(dtype=st.sampled_from(DTYPES), heads=st.sampled_from([(2, 1), (4, 2), (8, 2), (3, 3)]),
