@@ -149,7 +149,7 @@ def test_help_lists_the_train_options(capsys):
         cli.main(["train", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--text", "--attention", "--seq-len", "--resume", "--dtype", "--eval-every"):
+    for option in ("--text", "--attention", "--seq-len", "--resume", "--dtype", "--eval-every", "--preset"):
         assert option in out
 
 
@@ -228,3 +228,16 @@ def test_gpu_flash_and_naive_losses_agree(tmp_path):
     assert flash["attention_dtype"] == "bfloat16" and flash["device"].startswith("gpu")
     np.testing.assert_allclose(flash["train_losses"], naive["train_losses"], rtol=0.02)
     assert flash["train_losses"][-1] < flash["train_losses"][0]
+
+
+def test_long_preset_sets_the_long_context_and_explicit_options_win(tmp_path, text_file):
+    """--preset long: context 2048 bytes, one sequence a step on the CPU (16384 on the GPU); an option
+    given explicitly overrides the preset's value."""
+    cfg = tr.resolve(tr.TrainConfig(preset="long"), np)
+    assert (cfg.seq_len, cfg.batch_size, cfg.steps) == (2048, 1, 200) and cfg.layers == tr.DEFAULTS["cpu"]["layers"]
+    assert tr.PRESETS["long"]["gpu"]["seq_len"] == 16384
+    assert tr.resolve(tr.TrainConfig(preset="long", seq_len=512), np).seq_len == 512
+    s = run_train(tmp_path, "--text", str(text_file), "--preset", "long", "--steps", "2", "--eval-every", "2",
+                  "--layers", "1", "--width", "32", "--heads", "2", "--seq-len", "256", "--device", "cpu")
+    assert s["config"]["preset"] == "long" and s["config"]["batch_size"] == 1 and s["config"]["seq_len"] == 256
+    assert s["steps"] == 2 and all(math.isfinite(x) for x in s["train_losses"])
