@@ -1,7 +1,9 @@
 """flashcupy fuzz: a time-boxed campaign of random attention problems through flashcupy's public API
 (the forward and the backward, causal and not, GQA, ragged lengths, every dtype, and the score features:
 sliding window, softcap, ALiBi, sinks) on this machine's GPU, or on the CPU path without one, each
-checked against the float64 oracle by flashcupy.testing's rule.
+checked against the float64 oracle by flashcupy.testing's rule. Half the cases draw a non-normal input
+distribution (large logits, FA3's outlier mix, exact ties) or memory layout (BHSD views, NaN-padded
+views), testing.Case.distribution / .layout.
 
     flashcupy fuzz --minutes 5                 # until 5 minutes or --max-examples cases
     flashcupy fuzz --features none             # plain attention only (no window / softcap / ALiBi / sinks)
@@ -82,12 +84,13 @@ def check_case(case, directions, gpu: bool, allow_tf32: bool = False) -> float:
 
     q, k, v, dout = case.inputs(grad=True)
     feats = case.feature_kwargs()  # NumPy float32 arrays for slopes / sinks: the oracle's
-    args, call_feats = (q, k, v, dout), feats
+    call_feats = feats
+    xp = np
     if gpu:
-        import cupy
+        import cupy as xp
 
-        args = tuple(cupy.asarray(x) for x in args)
-        call_feats = {n: cupy.asarray(x) if isinstance(x, np.ndarray) else x for n, x in feats.items()}
+        call_feats = {n: xp.asarray(x) if isinstance(x, np.ndarray) else x for n, x in feats.items()}
+    args = tuple(testing.layout_view(x, case.layout, xp) for x in (q, k, v, dout))  # the case's memory layout
     tf32 = allow_tf32 and case.dtype == "float32"
     if tf32:
         call_feats = dict(call_feats, allow_tf32=True)
@@ -141,7 +144,7 @@ def _cases(args):
         rng = np.random.default_rng([args.seed, block, 7])
         for case in testing.random_cases(256, seed=args.seed * 1000003 + block, dtypes=tuple(args.dtypes),
                                          max_seqlen=args.max_seqlen, head_dims=tuple(args.head_dims),
-                                         features=bool(feats)):
+                                         features=bool(feats), inputs=True):
             yield _with_scale(_restrict(case, feats), rng)
         block += 1
 

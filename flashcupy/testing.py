@@ -172,6 +172,14 @@ def _naive_setup(q, k, v, dtype, softmax_scale, tf32=False):
 
 ORDERS = ("torch", "design")
 FEATURE_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None)
+# Case's input fields (issue 19): how q, k, v are drawn and how they lie in memory; the defaults are the
+# cases of earlier versions (N(0, 1), contiguous BSHD), which a repr leaves out.
+INPUT_DEFAULTS = dict(distribution="normal", layout="bshd")
+DISTRIBUTIONS = ("normal", "large", "outliers", "ties")
+LAYOUTS = ("bshd", "bhsd", "padded")
+OUTLIER_FRACTION = 1e-3  # FA3's outlier mix (arXiv 2407.08608 Sec. 4.3): N(0, 1) + N(0, 100) on 0.1% of entries
+LARGE_AMPLITUDE = 4.0    # "large": q, k ~ N(0, 16): scores ~16x the normal ones' spread, near one-hot rows
+TIE_VECTORS = 4          # "ties": every key one of 4 vectors per (batch, head): exactly equal scores
 
 
 def _features_kw(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, sinks=None) -> dict:
@@ -884,10 +892,13 @@ class Case(NamedTuple):
     softcap: float = 0.0
     alibi_slopes: tuple | None = None  # nheads floats, or batch tuples of them
     sinks: tuple | None = None  # nheads floats
+    distribution: str = "normal"  # DISTRIBUTIONS
+    layout: str = "bshd"  # LAYOUTS (layout_view)
 
     def __repr__(self):
+        defaults = {**FEATURE_DEFAULTS, **INPUT_DEFAULTS}
         fields = [f"{name}={getattr(self, name)!r}" for name in self._fields
-                  if name not in FEATURE_DEFAULTS or getattr(self, name) != FEATURE_DEFAULTS[name]]
+                  if name not in defaults or getattr(self, name) != defaults[name]]
         return f"Case({', '.join(fields)})"
 
     def feature_kwargs(self) -> dict:
@@ -904,15 +915,58 @@ class Case(NamedTuple):
         return kw
 
     def inputs(self, grad: bool = False):
-        """(q, k, v) NumPy arrays in BSHD (batch, seqlen, heads, head_dim), drawn from N(0, 1); grad:
-        also dout like q (q, k, v are the same either way)."""
+        """(q, k, v) contiguous NumPy arrays in BSHD (batch, seqlen, heads, head_dim); grad: also dout
+        like q (q, k, v are the same either way). distribution: "normal" N(0, 1) (the draws of earlier
+        versions); "large" q, k ~ N(0, LARGE_AMPLITUDE^2) (peaky, near one-hot softmax rows); "outliers"
+        FA3's mix, N(0, 1) plus N(0, 100) on OUTLIER_FRACTION of the q, k, v entries; "ties" every key
+        one of TIE_VECTORS vectors per (batch, head), so scores tie exactly. The layout is applied by
+        layout_view (the oracle takes these arrays, an implementation the view)."""
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"distribution: expected one of {DISTRIBUTIONS}, got {self.distribution!r}")
         rng = np.random.default_rng(self.seed)
-        return random_inputs(rng, self.batch, self.seqlen_q, self.seqlen_k, self.nheads, self.nheads_k,
-                             self.head_dim, _dtype_of(self.dtype), grad=grad)
+        dt = _dtype_of(self.dtype)
+        amp = LARGE_AMPLITUDE if self.distribution == "large" else 1.0
+        xs = list(random_inputs(rng, self.batch, self.seqlen_q, self.seqlen_k, self.nheads, self.nheads_k,
+                                self.head_dim, dt, amplitude=amp, grad=grad))
+        if self.distribution == "outliers":
+            extra = np.random.default_rng([self.seed, 1])
+            for i in range(3):
+                x = xs[i].astype(np.float64)
+                hit = extra.random(x.shape) < OUTLIER_FRACTION
+                xs[i] = (x + np.where(hit, 10.0 * extra.standard_normal(x.shape), 0.0)).astype(dt)
+        elif self.distribution == "ties":
+            k = xs[1]
+            xs[1] = np.ascontiguousarray(k[:, np.arange(self.seqlen_k) % min(TIE_VECTORS, self.seqlen_k)])
+        return tuple(xs)
 
     def reproducer(self) -> str:
         """A line of Python that rebuilds this case's inputs."""
         return f"flashcupy.testing.{self!r}.inputs()"
+
+
+def layout_view(x, layout: str = "bshd", xp=np):
+    """x (a NumPy (batch, seqlen, heads, head_dim) array) with the same values as an array of module xp
+    (NumPy or CuPy) in a memory layout (Case.layout): "bshd" contiguous; "bhsd" a BSHD view of
+    (batch, heads, seqlen, head_dim) storage (the layout of torch SDPA's tensors); "padded" a view into
+    a buffer with 8 more head_dim columns, filled with NaN (rows keep a 16-byte aligned stride, and an
+    implementation that reads past head_dim gets NaN)."""
+    if layout == "bshd":
+        return xp.ascontiguousarray(xp.asarray(x))
+    if layout == "bhsd":
+        return xp.ascontiguousarray(xp.asarray(x).transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    if layout == "padded":
+        big = xp.full(x.shape[:3] + (x.shape[3] + 8,), np.nan, dtype=x.dtype)
+        big[..., :x.shape[3]] = xp.asarray(x)
+        return big[..., :x.shape[3]]
+    raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+
+
+def _draw_inputs(rng, case: "Case") -> "Case":
+    """case with a drawn distribution and layout (random_cases(inputs=True)): each non-default one in a
+    sixth of the cases, the default otherwise."""
+    d = DISTRIBUTIONS[int(rng.integers(0, len(DISTRIBUTIONS)))] if rng.random() < 0.5 else "normal"
+    lay = LAYOUTS[int(rng.integers(0, len(LAYOUTS)))] if rng.random() < 0.5 else "bshd"
+    return case._replace(distribution=d, layout=lay)
 
 
 class Report(NamedTuple):
@@ -979,14 +1033,17 @@ def _draw_features(rng, case: Case) -> Case:
 
 def random_cases(n: int, *, seed: int = 0, dtypes=("float16", "bfloat16", "float32", "float64"),
                  causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128),
-                 features: bool = False) -> list:
+                 features: bool = False, inputs: bool = False) -> list:
     """n Case records: seqlens 1..max_seqlen (1 and odd lengths included), seqlen_q != seqlen_k, batch
     1-2, nheads_k 1-2 with GQA groups 1-3, the given dtypes (bfloat16 only where ml_dtypes imports) and
     head dims; a fixed function of seed. features=True: each case also draws the score features, each
     on with probability 1/2 (window sides -1..seqlen_k, softcap from SOFTCAPS, ALiBi slopes in
     [0.01, 1) of shape (nheads,) or (batch, nheads), sinks ~ N(0, 4)); False (default): none, and the
-    cases are those of earlier versions."""
+    cases are those of earlier versions. inputs=True: each case also draws its input distribution and
+    memory layout (Case.inputs, layout_view), from a generator of its own so the shapes stay those of
+    inputs=False."""
     rng = np.random.default_rng(seed)
+    rng_in = np.random.default_rng([seed, 2])
     dtypes = [d for d in dtypes if d != "bfloat16" or bfloat16() is not None]
     out = []
     for i in range(n):
@@ -996,13 +1053,14 @@ def random_cases(n: int, *, seed: int = 0, dtypes=("float16", "bfloat16", "float
                     seqlen_k=int(rng.choice(seqlens[1:])), nheads=nheads_k * int(rng.integers(1, 4)),
                     nheads_k=nheads_k, head_dim=int(rng.choice(head_dims)), dtype=str(rng.choice(dtypes)),
                     causal=bool(rng.choice(causal)), softmax_scale=None, seed=int(seed * 100003 + i))
-        out.append(_draw_features(rng, case) if features else case)
+        case = _draw_features(rng, case) if features else case
+        out.append(_draw_inputs(rng_in, case) if inputs else case)
     return out
 
 
 def check_attention(impl, *, cases: int = 50, seed: int = 0, dtypes=("float16", "bfloat16", "float32", "float64"),
                     causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128),
-                    features: bool = False) -> Report:
+                    features: bool = False, inputs: bool = False) -> Report:
     """Run impl(q, k, v, causal=..., softmax_scale=...) -> out on `cases` random problems (random_cases)
     and check each by assert_attention_close.
 
@@ -1013,13 +1071,16 @@ def check_attention(impl, *, cases: int = 50, seed: int = 0, dtypes=("float16", 
     features=True: the cases carry score features (random_cases), and impl is also given those that
     are on as keywords, flash-attn's names: window_size=(left, right), softcap=float,
     alibi_slopes=float32 (nheads,) or (batch, nheads), sinks=float32 (nheads,) (Case.feature_kwargs()).
+    inputs=True: the cases also draw input distributions (large logits, FA3's outlier mix, exact ties)
+    and memory layouts (BHSD views, NaN-padded views): impl gets NumPy views (layout_view).
     """
     results, worst = [], (0.0, None)
     for case in random_cases(cases, seed=seed, dtypes=dtypes, causal=causal, max_seqlen=max_seqlen,
-                             head_dims=head_dims, features=features):
+                             head_dims=head_dims, features=features, inputs=inputs):
         q, k, v = case.inputs()
         feat = case.feature_kwargs()
-        out = impl(q, k, v, causal=case.causal, softmax_scale=case.softmax_scale, **feat)
+        out = impl(*(layout_view(x, case.layout) for x in (q, k, v)), causal=case.causal,
+                   softmax_scale=case.softmax_scale, **feat)
         try:
             ratio = worst_ratio(assert_attention_close(out, q, k, v, softmax_scale=case.softmax_scale,
                                                         causal=case.causal, **feat))
@@ -1031,10 +1092,12 @@ def check_attention(impl, *, cases: int = 50, seed: int = 0, dtypes=("float16", 
 
 
 def attention_problems(*, dtypes=("float16", "float32", "float64"), max_seqlen: int = 64,
-                       head_dims=(8, 16, 32, 40, 64), features: bool = False):
+                       head_dims=(8, 16, 32, 40, 64), features: bool = False, inputs: bool = False):
     """A hypothesis strategy of Case records (the shapes of random_cases, drawn by hypothesis so that
     it shrinks failures): use as @given(case=attention_problems()), then case.inputs() and, with
-    features=True (each score feature on or off, shrinking towards off), case.feature_kwargs()."""
+    features=True (each score feature on or off, shrinking towards off), case.feature_kwargs();
+    inputs=True also draws the input distribution and the layout (shrinking towards normal / bshd):
+    give layout_view(x, case.layout) to the implementation."""
     from hypothesis import strategies as st
 
     @st.composite
@@ -1044,6 +1107,8 @@ def attention_problems(*, dtypes=("float16", "float32", "float64"), max_seqlen: 
                     seqlen_k=draw(st.integers(1, max_seqlen)), nheads=nheads_k * draw(st.integers(1, 3)),
                     nheads_k=nheads_k, head_dim=draw(st.sampled_from(head_dims)), dtype=draw(st.sampled_from(dtypes)),
                     causal=draw(st.booleans()), softmax_scale=None, seed=draw(st.integers(0, 2**31 - 1)))
+        if inputs:
+            case = case._replace(distribution=draw(st.sampled_from(DISTRIBUTIONS)), layout=draw(st.sampled_from(LAYOUTS)))
         if not features:
             return case
         side = st.one_of(st.just(-1), st.integers(0, max_seqlen))

@@ -193,3 +193,68 @@ def test_fuzz_draws_softmax_scales_including_zero(monkeypatch, capsys):
     monkeypatch.setattr(fuzz, "_forward", ignores_scale)
     rc, out = _fuzz(["--max-examples", "64", "--max-seqlen", "24", "--features", "none", "--directions", "fwd"], capsys)
     assert rc == 1 and "softmax_scale=" in out
+
+
+# -- input distributions and memory layouts (issue 19) --------------------------------------------------
+
+
+def test_distributions_draw_what_they_say():
+    base = testing.Case(batch=2, seqlen_q=40, seqlen_k=300, nheads=4, nheads_k=2, head_dim=64, dtype="float32",
+                        causal=False, softmax_scale=None, seed=9)
+    qn, kn, vn = base.inputs()
+    ql, kl, _ = base._replace(distribution="large").inputs()
+    assert 3.0 < ql.std() / qn.std() < 5.0 and 3.0 < kl.std() / kn.std() < 5.0
+    qo, ko, vo = base._replace(distribution="outliers").inputs()
+    for normal, mixed in ((qn, qo), (kn, ko), (vn, vo)):
+        moved = normal != mixed  # about 0.1% of the entries, each N(0, 100) more
+        assert 0 < moved.mean() < 0.005 and np.abs(mixed).max() > 8.0
+    _, kt, _ = base._replace(distribution="ties").inputs()
+    assert np.array_equal(kt[:, 4:8], kt[:, 0:4]) and len(np.unique(kt[0, :, 0, 0])) == testing.TIE_VECTORS
+    with pytest.raises(ValueError, match="distribution"):
+        base._replace(distribution="uniform").inputs()
+
+
+@pytest.mark.parametrize("layout", testing.LAYOUTS)
+def test_layout_views_hold_the_values_in_their_layout(layout):
+    x = np.random.default_rng(0).standard_normal((2, 5, 3, 16)).astype(np.float16)
+    y = testing.layout_view(x, layout)
+    assert y.shape == x.shape and np.array_equal(y, x)
+    if layout == "bshd":
+        assert y.flags.c_contiguous
+    elif layout == "bhsd":
+        assert y.strides[2] > y.strides[1] and not y.flags.c_contiguous  # heads outside rows
+    else:
+        assert y.strides[2] == 24 * 2 and np.isnan(y.base).sum() == 2 * 5 * 3 * 8  # 8 NaN columns a row
+
+
+def test_check_attention_with_inputs_covers_them_and_still_catches_one_percent():
+    report = testing.check_attention(_flashcupy, cases=40, seed=21, inputs=True, max_seqlen=48,
+                                     head_dims=(8, 16, 32))
+    cases = [c for _, c in report.cases]
+    assert {c.distribution for c in cases} == set(testing.DISTRIBUTIONS)
+    assert {c.layout for c in cases} == set(testing.LAYOUTS)
+    shapes = [c._replace(distribution="normal", layout="bshd") for c in cases]
+    assert shapes == testing.random_cases(40, seed=21, max_seqlen=48, head_dims=(8, 16, 32))  # same shapes
+    if flashcupy._arrays.bfloat16() is not None:
+        with pytest.raises(AssertionError):
+            testing.check_attention(_oracle_times(1.01), cases=8, seed=3, dtypes=("bfloat16",), inputs=True)
+
+    def reads_past_head_dim(q, k, v, *, causal, softmax_scale):  # sees the NaN padding of a padded view
+        if q.base is not None and q.base.shape[-1] == q.shape[-1] + 8:  # (inside the buffer: only there)
+            wide = np.lib.stride_tricks.as_strided(q, q.shape[:3] + (q.shape[3] + 1,), q.strides)
+            q = q + 0 * wide[..., 1:]
+        return _flashcupy(q, k, v, causal=causal, softmax_scale=softmax_scale)
+
+    with pytest.raises(AssertionError):
+        testing.check_attention(reads_past_head_dim, cases=40, seed=21, inputs=True, max_seqlen=48,
+                                head_dims=(8, 16, 32))
+
+
+def test_case_repr_names_non_default_inputs_and_round_trips():
+    from flashcupy.fuzz import parse_case
+
+    c = testing.random_cases(1, seed=4)[0]
+    assert "distribution" not in repr(c) and "layout" not in repr(c)
+    d = c._replace(distribution="ties", layout="padded")
+    assert "distribution='ties'" in repr(d) and "layout='padded'" in repr(d)
+    assert parse_case(repr(d)) == d
