@@ -39,6 +39,7 @@ def case(rng, dt, batch, sq, h, hk, d, cap, causal, paged, splits, feat):
     lens[0] = cap
     if batch > 2:
         lens[1] = 0
+        lens[2] = min(2, cap)  # causal with seqlen_q > 2: its first rows see no key
     kw = {}
     if "window" in feat:
         kw["window_size"] = (int(rng.integers(0, cap)), -1 if not causal else 0)
@@ -83,6 +84,13 @@ CASES = [
     ("f16", 2, 3, 6, 2, 32, 48, True, False, 4, ("window",)),
     ("bf16", 2, 1, 4, 1, 128, 96, False, False, 5, ("softcap", "alibi")),
     ("f32", 2, 4, 16, 2, 32, 32, True, True, 2, ("alibi",)),  # rows 32: several row chunks
+    # edge cases: causal rows with no visible key (seqlen_q > a row's length), more splits than key
+    # iterations, hd256 (one key per warp pass), float64 hd256 (4 chunks a lane), pages crossed inside
+    # an iteration, a left-only window, GQA 16 x 2 rows in 4 chunks
+    ("bf16", 3, 4, 4, 4, 256, 32, True, True, 16, ()),
+    ("f64", 2, 1, 2, 1, 256, 48, False, True, 3, ("window",)),
+    ("f16", 3, 2, 32, 2, 64, 80, True, False, 9, ("softcap",)),
+    ("f32", 2, 3, 4, 4, 128, 64, False, True, 1, ("window", "alibi")),
 ]
 
 if __name__ == "__main__":
