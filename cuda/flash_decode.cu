@@ -170,7 +170,8 @@ flash_decode_kernel(const __grid_constant__ AttnParams p) {
     uint4 kr[U][CPL], vr[U][CPL];
     // paged: the page of each of a lane's keys, read one iteration before its K / V loads (v3), so the
     // page-table read and the loads it addresses are not one dependent chain of two memory latencies
-    auto key_of = [&](int k0, int u) { return min(k0 + (u * NWARPS + warp) * KPW + kgroup, k_hi - 1); };  // past the range: a valid row, masked
+    auto key_at = [&](int k0, int u) { return k0 + (u * NWARPS + warp) * KPW + kgroup; };  // this lane's key of pass u
+    auto key_of = [&](int k0, int u) { return min(key_at(k0, u), k_hi - 1); };  // to load: past the range a valid row, masked
     auto pages_of = [&](int (&pg)[U], int k0) {
         if constexpr (PAGED) {
 #pragma unroll
@@ -203,7 +204,7 @@ flash_decode_kernel(const __grid_constant__ AttnParams p) {
         }
         int key[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) key[u] = k0 + (u * NWARPS + warp) * KPW + kgroup;
+        for (int u = 0; u < U; ++u) key[u] = key_at(k0, u);
         // scores of every (row, key): one key's chunks converted at a time, dot products, butterfly sums
         C s[ROWS][U];
 #pragma unroll
@@ -331,7 +332,7 @@ flash_decode_kernel(const __grid_constant__ AttnParams p) {
 
 // Merge the num_splits partial results of one (batch, head, query row): lse = logaddexp over the
 // splits (-inf for an empty one), out = sum_s exp(lse_s - lse) o_s, then the sink. One warp per row,
-// lanes over head_dim (HEAD_DIM / 32 columns each, at least one chunk of VEC: CPL below).
+// lanes over the row's 16-byte chunks (HEAD_DIM / VEC of them, lane ch, ch + 32, ...).
 template <typename E, int HEAD_DIM, int FEAT = 0>
 __global__ void __launch_bounds__(128)
 flash_decode_combine_kernel(const __grid_constant__ AttnParams p) {

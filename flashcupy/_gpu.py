@@ -30,19 +30,19 @@ def _device_arch():
     return current_device_info()
 
 
+def rows_aligned(x) -> bool:
+    """Whether the kernels can read x's rows in place: last dimension contiguous, 16-byte aligned base
+    and strides (every row a whole number of 16-byte chunks from an aligned start)."""
+    return (x.strides[-1] == x.dtype.itemsize and data_ptr(x) % 16 == 0
+            and all(s % 16 == 0 for s in x.strides[:-1]))
+
+
 def kernel_ready(x, head_dim_padded: int):
-    """x itself when the kernels can read it in place (last dim contiguous, 16-byte aligned base
-    and strides, head_dim_padded columns); otherwise a contiguous copy, zero-padded to head_dim_padded
-    columns. The copy is the documented cost of odd head dims and odd strides. The array module is
-    x's own (CuPy; NumPy under the emulator)."""
-    itemsize = x.dtype.itemsize
-    aligned = (
-        x.strides[3] == itemsize
-        and data_ptr(x) % 16 == 0
-        and all(s % 16 == 0 for s in x.strides[:3])
-        and x.shape[3] == head_dim_padded
-    )
-    if aligned:
+    """x itself when the kernels can read it in place (rows_aligned, head_dim_padded columns);
+    otherwise a contiguous copy, zero-padded to head_dim_padded columns. The copy is the documented
+    cost of odd head dims and odd strides. The array module is x's own (CuPy; NumPy under the
+    emulator)."""
+    if rows_aligned(x) and x.shape[3] == head_dim_padded:
         return x
     xp = np if isinstance(x, np.ndarray) else _cp()
     out = xp.zeros(x.shape[:3] + (head_dim_padded,), dtype=x.dtype)

@@ -18,15 +18,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import _gpu_simt
 from ._arrays import dtype_name, lse_dtype
-from ._build import debug, get_kernel
-from ._params import attn_params, data_ptr
+from ._build import debug
+from ._gpu import rows_aligned
+from ._params import attn_params
 
 SOURCE = "flash_decode.cu"
 HEAD_DIMS = (32, 64, 128, 256)  # a power-of-two number of 16-byte chunks per row (DecodeTraits)
 NWARPS = 4
 MAX_SPLITS = 256
 ELEM = {"float16": "Fp16", "bfloat16": "Bf16", "float32": "float", "float64": "double"}
+VEC = {"Fp16": 8, "Bf16": 8, "float": 4, "double": 2}  # elements per 16-byte chunk (DecodeElem)
 
 
 @dataclass(frozen=True)
@@ -43,13 +46,8 @@ class DecodeConfig:
         return 8 if self.elem == "double" else 4
 
     @property
-    def vec(self) -> int:
-        return {"Fp16": 8, "Bf16": 8, "float": 4, "double": 2}[self.elem]
-
-    @property
     def keys_per_iteration(self) -> int:  # DecodeTraits::KT
-        chunks = self.head_dim // self.vec
-        return self.u * NWARPS * (32 // min(chunks, 32))
+        return self.u * NWARPS * (32 // _lanes_per_key(self.elem, self.head_dim))
 
     @property
     def smem_bytes(self) -> int:
@@ -63,6 +61,10 @@ class DecodeConfig:
         return f"flash_decode_combine_kernel<{self.elem}, {self.head_dim}, {feat}>"
 
 
+def _lanes_per_key(elem: str, head_dim: int) -> int:  # DecodeTraits::LPK: one lane a chunk, at most 32
+    return min(head_dim // VEC[elem], 32)
+
+
 def decode_config(dtype, head_dim: int, rows_needed: int) -> DecodeConfig:
     """The specialization for rows_needed = group x seqlen_q query rows per KV head. A lane holds
     CPL x VEC elements of a key row (w registers of compute type: 8 for fp16 / bf16, 4-8 for float32,
@@ -70,40 +72,21 @@ def decode_config(dtype, head_dim: int, rows_needed: int) -> DecodeConfig:
     16 x u x CPL, so rows and u shrink as w and CPL grow (tests/test_compile_decode.py checks that none
     spills; float64 at 16 rows did, 1.4 KB, and float32 hd256 at u 8, 620 B)."""
     elem = ELEM[dtype_name(np.dtype(dtype))]
-    vec = {"Fp16": 8, "Bf16": 8, "float": 4, "double": 2}[elem]
-    chunks = head_dim // vec
-    per_lane = (chunks // min(chunks, 32)) * vec * (2 if elem == "double" else 1)  # registers per row
+    cpl = head_dim // VEC[elem] // _lanes_per_key(elem, head_dim)  # DecodeTraits::CPL
+    per_lane = cpl * VEC[elem] * (2 if elem == "double" else 1)  # registers per row
     rows_max = 8 if elem != "double" else 4 if per_lane <= 4 else 2  # float64: two registers a value
     rows = 1
     while rows < min(rows_needed, rows_max):
         rows *= 2
     # loads in flight: U x CPL chunks of K and of V, twice (this iteration's and the next's), 4 registers each
-    cpl = chunks // min(chunks, 32)
     u = max(1, (8 if rows == 1 else 4 if rows <= 4 else 2) // cpl)
     return DecodeConfig(elem, head_dim, rows, u)
 
 
-def _xp():
-    import cupy
-
-    return cupy
-
-
-def _launch(filename: str, name: str, smem_bytes: int, grid, block, params) -> None:
-    """Launch kernel `name` of cuda/<filename> with its one AttnParams record (a seam: bench/simt_emu
-    points it, _xp and _sm_count at NumPy and its CPU emulator)."""
-    get_kernel(filename, name, smem_bytes)(grid, block, (params,), shared_mem=smem_bytes)
-
-
-def _sm_count() -> int:
+def _sm_count() -> int:  # a seam, as flashcupy._gpu_simt's _xp and _launch (which this module launches through)
     import cupy
 
     return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
-
-
-def _aligned(x) -> bool:
-    it = x.dtype.itemsize
-    return x.strides[-1] == it and data_ptr(x) % 16 == 0 and all(s % 16 == 0 for s in x.strides[:-1])
 
 
 def supported(q, k_cache, v_cache) -> bool:
@@ -113,7 +96,7 @@ def supported(q, k_cache, v_cache) -> bool:
 
     if not all(isinstance(x, cupy.ndarray) for x in (q, k_cache, v_cache)):
         return False
-    return int(q.shape[3]) in HEAD_DIMS and all(_aligned(x) for x in (q, k_cache, v_cache))
+    return int(q.shape[3]) in HEAD_DIMS and all(rows_aligned(x) for x in (q, k_cache, v_cache))
 
 
 def auto_splits(ctas: int, max_keys: int, keys_per_iteration: int, sms: int) -> int:
@@ -133,7 +116,7 @@ def forward(q, k_cache, v_cache, visible, max_visible: int, shape, *, causal: bo
     num_splits when 0). shape: the call's AttnShape (seqlen_k unused). features: flashcupy._features
     .Features. block_table: int32 (batch, max_blocks) for a paged cache of page_size slots per page.
     Returns (out like q, lse (batch, nheads, seqlen_q) float32 / float64)."""
-    xp = _xp()
+    xp = _gpu_simt._xp()
     b, sq, h, d = (int(s) for s in q.shape)
     hk = int(k_cache.shape[2])
     group = h // hk
@@ -162,8 +145,9 @@ def forward(q, k_cache, v_cache, visible, max_visible: int, shape, *, causal: bo
     p = attn_params(shape, head_dim=d, scale=scale, grad_scale=shape.softmax_scale, causal=causal,
                     features=features, num_splits=num_splits, page_size=page_size, **arrays)
     debug(f"decode {tuple(q.shape)} cache {tuple(k_cache.shape)} paged={paged} -> {cfg}, {num_splits} splits")
-    _launch(SOURCE, cfg.kernel_name(feat, paged), cfg.smem_bytes, (num_splits, hk * row_chunks, b), (32 * NWARPS, 1, 1), p)
+    launch = _gpu_simt._launch
+    launch(SOURCE, cfg.kernel_name(feat, paged), cfg.smem_bytes, (num_splits, hk * row_chunks, b), (32 * NWARPS, 1, 1), p)
     if num_splits > 1:
         rows = b * h * sq
-        _launch(SOURCE, cfg.combine_name(feat), 0, (-(-rows // 4), 1, 1), (128, 1, 1), p)
+        launch(SOURCE, cfg.combine_name(feat), 0, (-(-rows // 4), 1, 1), (128, 1, 1), p)
     return out, lse

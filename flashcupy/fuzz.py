@@ -1,9 +1,9 @@
 """flashcupy fuzz: a time-boxed campaign of random attention problems through flashcupy's public API
 (the forward and the backward, causal and not, GQA, ragged lengths, every dtype, and the score features:
 sliding window, softcap, ALiBi, sinks) on this machine's GPU, or on the CPU path without one, each
-checked against the float64 oracle by flashcupy.testing's rule. Half the cases draw a non-normal input
-distribution (large logits, FA3's outlier mix, exact ties) or memory layout (BHSD views, NaN-padded
-views), testing.Case.distribution / .layout.
+checked against the float64 oracle by flashcupy.testing's rule. Half the cases draw their input
+distribution (normal, large logits, FA3's outlier mix, exact ties) and, independently, half their
+memory layout (BSHD, BHSD views, NaN-padded views): testing.Case.distribution / .layout.
 
     flashcupy fuzz --minutes 5                 # until 5 minutes or --max-examples cases
     flashcupy fuzz --features none             # plain attention only (no window / softcap / ALiBi / sinks)

@@ -962,8 +962,9 @@ def layout_view(x, layout: str = "bshd", xp=np):
 
 
 def _draw_inputs(rng, case: "Case") -> "Case":
-    """case with a drawn distribution and layout (random_cases(inputs=True)): each non-default one in a
-    sixth of the cases, the default otherwise."""
+    """case with a drawn distribution and layout (random_cases(inputs=True)), independently: half the
+    cases draw one of DISTRIBUTIONS (so each non-normal one is in an eighth of them) and half one of
+    LAYOUTS (each non-bshd one in a sixth); the rest keep the defaults."""
     d = DISTRIBUTIONS[int(rng.integers(0, len(DISTRIBUTIONS)))] if rng.random() < 0.5 else "normal"
     lay = LAYOUTS[int(rng.integers(0, len(LAYOUTS)))] if rng.random() < 0.5 else "bshd"
     return case._replace(distribution=d, layout=lay)

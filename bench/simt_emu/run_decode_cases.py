@@ -16,14 +16,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "..", "tests"))
 import emu  # noqa: E402
 
-from flashcupy import _gpu_decode, _params  # noqa: E402
+from flashcupy import _gpu_decode  # noqa: E402
 from flashcupy._arrays import bfloat16  # noqa: E402
 from flashcupy._validate import check_features, check_qkv  # noqa: E402
 from helpers import assert_forward_rule  # noqa: E402
 
-_params.data_ptr = emu._data_ptr
-_gpu_decode._xp = lambda: np
-_gpu_decode._launch = emu.launch
+emu.install()  # flashcupy._gpu_simt's _xp / _launch (the decode launcher's too) and _params.data_ptr
 _gpu_decode._sm_count = lambda: 4  # a small GPU: auto splits stay few on small caches
 
 DT = {"f16": np.float16, "bf16": bfloat16(), "f32": np.float32, "f64": np.float64}
