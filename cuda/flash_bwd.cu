@@ -186,8 +186,10 @@ flash_bwd_kernel(const __grid_constant__ AttnParams p) {
 
         // P^T = 2^(S^T c - lse_log2[query]) (0 where masked); dS^T = P^T o (dP^T - D[query]).
         // With dropout (Z = keep / (1 - p)): dV uses P^T o Z, and dS^T = P^T o (dP^T o Z - D).
-        // Keys past seqlen_k need no mask: K, V rows there are zero-filled (dS K adds 0 to dQ) and
-        // reach only their own rows of dK, dV, which are not stored.
+        // Keys past seqlen_k need no mask here: K, V rows there are zero-filled and reach only their own
+        // rows of dK, dV, which are not stored, and dQ through dS K, where their dS is zeroed first (a
+        // row's P = 2^(0 - lse_log2) there overflows when its LSE is very negative, ALiBi over few keys,
+        // and inf * 0 = NaN: the H200 fuzz campaign of 2026-12-04).
         // The score modifier; softcap's dS factor 1 - tanh^2 kept per element (dmod) until dS is formed.
         [[maybe_unused]] float dmod[Mod::SOFTCAP ? MQ : 1][4];
         if constexpr (Mod::ACTIVE) {
@@ -256,8 +258,10 @@ flash_bwd_kernel(const __grid_constant__ AttnParams p) {
             ad[1] = Elem::pack2(acc_dp[2 * kq][2], acc_dp[2 * kq][3]);
             ad[2] = Elem::pack2(acc_dp[2 * kq + 1][0], acc_dp[2 * kq + 1][1]);
             ad[3] = Elem::pack2(acc_dp[2 * kq + 1][2], acc_dp[2 * kq + 1][3]);
-            if (WRITE_DQ) {  // stage dS^T (keys x queries) for dQ = dS K
+            if (WRITE_DQ) {  // stage dS^T (keys x queries) for dQ = dS K, 0 on keys past seqlen_k
                 const int row = warp * 16 + lane / 4, col = kq * 16 + (lane % 4) * 2;
+                if (n0 + row >= seqlen_k) ad[0] = ad[2] = 0u;
+                if (n0 + row + 8 >= seqlen_k) ad[1] = ad[3] = 0u;
                 *reinterpret_cast<u32*>(&s_ds[row * DS_PITCH + col]) = ad[0];
                 *reinterpret_cast<u32*>(&s_ds[(row + 8) * DS_PITCH + col]) = ad[1];
                 *reinterpret_cast<u32*>(&s_ds[row * DS_PITCH + col + 8]) = ad[2];

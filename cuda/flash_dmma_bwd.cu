@@ -120,11 +120,16 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
                                                 seqlen_k - n0, head_dim);
 
     // Query tiles m_begin .. m_end - 1 hold every row that sees a key of this tile (causal: every key
-    // inside seqlen_k is visible to the last query row, so the loop is never empty). The mask is built
-    // here, after the K, V loads: built first, the TF32 hd64 kernel spilled 8 B at sm_90a (255 registers).
+    // inside seqlen_k is visible to the last query row; a left window can leave the loop empty). The
+    // mask is built here, after the K, V loads: built first, the TF32 hd64 kernel spilled 8 B at sm_90a
+    // (255 registers).
     const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
     int m_begin, m_end;
     mask.query_tiles<BLOCK_M>(n0, BLOCK_N, m_begin, m_end);
+    if (m_begin >= m_end) {  // no row sees this key tile (a left window): K, V land before the CTA exits
+        cp_async_commit();
+        cp_async_wait<0>();
+    }
     if (m_begin < m_end) {
         const int m0 = m_begin * BLOCK_M;
         load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_head + m0 * q_row_stride, q_row_stride, seqlen_q - m0,
@@ -188,7 +193,7 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
 
         // P^T = exp(S^T c - LSE) (0 where masked), dS^T = P^T o (dP^T - D) (times the score modifier's
         // derivative when there is one). Keys past seqlen_k need no mask: they only reach their own
-        // rows of dK, dV, which are not stored.
+        // rows of dK, dV, which are not stored (this kernel never writes dQ).
         const bool need_mask = mask.partial<false>(m0, BLOCK_M, n0 + warp_key0, WARP_N);
         [[maybe_unused]] const ScoreMod<FEAT, T> mod(p, batch, head);
 #pragma unroll

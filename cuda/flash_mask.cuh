@@ -82,8 +82,10 @@ struct Mask {
         begin = query_begin(k0) / TILE, end = cdiv(query_end(k0 + keys - 1), TILE);
     }
     // Does the (rows [r0, r0 + rows), keys [k0, k0 + keys)) tile contain any masked element?
-    // KEY_TAIL = false ignores keys past seqlen_k (a backward KV kernel whose zero-filled K, V rows
-    // past seqlen_k reach only dK, dV rows that are never stored).
+    // KEY_TAIL = false ignores keys past seqlen_k: a backward KV kernel whose zero-filled K, V rows past
+    // seqlen_k reach only dK, dV rows that are never stored, and dQ only through dS K with dS zeroed
+    // there first (P = 2^(0 - lse) of such a key overflows for a row with a very negative LSE, and
+    // inf * 0 is NaN: flash_bwd.cu).
     template <bool KEY_TAIL = true>
     __device__ __forceinline__ bool partial(int r0, int rows, int k0, int keys) const {
         return (KEY_TAIL && k0 + keys > seqlen_k) || (causal_band && k0 + keys - 1 - r0 > hi) ||

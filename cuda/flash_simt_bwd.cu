@@ -221,12 +221,17 @@ flash_simt_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
                                                           seqlen_k - n0, head_dim);
 
     // Query tiles m_begin .. m_end - 1 hold every row that sees a key of this tile (causal: every key
-    // inside seqlen_k is visible to the last query row, so the loop is never empty). The mask is built
-    // after the K, V loads, as in flash_dmma_bwd.cu (8 registers fewer at hd192 than built first).
+    // inside seqlen_k is visible to the last query row; a left window can leave the loop empty). The
+    // mask is built after the K, V loads, as in flash_dmma_bwd.cu (8 registers fewer at hd192 than built
+    // first).
     const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
 
     int m_begin, m_end;
     mask.query_tiles<BLOCK_M>(n0, BLOCK_N, m_begin, m_end);
+    if (m_begin >= m_end) {  // no row sees this key tile (a left window): K, V land before the CTA exits
+        cp_async_commit();
+        cp_async_wait<0>();
+    }
 
     T acc_dk[GN * VEC][GD * VEC], acc_dv[GN * VEC][GD * VEC];  // (keys, columns) of layout B
     zero(acc_dk);

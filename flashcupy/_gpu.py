@@ -37,6 +37,15 @@ def rows_aligned(x) -> bool:
             and all(s % 16 == 0 for s in x.strides[:-1]))
 
 
+def zero_scale_inputs(xp, q, scale: float):
+    """(q, scale) as every kernel family takes them: softmax_scale 0 makes every score 0, which the
+    kernels get as zero q with scale 1, so masked scores stay -inf (0 * -inf would be NaN) and the score
+    modifier (softcap, ALiBi), which divides by the scale, stays finite. Other scales: q, scale as given."""
+    if scale == 0.0:
+        return xp.zeros(q.shape, dtype=q.dtype), 1.0
+    return q, scale
+
+
 def kernel_ready(x, head_dim_padded: int):
     """x itself when the kernels can read it in place (rows_aligned, head_dim_padded columns);
     otherwise a contiguous copy, zero-padded to head_dim_padded columns. The copy is the documented
@@ -69,10 +78,7 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
     feat = 0 if features is None else features.bits
     _check_grid(shape)
     d8 = -(-shape.head_dim // 8) * 8
-    scale = shape.softmax_scale
-    if scale == 0.0:
-        # All scores are 0: feed zeros with scale 1, so masked scores stay -inf (0 * -inf would be NaN).
-        q, scale = cp.zeros(q.shape, dtype=q.dtype), 1.0
+    q, scale = zero_scale_inputs(cp, q, shape.softmax_scale)
     q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
     from . import _gpu_sm90
 
@@ -125,9 +131,8 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     feat = backward_feat(features)
     _check_grid(shape)
     d8 = -(-shape.head_dim // 8) * 8
-    score_scale, grad_scale = shape.softmax_scale, shape.softmax_scale
-    if score_scale == 0.0:  # as in forward: zero scores through zero q (lse was computed the same way)
-        q, score_scale = cp.zeros(q.shape, dtype=q.dtype), 1.0
+    grad_scale = shape.softmax_scale
+    q, score_scale = zero_scale_inputs(cp, q, shape.softmax_scale)  # as forward (lse was computed so)
     q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
     lse = cp.ascontiguousarray(lse)
     from . import _gpu_sm90_bwd

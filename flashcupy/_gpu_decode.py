@@ -21,7 +21,7 @@ import numpy as np
 from . import _gpu_simt
 from ._arrays import dtype_name, lse_dtype
 from ._build import debug
-from ._gpu import rows_aligned
+from ._gpu import rows_aligned, zero_scale_inputs
 from ._params import attn_params
 
 SOURCE = "flash_decode.cu"
@@ -120,9 +120,7 @@ def forward(q, k_cache, v_cache, visible, max_visible: int, shape, *, causal: bo
     b, sq, h, d = (int(s) for s in q.shape)
     hk = int(k_cache.shape[2])
     group = h // hk
-    scale = shape.softmax_scale
-    if scale == 0.0:  # as every family: zero scores through zero q, scale 1 (masked scores stay -inf)
-        q, scale = xp.zeros(q.shape, dtype=q.dtype), 1.0
+    q, scale = zero_scale_inputs(xp, q, shape.softmax_scale)
     cfg = decode_config(q.dtype, d, group * sq)
     row_chunks = -(-group * sq // cfg.rows)
     ctas = b * hk * row_chunks

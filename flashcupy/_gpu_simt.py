@@ -22,7 +22,7 @@ import math
 
 from ._build import debug, get_kernel
 from ._configs import SIMT_PREPROCESS_THREADS, float_bwd_config, float_fwd_config
-from ._gpu import _check_grid, kernel_ready
+from ._gpu import _check_grid, kernel_ready, zero_scale_inputs
 from ._params import attn_params
 
 PREPROCESS_SOURCE = "flash_simt_bwd.cu"  # flash_simt_bwd_preprocess_kernel serves both families
@@ -65,10 +65,7 @@ def forward(q, k, v, shape, *, causal: bool, allow_tf32: bool = False, config=No
     feat = 0 if features is None else features.bits
     _check_grid(shape)
     d8 = -(-shape.head_dim // 8) * 8
-    scale = shape.softmax_scale
-    if scale == 0.0:
-        # All scores are 0: feed zeros with scale 1, so masked scores stay -inf (0 * -inf would be NaN).
-        q, scale = xp.zeros(q.shape, dtype=q.dtype), 1.0
+    q, scale = zero_scale_inputs(xp, q, shape.softmax_scale)
     q, k, v = (kernel_ready(x, d8) for x in (q, k, v))
     cfg = config or float_fwd_config(shape.head_dim, q.dtype, causal, _arch(), allow_tf32)
     debug(f"fp32/fp64 fwd {shape} -> {cfg}")
@@ -101,8 +98,8 @@ def backward(dout, q, k, v, out, lse, shape, *, causal: bool, deterministic: boo
     feat = backward_feat(features)
     d8 = -(-shape.head_dim // 8) * 8
     scale = shape.softmax_scale  # 0 needs no special case: masked P is selected to 0, not computed
-    if scale == 0.0 and feat & (FEAT_SOFTCAP | FEAT_ALIBI):  # the score modifier divides by scale: as forward
-        q, scale = xp.zeros(q.shape, dtype=q.dtype), 1.0
+    if feat & (FEAT_SOFTCAP | FEAT_ALIBI):  # except for the score modifier, which divides by it: as forward
+        q, scale = zero_scale_inputs(xp, q, scale)
     dtype = q.dtype
     q, k, v, dout, out = (kernel_ready(x, d8) for x in (q, k, v, dout, out))
     lse = xp.ascontiguousarray(lse)

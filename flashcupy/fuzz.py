@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import time
 
 import numpy as np
@@ -182,6 +184,13 @@ class _Progress:
             self.bar.close()
 
 
+def _environment() -> str:
+    """The FLASHCUPY_* variables of this process as a shell prefix ("FLASHCUPY_SM90=0 "): they pick the
+    kernel family (flashcupy._dispatch), so a reproducer without them may run another kernel."""
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("FLASHCUPY_"))
+    return "".join(f"{k}={shlex.quote(v)} " for k, v in env)
+
+
 def run(args) -> int:
     bad = [d for d in args.head_dims if not 1 <= d <= 256]
     if bad:
@@ -204,9 +213,9 @@ def run(args) -> int:
                     worst = (ratio, case)
             except AssertionError as e:
                 failures.append({"case": repr(case), "error": str(e).splitlines()[0][:500],
-                                 "reproduce": f"flashcupy fuzz --device {'gpu' if gpu else 'cpu'} --directions "
-                                              f"{' '.join(args.directions)}{' --allow-tf32' if args.allow_tf32 else ''} "
-                                              f"--case \"{case!r}\""})
+                                 "reproduce": f"{_environment()}flashcupy fuzz --device {'gpu' if gpu else 'cpu'} "
+                                              f"--directions {' '.join(args.directions)}"
+                                              f"{' --allow-tf32' if args.allow_tf32 else ''} --case \"{case!r}\""})
             progress.update(n, len(failures), n / max(time.monotonic() - t0, 1e-9))
     finally:
         progress.close()

@@ -67,6 +67,8 @@ ULP_OFFSET = 0.3  # criterion 1's floor: one ulp of T at |oracle| + 0.3 (flash-a
 RMS_FACTOR = 1.5  # criterion 2: rms(err_kernel) <= 1.5 rms(err_naive) + floor (why: statistics_bounds)
 BIAS_FACTOR = 2  # criterion 2: |bias(err_kernel)| <= 2 |bias(err_naive)| + NOISE_Z standard errors + floor
 NOISE_Z = 4  # standard errors of random rounding a statistic of criterion 2 may sit away from 0
+DOT_Z = 5  # standard deviations of its d roundings a score's d-term dot product in A may sit off (Magnitudes.sigma)
+FTZ_TINY = float(np.finfo(np.float32).tiny)  # float32's smallest normal: what a flush to zero may drop (rule_bound)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,12 +348,13 @@ def ulp(x, dtype):
 
 
 def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, score_magnitude=0.0,
-               stored_magnitude=0.0, tf32=False, ulp_dtype=None):
+               stored_magnitude=0.0, tf32=False, ulp_dtype=None, ftz=0.0, operand_terms=None):
     """Criterion 1 of DESIGN.md's rule (module docstring): the largest |kernel - oracle| allowed at an
     element whose oracle value has magnitude `magnitude` (a scalar or an array: elementwise), for input
     dtype T:
 
         FACTOR * err_naive + ulp_T(magnitude + ULP_OFFSET) + eps(A) * (1 + sigma) * terms + eps(T) * stored
+        + ftz (+ tf32: NOISE_Z * u(TF32) * operand_terms)
 
     FACTOR = 2 for outputs and gradients (OUT_FACTOR, GRAD_FACTOR), err_naive = max|naive in T - oracle|
     over the tensor, A the accumulation dtype (float32; float64 for float64).
@@ -360,11 +363,24 @@ def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, 
     scale of attention outputs and gradients of unit-normal inputs) keeping the floor of elements that
     cancel to ~0 at the ulp of a typical value rather than at the ulp of 0.
     eps(A) * (1 + sigma) * terms: one ulp of A at the magnitude of the summed terms (`terms`, e.g.
-    max(P |V|) for out), amplified by exp(): a score s of size sigma carries an absolute rounding
-    error ~eps(A) * sigma in any evaluation in A, which exp() turns into a relative error of P, and
-    so does an LSE of size sigma stored in A (DESIGN.md: float32). For float16 / bfloat16 inputs it is
-    negligible (eps(float32) = eps(float16) / 8192); for float32 inputs, whose naive attention runs in
-    the kernel's own precision, it is what float32 arithmetic can promise.
+    max(P |V|) for out), amplified by exp(): a score carries an absolute rounding error of up to
+    eps(A) * sigma in any evaluation in A (sigma: Magnitudes.sigma, the score's d-term dot product
+    summed in A, or an LSE stored in A, DESIGN.md: float32), which exp() turns into a relative error
+    of P. For float16 / bfloat16 inputs it is negligible (eps(float32) = eps(float16) / 8192); for
+    float32 inputs, whose naive attention runs in the kernel's own precision, it is what float32
+    arithmetic can promise: NumPy's float32 matmul (blocked, several partial sums) is more accurate
+    than the one FMA chain per score of a CUDA-core kernel, so err_naive alone does not cover the
+    latter (the H200 fuzz campaign of 2026-12-04: an fp32 hd192 LSE 20 ulps off, 28x NumPy's error,
+    from the sequential dot product alone; bench/NOTES.md).
+    ftz: an absolute floor for a flush to zero (Magnitudes.ftz): CuPy compiles every kernel, its
+    own and ours, with -ftz=true, so float32 values under FTZ_TINY become 0. Only results that are
+    themselves that small notice it (the sinks' gradient of a sink far below its rows' LSE, ~1e-41).
+    operand_terms (tf32 only; elementwise or a scalar): the last product's A operand (P before P V, dS
+    before dS K) rounded to TF32 costs each element up to u(TF32) times the root sum of squares of its
+    terms (Magnitudes.*_terms) in a random walk, NOISE_Z such deviations; naive attention rounds other
+    values of P (normalised, not), so on one query row err_naive can be far below it (fuzz, 2026-12-04:
+    1.1x the bound without it, seqlen_q 1). float32's own ulp floor is 8192x smaller than TF32's,
+    unlike float16's, where ulp_T covers the same rounding.
     eps(T) * stored: one ulp of T at the magnitude `stored` of what the rounding of a tensor stored
     in T and read back can move: the backward reads out in T (half an ulp off the exact output) and
     forms D = rowsum(dO o O) from it, so dq and dk carry eps(T) * scale * rowsum(|dO| o |O|) (P |K|)
@@ -383,12 +399,13 @@ def rule_bound(dtype, err_naive, magnitude, *, grad=False, term_magnitude=None, 
     terms = magnitude if term_magnitude is None else term_magnitude
     if dtype == np.float64:
         stored = 0.0 if ulp_dtype is None else ulp(magnitude, ulp_dtype) / 2
-        return FLOAT64_RTOL * np.maximum(magnitude, terms) + stored
+        return FLOAT64_RTOL * np.maximum(magnitude, terms) + stored + ftz
     factor = GRAD_FACTOR if grad else OUT_FACTOR
     stored_eps = TF32_EPS if tf32 else eps(dtype)
     floor_dtype = dtype if ulp_dtype is None else ulp_dtype
+    operand = NOISE_Z * TF32_EPS / 2 * np.asarray(operand_terms) if tf32 and operand_terms is not None else 0.0
     return (factor * err_naive + ulp(np.asarray(magnitude, dtype=np.float64) + ULP_OFFSET, floor_dtype)
-            + accum_floor(dtype, terms, score_magnitude) + stored_eps * stored_magnitude)
+            + accum_floor(dtype, terms, score_magnitude) + stored_eps * stored_magnitude + ftz + operand)
 
 
 def accum_floor(dtype, term_magnitude, score_magnitude=0.0):
@@ -462,7 +479,7 @@ class _Rows:
 
 def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
                 score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
-                stored_dtype=None, ulp_dtype=None, se_factor=1.0) -> RuleRatios:
+                stored_dtype=None, ulp_dtype=None, se_factor=1.0, ftz=0.0) -> RuleRatios:
     """err / bound of DESIGN.md's rule for one tensor, by criterion (module docstring; rule_bound,
     statistics_bounds). naive: the naive result in T, a list of them (evaluation orders: err_naive and
     the naive statistics are then the largest over the list), or None for float64.
@@ -474,6 +491,8 @@ def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, 
     stored-output mismatch); None: 0, and the scalar stored_magnitude for stored. stored_dtype: the
     dtype the result is stored in (the LSE: float32), default T. ulp_dtype: rule_bound's (the sinks'
     gradient: float32). se_factor: statistics_bounds' (rows whose rounding errors are correlated).
+    ftz: the flush-to-zero floor (rule_bound, Magnitudes.ftz), in every criterion (a flush is
+    systematic: toward 0). With tf32, terms is also criterion 1's operand_terms (rule_bound).
     """
     dtype = np.dtype(dtype)
     got = to_numpy(got).astype(np.float64)
@@ -481,8 +500,8 @@ def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, 
     err = max_abs_err(got, oracle)
     if dtype == np.float64:
         mag = magnitude_of(oracle) if magnitude is None else magnitude
-        return RuleRatios(_ratio(err, rule_bound(dtype, 0.0, mag, term_magnitude=term_magnitude, ulp_dtype=ulp_dtype)),
-                          0.0, 0.0)
+        return RuleRatios(_ratio(err, rule_bound(dtype, 0.0, mag, term_magnitude=term_magnitude, ulp_dtype=ulp_dtype,
+                                                 ftz=ftz)), 0.0, 0.0)
     naives = [to_numpy(x).astype(np.float64) for x in (naive if isinstance(naive, list) else [naive])]
     if not np.isfinite(err):
         return RuleRatios(float("inf"), float("inf"), float("inf"))
@@ -492,8 +511,10 @@ def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, 
     ens = [np.where(finite, x - o, 0.0) for x in naives]
     err_naive = max(max_abs_err(x, oracle) for x in naives)
     kw = dict(grad=grad, term_magnitude=magnitude_of(oracle) if term_magnitude is None else term_magnitude,
-              score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32)
-    bound = rule_bound(dtype, err_naive, np.abs(o) if magnitude is None else magnitude, ulp_dtype=ulp_dtype, **kw)
+              score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32, ftz=ftz)
+    operand = None if terms is None else np.where(finite, np.asarray(terms, dtype=np.float64), 0.0)
+    bound = rule_bound(dtype, err_naive, np.abs(o) if magnitude is None else magnitude, ulp_dtype=ulp_dtype,
+                       operand_terms=operand, **kw)
     ratio_max = float((np.abs(e) / bound).max()) if e.size else 0.0
     rms_bound, bias_bounds = statistics_bounds(o, ens, dtype, finite=finite, terms=terms, stored=stored,
                                                stored_dtype=stored_dtype, se_factor=se_factor, **kw)
@@ -508,15 +529,15 @@ def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, 
 
 def statistics_bounds(oracle, naive_errors, dtype, *, finite=None, grad=False, term_magnitude=0.0,
                       score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
-                      stored_dtype=None, se_factor=1.0):
+                      stored_dtype=None, se_factor=1.0, ftz=0.0):
     """Criterion 2 of DESIGN.md's rule (module docstring) for one tensor of N finite elements:
     (rms bound, (bias bound along 1, bias bound along oracle)); a bias bound is None where its
     direction is 0 (an all-zero oracle).
 
-        rms(err)             <= RMS_FACTOR * rms(err_naive) + eps(T) * rms(stored) + accum
+        rms(err)             <= RMS_FACTOR * rms(err_naive) + eps(T) * rms(stored) + accum + ftz
                                 + NOISE_Z * rms(h) / sqrt(N)
         |bias_u(err)|        <= BIAS_FACTOR * |bias_u(err_naive)| + NOISE_Z * sqrt(se_u(err_naive)^2 + se_u(h)^2)
-                                + accum * sum|u| / sum(u^2)
+                                + (accum + ftz) * sum|u| / sum(u^2)
 
     for the directions u = 1 (the mean error) and u = oracle (a relative error common to the tensor,
     out * 1.01). bias_u(e) = sum(e u) / sum(u^2); se_u(e) = sqrt(sum over rows of (sum_row e u)^2) / sum(u^2)
@@ -553,7 +574,7 @@ def statistics_bounds(oracle, naive_errors, dtype, *, finite=None, grad=False, t
     stored_eps = TF32_EPS if tf32 else eps(dtype)
     u_op = TF32_EPS / 2 if tf32 else eps(dtype) / 2
     u_store = eps(dtype if stored_dtype is None else stored_dtype) / 2
-    accum = accum_floor(dtype, term_magnitude, score_magnitude)
+    accum = accum_floor(dtype, term_magnitude, score_magnitude) + ftz  # both systematic: enter whole
     if stored is None:
         stored_rms, stored_arr = stored_magnitude, 0.0
     else:
@@ -584,12 +605,12 @@ def statistics_bounds(oracle, naive_errors, dtype, *, finite=None, grad=False, t
 
 def check_rule(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, term_magnitude=None,
                score_magnitude=0.0, stored_magnitude=0.0, tf32=False, terms=None, stored=None,
-               stored_dtype=None, ulp_dtype=None, se_factor=1.0) -> RuleRatios:
+               stored_dtype=None, ulp_dtype=None, se_factor=1.0, ftz=0.0) -> RuleRatios:
     """Assert DESIGN.md's rule (module docstring) for one tensor: both criteria, by rule_ratios (see
     there for the arguments). Returns the RuleRatios (each <= 1)."""
     r = rule_ratios(name, got, oracle, naive, dtype, grad=grad, magnitude=magnitude, term_magnitude=term_magnitude,
                     score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32, terms=terms,
-                    stored=stored, stored_dtype=stored_dtype, ulp_dtype=ulp_dtype, se_factor=se_factor)
+                    stored=stored, stored_dtype=stored_dtype, ulp_dtype=ulp_dtype, se_factor=se_factor, ftz=ftz)
     what = dtype_name(np.dtype(dtype)) + (", TF32 products" if tf32 else "")
     assert r.worst <= 1.0, (f"{name} ({what}): err_kernel / bound = {r.max:.3g} (max, criterion 1), "
                             f"{r.rms:.3g} (rms), {r.bias:.3g} (bias, criterion 2); "
@@ -601,7 +622,18 @@ class Magnitudes:
     """Term magnitudes of one attention problem, in float64 from the oracle's P (see rule_bound and
     statistics_bounds). Scalars (criterion 1's floors):
 
-    sigma: largest |scaled score| a visible entry can carry, scale * (|q| |k|^T), or |LSE| if larger.
+    sigma: the largest absolute rounding error, in units of eps(A), that a visible score or an LSE stored
+           in A can carry (rule_bound's accumulation floor): a score is a head_dim-term dot product
+           summed in A, d roundings each at most u(A) times a partial sum, which |S| = scale (|q| |k|^T)
+           bounds: at most d u |S| (Higham's gamma_d), random in sign, so a standard deviation of at
+           most sqrt(d / 3) u |S|; sigma takes DOT_Z of them, DOT_Z sqrt(d / 3) / 2 |S| in units of
+           eps = 2 u (at least |S|), or |LSE|, |sinks| if larger (one rounding each).
+    ftz:   the flush-to-zero floor (rule_bound): FTZ_TINY for each value a result sums and for the
+           result itself, times the largest factor a flushed value multiplies:
+           FTZ_TINY * (1 + N (2 + M)), N = the most terms any result here sums (seqlen_k for out and
+           dq, batch * seqlen_q * group for dk, dv and the sinks' gradient, head_dim for a score), M the
+           largest |q|, |k|, |v|, |dout| or rowsum(|dO| o |O|). ~1e-33: it decides only results that are
+           themselves subnormal.
     out:   max(P |V|).
     dq, dk, dv (when dout is given): the gradients' sums over absolute values,
            dS-terms = P o (|dO| |V|^T + rowsum(|dO| o (P |V|))),
@@ -660,8 +692,11 @@ class Magnitudes:
         vis = np.broadcast_to(visible, (batch, nheads, seqlen_q, seqlen_k))
         shared = max(int(vis.sum(axis=-1).max(initial=1)), int(vis.sum(axis=-2).max(initial=1)), 1)
         self.se_factor = float(np.sqrt(shared)) if scale == 0.0 else 1.0
-        self.sigma = max(magnitude_of(s_abs), magnitude_of(lse),
+        dot = max(1.0, DOT_Z * np.sqrt(head_dim / 3.0) / 2.0)
+        self.sigma = max(dot * magnitude_of(s_abs), magnitude_of(lse),
                          0.0 if feat["sinks"] is None else magnitude_of(feat["sinks"]))
+        n_sum = max(seqlen_k, batch * seqlen_q * group, head_dim)
+        big = magnitude_of(q, k, v)
         pv = p @ va  # (B, H, Sq, D)
         self.out = magnitude_of(pv)
         z = 1.0 if keep is None else to_numpy(keep).astype(np.float64) / (1.0 - p_eff)
@@ -672,6 +707,7 @@ class Magnitudes:
             return x.reshape(batch, nheads_k, group, seqlen_k, head_dim).sum(axis=2)
 
         self.out_terms = bshd(np.sqrt(pz**2 @ va**2))
+        self.ftz = FTZ_TINY * (1.0 + n_sum * (2.0 + big))
         if dout is None:
             return
         do = to_numpy(dout).astype(np.float64).transpose(0, 2, 1, 3)
@@ -683,6 +719,7 @@ class Magnitudes:
         kh = np.repeat(k.transpose(0, 2, 1, 3), group, axis=1)
         vh = np.repeat(v.transpose(0, 2, 1, 3), group, axis=1)
         d_abs = (doa * np.abs(p @ vh)).sum(axis=-1, keepdims=True)
+        self.ftz = FTZ_TINY * (1.0 + n_sum * (2.0 + max(big, magnitude_of(doa, d_abs))))
         self.dq_stored = scale * magnitude_of(d_abs * (pd @ ka))
         self.dk_stored = scale * magnitude_of(group_sum(pd.swapaxes(-1, -2) @ (d_abs * qa)))
         self.dv_stored = 0.0
@@ -728,7 +765,7 @@ def forward_rule_inputs(q, k, v, *, softmax_scale=None, causal=False, mask=None,
     else:
         nv_out, nv_lse = naive_forward(q, k, v, **kw)
     mags = Magnitudes(q, k, v, **kw)
-    common = dict(dtype=dtype, score_magnitude=mags.sigma, tf32=tf32)
+    common = dict(dtype=dtype, score_magnitude=mags.sigma, tf32=tf32, ftz=mags.ftz)
     return {"out": dict(oracle=ref_out, naive=nv_out, term_magnitude=mags.out, terms=mags.out_terms,
                         se_factor=mags.se_factor, **common),
             # lse = m + log(l): its terms are of size 1 around the scores' own magnitude sigma; it is
@@ -758,7 +795,8 @@ def backward_rule_inputs(dout, q, k, v, *, softmax_scale=None, causal=False, mas
     mags = Magnitudes(q, k, v, dout, **kw)
     out = {name: dict(oracle=ref, naive=nv, dtype=dtype, grad=True, term_magnitude=getattr(mags, name),
                       score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored"), tf32=tf32,
-                      terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"))
+                      terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"),
+                      ftz=mags.ftz)
            for name, ref, nv in zip(names, refs, naives)}
     out["dv"]["se_factor"] = mags.se_factor  # dV = P^T dO: P's roundings, as in out
     if sinks is not None:
@@ -853,7 +891,7 @@ def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False,
     ref_out, _ = reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff,
                                              **feat)
     check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out * inv, score_magnitude=mags.sigma,
-               terms=mags.out_terms)
+               terms=mags.out_terms, ftz=mags.ftz)
     if grads is None:
         return
     refs = reference.attention_backward(dout, q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff,
@@ -864,7 +902,8 @@ def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False,
         extra = dict(stored_dtype=np.dtype(np.float32), ulp_dtype=np.dtype(np.float32)) if name == "dsinks" else {}
         check_rule(name, g, r, nv, dtype, grad=True, term_magnitude=getattr(mags, name) * inv,
                    score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv,
-                   terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"), **extra)
+                   terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"), ftz=mags.ftz,
+                   **extra)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,6 +39,64 @@ FUZZ_REGRESSIONS = [
      "-0.6948885321617126, 0.22094754874706268))", False),
 ]
 
+# The H200 campaign of 2026-12-04 (142,009 cases, 10 failures; bench/NOTES.md): (case, allow_tf32, the
+# environment of the fuzz process that found it, what it was). Two were kernel bugs (the key tail of
+# the mma.sync backward), eight the rule's (flush to zero, a sequential dot product, TF32 operands).
+FUZZ_REGRESSIONS_FTZ_DOT = [
+    # 0: mma.sync fp16 backward: the unmasked key tail's P = 2^(0 - lse) (ALiBi over one key) -> dq NaN
+    ("Case(batch=2, seqlen_q=162, seqlen_k=1, nheads=4, nheads_k=2, head_dim=128, dtype='float16', "
+     "causal=False, softmax_scale=None, seed=100103305309281, alibi_slopes=(0.6143873333930969, "
+     "0.9428126811981201, 0.04970517382025719, 0.31992849707603455), distribution='large')",
+     False, {"FLASHCUPY_SM90": "0"}),
+    # 1: mma.sync fp16 hd256 backward: the same, softcap over five keys
+    ("Case(batch=2, seqlen_q=192, seqlen_k=5, nheads=2, nheads_k=1, head_dim=256, dtype='float16', "
+     "causal=False, softmax_scale=None, seed=101003334309286, softcap=30.0, distribution='large', "
+     "layout='padded')",
+     False, {}),
+    # 2: TF32 dq, one query row: dS rounded to TF32 (rule_bound's operand_terms)
+    ("Case(batch=2, seqlen_q=1, seqlen_k=33, nheads=1, nheads_k=1, head_dim=16, dtype='float32', "
+     "causal=True, softmax_scale=0.019624294713139534, seed=101103339409328, window_size=(13, -1), "
+     "alibi_slopes=((0.9110510349273682,), (0.8242087364196777,)), sinks=(2.0778496265411377,), "
+     "distribution='outliers')",
+     True, {}),
+    # 3: TF32 out, one query row: P rounded to TF32 (operand_terms)
+    ("Case(batch=1, seqlen_q=1, seqlen_k=54, nheads=1, nheads_k=1, head_dim=8, dtype='float32', "
+     "causal=False, softmax_scale=0.33912286162376404, seed=101103339409407, window_size=(35, -1), "
+     "softcap=1.0, sinks=(3.698568344116211,), distribution='outliers', layout='bhsd')",
+     True, {}),
+    # 4: mma.sync bf16: dsinks ~1e-41 flushed to 0 by CuPy's -ftz=true (Magnitudes.ftz)
+    ("Case(batch=1, seqlen_q=1, seqlen_k=176, nheads=1, nheads_k=1, head_dim=128, dtype='bfloat16', "
+     "causal=False, softmax_scale=0.14931848645210266, seed=101303346709262, window_size=(-1, 26), "
+     "sinks=(0.6948968172073364,), distribution='large')",
+     False, {"FLASHCUPY_SM90": "0"}),
+    # 5: SIMT fp32 hd192 LSE: one FMA chain per score, 20 ulps (Magnitudes.sigma's DOT_Z)
+    ("Case(batch=2, seqlen_q=253, seqlen_k=253, nheads=6, nheads_k=2, head_dim=192, dtype='float32', "
+     "causal=True, softmax_scale=None, seed=100203307309182, window_size=(-1, 97), "
+     "distribution='outliers')",
+     False, {}),
+    # 6: TF32: dsinks ~3e-39 flushed to 0 (ftz)
+    ("Case(batch=1, seqlen_q=1, seqlen_k=229, nheads=1, nheads_k=1, head_dim=8, dtype='float32', "
+     "causal=False, softmax_scale=0.6386207938194275, seed=100303312509245, window_size=(138, -1), "
+     "sinks=(-2.795039415359497,), distribution='large')",
+     True, {}),
+    # 7: SIMT fp32 hd128 LSE, large scores (DOT_Z)
+    ("Case(batch=1, seqlen_q=1, seqlen_k=224, nheads=6, nheads_k=2, head_dim=128, dtype='float32', "
+     "causal=False, softmax_scale=None, seed=100403318009265, sinks=(-2.4026496410369873, "
+     "-0.6273366808891296, -0.482126384973526, 2.318331718444824, -1.0989274978637695, "
+     "1.228996753692627), distribution='large', layout='padded')",
+     False, {}),
+    # 8: SIMT fp32 hd256 LSE, large scores (DOT_Z)
+    ("Case(batch=1, seqlen_q=1, seqlen_k=200, nheads=3, nheads_k=1, head_dim=256, dtype='float32', "
+     "causal=False, softmax_scale=None, seed=100603320509101, window_size=(175, 36), "
+     "distribution='large')",
+     False, {}),
+    # 9: Hopper bf16: dsinks ~4e-38 flushed to 0 (ftz)
+    ("Case(batch=1, seqlen_q=1, seqlen_k=177, nheads=2, nheads_k=1, head_dim=128, dtype='bfloat16', "
+     "causal=True, softmax_scale=0.1633581966161728, seed=100803327409142, window_size=(116, -1), "
+     "sinks=(0.20170265436172485, -1.2786396741867065), distribution='large', layout='padded')",
+     False, {}),
+]
+
 # ---------------------------------------------------------------------------------------------------
 # paged KV caches (flash_attn_with_kvcache's tests, CPU and GPU)
 

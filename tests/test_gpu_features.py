@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import (FUZZ_REGRESSIONS, assert_backward_rule, assert_dropout_rule, assert_forward_rule, float_dtypes,
+from helpers import (FUZZ_REGRESSIONS, FUZZ_REGRESSIONS_FTZ_DOT, assert_backward_rule, assert_dropout_rule, assert_forward_rule, float_dtypes,
                      random_inputs)
 
 import flashcupy
@@ -130,4 +130,17 @@ def test_gpu_fuzz_regressions(text, allow_tf32):
     --case does: forward and backward on the GPU, by the rule."""
     from flashcupy import fuzz
 
+    assert fuzz.check_case(fuzz.parse_case(text), ("fwd", "bwd"), gpu=True, allow_tf32=allow_tf32) <= 1.0
+
+
+@pytest.mark.parametrize("text, allow_tf32, env", FUZZ_REGRESSIONS_FTZ_DOT,
+                         ids=[f"case{i}" for i in range(len(FUZZ_REGRESSIONS_FTZ_DOT))])
+def test_gpu_fuzz_regressions_key_tail_ftz_dot(monkeypatch, text, allow_tf32, env):
+    """The 2026-12-04 campaign's failures, in the environment of the process that found them
+    (FLASHCUPY_SM90=0: the mma.sync family): the mma.sync backward's unmasked key tail (dq NaN, cases
+    0 and 1) and the rule's flush-to-zero, dot-product and TF32-operand floors (the rest)."""
+    from flashcupy import fuzz
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     assert fuzz.check_case(fuzz.parse_case(text), ("fwd", "bwd"), gpu=True, allow_tf32=allow_tf32) <= 1.0

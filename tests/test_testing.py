@@ -2,6 +2,8 @@
 CPU path), catches a 1% error in bfloat16 (the oracle's output x 1.01), names a reproducer, and its
 hypothesis strategy draws valid problems. No GPU."""
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -97,6 +99,8 @@ def test_fuzz_catches_a_broken_forward_and_prints_a_reproducer(monkeypatch, caps
         return res._replace(out=(np.asarray(res.out, np.float64) * 1.01).astype(q.dtype))
 
     monkeypatch.setattr(fuzz, "_forward", broken)
+    for name in [n for n in os.environ if n.startswith("FLASHCUPY_")]:
+        monkeypatch.delenv(name)
     rc, out = _fuzz(["--max-examples", "6", "--max-seqlen", "40", "--dtypes", "float16", "--directions", "fwd"], capsys)
     assert rc == 1 and "FAIL Case(" in out and "reproduce: flashcupy fuzz" in out
     line = next(ln for ln in out.splitlines() if "reproduce:" in ln)
@@ -106,6 +110,28 @@ def test_fuzz_catches_a_broken_forward_and_prints_a_reproducer(monkeypatch, caps
     monkeypatch.setattr(fuzz, "_forward", real)
     rc, out = _fuzz(["--directions", "fwd", "--case", case], capsys)  # and passes once the bug is gone
     assert rc == 0, out
+
+
+def test_fuzz_reproducer_names_the_dispatch_environment(monkeypatch, capsys):
+    """FLASHCUPY_* variables pick the kernel family: a failure's reproducer starts with them (the H200
+    campaign of 2026-12-04 printed reproducers of FLASHCUPY_SM90=0 processes without it)."""
+    from flashcupy import fuzz
+
+    real = fuzz._forward
+
+    def broken(q, k, v, causal, **features):
+        res = real(q, k, v, causal, **features)
+        return res._replace(out=(np.asarray(res.out, np.float64) * 1.01).astype(q.dtype))
+
+    monkeypatch.setattr(fuzz, "_forward", broken)
+    for name in [n for n in os.environ if n.startswith("FLASHCUPY_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FLASHCUPY_SM90", "0")
+    monkeypatch.setenv("FLASHCUPY_DEBUG_X", "a b")
+    rc, out = _fuzz(["--max-examples", "2", "--max-seqlen", "24", "--dtypes", "float16", "--directions", "fwd"], capsys)
+    assert rc == 1
+    line = next(ln for ln in out.splitlines() if "reproduce:" in ln)
+    assert line.split("reproduce: ", 1)[1].startswith("FLASHCUPY_DEBUG_X='a b' FLASHCUPY_SM90=0 flashcupy fuzz --device cpu")
 
 
 def test_fuzz_rejects_a_case_that_is_not_one(capsys):
