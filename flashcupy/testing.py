@@ -21,7 +21,11 @@ The correctness rule (DESIGN.md, "Correctness rule"): the oracle is NumPy float6
     gradients: err_kernel <= 2 * err_naive + floor    (GRAD_FACTOR; once 3, tightened with the rule)
     floor = FLOOR_ULPS ulps of T at the output's magnitude (FLOOR_ULPS * eps(T) * max|oracle|)
             + one ulp of the accumulation dtype at the magnitude of the summed terms, amplified by
-              the scores' magnitude through exp() (matters for float32 inputs only)
+              the scores' rounding error through exp(), a head_dim-term dot product's (DOT_Z of its
+              standard deviations; matters for float32 inputs only)
+            + TF32: the last product's operand (P, dS) rounded to TF32 (criterion 1)
+            + a flush to zero of float32 values under FTZ_TINY (CuPy's -ftz=true; decides only
+              results that are themselves subnormal)
             + gradients: one ulp of T at what the out read back in T moves dq, dk by through
               D = rowsum(dO o O) (matters where dq, dk cancel: rows with one or few visible keys)
     float64:   err_kernel <= 1e-12 * magnitude (of the output, or of its terms where it cancels)
