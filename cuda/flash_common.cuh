@@ -12,8 +12,11 @@
 #define FC_LN2 0.6931471805599453f
 
 // ---------------------------------------------------------------------------------------------
-// Element types: a tag per 16-bit dtype; the kernels are templates over it.
+// Element types: a tag per 16-bit dtype; the kernels are templates over it. These and the PTX
+// wrappers below are the only inline PTX here: the CPU emulator (bench/simt_emu) defines
+// FC_MMA16_HOOKS and its own versions (from the PTX ISA's fragment layouts); on the GPU it is unset.
 // ---------------------------------------------------------------------------------------------
+#ifndef FC_MMA16_HOOKS
 struct Fp16 {
     // Two floats -> one register of two fp16 (lo in bits 0..15), round to nearest even.
     static __device__ __forceinline__ u32 pack2(float lo, float hi) {
@@ -87,6 +90,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+#endif  // FC_MMA16_HOOKS
 
 // ---------------------------------------------------------------------------------------------
 // Tiles in shared memory: row-major, each row padded by 8 elements (16 bytes) so that the 8 row

@@ -12,6 +12,7 @@
 //   v1.1 fused dropout (Philox4x32-10, one call per 8 elements of a thread's fragment).
 //   v1.2 block-sparse: key tiles from a block-mask row's active list (TileWalk), same inner loop.
 //   v1.3 one AttnParams record (flash_params.cuh); tile ranges and element masks from flash_mask.cuh.
+//   v1.4 packed sequences (FEAT_VARLEN: flash_mask.cuh's seq_of); the dense kernels are unchanged.
 #include "flash_common.cuh"
 
 template <typename Elem_, int HEAD_DIM_, int BLOCK_M_, int BLOCK_N_, int NWARPS_>
@@ -33,6 +34,8 @@ struct FwdTraits {
 
 // p.q, p.out: (batch, seqlen_q, nheads, head_dim); p.k, p.v: (batch, seqlen_k, nheads_k, head_dim);
 // p.lse: (batch, nheads, seqlen_q) float32. Mask, dropout and block-sparse lists from p (flash_mask.cuh).
+// FEAT_VARLEN: one packed batch row, sequence blockIdx.z of cu_seqlens (seq_of); a CTA past its
+// sequence's last query tile returns at once (the grid covers max_seqlen_q). No dropout, no block mask.
 template <typename Tr, bool CAUSAL, bool DROPOUT, int FEAT = 0>
 __global__ void __launch_bounds__(Tr::NTHREADS, 1)  // 1: without it ptxas may cap registers low and spill
 flash_fwd_kernel(const __grid_constant__ AttnParams p) {
@@ -45,28 +48,33 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
     u16* s_k = s_q + BLOCK_M * PITCH;              // (BLOCK_N, PITCH)
     u16* s_v = s_k + BLOCK_N * PITCH;              // (BLOCK_N, PITCH)
 
+    constexpr bool VARLEN = (FEAT & FEAT_VARLEN) != 0;
+    static_assert(!(VARLEN && DROPOUT), "varlen: no fused dropout yet");
     const int m_block = gridDim.x - 1 - blockIdx.x;  // causal: the longest rows start first
     const int head = blockIdx.y, batch = blockIdx.z, head_k = head / p.group;
     const int m0 = m_block * BLOCK_M;
+    const Seq seq = seq_of<VARLEN>(p, batch);
+    if (VARLEN && m0 >= seq.seqlen_q) return;  // CTA-uniform, before any barrier
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int warp_row0 = warp * MT * 16;  // first row of this warp in the tile
-    const int seqlen_q = p.seqlen_q, seqlen_k = p.seqlen_k, head_dim = p.head_dim;
+    const int seqlen_q = seq.seqlen_q, seqlen_k = seq.seqlen_k, head_dim = p.head_dim;
     const i64 q_row_stride = p.q.row_stride, k_row_stride = p.k.row_stride, v_row_stride = p.v.row_stride;
     const i64 o_row_stride = p.out.row_stride;
     const float softmax_scale_log2 = p.scale_log2_f, softmax_scale = p.scale_f;
     const int nheads = p.nheads;
     const DropoutParams dropout = p.dropout;  // fields of p are read here, at entry: a read of p inside a
                                               // loop addresses it through a register (more live registers)
-    const Mask mask = make_mask<FEAT>(p, CAUSAL);
+    const Mask mask(p, seqlen_q, seqlen_k, CAUSAL, (FEAT & FEAT_LOCAL) != 0);  // = make_mask<FEAT> when dense
     const float sink = sink_of<FEAT>(p, head);
     using Mod = ScoreMod<FEAT, float, true>;
-    [[maybe_unused]] const Mod mod(p, batch, head);
+    [[maybe_unused]] const Mod mod(p, seq.seq, head, seqlen_q, seqlen_k);
 
-    const u16* q_tile = p.q.ptr<const u16>(batch, head, m0);
-    const u16* k_head = p.k.ptr<const u16>(batch, head_k);
-    const u16* v_head = p.v.ptr<const u16>(batch, head_k);
-    u16* o_tile = p.out.ptr<u16>(batch, head, m0);
-    float* lse_tile = static_cast<float*>(p.lse) + stats_index(p, batch, head, m0);
+    const int tb = seq.tensor_batch;
+    const u16* q_tile = p.q.ptr<const u16>(tb, head, seq.q0 + m0);
+    const u16* k_head = p.k.ptr<const u16>(tb, head_k, seq.k0);
+    const u16* v_head = p.v.ptr<const u16>(tb, head_k, seq.k0);
+    u16* o_tile = p.out.ptr<u16>(tb, head, seq.q0 + m0);
+    float* lse_tile = static_cast<float*>(p.lse) + stats_index(p, tb, head, seq.q0 + m0);
 
     // Key tiles to visit: those the mask lets some row of this tile see, or only those of the active
     // key blocks of this tile's block-mask row.

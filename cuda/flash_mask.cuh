@@ -115,7 +115,27 @@ struct Mask {
 
 // Compile-time features of a kernel specialization (issue 16), the FEAT_* bits of flashcupy/_features.py:
 // every kernel template takes `int FEAT` (0: the plain kernel, whose code is as before the features).
-enum : int { FEAT_LOCAL = 1, FEAT_SOFTCAP = 2, FEAT_ALIBI = 4, FEAT_SINK = 8 };
+enum : int { FEAT_LOCAL = 1, FEAT_SOFTCAP = 2, FEAT_ALIBI = 4, FEAT_SINK = 8, FEAT_VARLEN = 16 };
+
+// The sequence a CTA works on (issue 17's varlen): blockIdx.z = b. Dense (VARLEN false): the record's
+// batch row b, rows from 0, p.seqlen_q / p.seqlen_k. Varlen (FEAT_VARLEN): the record describes one
+// packed batch row (p.batch 1, p.seqlen_q = total_q, p.seqlen_k = total_k, LSE (nheads, total_q)), and
+// sequence b is its rows [cu_seqlens_q[b], cu_seqlens_q[b + 1]) of q and [cu_seqlens_k[b], + seqlen_k)
+// of k and v, seqlen_k = seqused_k[b] if given, else cu_seqlens_k[b + 1] - cu_seqlens_k[b].
+// tensor_batch: the batch index of the tensors' pointers; seq: b (ALiBi's slope row, dropout's bits).
+struct Seq {
+    int tensor_batch, seq, q0, k0, seqlen_q, seqlen_k;
+};
+template <bool VARLEN>
+__device__ __forceinline__ Seq seq_of(const AttnParams& p, int b) {
+    if constexpr (!VARLEN) {
+        return Seq{b, b, 0, 0, p.seqlen_q, p.seqlen_k};
+    } else {
+        const int q0 = __ldg(p.cu_seqlens_q + b), k0 = __ldg(p.cu_seqlens_k + b);
+        const int sk = p.seqused_k ? __ldg(p.seqused_k + b) : __ldg(p.cu_seqlens_k + b + 1) - k0;
+        return Seq{0, b, q0, k0, __ldg(p.cu_seqlens_q + b + 1) - q0, sk};
+    }
+}
 
 // The Mask of a specialization: the window is read only where FEAT has FEAT_LOCAL.
 template <int FEAT>

@@ -26,6 +26,7 @@ FEAT_LOCAL = 1    # sliding window: Mask reads p.mask.window_left / window_right
 FEAT_SOFTCAP = 2  # ScoreMod: softcap * tanh(s / softcap)
 FEAT_ALIBI = 4    # ScoreMod: - slope * |i + offset - j|
 FEAT_SINK = 8     # epilogue: the sink joins the softmax denominator and the lse
+FEAT_VARLEN = 16  # packed sequences (cu_seqlens): flash_mask.cuh's seq_of (the mma.sync forward only)
 FEAT_ALL = FEAT_LOCAL | FEAT_SOFTCAP | FEAT_ALIBI | FEAT_SINK
 
 

@@ -113,6 +113,47 @@ def _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config,
     return out, lse
 
 
+def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, shape, *, causal: bool, features=None,
+                   config=None):
+    """The fused varlen forward (cuda/flash_fwd.cu with FEAT_VARLEN: flash_mask.cuh's seq_of), fp16 / bf16.
+
+    q (total_q, nheads, head_dim), k, v (total_k, nheads_k, head_dim) on the device; cu_seqlens_q,
+    cu_seqlens_k int32 (batch + 1,) and seqused_k int32 (batch,) or None, validated by the caller
+    (flashcupy.varlen); shape: its AttnShape (batch, max_seqlen_q, max_seqlen_k, heads, softmax_scale).
+    Returns (out like q, lse (nheads, total_q) float32). The mma.sync family on every GPU (no Hopper
+    varlen kernel yet); no dropout or block mask (the caller keeps those on the chunked path)."""
+    from ._features import FEAT_VARLEN
+    from ._validate import AttnShape
+
+    cp = _cp()
+    total_q, total_k = int(q.shape[0]), int(k.shape[0])
+    packed = AttnShape(1, total_q, total_k, shape.nheads, shape.nheads_k, shape.head_dim, shape.softmax_scale)
+    if shape.batch > MAX_GRID_YZ or shape.nheads > MAX_GRID_YZ:
+        raise ValueError(f"varlen: batch {shape.batch} and nheads {shape.nheads} must be <= {MAX_GRID_YZ}")
+    d8 = -(-shape.head_dim // 8) * 8
+    q4, scale = zero_scale_inputs(cp, q[None], shape.softmax_scale)
+    q4, k4, v4 = (kernel_ready(x, d8) for x in (q4, k[None], v[None]))
+    cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch(), None)
+    if cfg is None:
+        raise RuntimeError(f"no fused fp16/bf16 forward fits {_device_arch()} for head_dim={shape.head_dim}")
+    feat = (0 if features is None else features.bits) | FEAT_VARLEN
+    name = cfg.kernel_name(elem_name(q.dtype), causal, False, feat)
+    debug(f"varlen fwd {shape} total_q={total_q} total_k={total_k} -> {cfg}")
+    kernel = get_kernel("flash_fwd.cu", name, cfg.smem_bytes)
+    out = cp.empty(q4.shape, dtype=q.dtype)
+    lse = cp.empty((1, shape.nheads, total_q), dtype=cp.float32)
+    p = attn_params(packed, head_dim=d8, scale=scale, causal=causal, features=features, q=q4, k=k4, v=v4, out=out,
+                    lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
+    if shape.batch and shape.seqlen_q and total_q:
+        kernel((math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch), (cfg.nthreads, 1, 1), (p,),
+               shared_mem=cfg.smem_bytes)
+    else:  # no query row: nothing to compute
+        out[...] = 0
+        lse[...] = -np.inf
+    out = out[0] if d8 == shape.head_dim else cp.ascontiguousarray(out[0, ..., : shape.head_dim])
+    return out, lse[0]
+
+
 def _launch_convert(src, dst, rows: int, group: int, scale: float):
     """dst (rows, nheads / group, d) Elem = scale * sum over each group of src (rows, nheads, d) float32."""
     elem = elem_name(dst.dtype)

@@ -109,7 +109,8 @@ def attn_params(shape, *, head_dim: int, scale: float, grad_scale: float | None 
     replaces window=), softcap, alibi_slopes (float32 (nheads,) or (batch, nheads), on the device) and
     sinks (float32 (nheads,)); the kernels read each only in a specialization with its FEAT_* bit.
     dropout: None or (dropout_p, (seed, offset)). block_mask: a flashcupy.BlockMask or None. arrays: any of q, k, v, out, dout, dq, dk, dv
-    (BSHD arrays), lse, delta, lse_exp, dq_accum, o_accum, lse_accum, seqused_k (contiguous) and
+    (BSHD arrays), lse, delta, lse_exp, dq_accum, o_accum, lse_accum, seqused_k, cu_seqlens_q, cu_seqlens_k
+    (contiguous; the last three int32) and
     block_table (int32 (batch, max_blocks), its row stride recorded); unnamed ones are null.
     num_splits, page_size: the split-KV decode kernel's (cuda/flash_decode.cu; 0 elsewhere).
     """
@@ -117,7 +118,8 @@ def attn_params(shape, *, head_dim: int, scale: float, grad_scale: float | None 
     for name, x in arrays.items():
         if name in TENSORS:
             rec[name] = tensor4(x)
-        elif name in ("lse", "delta", "lse_exp", "dq_accum", "o_accum", "lse_accum", "seqused_k"):
+        elif name in ("lse", "delta", "lse_exp", "dq_accum", "o_accum", "lse_accum", "seqused_k", "cu_seqlens_q",
+                      "cu_seqlens_k"):
             rec[name] = data_ptr(x)
         elif name == "block_table":
             rec[name], rec["block_table_stride"] = data_ptr(x), x.strides[0] // x.dtype.itemsize

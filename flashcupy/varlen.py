@@ -13,9 +13,10 @@ problem (flashcupy.reference's varlen oracle states it): causal and the window a
 the sequence, empty sequences are legal.
 
 Where it runs today: the chunked exact path, per sequence (flashcupy._chunked.varlen_forward /
-varlen_backward; per batch row for the KV cache), on NumPy (CPU) and on CuPy (GPU) alike. The fused
-varlen, paged-KV and split-KV kernels come later (issue 17's kernel side); their results will be held
-to the same rule. The chunked path loops over the sequences on the host, so on CuPy it reads
+varlen_backward), on NumPy (CPU) and on CuPy (GPU) alike; KV-cache decoding on CuPy through the split-KV
+decode kernels (cuda/flash_decode.cu); with FLASHCUPY_VARLEN_FUSED=1 (opt-in until it has run on a GPU)
+the varlen forward of CuPy float16 / bfloat16 through the fused kernel (flashcupy._gpu.forward_varlen).
+All are held to the same rule. The chunked path loops over the sequences on the host, so on CuPy it reads
 cu_seqlens / seqused_k (and cache_seqlens / block_table) to the host, in one transfer per call: a
 host synchronisation, so these calls cannot be captured into a CUDA graph yet.
 """
@@ -217,7 +218,9 @@ def flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     Host reads: cu_seqlens_q, cu_seqlens_k and seqused_k are copied to the host in one transfer (a
     synchronisation on CuPy) and every value check above runs there; the chunked path needs the host
     offsets to slice the sequences anyway. Runs the chunked exact path per sequence on NumPy and on
-    CuPy (the fused varlen kernels come later). Each sequence gives the bits flash_attn_forward gives
+    CuPy; with FLASHCUPY_VARLEN_FUSED=1, CuPy float16 / bfloat16 without dropout run the fused varlen
+    forward instead (one launch for the batch: the mma.sync kernel with FEAT_VARLEN; checked on the
+    CPU emulator, not yet on a GPU, hence opt-in). Each sequence gives the bits flash_attn_forward gives
     on that sequence alone on the CPU (without dropout).
 
     Source: flash-attn's flash_attn_varlen_func (cu_seqlens, LSE (nheads, total_q), seqused_k);
@@ -233,10 +236,31 @@ def flash_attn_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                             p.features.window, p.features.softcap, p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k,
                             p.alibi_slopes, p.sinks)
     p_eff = dropout.effective_dropout_p(dropout_p) if dropout_p > 0 else 0.0
+    if _fused_varlen_takes(p, dropout_p):
+        from . import _gpu
+
+        out, lse = _gpu.forward_varlen(p.q, p.k, p.v, p.cu_seqlens_q, p.cu_seqlens_k, p.seqused_k, p.shape,
+                                       causal=options.causal, features=p.features)
+        return VarlenForward(out, lse, rng_state, options)
     out, lse = _chunked.varlen_forward(p.q, p.k, p.v, p.bounds, p.shape, causal=options.causal,
                                        keep_fn_of=_keep_fn_of(p.xp, p.shape, dropout_p, rng_state), dropout_p=p_eff,
                                        xp=p.xp, features=p.features)
     return VarlenForward(out, lse, rng_state, options)
+
+
+def _fused_varlen_takes(p, dropout_p: float) -> bool:
+    """Whether the fused varlen forward (flashcupy._gpu.forward_varlen: the mma.sync kernel with
+    FEAT_VARLEN) runs this call: CuPy float16 / bfloat16, no dropout, a head dim the kernels take, and,
+    until it has run on a GPU, FLASHCUPY_VARLEN_FUSED=1 (2026-12-04: checked on the CPU emulator only,
+    bench/simt_emu/run_mma16_cases.py --varlen). Otherwise the chunked path."""
+    if os.environ.get("FLASHCUPY_VARLEN_FUSED", "0") != "1" or p.xp is np or dropout_p > 0:
+        return False
+    if dtype_name(p.q.dtype) not in ("float16", "bfloat16") or not 1 <= p.shape.head_dim <= 256:
+        return False
+    from ._configs import fwd_config
+    from ._gpu import _device_arch
+
+    return fwd_config(p.shape.head_dim, p.q.dtype, False, _device_arch(), None) is not None
 
 
 def flash_attn_varlen_backward(dout, q, k, v, out=None, lse=None, cu_seqlens_q=FROM_FORWARD,

@@ -1,4 +1,5 @@
-"""Issue 16's feature specializations (FEAT_* bits: window, softcap, ALiBi, sinks) of every kernel family,
+"""Issue 16's feature specializations (FEAT_* bits: window, softcap, ALiBi, sinks; and issue 17's
+FEAT_VARLEN forward) of every kernel family,
 compiled with bare NVRTC (no GPU needed): each builds, and the ptxas report is printed.
 
 The plain kernels (FEAT = 0) are held to no spill by test_compile.py, test_compile_simt.py and
@@ -13,7 +14,7 @@ import pytest
 
 from flashcupy import _build, _configs, _gpu_sm90, _gpu_sm90_bwd
 from flashcupy._device import as_device
-from flashcupy._features import FEAT_ALIBI, FEAT_ALL, FEAT_LOCAL, FEAT_SINK, FEAT_SOFTCAP
+from flashcupy._features import FEAT_ALIBI, FEAT_ALL, FEAT_LOCAL, FEAT_SINK, FEAT_SOFTCAP, FEAT_VARLEN
 
 nvrtc = pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) not installed")
 
@@ -30,6 +31,8 @@ def _mma_names():
         fc, bc = _configs.fwd_config(hd, "float16", True, H200, None), _configs.bwd_config(hd, "float16", True, H200, None)
         for causal in (False, True):
             fwd |= {fc.kernel_name("Bf16", causal, drop, f) for f in FWD_FEATS for drop in (False, True)}
+            # the packed-sequence forward (no dropout): alone and with every score feature
+            fwd |= {fc.kernel_name("Bf16", causal, False, FEAT_VARLEN | f) for f in (0, FEAT_ALL)}
             for f in BWD_FEATS:
                 bwd |= {bc.kernel_name("Fp16", causal, bc.atomic_dq(False, False), False, f),
                         bc.dq_kernel_name("Fp16", causal, False, f)}

@@ -65,6 +65,46 @@ def test_varlen_forward_backward_by_the_rule(rng, dtype, causal):
         assert_backward_rule([dq[q0:q1][None], dk[k0:k1][None], dv[k0:k1][None]], dob, qb, kb, vb, causal=causal)
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if dtype_name(d) in ("float16", "bfloat16")],
+                         ids=[n for n in DTYPE_IDS if n in ("float16", "bfloat16")])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_fused_varlen_forward_by_the_rule(monkeypatch, rng, dtype, causal, head_dim):
+    """The fused varlen forward (FLASHCUPY_VARLEN_FUSED=1: flashcupy._gpu.forward_varlen, the mma.sync
+    kernel with FEAT_VARLEN) per sequence by the rule, empty sequences included, with the score features
+    too, and its backward (the chunked path's) from its out and lse."""
+    cp = _cp()
+    monkeypatch.setenv("FLASHCUPY_VARLEN_FUSED", "1")
+    from flashcupy import _gpu
+
+    calls = []
+    real = _gpu.forward_varlen
+    monkeypatch.setattr(_gpu, "forward_varlen", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, do, cq, ck = packed(rng, dtype, d=head_dim)
+    feats = [{}, dict(window_size=(20, 3), softcap=5.0, alibi_slopes=np.array([0.3, 0.2, 0.1, 0.05], np.float32),
+                      sinks=np.array([0.5, -1.0, 0.0, 2.0], np.float32))]
+    for feat in feats:
+        on_gpu = {n: cp.asarray(x) if isinstance(x, np.ndarray) else x for n, x in feat.items()}
+        fwd = flashcupy.flash_attn_varlen_forward(*(cp.asarray(x) for x in (q, k, v, cq, ck)), 70, 70, causal=causal,
+                                                  **on_gpu)
+        grads = flashcupy.flash_attn_varlen_backward(cp.asarray(do), *(cp.asarray(x) for x in (q, k, v)), forward=fwd)
+        out, lse = to_numpy(fwd.out), to_numpy(fwd.lse)
+        dq, dk, dv = (to_numpy(g) for g in grads[:3])
+        for q0, q1, k0, k1 in spans(cq, ck):
+            if q1 == q0:
+                continue
+            if k1 == k0:
+                sink = -np.inf if "sinks" not in feat else feat["sinks"][:, None]
+                assert not np.any(out[q0:q1]) and np.array_equal(lse[:, q0:q1], np.broadcast_to(sink, lse[:, q0:q1].shape))
+                continue
+            qb, kb, vb, dob = q[q0:q1][None], k[k0:k1][None], v[k0:k1][None], do[q0:q1][None]
+            assert_forward_rule(out[q0:q1][None], lse[:, q0:q1][None], qb, kb, vb, causal=causal, **feat)
+            if "sinks" not in feat:
+                assert_backward_rule([dq[q0:q1][None], dk[k0:k1][None], dv[k0:k1][None]], dob, qb, kb, vb,
+                                     causal=causal, **feat)
+    assert len(calls) == len(feats)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_varlen_dropout_window_by_the_rule(rng, dtype):
     cp = _cp()

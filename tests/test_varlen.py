@@ -379,3 +379,24 @@ def test_exported():
     for name in ("flash_attn_varlen_func", "flash_attn_varlen_forward", "flash_attn_varlen_backward",
                  "VarlenForward", "VarlenOptions"):
         assert hasattr(flashcupy, name) and name in flashcupy.__all__
+
+
+def test_the_fused_varlen_forward_is_opt_in_and_gpu_only(monkeypatch, rng):
+    """flashcupy._gpu.forward_varlen (the mma.sync kernel with FEAT_VARLEN, emulator-checked, not yet run
+    on a GPU) runs only for CuPy float16 / bfloat16 without dropout and with FLASHCUPY_VARLEN_FUSED=1:
+    on NumPy the env changes nothing (the chunked path, bitwise), and the chooser says no without it."""
+    from flashcupy import _gpu, varlen
+
+    monkeypatch.setattr(_gpu, "forward_varlen", lambda *a, **k: pytest.fail("fused varlen forward on NumPy"))
+    q = rng.standard_normal((12, 2, 32)).astype(np.float16)
+    k, v = (rng.standard_normal((9, 1, 32)).astype(np.float16) for _ in range(2))
+    cq, ck = np.array([0, 5, 12], np.int32), np.array([0, 4, 9], np.int32)
+    monkeypatch.delenv("FLASHCUPY_VARLEN_FUSED", raising=False)
+    base = flashcupy.flash_attn_varlen_forward(q, k, v, cq, ck, 7, 5, causal=True)
+    monkeypatch.setenv("FLASHCUPY_VARLEN_FUSED", "1")
+    again = flashcupy.flash_attn_varlen_forward(q, k, v, cq, ck, 7, 5, causal=True)
+    assert same_bits(base.out, again.out) and same_bits(base.lse, again.lse)
+    p, _ = varlen._varlen_problem(q, k, v, cq, ck, 7, 5, None, None, 0.0, True, (-1, -1), 0.0, None, None)
+    assert not varlen._fused_varlen_takes(p, 0.0)
+    monkeypatch.delenv("FLASHCUPY_VARLEN_FUSED")
+    assert not varlen._fused_varlen_takes(p._replace(xp=object()), 0.0)  # not NumPy, but not asked for

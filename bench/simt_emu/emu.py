@@ -46,9 +46,7 @@ def _layout_asserts():
 def source(filename):
     root = _build.cuda_dir()
     seen = set()
-    def expand(name):
-        if name == "flash_common.cuh":
-            return "// flash_common.cuh: provided by the emulator\n"
+    def expand(name):  # flash_common.cuh's PTX is behind FC_MMA16_HOOKS, which emu_common.h defines
         if name in seen:  # #pragma once
             return ""
         seen.add(name)
@@ -129,12 +127,14 @@ def _find_owner(addr):
 
 launches = []
 
-def launch(filename, name, smem_bytes, grid, block, params):
-    """params: the kernel's one AttnParams record (np.void, flashcupy._params.attn_params)."""
+def launch(filename, name, smem_bytes, grid, block, params, record=None):
+    """params: the kernel's one record (np.void): AttnParams (flashcupy._params.attn_params) unless
+    record names another dtype (ConvertParams)."""
     L = lib(filename, name)
-    rec = np.frombuffer(bytearray(params.tobytes()), dtype=_params.ATTN_PARAMS)
+    record = _params.ATTN_PARAMS if record is None else record
+    rec = np.frombuffer(bytearray(params.tobytes()), dtype=record)
     copies = {}  # id(owner) -> (owner, malloc'ed copy)
-    for path in _pointer_fields(_params.ATTN_PARAMS):
+    for path in _pointer_fields(record):
         field = rec  # a view of one field of the (1,) record array
         for key in path:
             field = field[key]
@@ -169,3 +169,27 @@ def install(arch=None):
     _gpu_simt._launch = launch
     _gpu_simt._arch = lambda: arch
     return _gpu_simt
+
+
+def _mma16_kernel(filename, name, smem_bytes=0):
+    """flashcupy._build.get_kernel's stand-in for flashcupy._gpu: a callable launched on the emulator."""
+    record = _params.CONVERT_PARAMS if "convert_kernel" in name else None
+
+    def run(grid, block, args, shared_mem=0):
+        launch(filename, name, shared_mem, tuple(grid) + (1,) * (3 - len(grid)), tuple(block), args[0], record)
+    return run
+
+
+def install_mma16(arch="sm_80"):
+    """Point flashcupy._gpu (the fp16 / bf16 mma.sync family: cuda/flash_fwd.cu, flash_bwd.cu) at NumPy and
+    the emulator, the configs chosen as on the first device of arch (flashcupy._configs.ARCH_DEVICES;
+    sm_80: the Hopper family is not planned). mma.sync m16n8k16 and ldmatrix follow the PTX ISA's
+    fragment layouts (emu_common.h)."""
+    from flashcupy import _configs, _gpu
+    _params.data_ptr = _data_ptr
+    _gpu.data_ptr = _data_ptr
+    _gpu._cp = lambda: np
+    _gpu.get_kernel = _mma16_kernel
+    device = _configs.ARCH_DEVICES[arch][0]
+    _gpu._device_arch = lambda: device
+    return _gpu

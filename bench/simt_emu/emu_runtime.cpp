@@ -8,6 +8,7 @@ thread_local int emu_tid = 0;
 thread_local std::vector<EmuCopy> emu_pending;
 unsigned long long emu_warp_slot[32][32];
 double emu_mma_a[32][32], emu_mma_a1[32][32], emu_mma_b[32][32];
+u32 emu_mma16_a[32][32][4], emu_mma16_b[32][32][2];
 static std::unique_ptr<std::barrier<std::function<void()>>> g_block_bar;
 static std::vector<std::unique_ptr<std::barrier<>>> g_warp_bars;
 static std::atomic<int> g_epoch{0};
@@ -31,12 +32,12 @@ static void fail_locked(const char* what, size_t off) {
         snprintf(g_first_error, sizeof g_first_error, "%s: smem offset %zu, thread %d, block (%u,%u,%u), epoch %d",
                  what, off, emu_tid, blockIdx.x, blockIdx.y, blockIdx.z, g_epoch.load());
 }
-void emu_shadow_read(size_t off, size_t n) {
+void emu_shadow_read(size_t off, size_t n, bool check_init) {
     std::lock_guard<std::mutex> g(g_shadow_mu);
     int e = g_epoch.load();
     for (size_t w = off / 4; w < (off + n + 3) / 4; ++w) {
         Shadow& s = g_shadow[w];
-        if (!s.init) fail_locked("read of never-written shared memory", w * 4);
+        if (check_init && !s.init) fail_locked("read of never-written shared memory", w * 4);
         if (s.w_epoch == e && s.w_thread != emu_tid) fail_locked("race: read after another thread's write in one barrier interval", w * 4);
         if (s.r_epoch != e) s.r_epoch = e, s.r_thread = emu_tid;
         else if (s.r_thread != emu_tid) s.r_thread = -2;
