@@ -1,12 +1,14 @@
 """flashcupy fuzz: a time-boxed campaign of random attention problems through flashcupy's public API
-(the forward and the backward, causal and not, GQA, ragged lengths, every dtype, and the score features:
-sliding window, softcap, ALiBi, sinks) on this machine's GPU, or on the CPU path without one, each
-checked against the float64 oracle by flashcupy.testing's rule. Half the cases draw their input
-distribution (normal, large logits, FA3's outlier mix, exact ties) and, independently, half their
-memory layout (BSHD, BHSD views, NaN-padded views): testing.Case.distribution / .layout.
+(the forward and the backward, causal and not, GQA, ragged lengths, every dtype, the score features:
+sliding window, softcap, ALiBi, sinks, and the call options: fused dropout and block masks) on this
+machine's GPU, or on the CPU path without one, each checked against the float64 oracle by
+flashcupy.testing's rule (dropout cases by its dropout form, with the case's regenerated keep-mask).
+Half the cases draw their input distribution (normal, large logits, FA3's outlier mix, exact ties) and,
+independently, half their memory layout (BSHD, BHSD views, NaN-padded views): testing.Case.distribution
+/ .layout; a quarter dropout and a quarter a block mask: Case.dropout_p / .block_mask.
 
     flashcupy fuzz --minutes 5                 # until 5 minutes or --max-examples cases
-    flashcupy fuzz --features none             # plain attention only (no window / softcap / ALiBi / sinks)
+    flashcupy fuzz --features none             # plain attention only (no score feature, dropout or block mask)
     flashcupy fuzz --case "Case(batch=1, ...)" --directions fwd    # replay one case (what a failure prints)
 
 Prints progress (cases/s, failures; a tqdm bar where tqdm is installed), writes a JSON report with
@@ -25,8 +27,11 @@ import numpy as np
 
 
 DIRECTIONS = ("fwd", "bwd")
-FEATURES = ("window", "softcap", "alibi", "sinks")  # testing.Case fields: window_size, softcap, alibi_slopes, sinks
-_CASE_FIELD = {"window": "window_size", "softcap": "softcap", "alibi": "alibi_slopes", "sinks": "sinks"}
+# testing.Case fields: window_size, softcap, alibi_slopes, sinks (the score features, each drawn with probability
+# 1/2), dropout_p and block_mask (the call options, each in a quarter of the cases)
+FEATURES = ("window", "softcap", "alibi", "sinks", "dropout", "blockmask")
+_CASE_FIELD = {"window": "window_size", "softcap": "softcap", "alibi": "alibi_slopes", "sinks": "sinks",
+               "dropout": "dropout_p", "blockmask": "block_mask"}
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 HEAD_DIMS = (8, 16, 32, 40, 64, 128)  # testing.random_cases' default
 
@@ -39,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS),
                    help="fwd: the forward (out, lse); bwd: the gradients as well")
     p.add_argument("--features", nargs="+", choices=FEATURES + ("none",), default=list(FEATURES),
-                   help="score features a case may draw, each on with probability 1/2 (none: plain attention)")
+                   help="features a case may draw: the score features, each on with probability 1/2, fused "
+                        "dropout and a block mask, each in a quarter of the cases (none: plain attention)")
     p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto",
                    help="gpu: CuPy arrays (the fused kernels); cpu: NumPy arrays (the CPU path); auto: gpu if usable")
     p.add_argument("--max-seqlen", type=int, default=256, help="largest seqlen_q / seqlen_k drawn")
@@ -96,14 +102,37 @@ def check_case(case, directions, gpu: bool, allow_tf32: bool = False) -> float:
     tf32 = allow_tf32 and case.dtype == "float32"
     if tf32:
         call_feats = dict(call_feats, allow_tf32=True)
+    mask = case.element_mask()  # the oracle's view of the block mask (None without one)
+    if case.block_mask is not None:
+        from .blocksparse import BlockMask
+
+        call_feats = dict(call_feats, block_mask=BlockMask(case.block_mask_bool(), *case.block_mask[:2]))
+    if case.dropout_p:
+        if tf32:
+            raise ValueError("a dropout case with allow_tf32: the dropout rule has no TF32 form")
+        call_feats = dict(call_feats, dropout_p=case.dropout_p, seed=case.dropout_seed)
     scale = case.softmax_scale
     res = _forward(*args[:3], case.causal, softmax_scale=scale, **call_feats)
+    call_feats.pop("seed", None)
+    if case.dropout_p:
+        from . import dropout
+
+        keep = dropout.keep_mask(*case.dropout_seed, case.batch, case.nheads, case.seqlen_q, case.seqlen_k,
+                                 case.dropout_p)
+        grads = None
+        if "bwd" in directions:
+            grads = _backward(args[3], *args[:3], res, case.causal, softmax_scale=scale, rng_state=res.rng_state,
+                              **call_feats)
+        ratios = testing.assert_dropout_rule(res.out, grads, dout, q, k, v, keep, dropout.effective_dropout_p(
+            case.dropout_p), causal=case.causal, mask=mask, softmax_scale=scale, **feats)
+        return testing.worst_ratio(ratios)
     worst = testing.worst_ratio(testing.assert_forward_rule(res.out, res.lse, q, k, v, causal=case.causal, tf32=tf32,
-                                                            softmax_scale=scale, **feats))
+                                                            softmax_scale=scale, mask=mask, **feats))
     if "bwd" in directions:
         grads = _backward(args[3], *args[:3], res, case.causal, softmax_scale=scale, **call_feats)
         worst = max(worst, testing.worst_ratio(testing.assert_backward_rule(grads, dout, q, k, v, causal=case.causal,
-                                                                            tf32=tf32, softmax_scale=scale, **feats)))
+                                                                            tf32=tf32, softmax_scale=scale, mask=mask,
+                                                                            **feats)))
     return worst
 
 
@@ -111,7 +140,8 @@ def _restrict(case, features):
     """The case with the score features not in `features` turned off."""
     from . import testing
 
-    off = {_CASE_FIELD[f]: testing.FEATURE_DEFAULTS[_CASE_FIELD[f]] for f in FEATURES if f not in features}
+    defaults = {**testing.FEATURE_DEFAULTS, **testing.OPTION_DEFAULTS}
+    off = {_CASE_FIELD[f]: defaults[_CASE_FIELD[f]] for f in FEATURES if f not in features}
     return case._replace(**off) if off else case
 
 
@@ -146,8 +176,11 @@ def _cases(args):
         rng = np.random.default_rng([args.seed, block, 7])
         for case in testing.random_cases(256, seed=args.seed * 1000003 + block, dtypes=tuple(args.dtypes),
                                          max_seqlen=args.max_seqlen, head_dims=tuple(args.head_dims),
-                                         features=bool(feats), inputs=True):
-            yield _with_scale(_restrict(case, feats), rng)
+                                         features=bool(feats), inputs=True, options=bool(feats)):
+            case = _restrict(case, feats)
+            if args.allow_tf32 and case.dtype == "float32":  # the dropout rule has no TF32 form
+                case = case._replace(dropout_p=0.0)
+            yield _with_scale(case, rng)
         block += 1
 
 

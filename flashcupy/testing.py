@@ -181,6 +181,11 @@ FEATURE_DEFAULTS = dict(window_size=(-1, -1), softcap=0.0, alibi_slopes=None, si
 # Case's input fields (issue 19): how q, k, v are drawn and how they lie in memory; the defaults are the
 # cases of earlier versions (N(0, 1), contiguous BSHD), which a repr leaves out.
 INPUT_DEFAULTS = dict(distribution="normal", layout="bshd")
+# Case's call options (issue 19): fused dropout (its keep-mask from the case's seed: Case.dropout_seed) and
+# a block mask (block_q, block_k, density; its bits from the seed: Case.block_mask_bool). Off by default.
+OPTION_DEFAULTS = dict(dropout_p=0.0, block_mask=None)
+BLOCK_SIZES = (64, 128)  # block_q / block_k random_cases(options=True) draws
+DROPOUT_PS = (0.1, 0.25)
 DISTRIBUTIONS = ("normal", "large", "outliers", "ties")
 LAYOUTS = ("bshd", "bhsd", "padded")
 OUTLIER_FRACTION = 1e-3  # FA3's outlier mix (arXiv 2407.08608 Sec. 4.3): N(0, 1) + N(0, 100) on 0.1% of entries
@@ -850,11 +855,11 @@ def assert_backward_rule(grads, dout, q, k, v, *, softmax_scale=None, causal=Fal
 
 
 def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None, window_size=(-1, -1), softcap=0.0,
-                       alibi_slopes=None, sinks=None):
+                       alibi_slopes=None, sinks=None, softmax_scale=None):
     """Naive attention and its autograd in q's dtype T (as naive_forward / naive_backward) with the
     dropout keep-mask Z applied to P and dP (scaled by 1 / (1 - p_eff)). Returns (out, (dq, dk, dv)),
     (dq, dk, dv, dsinks) with sinks."""
-    qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, None, None)
+    qh, kh, vh, dtype, scale, group = _naive_setup(q, k, v, None, softmax_scale)
     feat = _features_kw(window_size, softcap, alibi_slopes, sinks)
     sm = _naive_softmax(qh, kh, dtype, scale, causal, None if mask is None else to_numpy(mask), feat=feat)
     qs, p = sm.qs, sm.p
@@ -878,7 +883,7 @@ def naive_with_dropout(q, k, v, dout, keep, p_eff, *, causal=False, mask=None, w
 
 
 def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False, mask=None, window_size=(-1, -1),
-                        softcap=0.0, alibi_slopes=None, sinks=None):
+                        softcap=0.0, alibi_slopes=None, sinks=None, softmax_scale=None):
     """DESIGN.md's rule for a dropout run against the oracle given the regenerated keep-mask: err_naive
     from naive attention in T with the same mask; criterion 1's term magnitudes of the undropped problem
     times 1 / (1 - p_eff) (an upper bound of the dropped terms), criterion 2's elementwise ones of the
@@ -888,26 +893,29 @@ def assert_dropout_rule(out, grads, dout, q, k, v, keep, p_eff, *, causal=False,
     dtype = q.dtype
     inv = 1.0 / (1.0 - p_eff)
     feat = _features_kw(window_size, softcap, alibi_slopes, sinks)
-    mags = Magnitudes(q, k, v, dout, causal=causal, mask=mask, keep=keep, p_eff=p_eff, **feat)
-    nv_out, nv_grads = naive_with_dropout(q, k, v, dout, keep, p_eff, causal=causal, mask=mask, **feat)
+    mags = Magnitudes(q, k, v, dout, softmax_scale=softmax_scale, causal=causal, mask=mask, keep=keep, p_eff=p_eff,
+                      **feat)
+    nv_out, nv_grads = naive_with_dropout(q, k, v, dout, keep, p_eff, causal=causal, mask=mask,
+                                          softmax_scale=softmax_scale, **feat)
     if dtype == np.float64:
         nv_out, nv_grads = None, (None,) * len(nv_grads)
-    ref_out, _ = reference.attention_forward(q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff,
-                                             **feat)
-    check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out * inv, score_magnitude=mags.sigma,
-               terms=mags.out_terms, ftz=mags.ftz)
+    ref_out, _ = reference.attention_forward(q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask,
+                                             dropout_mask=keep, dropout_p=p_eff, **feat)
+    ratios = {"out": check_rule("out", out, ref_out, nv_out, dtype, term_magnitude=mags.out * inv,
+                                score_magnitude=mags.sigma, terms=mags.out_terms, ftz=mags.ftz)}
     if grads is None:
-        return
-    refs = reference.attention_backward(dout, q, k, v, causal=causal, mask=mask, dropout_mask=keep, dropout_p=p_eff,
-                                        **feat)
+        return ratios
+    refs = reference.attention_backward(dout, q, k, v, softmax_scale=softmax_scale, causal=causal, mask=mask,
+                                        dropout_mask=keep, dropout_p=p_eff, **feat)
     names = ("dq", "dk", "dv") if sinks is None else ("dq", "dk", "dv", "dsinks")
     assert len(grads) == len(names), f"{len(grads)} gradients, expected {len(names)} ({', '.join(names)})"
     for name, g, r, nv in zip(names, grads, refs, nv_grads):
         extra = dict(stored_dtype=np.dtype(np.float32), ulp_dtype=np.dtype(np.float32)) if name == "dsinks" else {}
-        check_rule(name, g, r, nv, dtype, grad=True, term_magnitude=getattr(mags, name) * inv,
-                   score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv,
-                   terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"), ftz=mags.ftz,
-                   **extra)
+        ratios[name] = check_rule(name, g, r, nv, dtype, grad=True, term_magnitude=getattr(mags, name) * inv,
+                                  score_magnitude=mags.sigma, stored_magnitude=getattr(mags, name + "_stored") * inv,
+                                  terms=getattr(mags, name + "_terms"), stored=getattr(mags, name + "_stored_elem"),
+                                  ftz=mags.ftz, **extra)
+    return ratios
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -918,8 +926,11 @@ class Case(NamedTuple):
     """One random attention problem of check_attention: shapes (batch, seqlen_q, seqlen_k, nheads,
     nheads_k, head_dim), dtype name, causal, softmax_scale (None: head_dim ** -0.5), the NumPy seed,
     and the score features of flash_attn_forward (default off): window_size (left, right), softcap,
-    alibi_slopes and sinks as tuples of floats (float32 values; feature_kwargs() makes the arrays).
-    The repr names the features only when one is on, so it stays a valid reproducer either way."""
+    alibi_slopes and sinks as tuples of floats (float32 values; feature_kwargs() makes the arrays);
+    the input distribution and layout (inputs(), layout_view); the call options dropout_p (its
+    keep-mask from dropout_seed) and block_mask ((block_q, block_k, density): block_mask_bool(), and
+    element_mask() for the oracle). The repr names the fields that are not at their defaults, so it
+    stays a valid reproducer either way."""
 
     batch: int
     seqlen_q: int
@@ -937,9 +948,11 @@ class Case(NamedTuple):
     sinks: tuple | None = None  # nheads floats
     distribution: str = "normal"  # DISTRIBUTIONS
     layout: str = "bshd"  # LAYOUTS (layout_view)
+    dropout_p: float = 0.0  # OPTION_DEFAULTS
+    block_mask: tuple | None = None  # (block_q, block_k, density)
 
     def __repr__(self):
-        defaults = {**FEATURE_DEFAULTS, **INPUT_DEFAULTS}
+        defaults = {**FEATURE_DEFAULTS, **INPUT_DEFAULTS, **OPTION_DEFAULTS}
         fields = [f"{name}={getattr(self, name)!r}" for name in self._fields
                   if name not in defaults or getattr(self, name) != defaults[name]]
         return f"Case({', '.join(fields)})"
@@ -985,6 +998,29 @@ class Case(NamedTuple):
     def reproducer(self) -> str:
         """A line of Python that rebuilds this case's inputs."""
         return f"flashcupy.testing.{self!r}.inputs()"
+
+    @property
+    def dropout_seed(self) -> tuple:
+        """The (seed, offset) of the case's dropout keep-mask (flashcupy.dropout.keep_mask; flash-attn's
+        rng_state): a function of seed."""
+        return (self.seed % 2**32, (self.seed // 2**32) % 2**16)
+
+    def block_mask_bool(self):
+        """The block mask's bits, bool (nblocks_q, nblocks_k): each block active with probability
+        density, from a generator of the seed's own; None without a block mask."""
+        if self.block_mask is None:
+            return None
+        bq, bk, density = self.block_mask
+        rng = np.random.default_rng([self.seed, 3])
+        return rng.random((-(-self.seqlen_q // bq), -(-self.seqlen_k // bk))) < density
+
+    def element_mask(self):
+        """The block mask as the oracle's element mask, bool (seqlen_q, seqlen_k), or None."""
+        m = self.block_mask_bool()
+        if m is None:
+            return None
+        bq, bk, _ = self.block_mask
+        return np.repeat(np.repeat(m, bq, axis=0), bk, axis=1)[: self.seqlen_q, : self.seqlen_k]
 
 
 def layout_view(x, layout: str = "bshd", xp=np):
@@ -1075,9 +1111,19 @@ def _draw_features(rng, case: Case) -> Case:
     return case._replace(window_size=tuple(w), softcap=softcap, alibi_slopes=alibi, sinks=sinks)
 
 
+def _draw_options(rng, case: Case) -> Case:
+    """case with dropout (p from DROPOUT_PS) in a quarter of the cases and, independently, a block mask
+    (block sizes from BLOCK_SIZES, density 0.6) in a quarter (random_cases(options=True))."""
+    p = float(rng.choice(DROPOUT_PS)) if rng.random() < 0.25 else 0.0
+    bm = None
+    if rng.random() < 0.25:
+        bm = (int(rng.choice(BLOCK_SIZES)), int(rng.choice(BLOCK_SIZES)), 0.6)
+    return case._replace(dropout_p=p, block_mask=bm)
+
+
 def random_cases(n: int, *, seed: int = 0, dtypes=("float16", "bfloat16", "float32", "float64"),
                  causal=(False, True), max_seqlen: int = 96, head_dims=(8, 16, 32, 40, 64, 128),
-                 features: bool = False, inputs: bool = False) -> list:
+                 features: bool = False, inputs: bool = False, options: bool = False) -> list:
     """n Case records: seqlens 1..max_seqlen (1 and odd lengths included), seqlen_q != seqlen_k, batch
     1-2, nheads_k 1-2 with GQA groups 1-3, the given dtypes (bfloat16 only where ml_dtypes imports) and
     head dims; a fixed function of seed. features=True: each case also draws the score features, each
@@ -1085,9 +1131,11 @@ def random_cases(n: int, *, seed: int = 0, dtypes=("float16", "bfloat16", "float
     [0.01, 1) of shape (nheads,) or (batch, nheads), sinks ~ N(0, 4)); False (default): none, and the
     cases are those of earlier versions. inputs=True: each case also draws its input distribution and
     memory layout (Case.inputs, layout_view), from a generator of its own so the shapes stay those of
-    inputs=False."""
+    inputs=False. options=True: each case also draws dropout and a block mask (_draw_options), from a
+    third generator."""
     rng = np.random.default_rng(seed)
     rng_in = np.random.default_rng([seed, 2])
+    rng_opt = np.random.default_rng([seed, 4])
     dtypes = [d for d in dtypes if d != "bfloat16" or bfloat16() is not None]
     out = []
     for i in range(n):
@@ -1098,6 +1146,7 @@ def random_cases(n: int, *, seed: int = 0, dtypes=("float16", "bfloat16", "float
                     nheads_k=nheads_k, head_dim=int(rng.choice(head_dims)), dtype=str(rng.choice(dtypes)),
                     causal=bool(rng.choice(causal)), softmax_scale=None, seed=int(seed * 100003 + i))
         case = _draw_features(rng, case) if features else case
+        case = _draw_options(rng_opt, case) if options else case
         out.append(_draw_inputs(rng_in, case) if inputs else case)
     return out
 

@@ -161,6 +161,37 @@ def test_fuzz_draws_the_score_features_it_is_given(monkeypatch, capsys):
     assert rc == 0 and seen and all(not s for s in seen)
 
 
+def test_fuzz_draws_dropout_and_block_masks(monkeypatch, capsys):
+    """--features dropout blockmask: a quarter of the cases each run with fused dropout (the case's own
+    seed) and a block mask; the campaign passes on the CPU path, and a kernel whose keep-mask comes
+    from another seed is caught (the dropout rule regenerates the case's mask)."""
+    from flashcupy import fuzz
+
+    seen = []
+    real = fuzz._forward
+
+    def spy(q, k, v, causal, **kw):
+        seen.append({n for n in ("dropout_p", "block_mask", "seed") if n in kw})
+        return real(q, k, v, causal, **kw)
+
+    monkeypatch.setattr(fuzz, "_forward", spy)
+    rc, out = _fuzz(["--max-examples", "40", "--max-seqlen", "140", "--features", "dropout", "blockmask"], capsys)
+    assert rc == 0, out
+    assert {"dropout_p", "seed"} in seen and {"block_mask"} in seen, seen
+    case = testing.Case(batch=1, seqlen_q=70, seqlen_k=150, nheads=2, nheads_k=1, head_dim=32, dtype="float16",
+                        causal=True, softmax_scale=None, seed=11, dropout_p=0.25, block_mask=(64, 128, 0.6))
+    assert fuzz.parse_case(repr(case)) == case and "dropout_p=0.25" in repr(case)
+    assert fuzz.check_case(case, ("fwd", "bwd"), gpu=False) <= 1.0
+
+    def other_seed(q, k, v, causal, **kw):
+        kw["seed"] = (kw["seed"][0] + 1, kw["seed"][1])
+        return real(q, k, v, causal, **kw)
+
+    monkeypatch.setattr(fuzz, "_forward", other_seed)
+    with pytest.raises(AssertionError, match=r"out \(float16\)"):
+        fuzz.check_case(case, ("fwd",), gpu=False)
+
+
 def test_fuzz_head_dims_and_allow_tf32_reach_the_calls(monkeypatch, capsys, tmp_path):
     """--head-dims picks the head dims drawn; --allow-tf32 gives float32 cases allow_tf32=True (and the
     rule's tf32 form) and no other dtype; both are in the report and in a failure's reproducer."""
