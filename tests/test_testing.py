@@ -89,16 +89,21 @@ def test_fuzz_campaign_passes_and_writes_its_report(tmp_path, capsys):
     assert 0 < report["worst_ratio"] <= 1 and report["worst_case"].startswith("Case(")
 
 
-def test_fuzz_catches_a_broken_forward_and_prints_a_reproducer(monkeypatch, capsys):
-    from flashcupy import fuzz
-
-    real = fuzz._forward
+def _out_times_1_01(real):
+    """fuzz._forward with its out x 1.01 (the rule's 1% mutant)."""
 
     def broken(q, k, v, causal, **features):
         res = real(q, k, v, causal, **features)
         return res._replace(out=(np.asarray(res.out, np.float64) * 1.01).astype(q.dtype))
 
-    monkeypatch.setattr(fuzz, "_forward", broken)
+    return broken
+
+
+def test_fuzz_catches_a_broken_forward_and_prints_a_reproducer(monkeypatch, capsys):
+    from flashcupy import fuzz
+
+    real = fuzz._forward
+    monkeypatch.setattr(fuzz, "_forward", _out_times_1_01(real))
     for name in [n for n in os.environ if n.startswith("FLASHCUPY_")]:
         monkeypatch.delenv(name)
     rc, out = _fuzz(["--max-examples", "6", "--max-seqlen", "40", "--dtypes", "float16", "--directions", "fwd"], capsys)
@@ -117,13 +122,7 @@ def test_fuzz_reproducer_names_the_dispatch_environment(monkeypatch, capsys):
     campaign of 2026-12-04 printed reproducers of FLASHCUPY_SM90=0 processes without it)."""
     from flashcupy import fuzz
 
-    real = fuzz._forward
-
-    def broken(q, k, v, causal, **features):
-        res = real(q, k, v, causal, **features)
-        return res._replace(out=(np.asarray(res.out, np.float64) * 1.01).astype(q.dtype))
-
-    monkeypatch.setattr(fuzz, "_forward", broken)
+    monkeypatch.setattr(fuzz, "_forward", _out_times_1_01(fuzz._forward))
     for name in [n for n in os.environ if n.startswith("FLASHCUPY_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("FLASHCUPY_SM90", "0")

@@ -193,3 +193,20 @@ def install_mma16(arch="sm_80"):
     device = _configs.ARCH_DEVICES[arch][0]
     _gpu._device_arch = lambda: device
     return _gpu
+
+
+def fuzz_case(text):
+    """A flashcupy.testing.Case repr as the kernels take it: (case, (q, k, v, dout) NumPy BSHD for the
+    oracle, the feature kwargs, the same four in the case's memory layout for the launcher, its AttnShape,
+    its validated Features)."""
+    from flashcupy import testing
+    from flashcupy._validate import check_features, check_qkv
+    from flashcupy.fuzz import parse_case
+
+    case = parse_case(text)
+    arrays = case.inputs(grad=True)
+    feats = case.feature_kwargs()
+    views = [testing.layout_view(x, case.layout) for x in arrays]
+    shape = check_qkv(*views[:3], softmax_scale=case.softmax_scale)
+    features = check_features(np, arrays[0], shape, causal=case.causal, **feats)
+    return case, arrays, feats, views, shape, features

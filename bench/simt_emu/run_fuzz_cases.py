@@ -16,9 +16,7 @@ sys.path.insert(0, HERE)
 import emu  # noqa: E402
 
 g = emu.install()
-from flashcupy import reference, testing  # noqa: E402
-from flashcupy._validate import check_features, check_qkv  # noqa: E402
-from flashcupy.fuzz import parse_case  # noqa: E402
+from flashcupy import testing  # noqa: E402
 from flashcupy.interface import sink_grad  # noqa: E402
 
 args = sys.argv[1:]
@@ -26,12 +24,7 @@ tf32 = "--tf32" in args
 show_lse = "--lse" in args
 texts = [a for a in args if not a.startswith("--")]
 for text in texts:
-    case = parse_case(text)
-    q, k, v, do = case.inputs(grad=True)
-    feats = case.feature_kwargs()
-    xs = [testing.layout_view(x, case.layout) for x in (q, k, v, do)]
-    shape = check_qkv(*xs[:3], softmax_scale=case.softmax_scale)
-    features = check_features(np, q, shape, causal=case.causal, **feats)
+    case, (q, k, v, do), feats, xs, shape, features = emu.fuzz_case(text)
     t = tf32 and case.dtype == "float32"
     emu.launches.clear()
     out, lse = g.forward(*xs[:3], shape, causal=case.causal, allow_tf32=t, features=features)

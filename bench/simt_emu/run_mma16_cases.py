@@ -19,7 +19,6 @@ import emu  # noqa: E402
 g = emu.install_mma16(os.environ.get("EMU_ARCH_NAME", "sm_80"))
 from flashcupy import testing  # noqa: E402
 from flashcupy._validate import check_features, check_qkv  # noqa: E402
-from flashcupy.fuzz import parse_case  # noqa: E402
 from flashcupy.interface import sink_grad  # noqa: E402
 
 CASES = [
@@ -105,12 +104,7 @@ if "--varlen" in args:
 texts = [a for a in args if not a.startswith("--")] or CASES
 worst = 0.0
 for text in texts:
-    case = parse_case(text)
-    q, k, v, do = case.inputs(grad=True)
-    feats = case.feature_kwargs()
-    xs = [testing.layout_view(x, case.layout) for x in (q, k, v, do)]
-    shape = check_qkv(*xs[:3], softmax_scale=case.softmax_scale)
-    features = check_features(np, q, shape, causal=case.causal, **feats)
+    case, (q, k, v, do), feats, xs, shape, features = emu.fuzz_case(text)
     emu.launches.clear()
     out, lse = g.forward(*xs[:3], shape, causal=case.causal, features=features)
     kw = dict(causal=case.causal, softmax_scale=case.softmax_scale, **feats)
