@@ -47,6 +47,9 @@ VARLEN_CASES = [
     ((17, 0, 50), (60, 8, 0), 4, 2, 64, "float16", True,
      dict(window_size=(10, -1), alibi_slopes=(0.5, 0.3, 0.2, 0.1), sinks=(0.2, -0.5, 1.0, 0.0))),
     ((12, 30), (12, 30), 2, 1, 256, "float16", False, dict(softcap=5.0)),
+    # several query tiles per sequence (BLOCK_M 128), sequences starting mid-tile in the packed rows
+    ((300, 129, 0, 257), (280, 300, 10, 1), 2, 1, 128, "bfloat16", True, {}),
+    ((300, 129, 0, 257), (280, 300, 10, 1), 2, 2, 64, "float16", False, dict(window_size=(64, 32))),
 ]
 
 
