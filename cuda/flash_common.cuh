@@ -92,6 +92,13 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 #endif  // FC_MMA16_HOOKS
 
+// Let this thread's async copies land (commit, then wait for every group): for a CTA that leaves before
+// the loop that would have waited for them (a backward key tile that no query sees, under a left window).
+__device__ __forceinline__ void cp_async_drain() {
+    cp_async_commit();
+    cp_async_wait<0>();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tiles in shared memory: row-major, each row padded by 8 elements (16 bytes) so that the 8 row
 // addresses of an ldmatrix phase fall in distinct bank groups for every head dim we build

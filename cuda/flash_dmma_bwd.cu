@@ -126,10 +126,7 @@ flash_dmma_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
     const Mask mask = make_mask<FEAT>(p, p.mask.causal != 0);
     int m_begin, m_end;
     mask.query_tiles<BLOCK_M>(n0, BLOCK_N, m_begin, m_end);
-    if (m_begin >= m_end) {  // no row sees this key tile (a left window): K, V land before the CTA exits
-        cp_async_commit();
-        cp_async_wait<0>();
-    }
+    if (m_begin >= m_end) cp_async_drain();  // no row sees this key tile (a left window)
     if (m_begin < m_end) {
         const int m0 = m_begin * BLOCK_M;
         load_tile_dmma<BLOCK_M, HEAD_DIM, NTHREADS>(s_q, q_head + m0 * q_row_stride, q_row_stride, seqlen_q - m0,

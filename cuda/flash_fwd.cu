@@ -64,7 +64,9 @@ flash_fwd_kernel(const __grid_constant__ AttnParams p) {
     const int nheads = p.nheads;
     const DropoutParams dropout = p.dropout;  // fields of p are read here, at entry: a read of p inside a
                                               // loop addresses it through a register (more live registers)
-    const Mask mask(p, seqlen_q, seqlen_k, CAUSAL, (FEAT & FEAT_LOCAL) != 0);  // = make_mask<FEAT> when dense
+    // Dense: make_mask, as before (the same mask built from the lengths schedules hd32 causal differently).
+    const Mask mask = VARLEN ? Mask(p, seqlen_q, seqlen_k, CAUSAL, (FEAT & FEAT_LOCAL) != 0)
+                             : make_mask<FEAT>(p, CAUSAL);
     const float sink = sink_of<FEAT>(p, head);
     using Mod = ScoreMod<FEAT, float, true>;
     [[maybe_unused]] const Mod mod(p, seq.seq, head, seqlen_q, seqlen_k);

@@ -228,10 +228,7 @@ flash_simt_bwd_kv_kernel(const __grid_constant__ AttnParams p) {
 
     int m_begin, m_end;
     mask.query_tiles<BLOCK_M>(n0, BLOCK_N, m_begin, m_end);
-    if (m_begin >= m_end) {  // no row sees this key tile (a left window): K, V land before the CTA exits
-        cp_async_commit();
-        cp_async_wait<0>();
-    }
+    if (m_begin >= m_end) cp_async_drain();  // no row sees this key tile (a left window)
 
     T acc_dk[GN * VEC][GD * VEC], acc_dv[GN * VEC][GD * VEC];  // (keys, columns) of layout B
     zero(acc_dk);

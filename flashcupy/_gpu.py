@@ -95,21 +95,33 @@ def forward(q, k, v, shape, *, causal: bool, dropout=None, block_mask=None, conf
     return out, lse
 
 
-def _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config, features=None):
-    """The mma.sync forward on kernel-ready q, k, v (flashcupy._gpu.forward prepares them)."""
+def _forward_mma(q, k, v, shape, causal, scale, d8, dropout, block_mask, config, features=None, varlen=None):
+    """The mma.sync forward on kernel-ready q, k, v (flashcupy._gpu.forward prepares them).
+    varlen: None, or (cu_seqlens_q, cu_seqlens_k, seqused_k, batch, max_seqlen_q) for the FEAT_VARLEN
+    kernel over one packed batch row (shape: that row's, forward_varlen): one CTA row per sequence."""
     cp = _cp()
     cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch(), _sparse_blocks(block_mask))
     if cfg is None:  # flashcupy.interface plans first and never gets here; direct callers may
         raise RuntimeError(f"no fused fp16/bf16 forward fits {_device_arch()} for head_dim={shape.head_dim}")
-    name = cfg.kernel_name(elem_name(q.dtype), causal, dropout is not None, 0 if features is None else features.bits)
+    feat = 0 if features is None else features.bits
+    seqs = {}
+    grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
+    if varlen is not None:
+        from ._features import FEAT_VARLEN
+
+        cu_q, cu_k, used, batch, max_seqlen_q = varlen
+        feat |= FEAT_VARLEN
+        seqs = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, seqused_k=used)
+        grid = (math.ceil(max_seqlen_q / cfg.block_m), shape.nheads, batch)
+    name = cfg.kernel_name(elem_name(q.dtype), causal, dropout is not None, feat)
     debug(f"fwd {shape} -> {cfg}")
     kernel = get_kernel("flash_fwd.cu", name, cfg.smem_bytes)
     out = cp.empty(q.shape, dtype=q.dtype)
     lse = cp.empty((shape.batch, shape.nheads, shape.seqlen_q), dtype=cp.float32)
-    grid = (math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch)
     p = attn_params(shape, head_dim=d8, scale=scale, causal=causal, dropout=dropout, block_mask=block_mask,
-                    features=features, q=q, k=k, v=v, out=out, lse=lse)
-    kernel(grid, (cfg.nthreads, 1, 1), (p,), shared_mem=cfg.smem_bytes)
+                    features=features, q=q, k=k, v=v, out=out, lse=lse, **seqs)
+    if grid[0] and grid[2]:  # varlen with no query row launches nothing (out, lse are then empty)
+        kernel(grid, (cfg.nthreads, 1, 1), (p,), shared_mem=cfg.smem_bytes)
     return out, lse
 
 
@@ -122,34 +134,17 @@ def forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, shape, *, cau
     (flashcupy.varlen); shape: its AttnShape (batch, max_seqlen_q, max_seqlen_k, heads, softmax_scale).
     Returns (out like q, lse (nheads, total_q) float32). The mma.sync family on every GPU (no Hopper
     varlen kernel yet); no dropout or block mask (the caller keeps those on the chunked path)."""
-    from ._features import FEAT_VARLEN
     from ._validate import AttnShape
 
     cp = _cp()
-    total_q, total_k = int(q.shape[0]), int(k.shape[0])
-    packed = AttnShape(1, total_q, total_k, shape.nheads, shape.nheads_k, shape.head_dim, shape.softmax_scale)
-    if shape.batch > MAX_GRID_YZ or shape.nheads > MAX_GRID_YZ:
-        raise ValueError(f"varlen: batch {shape.batch} and nheads {shape.nheads} must be <= {MAX_GRID_YZ}")
+    _check_grid(shape)
+    packed = AttnShape(1, int(q.shape[0]), int(k.shape[0]), shape.nheads, shape.nheads_k, shape.head_dim,
+                       shape.softmax_scale)
     d8 = -(-shape.head_dim // 8) * 8
     q4, scale = zero_scale_inputs(cp, q[None], shape.softmax_scale)
     q4, k4, v4 = (kernel_ready(x, d8) for x in (q4, k[None], v[None]))
-    cfg = config or fwd_config(shape.head_dim, q.dtype, causal, _device_arch(), None)
-    if cfg is None:
-        raise RuntimeError(f"no fused fp16/bf16 forward fits {_device_arch()} for head_dim={shape.head_dim}")
-    feat = (0 if features is None else features.bits) | FEAT_VARLEN
-    name = cfg.kernel_name(elem_name(q.dtype), causal, False, feat)
-    debug(f"varlen fwd {shape} total_q={total_q} total_k={total_k} -> {cfg}")
-    kernel = get_kernel("flash_fwd.cu", name, cfg.smem_bytes)
-    out = cp.empty(q4.shape, dtype=q.dtype)
-    lse = cp.empty((1, shape.nheads, total_q), dtype=cp.float32)
-    p = attn_params(packed, head_dim=d8, scale=scale, causal=causal, features=features, q=q4, k=k4, v=v4, out=out,
-                    lse=lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, seqused_k=seqused_k)
-    if shape.batch and shape.seqlen_q and total_q:
-        kernel((math.ceil(shape.seqlen_q / cfg.block_m), shape.nheads, shape.batch), (cfg.nthreads, 1, 1), (p,),
-               shared_mem=cfg.smem_bytes)
-    else:  # no query row: nothing to compute
-        out[...] = 0
-        lse[...] = -np.inf
+    out, lse = _forward_mma(q4, k4, v4, packed, causal, scale, d8, None, None, config, features,
+                            varlen=(cu_seqlens_q, cu_seqlens_k, seqused_k, shape.batch, shape.seqlen_q))
     out = out[0] if d8 == shape.head_dim else cp.ascontiguousarray(out[0, ..., : shape.head_dim])
     return out, lse[0]
 

@@ -521,7 +521,7 @@ def rule_ratios(name, got, oracle, naive, dtype, *, grad=False, magnitude=None, 
     err_naive = max(max_abs_err(x, oracle) for x in naives)
     kw = dict(grad=grad, term_magnitude=magnitude_of(oracle) if term_magnitude is None else term_magnitude,
               score_magnitude=score_magnitude, stored_magnitude=stored_magnitude, tf32=tf32, ftz=ftz)
-    operand = None if terms is None else np.where(finite, np.asarray(terms, dtype=np.float64), 0.0)
+    operand = np.where(finite, np.asarray(terms, dtype=np.float64), 0.0) if tf32 and terms is not None else None
     bound = rule_bound(dtype, err_naive, np.abs(o) if magnitude is None else magnitude, ulp_dtype=ulp_dtype,
                        operand_terms=operand, **kw)
     ratio_max = float((np.abs(e) / bound).max()) if e.size else 0.0
